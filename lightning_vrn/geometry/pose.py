@@ -1,0 +1,49 @@
+"""Head pose and the model -> crop transform (one convention for the whole suite).
+
+Pose is ``(pitch, yaw, roll)`` in radians with the 300W-LP / AFLW2000-3D convention
+``R = Rx(pitch) @ Ry(yaw) @ Rz(roll)`` acting on model coordinates (millimetres; x to the
+subject's left as seen in the image, y up, z towards the camera). Crop coordinates have y down
+and z away from the camera, so ``crop = F @ (s * R @ model) + t`` with ``F = diag(1, -1, -1)``,
+a proper rotation (180 degrees about x): no mirroring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLIP_YZ = np.diag([1.0, -1.0, -1.0])
+
+
+def euler_to_matrix(pitch: float, yaw: float, roll: float) -> np.ndarray:
+    """``(3, 3)`` rotation ``Rx(pitch) @ Ry(yaw) @ Rz(roll)`` in the 300W-LP convention (model frame)."""
+    cx, sx = np.cos(pitch), np.sin(pitch)
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    cz, sz = np.cos(roll), np.sin(roll)
+    rx = np.array([[1, 0, 0], [0, cx, sx], [0, -sx, cx]])
+    ry = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])
+    rz = np.array([[cz, sz, 0], [-sz, cz, 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def matrix_to_euler(rotation: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`euler_to_matrix`: ``(3, 3)`` -> ``(pitch, yaw, roll)`` (yaw in [-pi/2, pi/2])."""
+    r = np.asarray(rotation, dtype=np.float64)
+    yaw = np.arcsin(np.clip(-r[0, 2], -1.0, 1.0))
+    roll = np.arctan2(r[0, 1], r[0, 0])
+    pitch = np.arctan2(r[1, 2], r[2, 2])
+    return np.array([pitch, yaw, roll])
+
+
+def crop_rotation(pose) -> np.ndarray:
+    """``(3, 3)`` rotation in crop coordinates taking the frontal face to the posed one: ``F R F``."""
+    return FLIP_YZ @ euler_to_matrix(*pose) @ FLIP_YZ
+
+
+def model_to_crop(vertices_mm: np.ndarray, pose, scale: float, translation) -> np.ndarray:
+    """``(N, 3)`` model vertices in mm -> ``(N, 3)`` crop coordinates in pixels.
+
+    ``scale`` is pixels per millimetre; ``translation`` is the crop position ``(x, y, z)`` of the
+    model origin.
+    """
+    rotation = FLIP_YZ @ euler_to_matrix(*pose)
+    return scale * np.asarray(vertices_mm, dtype=np.float64) @ rotation.T + np.asarray(translation, dtype=np.float64)
