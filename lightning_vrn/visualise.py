@@ -1,0 +1,102 @@
+"""Pictures for evaluation: shaded meshes in the crop, vertex colours from the image, error curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from lightning_vrn.geometry.raster import rasterise
+
+
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """``(V, 3)`` unit normals: area-weighted sums of the adjacent triangles' normals."""
+    corners = vertices[triangles]
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals = np.stack(
+        [np.bincount(triangles.ravel(), np.repeat(face_normals[:, k], 3), minlength=len(vertices)) for k in range(3)],
+        axis=1,
+    )
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def shade_mesh(vertices: np.ndarray, triangles: np.ndarray, size: int, background: int = 255) -> np.ndarray:
+    """Grey Lambertian picture ``(size, size, 3)`` uint8 of a crop-coordinate mesh lit from the camera."""
+    image = np.full((size, size, 3), background, dtype=np.uint8)
+    if len(triangles) == 0:
+        return image
+    vertices = np.asarray(vertices, dtype=np.float64)
+    raster = rasterise(vertices, triangles, size, size)
+    normals = raster.interpolate(vertex_normals(vertices, triangles), triangles)
+    # The camera looks along +z (crop z grows away from it); either winding faces it.
+    intensity = np.abs(normals[..., 2]) / np.maximum(np.linalg.norm(normals, axis=-1), 1e-12)
+    grey = (40 + 200 * intensity).astype(np.uint8)
+    image[raster.mask] = grey[raster.mask, None]
+    return image
+
+
+def vertex_colours_from_image(vertices: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``(V, 3)`` float colours in [0, 1] sampled bilinearly from ``(H, W, 3)`` uint8 at each vertex's (x, y)."""
+    h, w = image.shape[:2]
+    x = np.clip(vertices[:, 0], 0, w - 1)
+    y = np.clip(vertices[:, 1], 0, h - 1)
+    x0, y0 = np.minimum(x.astype(int), w - 2), np.minimum(y.astype(int), h - 2)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    img = image.astype(np.float64) / 255.0
+    top = img[y0, x0] * (1 - fx) + img[y0, x0 + 1] * fx
+    bottom = img[y0 + 1, x0] * (1 - fx) + img[y0 + 1, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def save_comparison(path: Path, image: np.ndarray, panels: Mapping[str, np.ndarray], title: str = "") -> None:
+    """PNG with the input crop followed by titled ``(H, W, 3)`` panels, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = {"input": image, **panels}
+    fig, axes = plt.subplots(1, len(pictures), figsize=(3.2 * len(pictures), 3.6))
+    for ax, (name, picture) in zip(axes, pictures.items()):
+        ax.imshow(picture)
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+
+
+def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float = 0.1) -> None:
+    """Cumulative error distribution (fraction of images with NME <= x) like the paper's Figure 7."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, values in errors.items():
+        values = np.sort(np.asarray(values, dtype=np.float64))
+        if len(values) == 0:
+            continue
+        fraction = np.arange(1, len(values) + 1) / len(values)
+        ax.step(values, fraction, where="post", label=f"{name} (mean {values.mean():.4f})")
+    ax.set_xlim(0, max_nme)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("NME normalised by outer interocular distance")
+    ax.set_ylabel("fraction of images")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
