@@ -1,0 +1,74 @@
+"""The VRN network (DESIGN section 1): image ``(B, C, S, S)`` -> volume logits ``(B, D, S, S)``.
+
+Stem (quarter resolution) -> stacked hourglasses -> 1x1 head to D depth slices -> bilinear x4.
+With the paper settings (S = 192, D = 200, features 256, 2 stacks of depth 4) the hourglasses
+run at 48x48. The blocks are separate so that VRN-Multitask (a shared hourglass forking into a
+volume branch and a landmark branch) and the Guided landmark hourglass reuse them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_vrn.nets.hourglass import HourglassStack, Residual, conv_bn_relu
+
+
+class Stem(nn.Module):
+    """Image ``(B, in_channels, S, S)`` -> features ``(B, features, S/4, S/4)``.
+
+    7x7 stride-2 conv to ``features/4`` + BN + ReLU, residual to ``features/2``, 2x2 max-pool,
+    residual ``features/2 -> features/2``, residual to ``features`` (paper: 3 -> 64 -> 128 -> 128 -> 256).
+    """
+
+    def __init__(self, in_channels: int, features: int):
+        super().__init__()
+        if features % 4:
+            raise ValueError(f"features must be divisible by 4 (the stem widths are features/4 and /2), got {features}")
+        quarter, half = features // 4, features // 2
+        self.conv = conv_bn_relu(in_channels, quarter, kernel_size=7, stride=2)
+        self.res1 = Residual(quarter, half)
+        self.pool = nn.MaxPool2d(2)
+        self.res2 = Residual(half, half)
+        self.res3 = Residual(half, features)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, S, S) -> (B, features, S/4, S/4)``."""
+        return self.res3(self.res2(self.pool(self.res1(self.conv(image)))))
+
+
+class VolumeHead(nn.Module):
+    """Features ``(B, features, h, w)`` -> ``(B, out_channels, H, W)`` logits: 1x1 conv, bilinear upsampling."""
+
+    def __init__(self, features: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(features, out_channels, 1)
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits at output ``size = (H, W)`` (4x the feature resolution in VRN)."""
+        return F.interpolate(self.conv(features), size=size, mode="bilinear", align_corners=False)
+
+
+class VRNNet(nn.Module):
+    """VRN: ``(B, in_channels, S, S)`` image -> ``(B, out_channels, S, S)`` occupancy logits.
+
+    ``out_channels`` is the grid depth D (one channel per depth slice). ``S`` must be divisible
+    by ``4 * 2 ** hourglass_depth`` (192 for depth 4 -> 48x48 hourglasses; 96 for depth 3).
+    """
+
+    def __init__(
+        self, out_channels: int, in_channels: int = 3, features: int = 256, stacks: int = 2, hourglass_depth: int = 4
+    ):
+        super().__init__()
+        self.stem = Stem(in_channels, features)
+        self.hourglasses = HourglassStack(stacks, features, hourglass_depth)
+        self.head = VolumeHead(features, out_channels)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, S, S) -> (B, out_channels, S, S)`` logits."""
+        if image.ndim != 4 or image.shape[1] != self.stem.conv[0].in_channels:
+            raise ValueError(
+                f"VRNNet expects (B, {self.stem.conv[0].in_channels}, S, S) input, got {tuple(image.shape)}"
+            )
+        return self.head(self.hourglasses(self.stem(image)), size=image.shape[-2:])

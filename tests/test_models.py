@@ -1,0 +1,151 @@
+"""LightningModules: overfitting a batch, the lr schedule, prediction, checkpoints, clear errors."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_vrn.geometry import VoxelGrid
+from lightning_vrn.models import MODELS, VRN, VoxelIoU, build_model
+
+GRID = VoxelGrid.centred(16, 16, 16)
+TINY_NET = {"features": 32, "stacks": 1, "hourglass_depth": 2}
+
+
+def ball_batch(grid: VoxelGrid, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random balls in the volume; the image is the ball's silhouette with its depth and radius as colours."""
+    gen = torch.Generator().manual_seed(seed)
+    depth, height, width = grid.shape
+    centre_x = torch.randint(5, width - 5, (n,), generator=gen).float().view(n, 1, 1, 1)
+    centre_y = torch.randint(5, height - 5, (n,), generator=gen).float().view(n, 1, 1, 1)
+    centre_d = torch.randint(5, depth - 5, (n,), generator=gen).float().view(n, 1, 1, 1)
+    radius = (3.0 + 2.0 * torch.rand(n, generator=gen)).view(n, 1, 1, 1)
+    d, y, x = torch.meshgrid(torch.arange(depth), torch.arange(height), torch.arange(width), indexing="ij")
+    volume = ((x - centre_x) ** 2 + (y - centre_y) ** 2 + (d - centre_d) ** 2 <= radius**2).float()
+    silhouette = volume.amax(dim=1)
+    image = torch.stack([silhouette, silhouette * centre_d[:, 0] / depth, silhouette * radius[:, 0] / 5.0], dim=1)
+    return {
+        "image": image,
+        "volume": volume,
+        "landmarks_2d": torch.zeros(n, 68, 2),
+        "landmarks_3d": torch.zeros(n, 68, 3),
+        "pose": torch.zeros(n, 3),
+        "index": torch.arange(n),
+    }
+
+
+def tiny_model(**optim) -> VRN:
+    return build_model("vrn", grid=GRID.to_dict(), net=TINY_NET, optim=optim or None)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    batch = ball_batch(GRID)
+    model = tiny_model(lr=3e-3)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    losses = []
+    for _ in range(150):
+        loss = model.losses(model(batch), batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] <= losses[0] / 10, f"loss went from {losses[0]:.4f} to {losses[-1]:.4f}"
+    iou = VoxelIoU()
+    with torch.no_grad():
+        iou.update(torch.sigmoid(model(batch)["volume_logits"]), batch["volume"])
+    assert iou.compute() > 0.5
+
+
+def test_loss_is_mean_per_voxel_bce():
+    model = tiny_model()
+    batch = ball_batch(GRID, n=2)
+    logits = torch.randn(2, *GRID.shape)
+    p = torch.sigmoid(logits)
+    t = batch["volume"]
+    expected = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(model.losses({"volume_logits": logits}, batch)["loss"], expected)
+
+
+def test_voxel_iou_against_hand_count():
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0] = 1  # 4 voxels
+    probabilities = torch.zeros(2, 2, 2, 2)
+    probabilities[0, 0, 0] = 0.9  # 2 of them, nothing else
+    probabilities[0, 1, 1, 1] = 0.7  # 1 false positive -> IoU 2 / 5
+    metric = VoxelIoU()
+    metric.update(probabilities, target)  # sample 1: both empty -> IoU 1
+    assert metric.compute().item() == pytest.approx((2 / 5 + 1.0) / 2)
+
+
+def test_lr_drops_after_drop_epoch():
+    model = build_model("vrn", grid=GRID.to_dict(), net=TINY_NET, optim={"drop_epoch": 3})
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([1e-4] * 3)
+    assert lrs[3:] == pytest.approx([1e-5] * 3)
+
+
+def test_predict_step_returns_probabilities_on_the_grid():
+    model = tiny_model().eval()
+    batch = ball_batch(GRID, n=3)
+    del batch["volume"]  # prediction needs no target
+    with torch.no_grad():
+        volume = model.predict_step(batch, 0)
+    assert volume.shape == (3, *GRID.shape)
+    assert volume.dtype == torch.float32
+    assert volume.min() >= 0 and volume.max() <= 1
+
+
+def test_checkpoint_round_trip_restores_grid_and_net(tmp_path):
+    grid = VoxelGrid(16, 16, 16, z_scale=1.5, z_offset=-3.0)
+    model = VRN(grid=grid.to_dict(), net=TINY_NET, optim={"lr": 2e-4, "drop_epoch": 7})
+    train_loader = DataLoader([ball_batch(grid, n=2, seed=0)], batch_size=None)
+    val_loader = DataLoader([ball_batch(grid, n=2, seed=1)], batch_size=None)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    assert {"train/loss", "val/loss", "train/iou", "val/iou"} <= set(trainer.callback_metrics)
+    (tested,) = trainer.test(model, dataloaders=val_loader, verbose=False)
+    assert {"test/loss", "test/iou"} <= set(tested)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded = VRN.load_from_checkpoint(path)
+    assert loaded.grid == grid
+    assert loaded.hparams.net == TINY_NET
+    assert loaded.hparams.optim["lr"] == 2e-4 and loaded.hparams.optim["drop_epoch"] == 7
+    assert loaded.hparams.optim["lr_after"] == VRN.OPTIM_DEFAULTS["lr_after"]  # resolved defaults are saved
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+
+
+def test_grid_mismatch_raises_clear_error():
+    model = tiny_model()
+    batch = ball_batch(VoxelGrid.centred(12, 16, 16), n=2)
+    with pytest.raises(ValueError, match=r"batch volume shape \(2, 12, 16, 16\) does not match the model grid 16x16x16"):
+        model.training_step(batch, 0)
+    with pytest.raises(ValueError, match="batch image shape"):
+        model.predict_step({"image": torch.rand(1, 3, 32, 32)}, 0)
+
+
+def test_unknown_names_and_keys_are_clear_errors():
+    with pytest.raises(KeyError, match="unknown model 'vnr'; valid models: vrn"):
+        build_model("vnr", grid=GRID.to_dict())
+    with pytest.raises(KeyError, match=r"unknown net keys \['depth'\]"):
+        build_model("vrn", grid=GRID.to_dict(), net={"depth": 2})
+    assert set(MODELS) == {"vrn"}
