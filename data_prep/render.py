@@ -1,0 +1,433 @@
+"""Synthetic face images: shade a posed mesh over a random textured background.
+
+A posed mesh in crop coordinates (x right, y down, z away from the camera, pixels) is z-buffered
+with :func:`lightning_vrn.geometry.raster.rasterise` and shaded per pixel with Lambert's law,
+``albedo * (ambient + light_colour * max(0, n . l))``, using the Gouraud-interpolated per-vertex
+albedo and per-pixel (interpolated, renormalised) vertex normals. Everything random about one
+image lives in a :class:`RenderSettings`, drawn from a numpy ``Generator``, so an image is
+reproducible from its settings. Textures (background, occluders) are smooth value noise,
+gradients, stripes or checkerboards in crop-size units, so a 96 px crop looks like a
+down-scaled 192 px one.
+
+Triangles must be counter-clockwise seen from the front in the model frame (y up, z towards
+the camera): the model -> crop transform is a proper rotation, so the normal
+``(v1 - v0) x (v2 - v0)`` then points towards the camera (negative crop z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from lightning_vrn.geometry.raster import rasterise
+from lightning_vrn.landmarks import GROUPS
+
+TEXTURE_KINDS = ("noise", "gradient", "stripes", "checker")
+OCCLUDER_SHAPES = ("ellipse", "rectangle", "hand")
+REFERENCE_SIZE = 192  # crop size (px) at which blur sigmas are given
+
+# Skin tones (linear RGB albedo) at the two ends of the sampled range.
+LIGHT_SKIN = np.array([0.95, 0.80, 0.70])
+DARK_SKIN = np.array([0.36, 0.23, 0.16])
+SCLERA = np.array([0.85, 0.80, 0.76])
+
+
+@dataclass(eq=False)
+class TextureSettings:
+    """A random texture: a pattern mixing two colours, shaded by smooth noise, plus fine grain."""
+
+    kind: str               # one of TEXTURE_KINDS
+    colour_a: np.ndarray    # (3,) RGB in [0, 1]
+    colour_b: np.ndarray    # (3,) RGB in [0, 1]
+    angle: float            # radians, direction of the gradient / stripes / checker
+    period: float           # stripe / checker period as a fraction of the crop size
+    shading: float          # amplitude of the smooth brightness modulation (relative)
+    grain: float            # amplitude of the fine noise (relative)
+    seed: int               # seeds the noise fields
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, base_colour: np.ndarray | None = None) -> "TextureSettings":
+        """Random texture; with ``base_colour`` (3,) both colours stay near it (e.g. skin for a hand)."""
+        if base_colour is None:
+            colour_a, colour_b = rng.uniform(0.05, 0.95, size=(2, 3))
+        else:
+            colour_a, colour_b = np.clip(base_colour * rng.uniform(0.8, 1.1, size=(2, 3)), 0.0, 1.0)
+        return cls(
+            kind=str(rng.choice(TEXTURE_KINDS)) if base_colour is None else "noise",
+            colour_a=colour_a,
+            colour_b=colour_b,
+            angle=float(rng.uniform(0.0, np.pi)),
+            period=float(rng.uniform(0.04, 0.3)),
+            shading=float(rng.uniform(0.05, 0.35)),
+            grain=float(rng.uniform(0.0, 0.08)),
+            seed=int(rng.integers(2**31)),
+        )
+
+
+@dataclass(eq=False)
+class OccluderSettings:
+    """A textured shape in front of the face, placed relative to the face's bounding box."""
+
+    shape: str              # one of OCCLUDER_SHAPES
+    centre: np.ndarray      # (2,) x, y as fractions of the face bounding box (0 = left/top, 1 = right/bottom)
+    half_size: np.ndarray   # (2,) half extents as fractions of the face bounding box width, height
+    angle: float            # radians, in-plane rotation of the shape
+    texture: TextureSettings
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> "OccluderSettings":
+        """Random ellipse, rectangle or hand covering part of the face."""
+        shape = str(rng.choice(OCCLUDER_SHAPES))
+        skin = _sample_skin_tone(rng) if shape == "hand" else None
+        return cls(
+            shape=shape,
+            centre=rng.uniform(0.1, 0.9, size=2),
+            half_size=rng.uniform(0.15, 0.4, size=2) if shape != "hand" else np.full(2, rng.uniform(0.3, 0.5)),
+            angle=float(rng.uniform(-np.pi, np.pi)),
+            texture=TextureSettings.sample(rng, base_colour=skin),
+        )
+
+
+@dataclass(eq=False)
+class RenderSettings:
+    """All randomness of one rendered image (lighting, albedo, background, occluders, camera)."""
+
+    light_direction: np.ndarray  # (3,) unit vector in crop coordinates from the surface to the light (-z = camera side)
+    light_colour: np.ndarray     # (3,) RGB multipliers of the directional light
+    ambient: float               # ambient light level
+    skin_tone: np.ndarray        # (3,) base albedo RGB in [0, 1]
+    background: TextureSettings
+    albedo_variation: float = 0.06     # amplitude of the smooth (tens of mm) albedo variation
+    albedo_noise: float = 0.015        # std of the per-vertex albedo noise
+    albedo_seed: int = 0
+    lip_tint: np.ndarray = field(default_factory=lambda: np.array([0.85, 0.55, 0.6]))  # (3,) lip albedo / skin
+    brow_colour: np.ndarray = field(default_factory=lambda: np.array([0.12, 0.08, 0.06]))  # (3,) hair albedo
+    brow_density: float = 0.7          # 0..1, how much the brows cover the skin
+    iris_colour: np.ndarray = field(default_factory=lambda: np.array([0.25, 0.15, 0.08]))  # (3,)
+    occluders: list[OccluderSettings] = field(default_factory=list)
+    blur_sigma: float = 0.0            # Gaussian camera blur, px at a 192 px crop
+    sensor_noise: float = 0.0          # std of additive pixel noise, in [0, 1] intensity units
+    gamma: float = 1.0                 # output = intensity ** (1 / gamma)
+    noise_seed: int = 0
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, occluders: bool = False) -> "RenderSettings":
+        """Random settings; ``occluders=True`` adds one or two occluders."""
+        # Light within 75 degrees of the camera axis, uniform on that spherical cap.
+        cos_polar = rng.uniform(np.cos(np.radians(75.0)), 1.0)
+        azimuth = rng.uniform(0.0, 2.0 * np.pi)
+        sin_polar = np.sqrt(1.0 - cos_polar**2)
+        direction = np.array([sin_polar * np.cos(azimuth), sin_polar * np.sin(azimuth), -cos_polar])
+        hair = rng.uniform()
+        return cls(
+            light_direction=direction,
+            light_colour=rng.uniform(0.55, 0.95) * rng.uniform(0.88, 1.12, size=3),
+            ambient=float(rng.uniform(0.15, 0.45)),
+            skin_tone=_sample_skin_tone(rng),
+            background=TextureSettings.sample(rng),
+            albedo_variation=float(rng.uniform(0.03, 0.1)),
+            albedo_noise=float(rng.uniform(0.005, 0.03)),
+            albedo_seed=int(rng.integers(2**31)),
+            lip_tint=rng.uniform([0.75, 0.45, 0.5], [0.95, 0.65, 0.7]),
+            brow_colour=(1.0 - hair) * np.array([0.06, 0.05, 0.04]) + hair * np.array([0.5, 0.38, 0.24]),
+            brow_density=float(rng.uniform(0.5, 0.9)),
+            iris_colour=np.clip(rng.choice([[0.25, 0.15, 0.08], [0.2, 0.3, 0.4], [0.25, 0.3, 0.15]])
+                                * rng.uniform(0.7, 1.3), 0.0, 1.0),
+            occluders=[OccluderSettings.sample(rng) for _ in range(rng.integers(1, 3) if occluders else 0)],
+            blur_sigma=float(rng.uniform(0.0, 0.8)),
+            sensor_noise=float(rng.uniform(0.0, 0.02)),
+            gamma=float(rng.uniform(0.85, 1.15)),
+            noise_seed=int(rng.integers(2**31)),
+        )
+
+
+def _sample_skin_tone(rng: np.random.Generator) -> np.ndarray:
+    """(3,) skin albedo between :data:`LIGHT_SKIN` and :data:`DARK_SKIN` with a small hue jitter."""
+    darkness = rng.uniform()
+    tone = (1.0 - darkness) * LIGHT_SKIN + darkness * DARK_SKIN
+    return np.clip(tone * rng.normal(1.0, 0.04, size=3), 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- albedo
+
+
+def vertex_albedo(vertices_model_mm: np.ndarray, settings: RenderSettings,
+                  landmark_vertices: np.ndarray | None = None) -> np.ndarray:
+    """``(V, 3)`` per-vertex albedo in [0, 1] for a model-frame mesh ``(V, 3)`` in mm.
+
+    Skin tone times a smooth random variation (sinusoids of 40-150 mm wavelength) plus
+    per-vertex noise. With ``landmark_vertices`` ((68,) iBUG-68 vertex ids; -1 = missing, which
+    skips that feature), lips are tinted, the mouth opening darkened, eyes get sclera and iris,
+    and brows are painted with ``settings.brow_colour``. Features are located in the frontal
+    model x-y plane (y up), so call this on the unposed mesh.
+    """
+    vertices = np.asarray(vertices_model_mm, dtype=np.float64)
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or not np.isfinite(vertices).all():
+        raise ValueError(f"vertices_model_mm must be a finite (V, 3) array, got shape {vertices.shape}")
+    rng = np.random.default_rng(settings.albedo_seed)
+
+    # Smooth variation: brightness and redness as sums of random 3D sinusoids.
+    num_waves = 6
+    wavelength = rng.uniform(40.0, 150.0, size=num_waves)
+    wave_dir = rng.normal(size=(num_waves, 3))
+    wave_vec = wave_dir / np.linalg.norm(wave_dir, axis=1, keepdims=True) * (2 * np.pi / wavelength)[:, None]
+    waves = np.cos(vertices @ wave_vec.T + rng.uniform(0, 2 * np.pi, size=num_waves))  # (V, K)
+    brightness = waves[:, : num_waves // 2].sum(1) / np.sqrt(num_waves / 2)
+    redness = waves[:, num_waves // 2:].sum(1) / np.sqrt(num_waves / 2)
+    variation = 1.0 + settings.albedo_variation * (brightness[:, None] + 0.5 * redness[:, None] * [1.0, -0.3, -0.5])
+    albedo = settings.skin_tone * variation
+    albedo = albedo + settings.albedo_noise * rng.standard_normal(vertices.shape)
+
+    if landmark_vertices is not None:
+        albedo = _paint_features(vertices, albedo, np.asarray(landmark_vertices, dtype=np.int64), settings, rng)
+    return np.clip(albedo, 0.0, 1.0)
+
+
+def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices: np.ndarray,
+                    settings: RenderSettings, rng: np.random.Generator) -> np.ndarray:
+    """Blend lips, mouth opening, eyes and brows into ``(V, 3)`` albedo using the landmark vertex ids."""
+    if landmark_vertices.shape != (68,) or landmark_vertices.max() >= len(vertices):
+        raise ValueError(f"landmark_vertices must be (68,) vertex ids below {len(vertices)}, "
+                         f"got shape {landmark_vertices.shape}")
+    xy = vertices[:, :2]
+
+    def feature(ids) -> np.ndarray | None:
+        """(K, 3) model positions of landmark ids, or None when any is missing."""
+        ids = landmark_vertices[list(ids)]
+        return None if (ids < 0).any() else vertices[ids]
+
+    def near_in_depth(points: np.ndarray) -> np.ndarray:
+        """(V,) bool, vertices within 20 mm in z of a feature (keeps paint off far surfaces)."""
+        return np.abs(vertices[:, 2] - np.median(points[:, 2])) < 20.0
+
+    outer_lip, inner_lip = feature(GROUPS["outer_lips"]), feature(GROUPS["inner_lips"])
+    if outer_lip is not None and inner_lip is not None:
+        depth_ok = near_in_depth(outer_lip)
+        lips = _soft_inside(_polygon_signed_distance(xy, outer_lip[:, :2]), 1.0) * depth_ok
+        mouth = _soft_inside(_polygon_signed_distance(xy, inner_lip[:, :2]), 0.5) * depth_ok
+        lip_colour = settings.skin_tone * settings.lip_tint
+        albedo = _blend(albedo, albedo / np.maximum(settings.skin_tone, 1e-3) * lip_colour, lips * (1 - mouth))
+        albedo = _blend(albedo, 0.25 * lip_colour, mouth)
+
+    for group in ("right_eye", "left_eye"):
+        eye = feature(GROUPS[group])
+        if eye is None:
+            continue
+        corners = eye[[0, 3], :2]
+        iris_radius = 0.22 * np.linalg.norm(corners[1] - corners[0])
+        centre_distance = np.linalg.norm(xy - eye[:, :2].mean(0), axis=1)
+        inside = _soft_inside(_polygon_signed_distance(xy, eye[:, :2]), 0.5) * near_in_depth(eye)
+        iris = _soft_inside(centre_distance - iris_radius, 0.5)
+        pupil = _soft_inside(centre_distance - 0.4 * iris_radius, 0.3)
+        eye_colour = _blend(_blend(np.broadcast_to(SCLERA, albedo.shape), settings.iris_colour, iris), 0.03, pupil)
+        albedo = _blend(albedo, eye_colour, inside)
+
+    # Brows: thicker towards the nose; polylines are ordered from the outer end to the inner end.
+    for ids in (GROUPS["right_brow"], reversed(GROUPS["left_brow"])):
+        brow = feature(ids)
+        if brow is None:
+            continue
+        distance, along = _polyline_distance(xy, brow[:, :2])
+        half_width = 2.0 + 2.5 * along
+        hair = settings.brow_density * np.clip(1.0 + 0.3 * rng.standard_normal(len(xy)), 0.0, 1.0 / settings.brow_density)
+        albedo = _blend(albedo, settings.brow_colour, _soft_inside(distance - half_width, 1.0) * hair * near_in_depth(brow))
+    return albedo
+
+
+def _blend(base: np.ndarray, paint, weight: np.ndarray) -> np.ndarray:
+    """``base * (1 - weight) + paint * weight`` with (V,) weights on (V, 3) colours."""
+    return base + (paint - base) * weight[:, None]
+
+
+def _soft_inside(signed_distance: np.ndarray, edge: float) -> np.ndarray:
+    """1 inside (negative distance), 0 outside, a linear ramp ``edge`` wide across the boundary."""
+    return np.clip(0.5 - signed_distance / edge, 0.0, 1.0)
+
+
+def _segment_distance(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances ``(N, K)`` from ``(N, 2)`` points to ``K`` segments, and the position ``(N, K)`` in [0, 1] along each."""
+    seg_x, seg_y = (ends - starts).T                        # (K,) each
+    rel_x = points[:, :1] - starts[:, 0]                    # (N, K)
+    rel_y = points[:, 1:] - starts[:, 1]
+    t = np.clip((rel_x * seg_x + rel_y * seg_y) / np.maximum(seg_x**2 + seg_y**2, 1e-12), 0.0, 1.0)
+    return np.hypot(rel_x - t * seg_x, rel_y - t * seg_y), t
+
+
+def _polygon_signed_distance(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """``(N,)`` distance from ``(N, 2)`` points to a closed ``(K, 2)`` polygon's outline, negative inside."""
+    starts, ends = polygon, np.roll(polygon, -1, axis=0)
+    distance = _segment_distance(points, starts, ends)[0].min(1)
+    # Even-odd rule: count the edges crossed by a ray towards +x.
+    py = points[:, 1:2]
+    straddles = (starts[:, 1] > py) != (ends[:, 1] > py)    # (N, K)
+    dy = np.where(ends[:, 1] == starts[:, 1], 1.0, ends[:, 1] - starts[:, 1])
+    x_cross = starts[:, 0] + (py - starts[:, 1]) * (ends[:, 0] - starts[:, 0]) / dy
+    inside = (straddles & (points[:, :1] < x_cross)).sum(1) % 2 == 1
+    return np.where(inside, -distance, distance)
+
+
+def _polyline_distance(points: np.ndarray, polyline: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N,)`` distance from points to an open ``(K, 2)`` polyline and ``(N,)`` position along it in [0, 1]."""
+    distance, t = _segment_distance(points, polyline[:-1], polyline[1:])
+    nearest = distance.argmin(1)
+    rows = np.arange(len(points))
+    return distance[rows, nearest], (nearest + t[rows, nearest]) / (len(polyline) - 1)
+
+
+# ----------------------------------------------------------------------------- textures
+
+
+def _value_noise(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+    """``(size, size, channels)`` smooth noise: a ``cells x cells`` random lattice, smoothstep-interpolated."""
+    t = (np.arange(size) + 0.5) * (cells / size)
+    left = np.minimum(t.astype(np.int64), cells - 1)
+    frac = t - left
+    weight = frac * frac * (3.0 - 2.0 * frac)
+    interp = np.zeros((size, cells + 1))
+    interp[np.arange(size), left] = 1.0 - weight
+    interp[np.arange(size), left + 1] = weight
+    lattice = rng.standard_normal((channels, cells + 1, cells + 1))
+    return np.moveaxis(interp @ lattice @ interp.T, 0, -1)
+
+
+def _octave_noise(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """``(size, size, channels)`` noise at three scales, roughly zero mean and unit std."""
+    field_sum = sum(amplitude * _value_noise(rng, size, cells, channels)
+                    for cells, amplitude in ((3, 1.0), (8, 0.5), (24, 0.25)))
+    return field_sum / field_sum.std()
+
+
+def texture_image(texture: TextureSettings, size: int) -> np.ndarray:
+    """``(size, size, 3)`` float RGB in [0, 1] for a texture covering the whole crop."""
+    rng = np.random.default_rng(texture.seed)
+    v, u = (np.mgrid[0:size, 0:size] + 0.5) / size                 # crop fractions (row, col)
+    along = u * np.cos(texture.angle) + v * np.sin(texture.angle)
+    across = -u * np.sin(texture.angle) + v * np.cos(texture.angle)
+    if texture.kind == "noise":
+        noise = _octave_noise(rng, size, 1) + 0.4 * _octave_noise(rng, size, 3)
+        mix = 1.0 / (1.0 + np.exp(-1.5 * noise))
+    elif texture.kind == "gradient":
+        mix = ((along - along.min()) / (along.max() - along.min()))[..., None]
+    elif texture.kind == "stripes":
+        mix = (0.5 + 0.5 * np.sin(2 * np.pi * along / texture.period))[..., None]
+    elif texture.kind == "checker":
+        mix = ((np.floor(along / texture.period) + np.floor(across / texture.period)) % 2)[..., None]
+    else:
+        raise ValueError(f"unknown texture kind {texture.kind!r}; expected one of {TEXTURE_KINDS}")
+    colour = texture.colour_a + (texture.colour_b - texture.colour_a) * mix
+    shading = 1.0 + texture.shading * np.tanh(_octave_noise(rng, size, 1))
+    grain = 1.0 + texture.grain * _value_noise(rng, size, 64, 1)
+    return np.clip(colour * shading * grain, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- occluders
+
+
+def _occluder_mask(occluder: OccluderSettings, face_box: np.ndarray, size: int) -> np.ndarray:
+    """``(size, size)`` bool pixels covered by ``occluder`` placed in ``face_box`` (x0, y0, x1, y1) px."""
+    box_min, box_extent = face_box[:2], face_box[2:] - face_box[:2] + 1.0
+    centre = box_min + occluder.centre * box_extent
+    half = np.maximum(occluder.half_size * box_extent, 1.0)
+    rows, cols = np.mgrid[0:size, 0:size]
+    dx, dy = cols - centre[0], rows - centre[1]
+    cos, sin = np.cos(occluder.angle), np.sin(occluder.angle)
+    # Pixel positions in the shape's own frame, where the shape fills [-1, 1]^2.
+    local = np.stack([(cos * dx + sin * dy) / half[0], (-sin * dx + cos * dy) / half[1]], axis=-1)
+    if occluder.shape == "ellipse":
+        return (local**2).sum(-1) <= 1.0
+    if occluder.shape == "rectangle":
+        return np.abs(local).max(-1) <= 1.0
+    if occluder.shape == "hand":
+        palm = ((local[..., 0] / 0.5) ** 2 + ((local[..., 1] - 0.3) / 0.55) ** 2) <= 1.0
+        # Four fingers pointing up (-y) and a thumb to the side, as capsules of the given radii.
+        starts = np.array([[-0.36, 0.0], [-0.12, -0.05], [0.12, -0.05], [0.36, 0.0], [0.35, 0.45]])
+        ends = np.array([[-0.42, -0.75], [-0.14, -0.98], [0.14, -0.93], [0.42, -0.7], [0.9, 0.0]])
+        radii = np.array([0.1, 0.11, 0.11, 0.1, 0.13])
+        distance = _segment_distance(local.reshape(-1, 2), starts, ends)[0].reshape(size, size, -1)
+        return palm | (distance <= radii).any(-1)
+    raise ValueError(f"unknown occluder shape {occluder.shape!r}; expected one of {OCCLUDER_SHAPES}")
+
+
+# ----------------------------------------------------------------------------- shading
+
+
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """``(V, 3)`` unit area-weighted vertex normals, ``(v1 - v0) x (v2 - v0)`` orientation (zero if isolated)."""
+    corners = vertices[triangles]                                            # (T, 3, 3)
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length = 2 * area
+    flat_ids = triangles.ravel()
+    per_corner = np.repeat(face_normals, 3, axis=0)                          # (3T, 3)
+    sums = np.stack([np.bincount(flat_ids, weights=per_corner[:, c], minlength=len(vertices)) for c in range(3)], 1)
+    length = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.divide(sums, length, out=np.zeros_like(sums), where=length > 0)
+
+
+def _check_inputs(vertices_crop, triangles, albedo, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated float64 vertices (V, 3), int64 triangles (T, 3) and float64 albedo (V, 3)."""
+    vertices = np.asarray(vertices_crop, dtype=np.float64)
+    triangles = np.asarray(triangles)
+    albedo = np.asarray(albedo, dtype=np.float64)
+    if vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"vertices_crop must have shape (V, 3), got {vertices.shape}")
+    bad = ~np.isfinite(vertices).all(1)
+    if bad.any():
+        raise ValueError(f"vertices_crop has {bad.sum()} non-finite (NaN/inf) vertices, first at index "
+                         f"{np.flatnonzero(bad)[0]}; check the pose/scale that produced them")
+    if triangles.ndim != 2 or triangles.shape[1] != 3 or not np.issubdtype(triangles.dtype, np.integer):
+        raise ValueError(f"triangles must be an integer array of shape (T, 3), got {triangles.dtype} {triangles.shape}")
+    if triangles.size and (triangles.min() < 0 or triangles.max() >= len(vertices)):
+        raise ValueError(f"triangles index vertices outside [0, {len(vertices)}): range "
+                         f"[{triangles.min()}, {triangles.max()}]")
+    if albedo.shape != vertices.shape or not np.isfinite(albedo).all():
+        raise ValueError(f"albedo must be a finite array of shape {vertices.shape} (one RGB per vertex), "
+                         f"got {albedo.shape}")
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be a positive integer number of pixels, got {size!r}")
+    return vertices, triangles.astype(np.int64), albedo
+
+
+def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, size: int,
+           settings: RenderSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Render a posed mesh into a ``size x size`` crop.
+
+    ``vertices_crop`` (V, 3) crop coordinates in px, ``triangles`` (T, 3) vertex ids
+    (counter-clockwise seen from the front in the model frame), ``albedo`` (V, 3) in [0, 1].
+    Returns the ``(size, size, 3)`` uint8 RGB image and the ``(size, size)`` bool face mask:
+    pixels covered by the mesh and not hidden by an occluder.
+    """
+    vertices, triangles, albedo = _check_inputs(vertices_crop, triangles, albedo, size)
+    raster = rasterise(vertices, triangles, size, size)
+    covered = raster.mask
+
+    # Per-pixel albedo and normal in one interpolation pass.
+    pixel_values = raster.interpolate(np.hstack([albedo, vertex_normals(vertices, triangles)]), triangles)[covered]
+    pixel_albedo, pixel_normal = pixel_values[:, :3], pixel_values[:, 3:]
+    pixel_normal /= np.maximum(np.linalg.norm(pixel_normal, axis=1, keepdims=True), 1e-12)
+    if covered.any() and (pixel_normal[:, 2] > 0).mean() > 0.5:
+        raise ValueError("most visible surface faces away from the camera: triangles must be counter-clockwise "
+                         "seen from the front in the model frame (reverse them with triangles[:, ::-1])")
+    light = np.asarray(settings.light_direction, dtype=np.float64)
+    light = light / np.linalg.norm(light)
+    lambert = np.maximum(pixel_normal @ light, 0.0)[:, None]
+    intensity = texture_image(settings.background, size)
+    intensity[covered] = pixel_albedo * (settings.ambient + np.asarray(settings.light_colour) * lambert)
+
+    face_mask = covered.copy()
+    if settings.occluders:
+        rows, cols = np.nonzero(covered) if covered.any() else (np.array([0, size - 1]),) * 2
+        face_box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+        for occluder in settings.occluders:
+            hidden = _occluder_mask(occluder, face_box, size)
+            intensity[hidden] = texture_image(occluder.texture, size)[hidden]
+            face_mask &= ~hidden
+
+    if settings.blur_sigma > 0:
+        sigma = settings.blur_sigma * size / REFERENCE_SIZE
+        intensity = gaussian_filter(intensity, sigma=(sigma, sigma, 0), mode="nearest")
+    if settings.sensor_noise > 0:
+        intensity = intensity + settings.sensor_noise * np.random.default_rng(settings.noise_seed).standard_normal(
+            intensity.shape)
+    image = np.clip(intensity, 0.0, 1.0) ** (1.0 / settings.gamma)
+    return np.round(image * 255.0).astype(np.uint8), face_mask
