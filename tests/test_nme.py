@@ -1,0 +1,270 @@
+"""The paper's NME: exact cases against analytic geometry, failure handling, DDP reduction, the discretisation floor."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+from lightning_vrn.geometry.isosurface import volume_to_mesh
+from lightning_vrn.geometry.pose import crop_rotation
+from lightning_vrn.geometry.voxelise import voxelise
+from lightning_vrn.metrics.nme import NME, EmptyPredictionError, sample_nme
+
+GRID = VoxelGrid.centred(80, 64, 64)
+CENTRE = np.array([31.0, 32.5, 0.7])  # crop x, y, z (px)
+AXES = np.array([20.0, 24.0, 12.0])  # triaxial: no rotation about the centre maps it onto itself
+INTEROCULAR = 20.0  # px; only a normaliser in the analytic tests
+
+
+def rotation_about(axis, degrees: float) -> np.ndarray:
+    """(3, 3) rotation by ``degrees`` about ``axis`` (Rodrigues)."""
+    axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.radians(degrees)
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def ellipsoid_volume(rotation=np.eye(3), grid=GRID) -> np.ndarray:
+    """Soft (D, H, W) occupancy of the ellipsoid rotated by ``rotation`` about its centre (0.5 on the surface)."""
+    d, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.shape], indexing="ij")
+    points = np.stack([x, y, d / grid.z_scale + grid.z_offset], axis=-1)
+    q = (points - CENTRE) @ rotation / AXES  # R^T (p - c), scaled
+    distance = ((q**2).sum(-1) - 1.0) / np.linalg.norm(2 * q / AXES, axis=-1)
+    return (1.0 / (1.0 + np.exp(distance / 0.7))).astype(np.float32)
+
+
+def ellipsoid_front_points(count: int = 3000) -> np.ndarray:
+    """(F, 3) exact points of the ellipsoid's camera-facing part (surface normal pointing to -z)."""
+    i = np.arange(count) + 0.5
+    z = -np.linspace(0.25, 1.0, count, endpoint=False)  # front cap only
+    azimuth = np.pi * (1 + 5**0.5) * i
+    r = np.sqrt(1 - z**2)
+    directions = np.stack([r * np.cos(azimuth), r * np.sin(azimuth), z], axis=-1)
+    return CENTRE + directions * AXES
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return ellipsoid_volume()
+
+
+def test_gt_on_the_predicted_surface_gives_zero(volume):
+    vertices, _ = volume_to_mesh(volume, GRID)
+    gt = vertices[vertices[:, 2] < CENTRE[2] - 2]
+    result = sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=5.0)
+    assert result.nme < 1e-4 and result.nme_aligned < 1e-4
+    np.testing.assert_allclose(result.transform, np.eye(4), atol=1e-4)
+    assert result.fitness == 1.0 and result.errors.shape == (len(gt),)
+
+
+def test_gt_shifted_in_depth_gives_the_shift(volume):
+    delta = 3.0
+    gt = ellipsoid_front_points() + [0.0, 0.0, delta]
+    result = sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=6.0)
+    # ICP moves the ground truth back onto the surface; the error is measured without that move.
+    assert result.nme == pytest.approx(delta / INTEROCULAR, rel=0.02)
+    assert result.nme_aligned < 0.1 / INTEROCULAR
+    np.testing.assert_allclose(result.transform[:3, 3], [0, 0, -delta], atol=0.1)
+    # Nearest-surface distances alone (no ICP correspondence) would be smaller than the shift.
+    no_icp = sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=1e-3)
+    assert no_icp.nme < 0.9 * delta / INTEROCULAR
+
+
+def test_rotated_prediction_gives_the_rotation_displacement():
+    rotation = rotation_about([0.3, 1.0, 0.2], 5.0)
+    gt = ellipsoid_front_points()
+    result = sample_nme(ellipsoid_volume(rotation), gt, INTEROCULAR, GRID, icp_max_distance=6.0)
+    # The prediction's point for v is R v (rotation about the centre): error |v - R v|.
+    expected = np.linalg.norm((gt - CENTRE) - (gt - CENTRE) @ rotation.T, axis=1).mean()
+    assert expected > 1.0  # pixels: well above the discretisation error
+    assert result.nme == pytest.approx(expected / INTEROCULAR, rel=0.03)
+    assert result.nme_aligned < 0.1 / INTEROCULAR
+    np.testing.assert_allclose(result.transform[:3, :3], rotation, atol=1e-3)
+
+
+def test_correspondences_go_from_ground_truth_to_prediction(volume):
+    # Ground truth: a small patch of the front; prediction: the whole ellipsoid plus a separate blob.
+    # Matching prediction -> ground truth would drag the patch towards the rest; GT -> prediction does not.
+    gt = ellipsoid_front_points()
+    patch = gt[np.linalg.norm(gt[:, :2] - CENTRE[:2], axis=1) < 8.0]
+    blob = ellipsoid_volume(grid=GRID)  # same field, shifted sideways next to the patch
+    blob = np.roll(blob, shift=(0, 0, 44), axis=(0, 1, 2)) * (np.arange(GRID.width) > 50)
+    prediction = np.maximum(volume, blob)
+    result = sample_nme(prediction, patch, INTEROCULAR, GRID, icp_max_distance=10.0)
+    assert result.nme < 0.1 / INTEROCULAR
+    np.testing.assert_allclose(result.transform, np.eye(4), atol=0.05)
+
+
+def test_icp_that_would_run_off_falls_back_to_the_identity():
+    # A tiny blob at the front pole: a handful of correspondences make point-to-plane ICP degenerate.
+    blob = np.zeros(GRID.shape, np.float32)
+    d, y, x = GRID.crop_to_voxel(CENTRE - [0.0, 0.0, AXES[2]]).round().astype(int)
+    blob[d - 2 : d + 3, y - 1 : y + 2, x - 1 : x + 2] = 1.0
+    gt = ellipsoid_front_points()
+    result = sample_nme(blob, gt, INTEROCULAR, GRID, icp_max_distance=20.0)
+    np.testing.assert_array_equal(result.transform, np.eye(4))
+    assert result.nme == result.nme_aligned
+    # Errors are then plain distances to the blob's surface: at most those to its nearest vertex.
+    vertices, _ = volume_to_mesh(blob, GRID)
+    to_vertices = np.linalg.norm(gt[:, None] - vertices[None], axis=-1).min(axis=1)
+    assert np.all(result.errors <= to_vertices + 1e-4)
+    assert result.errors.mean() > to_vertices.mean() - 0.5
+
+
+def test_empty_prediction_fails_clearly_and_is_counted(volume):
+    gt = ellipsoid_front_points()
+    empty = np.zeros(GRID.shape, np.float32)
+    with pytest.raises(EmptyPredictionError, match="no surface"):
+        sample_nme(empty, gt, INTEROCULAR, GRID)
+    metric = NME(GRID)
+    volumes = torch.from_numpy(np.stack([volume, empty]))
+    metric.update(volumes, torch.from_numpy(np.stack([gt, gt])), [INTEROCULAR] * 2, [0.1, 0.2], [7, 8])
+    values = metric.compute()
+    single = sample_nme(volume, gt, INTEROCULAR, GRID)
+    assert int(values["count"]) == 1 and int(values["failed"]) == 1
+    assert float(values["nme"]) == pytest.approx(single.nme, rel=1e-6)
+    table = metric.per_sample()
+    np.testing.assert_array_equal(table["index"], [7, 8])
+    assert np.isfinite(table["nme"][0]) and np.isnan(table["nme"][1])
+
+
+def test_bad_inputs_name_the_problem(volume):
+    gt = ellipsoid_front_points()
+    with pytest.raises(ValueError, match="interocular"):
+        sample_nme(volume, gt, 0.0, GRID)
+    with pytest.raises(ValueError, match=r"\(F, 3\)"):
+        sample_nme(volume, gt[:, :2], INTEROCULAR, GRID)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        NME(GRID).update(torch.from_numpy(volume[None]), torch.from_numpy(gt[None]), [1.0, 2.0], [0.0], [0])
+
+
+def test_merged_halves_equal_one_pass(volume):
+    """What DDP does: sum states add, per-sample states concatenate (and a repeated sample counts once in the table)."""
+    rotations = [rotation_about([0, 1, 0], angle) for angle in (0.0, 2.0, 4.0)]
+    volumes = torch.from_numpy(np.stack([volume] + [ellipsoid_volume(r) for r in rotations[1:]]))
+    gt = torch.from_numpy(np.stack([ellipsoid_front_points()] * 3))
+    interocular, yaw, index = torch.tensor([20.0, 21.0, 22.0]), torch.tensor([0.0, 0.5, -0.5]), torch.tensor([4, 2, 9])
+
+    whole = NME(GRID.to_dict())
+    whole.update(volumes, gt, interocular, yaw, index)
+    first, second = NME(GRID), NME(GRID)
+    first.update(volumes[:1], gt[:1], interocular[:1], yaw[:1], index[:1])
+    second.update(volumes[1:], gt[1:], interocular[1:], yaw[1:], index[1:])
+    first.merge_state(second)
+
+    expected, merged = whole.compute(), first.compute()
+    for key in ("nme", "nme_aligned", "count", "failed"):
+        assert float(merged[key]) == pytest.approx(float(expected[key]), rel=1e-9)
+    assert int(expected["count"]) == 3 and float(expected["nme"]) > 0
+    table, table_whole = first.per_sample(), whole.per_sample()
+    np.testing.assert_array_equal(table["index"], [2, 4, 9])
+    np.testing.assert_allclose(table["yaw_deg"], np.degrees([0.5, 0.0, -0.5]), rtol=1e-6)
+    for key in ("nme", "nme_aligned"):
+        np.testing.assert_allclose(table[key], table_whole[key], rtol=1e-6)
+    assert all(whole._reductions[name].__name__ == "dim_zero_sum" for name in ("nme_sum", "count", "failed"))
+
+
+# ----- the discretisation floor at the paper grid -----
+
+FACE_HALF_WIDTH, FACE_HALF_HEIGHT, FACE_DEPTH = 50.0, 62.0, 30.0  # px: a ~100 px wide face, as in the crops
+FACE_CENTRE = np.array([96.0, 96.0, 0.0])
+
+
+def face_front_z(u, v):
+    """Frontal face-like height field (crop z, px): an ellipsoidal cap with a nose bump; u, v px from the centre."""
+    cap = np.sqrt(np.clip(1 - (u / FACE_HALF_WIDTH) ** 2 - (v / FACE_HALF_HEIGHT) ** 2, 0, None))
+    nose = 12.0 * np.exp(-(u**2 + (v - 5.0) ** 2) / (2 * 7.0**2))
+    return -FACE_DEPTH * cap - nose
+
+
+def face_mesh(spacing: float = 0.6):
+    """Frontal face-like mesh (V, 3) centred at the origin, triangles (T, 3) and the face-region mask (V,)."""
+    us = np.arange(-FACE_HALF_WIDTH, FACE_HALF_WIDTH + spacing / 2, spacing)
+    vs = np.arange(-FACE_HALF_HEIGHT, FACE_HALF_HEIGHT + spacing / 2, spacing)
+    u, v = np.meshgrid(us, vs)
+    vertices = np.stack([u, v, face_front_z(u, v)], axis=-1).reshape(-1, 3)
+    ids = np.arange(u.size).reshape(u.shape)
+    a, b, c, d = ids[:-1, :-1], ids[:-1, 1:], ids[1:, :-1], ids[1:, 1:]
+    triangles = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
+    radius2 = (vertices[:, 0] / FACE_HALF_WIDTH) ** 2 + (vertices[:, 1] / FACE_HALF_HEIGHT) ** 2
+    inside = radius2 <= 1.0
+    triangles = triangles[inside[triangles].all(axis=1)]
+    return vertices, triangles, radius2 < 0.85**2
+
+
+@pytest.mark.parametrize("yaw_deg", [0.0, 60.0])
+def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
+    vertices, triangles, face_region = face_mesh()
+    rotation = crop_rotation((0.0, np.radians(yaw_deg), 0.0))
+    posed = vertices @ rotation.T + FACE_CENTRE
+    eyes = np.array([[-0.48, -0.25], [0.48, -0.25]]) * [FACE_HALF_WIDTH, FACE_HALF_HEIGHT]  # outer eye corners
+    eye_corners = np.column_stack([eyes, face_front_z(eyes[:, 0], eyes[:, 1])]) @ rotation.T
+    interocular = float(np.linalg.norm(eye_corners[0] - eye_corners[1]))
+    assert 45 < interocular < 50 and face_region.sum() > 15000  # paper-like crop and face region
+
+    volume = voxelise(posed, triangles, rotation, PAPER_GRID).astype(np.float32)
+    result = sample_nme(volume, posed[face_region], interocular, PAPER_GRID)
+    print(f"yaw {yaw_deg:g}: floor NME {result.nme:.5f}, aligned {result.nme_aligned:.5f}")
+    assert result.nme < 0.01
+    assert result.nme_aligned <= result.nme + 1e-3
+    assert result.fitness > 0.99
+
+
+# ----- a real two-process reduction (gloo on CPU) -----
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 0 sees samples 0 and 1, rank 1 sample 2; a second metric is updated on rank 0 only."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        samples = _ddp_samples()
+        mine = [0, 1] if rank == 0 else [2]
+        shared, lonely = NME(GRID), NME(GRID)
+        shared.update(*(field[mine] for field in samples))
+        if rank == 0:
+            lonely.update(*(field[mine] for field in samples))
+        results = {}
+        for name, metric in (("shared", shared), ("lonely", lonely)):
+            values, table = metric.compute(), metric.per_sample()
+            results.update({f"{name}_{key}": np.asarray(float(value)) for key, value in values.items()})
+            results.update({f"{name}_table_{key}": column for key, column in table.items()})
+        np.savez(f"{out_dir}/rank{rank}.npz", **results)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_samples():
+    """Three samples: predictions rotated by 0, 3 and 6 degrees; the unrotated ellipsoid's front as ground truth."""
+    volumes = torch.from_numpy(np.stack([ellipsoid_volume(rotation_about([0, 1, 0], a)) for a in (0.0, 3.0, 6.0)]))
+    gt = torch.from_numpy(np.stack([ellipsoid_front_points(1000)] * 3))
+    return volumes, gt, torch.tensor([20.0, 21.0, 22.0]), torch.tensor([0.0, 0.5, -0.5]), torch.tensor([4, 2, 9])
+
+
+@pytest.mark.slow
+def test_two_process_reduction_matches_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+    shared, lonely = NME(GRID), NME(GRID)
+    shared.update(*_ddp_samples())
+    lonely.update(*(field[[0, 1]] for field in _ddp_samples()))
+    metrics = {"shared": shared, "lonely": lonely}
+    references = {name: (metric.compute(), metric.per_sample()) for name, metric in metrics.items()}
+    for rank in (0, 1):  # every process ends with the global values
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name, (values, table) in references.items():
+            for key in ("nme", "nme_aligned", "count", "failed"):
+                assert float(got[f"{name}_{key}"]) == pytest.approx(float(values[key]), rel=1e-9)
+            for key, column in table.items():
+                np.testing.assert_allclose(got[f"{name}_table_{key}"], column, rtol=1e-6)
