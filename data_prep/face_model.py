@@ -1,0 +1,126 @@
+"""One interface for linear 3D morphable face models (built-in procedural model or the Surrey Face Model).
+
+Model frame (millimetres): x = image right when the face is frontal (the subject's left), y up,
+z toward the camera, roughly centred at the origin. A face is
+``mean + sum_k identity[k] * identity_basis[k] + sum_k expression[k] * expression_basis[k]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lightning_vrn.landmarks import NUM_LANDMARKS
+
+# Chance that a sampled face is neutral; otherwise 1 or 2 blendshapes are active.
+NEUTRAL_PROBABILITY = 0.35
+IDENTITY_CLIP = 3.0
+
+
+@dataclass
+class FaceModel:
+    """A linear face model with a fixed mesh topology.
+
+    ``mean`` (V, 3) float32 mm; ``identity_basis`` (K_id, V, 3) float32, scaled so coefficients
+    ~ N(0, 1) give plausible people; ``expression_basis`` (K_exp, V, 3) float32 blendshape offsets
+    (coefficient 1.0 = the full expression) named by ``expression_names``; ``triangles`` (T, 3)
+    int64, counter-clockwise seen from the front (normals toward +z); ``landmark_vertices`` (68,)
+    int64 vertex ids of the iBUG-68 landmarks (0-based iBUG order); ``face_region`` (F,) int64
+    vertex ids used for NME.
+    """
+
+    name: str
+    mean: np.ndarray
+    identity_basis: np.ndarray
+    expression_basis: np.ndarray
+    expression_names: list[str]
+    triangles: np.ndarray
+    landmark_vertices: np.ndarray
+    face_region: np.ndarray
+
+    @property
+    def num_vertices(self) -> int:
+        """Number of mesh vertices V."""
+        return int(self.mean.shape[0])
+
+    def shape(self, identity=None, expression=None) -> np.ndarray:
+        """(V, 3) float32 face in mm for ``(K_id,)`` identity and ``(K_exp,)`` expression coefficients.
+
+        ``None`` (or zeros) for either gives the mean identity / the neutral expression.
+        """
+        vertices = self.mean.astype(np.float32, copy=True)
+        for name, coefficients, basis in (("identity", identity, self.identity_basis),
+                                          ("expression", expression, self.expression_basis)):
+            if coefficients is None:
+                continue
+            coefficients = np.asarray(coefficients, dtype=np.float32)
+            if coefficients.shape != (len(basis),):
+                raise ValueError(f"face model {self.name!r}: {name} coefficients must have shape "
+                                 f"({len(basis)},), got {coefficients.shape}")
+            vertices += np.tensordot(coefficients, basis, axes=1)
+        return vertices
+
+    def sample_coefficients(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Random ``(K_id,)`` identity ~ N(0, 1) clipped to +-3 and a sparse ``(K_exp,)`` expression mix.
+
+        The expression is neutral with probability ``NEUTRAL_PROBABILITY``; otherwise one or two
+        distinct blendshapes are active with weights uniform in [0, 1]. Both float32.
+        """
+        identity = np.clip(rng.standard_normal(len(self.identity_basis)), -IDENTITY_CLIP, IDENTITY_CLIP)
+        expression = np.zeros(len(self.expression_basis))
+        if len(expression) and rng.random() >= NEUTRAL_PROBABILITY:
+            active = rng.choice(len(expression), size=min(int(rng.integers(1, 3)), len(expression)), replace=False)
+            expression[active] = rng.uniform(0.0, 1.0, size=len(active))
+        return identity.astype(np.float32), expression.astype(np.float32)
+
+    def validate(self) -> "FaceModel":
+        """Check shapes, index ranges and finiteness; raise ValueError naming the model and the problem."""
+        def fail(problem: str):
+            raise ValueError(f"face model {self.name!r}: {problem}")
+
+        if self.mean.ndim != 2 or self.mean.shape[1] != 3 or len(self.mean) < 3:
+            fail(f"mean must have shape (V, 3), got {self.mean.shape}")
+        num_vertices = self.num_vertices
+        for label, basis in (("identity_basis", self.identity_basis), ("expression_basis", self.expression_basis)):
+            if basis.ndim != 3 or basis.shape[1:] != (num_vertices, 3):
+                fail(f"{label} must have shape (K, {num_vertices}, 3), got {basis.shape}")
+        if len(self.expression_names) != len(self.expression_basis):
+            fail(f"{len(self.expression_names)} expression names for {len(self.expression_basis)} blendshapes")
+        for label, array in (("mean", self.mean), ("identity_basis", self.identity_basis),
+                             ("expression_basis", self.expression_basis)):
+            if not np.all(np.isfinite(array)):
+                fail(f"{label} contains NaN or infinite values")
+        if self.triangles.ndim != 2 or self.triangles.shape[1] != 3 or len(self.triangles) == 0:
+            fail(f"triangles must have shape (T, 3), got {self.triangles.shape}")
+        if self.landmark_vertices.shape != (NUM_LANDMARKS,):
+            fail(f"landmark_vertices must have shape ({NUM_LANDMARKS},), got {self.landmark_vertices.shape}")
+        if self.face_region.ndim != 1 or len(self.face_region) == 0:
+            fail(f"face_region must be a non-empty 1-D index array, got shape {self.face_region.shape}")
+        for label, indices in (("triangles", self.triangles), ("landmark_vertices", self.landmark_vertices),
+                               ("face_region", self.face_region)):
+            if not np.issubdtype(indices.dtype, np.integer):
+                fail(f"{label} must be integer vertex ids, got dtype {indices.dtype}")
+            if indices.min() < 0 or indices.max() >= num_vertices:
+                fail(f"{label} has vertex ids outside [0, {num_vertices}): min {indices.min()}, max {indices.max()}")
+        return self
+
+
+def load_face_model(spec: str) -> FaceModel:
+    """Load a face model by spec: ``"builtin"`` or ``"sfm:/path/to/dir"`` (Surrey Face Model files).
+
+    Raises ValueError for an unknown spec and FileNotFoundError for a missing SFM directory or file.
+    """
+    if spec == "builtin":
+        from data_prep.builtin_face import builtin_face_model
+
+        return builtin_face_model()
+    if spec.startswith("sfm:"):
+        from data_prep.sfm import load_sfm
+
+        directory = spec[len("sfm:"):]
+        if not directory:
+            raise ValueError("face model spec 'sfm:' needs a directory, e.g. 'sfm:/path/to/sfm'")
+        return load_sfm(Path(directory).expanduser())
+    raise ValueError(f"unknown face model spec {spec!r}: use 'builtin' or 'sfm:/path/to/sfm_dir'")
