@@ -1,0 +1,321 @@
+"""Synthetic training data: random faces from a 3D morphable model, posed, cropped, voxelised, rendered.
+
+``python -m data_prep.synthetic --out DIR --split train=4000 --split val=200 --split test=500``
+writes ``DIR/train.h5``, ``DIR/val.h5``, ``DIR/test.h5`` in the dataset file format
+(:mod:`lightning_vrn.dataset_file`). Sample ``i`` of split ``s`` draws all its randomness from
+``np.random.default_rng([seed, crc32(s), i])``, so a file is the same whatever ``--workers`` is,
+and a killed run rerun with the same arguments continues where it stopped (``--restart`` starts over).
+
+One sample, as the authors built theirs from 300W-LP:
+
+- identity and expression from the face model; pose uniform in pitch +-30, yaw +-90 (the full
+  300W-LP range), roll +-25 degrees;
+- crop: scale and translate so the 68 projected landmarks' bounding box has
+  ``sqrt(w * h) = 90/192 * crop`` pixels (times U(0.9, 1.1)) and is centred in the crop (plus up
+  to +-3/192 of the crop of translation); depth: the z-extent of the solid (the voxelised mesh)
+  is centred on the grid's depth centre (z = 0 for centred grids). At large yaw the solid can be
+  deeper than the grid (the paper grid spans 100 px for a ~90 px face box); then its front stays
+  inside and its hidden back is clipped from the volume (the stored vertices are never clipped);
+- target: :func:`voxelise` of the posed mesh (optionally the frontal volume too); image:
+  :func:`render` with random lighting, albedo, background (and occluders with ``--occluders P``);
+- landmarks: the landmark vertices in crop coordinates; 2D = their x, y (orthographic projection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.face_model import FaceModel, load_face_model
+from data_prep.render import RenderSettings, render, vertex_albedo
+from lightning_vrn import __version__
+from lightning_vrn.dataset_file import DatasetWriter, open_dataset, pack_volume
+from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
+from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
+
+CREATED_BY = f"lightning_vrn.data_prep.synthetic {__version__}"
+POSE_LIMITS_DEG = (30.0, 90.0, 25.0)
+"""Half-ranges of the uniform pitch, yaw, roll distributions (degrees)."""
+LANDMARK_BOX_FRACTION = 90.0 / 192.0
+"""sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
+SCALE_JITTER = (0.9, 1.1)
+TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
+"""Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
+
+
+def split_code(split: str) -> int:
+    """Stable integer for a split name (CRC-32), part of every sample's random seed."""
+    return zlib.crc32(split.encode("utf-8"))
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator all randomness of sample ``index`` of ``split`` comes from."""
+    return np.random.default_rng([seed, split_code(split), index])
+
+
+def sample_pose(rng: np.random.Generator) -> np.ndarray:
+    """``(3,)`` pitch, yaw, roll in radians, uniform within :data:`POSE_LIMITS_DEG`."""
+    limits = np.radians(POSE_LIMITS_DEG)
+    return rng.uniform(-limits, limits)
+
+
+def solid_depth_range(vertices: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """``(2,)`` nearest and farthest crop z of the solid :func:`voxelise` makes of a posed mesh.
+
+    ``vertices`` (V, 3) posed mesh in crop coordinates, ``rotation`` (3, 3) its :func:`crop_rotation`.
+    The solid runs from the front surface back along the frontal view axis ``rotation[:, 2]`` to
+    the plane of the farthest frontal vertex, so its extreme points are the vertices and their
+    projections onto that back plane.
+    """
+    frontal_depth = vertices @ rotation[:, 2]
+    back = vertices + (frontal_depth.max() - frontal_depth)[:, None] * rotation[:, 2]
+    return np.array([min(vertices[:, 2].min(), back[:, 2].min()), max(vertices[:, 2].max(), back[:, 2].max())])
+
+
+def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.ndarray, grid: VoxelGrid,
+                   rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """Scale (px/mm) and translation (crop px) placing the posed mesh in the crop as the authors did.
+
+    The 68 landmarks' 2D bounding box gets ``sqrt(w * h) = LANDMARK_BOX_FRACTION * crop`` times
+    a jitter in :data:`SCALE_JITTER` and its centre lands on the crop centre plus a jitter of up
+    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the z-extent of the voxelised solid
+    (:func:`solid_depth_range`) is centred on the grid's depth centre, or, when it is deeper
+    than the grid, its nearest point is put on the centre of the grid's second depth slice.
+    """
+    size = grid.crop_size
+    posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
+    landmarks = posed[landmark_vertices, :2]
+    box_lo, box_hi = landmarks.min(axis=0), landmarks.max(axis=0)
+    box_size = np.sqrt(np.prod(box_hi - box_lo))
+    scale = LANDMARK_BOX_FRACTION * size * rng.uniform(*SCALE_JITTER) / box_size
+    shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
+    centre_xy = (size - 1) / 2.0 + shift
+    z_near, z_far = scale * solid_depth_range(posed, crop_rotation(pose))
+    # Centre the solid's z-extent in the grid; a solid deeper than the grid keeps its front (the
+    # visible face) on the second slice (a voxel of margin) and loses its hidden back instead.
+    z_shift = max(grid.z_centre - 0.5 * (z_near + z_far), grid.d_to_z(1.0) - z_near)
+    translation = np.append(centre_xy - scale * 0.5 * (box_lo + box_hi), z_shift)
+    return float(scale), translation
+
+
+def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, with_frontal: bool = False,
+                occluder_prob: float = 0.0) -> dict[str, np.ndarray]:
+    """One random sample as :meth:`DatasetWriter.write` takes it.
+
+    Keys: ``image`` (S, S, 3) uint8, ``volume`` (D, H, W) bool (and ``volume_frontal`` when
+    ``with_frontal``), ``landmarks_2d`` (68, 2) and ``landmarks_3d`` (68, 3) crop px, ``pose`` (3,)
+    radians, ``vertices`` (V, 3) crop px, float32. The face, pose and crop do not depend on
+    ``occluder_prob`` or ``with_frontal``: the random draws happen in the same order regardless.
+    """
+    identity, expression = model.sample_coefficients(rng)
+    mesh_mm = model.shape(identity, expression)
+    pose = sample_pose(rng)
+    scale, translation = crop_transform(mesh_mm, model.landmark_vertices, pose, grid, rng)
+    vertices = model_to_crop(mesh_mm, pose, scale, translation)
+    rotation = crop_rotation(pose)
+    with_occluders = rng.random() < occluder_prob
+    settings = RenderSettings.sample(rng, occluders=with_occluders)
+    albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices)
+    image, _ = render(vertices, model.triangles, albedo, grid.crop_size, settings)
+    landmarks_3d = vertices[model.landmark_vertices]
+    sample = {
+        "image": image,
+        "volume": voxelise(vertices, model.triangles, rotation, grid),
+        "landmarks_2d": landmarks_3d[:, :2].astype(np.float32),
+        "landmarks_3d": landmarks_3d.astype(np.float32),
+        "pose": pose.astype(np.float32),
+        "vertices": vertices.astype(np.float32),
+    }
+    if with_frontal:
+        sample["volume_frontal"] = voxelise_frontal(vertices, model.triangles, rotation, grid)
+    return sample
+
+
+def touches_border(volume: np.ndarray) -> bool:
+    """True if a ``(D, H, W)`` occupancy volume is occupied on any face of the grid (the solid was clipped)."""
+    return bool(volume[[0, -1]].any() or volume[:, [0, -1]].any() or volume[:, :, [0, -1]].any())
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _init_worker(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
+                 occluder_prob: float) -> None:
+    """Pool initializer: load the face model once per worker process."""
+    _worker_state.update(model=load_face_model(model_spec), grid=grid, seed=seed, split=split,
+                         with_frontal=with_frontal, occluder_prob=occluder_prob)
+
+
+def _make_packed(indices: np.ndarray) -> list[tuple[int, dict[str, np.ndarray], bool]]:
+    """``(index, sample with packed volumes, clipped)`` for each index, using the worker's state."""
+    state = _worker_state
+    results = []
+    for index in indices:
+        sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], int(index)),
+                             state["with_frontal"], state["occluder_prob"])
+        clipped = touches_border(sample["volume"])
+        for key in ("volume", "volume_frontal"):
+            if key in sample:
+                sample[key] = pack_volume(sample[key])  # 8x less to send to the writing process
+        results.append((int(index), sample, clipped))
+    return results
+
+
+def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float) -> dict:
+    return {
+        "face_model": model.name,
+        "face_model_spec": model_spec,
+        "source": "synthetic",
+        "seed": int(seed),
+        "split": split,
+        "created_by": CREATED_BY,
+        "occluder_prob": float(occluder_prob),
+        "pose_limits_deg": np.asarray(POSE_LIMITS_DEG),
+        "landmark_box_fraction": LANDMARK_BOX_FRACTION,
+        "scale_jitter": np.asarray(SCALE_JITTER),
+        "translation_jitter_fraction": TRANSLATION_JITTER_FRACTION,
+    }
+
+
+def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int, seed: int, split: str,
+                   workers: int = 1, with_frontal: bool = False, occluder_prob: float = 0.0, progress: bool = True,
+                   restart: bool = False) -> Path:
+    """Write ``num_samples`` synthetic samples of ``split`` to ``out_path`` (HDF5); returns the path.
+
+    Resumes an unfinished ``<out_path>.partial`` written with the same arguments; ``restart``
+    starts over (and replaces a finished file). A finished file with the same arguments is
+    left as it is; one with other arguments is an error unless ``restart``. ``workers > 1``
+    generates in spawned processes (the calling script needs ``if __name__ == "__main__":``);
+    this process writes, in index order, so the file does not depend on ``workers``.
+    """
+    out_path = Path(out_path)
+    model = load_face_model(model_spec)
+    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob)
+    if out_path.exists() and not restart:
+        _check_finished(out_path, grid, num_samples, with_frontal, attrs)
+        if progress:
+            print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
+        return out_path
+    with DatasetWriter(out_path, grid, num_samples, len(model.mean), model.triangles, model.face_region,
+                       model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart) as writer:
+        pending = writer.pending()
+        worker_args = (model_spec, grid, seed, split, with_frontal, occluder_prob)
+        chunk = max(1, min(16, len(pending) // (4 * max(workers, 1))))
+        chunks = [pending[i : i + chunk] for i in range(0, len(pending), chunk)]
+        clipped = 0
+        with tqdm(total=num_samples, initial=num_samples - len(pending), desc=split, unit="sample",
+                  disable=not progress) as bar:
+            if workers <= 1:
+                _init_worker(*worker_args)
+                results = map(_make_packed, chunks)
+                pool = None
+            else:
+                pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, worker_args)
+                results = pool.imap(_make_packed, chunks)
+            try:
+                for batch in results:
+                    for index, sample, sample_clipped in batch:
+                        writer.write(index, sample)
+                        clipped += sample_clipped
+                    bar.update(len(batch))
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
+        writer.finish()
+    if clipped:
+        warnings.warn(f"{out_path}: {clipped} of {len(pending)} generated solids touch the border of grid "
+                      f"{grid.describe()} (clipped)", stacklevel=2)
+    return out_path
+
+
+def _check_finished(path: Path, grid: VoxelGrid, num_samples: int, with_frontal: bool, attrs: dict) -> None:
+    """Raise if the finished file at ``path`` was made with other arguments."""
+    dataset = open_dataset(path)
+    differences = [f"grid {dataset.grid.describe()} vs {grid.describe()}"] if dataset.grid != grid else []
+    if dataset.num_samples != num_samples:
+        differences.append(f"{dataset.num_samples} samples vs {num_samples}")
+    if dataset.has_frontal != with_frontal:
+        differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
+    for key in ("face_model", "face_model_spec", "seed", "occluder_prob", "split"):
+        if dataset.attrs.get(key) != attrs[key]:
+            differences.append(f"{key} {dataset.attrs.get(key)!r} vs {attrs[key]!r}")
+    if differences:
+        raise FileExistsError(f"{path} exists but was made with other arguments ({'; '.join(differences)}); "
+                              f"pass --restart to replace it, or choose another --out")
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _parse_split(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not name.strip() or not count.strip().isdigit() or int(count) <= 0:
+        raise argparse.ArgumentTypeError(f"split must be NAME=COUNT with COUNT > 0, like train=4000; got {text!r}")
+    return name.strip(), int(count)
+
+
+def _parse_grid(text: str) -> VoxelGrid:
+    try:
+        return VoxelGrid.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _parse_probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder; writes OUT/NAME.h5 per split")
+    parser.add_argument("--split", type=_parse_split, action="append", required=True, metavar="NAME=COUNT",
+                        help="a split and its number of samples; repeat for several (train=4000 val=200 test=500)")
+    parser.add_argument("--grid", type=_parse_grid, default=_parse_grid("200,192,192"), metavar="D,H,W",
+                        help="volume depth, height, width; the crop is H x W pixels (default 200,192,192)")
+    parser.add_argument("--face-model", default="builtin", help="'builtin' or 'sfm:PATH' (default builtin)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes generating samples (default 1)")
+    parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
+    parser.add_argument("--occluders", type=_parse_probability, default=0.0, metavar="P",
+                        help="probability that a sample gets occluders (default 0)")
+    parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = [name for name, _ in args.split]
+    if len(set(names)) != len(names):
+        parser.error(f"--split names must be distinct, got {names}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        load_face_model(args.face_model)
+    except (ValueError, OSError, KeyError) as err:
+        parser.error(f"--face-model {args.face_model!r}: {err}")
+    for name, count in args.split:
+        path = generate_split(args.out / f"{name}.h5", args.face_model, args.grid, count, args.seed, name,
+                              workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,
+                              restart=args.restart)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Dataset file: bit packing, writer/reader round trip, atomic resumable writes, clear errors on bad files."""
+
+import multiprocessing
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from lightning_vrn.dataset_file import (
+    PER_SAMPLE_FIELDS,
+    SCHEMA_VERSION,
+    DatasetError,
+    DatasetWriter,
+    open_dataset,
+    pack_volume,
+    unpack_volume,
+)
+from lightning_vrn.geometry.grid import VoxelGrid
+from tests.conftest import REPO
+
+GRID = VoxelGrid.centred(12, 16, 16)
+N, V = 6, 40
+ATTRS = {"face_model": "test", "source": "unit-test", "seed": 7, "created_by": "tests"}
+
+
+def make_samples(n=N, grid=GRID, num_vertices=V, seed=0):
+    """Random samples with every field, frontal volume included."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.integers(0, 256, (grid.height, grid.width, 3), dtype=np.uint8),
+            "volume": rng.random(grid.shape) < 0.3,
+            "volume_frontal": rng.random(grid.shape) < 0.3,
+            "landmarks_2d": rng.normal(size=(68, 2)).astype(np.float32),
+            "landmarks_3d": rng.normal(size=(68, 3)).astype(np.float32),
+            "pose": rng.normal(size=3).astype(np.float32),
+            "vertices": rng.normal(size=(num_vertices, 3)).astype(np.float32) * 50,
+        }
+        for _ in range(n)
+    ]
+
+
+TOPOLOGY = {
+    "triangles": np.random.default_rng(1).integers(0, V, (30, 3)),
+    "face_region": np.arange(5, 35),
+    "landmark_vertices": np.random.default_rng(2).integers(0, V, 68),
+}
+
+
+def new_writer(path, attrs=ATTRS, num_samples=N, grid=GRID, **kwargs):
+    return DatasetWriter(path, grid, num_samples, V, attrs=attrs, with_frontal=True, **TOPOLOGY, **kwargs)
+
+
+def write_file(path, samples):
+    with new_writer(path) as writer:
+        for i, sample in enumerate(samples):
+            writer.write(i, sample)
+        writer.finish()
+    return path
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, samples):
+    return write_file(tmp_path_factory.mktemp("ds") / "train.h5", samples)
+
+
+def assert_same_contents(path_a, path_b):
+    with h5py.File(path_a, "r") as a, h5py.File(path_b, "r") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for name in a:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+        assert sorted(a.attrs.keys()) == sorted(b.attrs.keys())
+
+
+# --- bit packing ---------------------------------------------------------------------------------
+
+def test_pack_unpack_round_trip_and_big_bit_order():
+    rng = np.random.default_rng(0)
+    for shape in [(3, 5, 8), (7, 4, 24), (2, 16)]:
+        volume = rng.random(shape) < 0.5
+        packed = pack_volume(volume)
+        assert packed.dtype == np.uint8 and packed.shape == (*shape[:-1], shape[-1] // 8)
+        np.testing.assert_array_equal(unpack_volume(packed, shape[-1]), volume)
+        # Independent bit arithmetic: voxel x is bit 7 - x % 8 of byte x // 8.
+        x = np.arange(shape[-1])
+        bits = (packed[..., x // 8] >> (7 - x % 8)) & 1
+        np.testing.assert_array_equal(bits.astype(bool), volume)
+
+
+def test_pack_rejects_width_not_multiple_of_8_and_unpack_wrong_width():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_volume(np.zeros((2, 3, 12), bool))
+    with pytest.raises(ValueError, match="width 24"):
+        unpack_volume(np.zeros((2, 3, 2), np.uint8), 24)
+
+
+# --- writer -> reader ------------------------------------------------------------------------------
+
+def test_round_trip_every_field_exactly(written, samples):
+    ds = open_dataset(written, expected_grid=GRID)
+    assert len(ds) == N and ds.num_samples == N and ds.has_frontal and ds.grid == GRID and ds.path == written
+    for name in ("triangles", "face_region", "landmark_vertices"):
+        np.testing.assert_array_equal(getattr(ds, name), TOPOLOGY[name])
+    for i, sample in enumerate(samples):
+        got = ds.read(i, PER_SAMPLE_FIELDS)
+        assert set(got) == set(PER_SAMPLE_FIELDS)
+        np.testing.assert_array_equal(got["images"], sample["image"])
+        np.testing.assert_array_equal(unpack_volume(got["volumes"], GRID.width), sample["volume"])
+        np.testing.assert_array_equal(unpack_volume(got["volumes_frontal"], GRID.width), sample["volume_frontal"])
+        for key in ("landmarks_2d", "landmarks_3d", "pose", "vertices"):
+            assert got[key].dtype == np.float32
+            np.testing.assert_array_equal(got[key], sample[key])
+    assert set(ds.read(0, ["pose"])) == {"pose"}
+    ds.close()
+
+
+def test_attrs_chunks_and_no_written_flag(written):
+    ds = open_dataset(written)
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION
+    assert ds.attrs["grid_shape"] == list(GRID.shape)
+    assert ds.attrs["grid_z_offset"] == GRID.z_offset and ds.attrs["grid_z_scale"] == GRID.z_scale
+    assert ds.attrs["num_samples"] == N and ds.attrs["has_frontal"]
+    for key, value in ATTRS.items():
+        assert ds.attrs[key] == value
+    with h5py.File(written, "r") as f:
+        assert "written" not in f
+        for name in PER_SAMPLE_FIELDS:
+            assert f[name].chunks == (1, *f[name].shape[1:]), name
+        assert f["volumes"].compression == "gzip" and f["volumes"].compression_opts == 4
+        assert not f["volumes"].shuffle
+        assert f["images"].compression is None
+
+
+def test_reader_survives_pickle_and_fork(written, samples):
+    ds = open_dataset(written)
+    ds.read(0, ["vertices"])  # the parent now holds an open handle
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone.read(2, ["vertices"])["vertices"], samples[2]["vertices"])
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply(ds.read, (3, ["landmarks_3d"]))
+    np.testing.assert_array_equal(got["landmarks_3d"], samples[3]["landmarks_3d"])
+    np.testing.assert_array_equal(ds.read(1, ["pose"])["pose"], samples[1]["pose"])
+
+
+def test_writer_rejects_bad_samples(tmp_path, samples):
+    with new_writer(tmp_path / "x.h5") as writer:
+        bad_shape = dict(samples[0], vertices=np.zeros((V + 1, 3), np.float32))
+        with pytest.raises(ValueError, match="vertices: shape"):
+            writer.write(0, bad_shape)
+        with pytest.raises(ValueError, match="NaN"):
+            writer.write(0, dict(samples[0], pose=np.array([0, np.nan, 0], np.float32)))
+        with pytest.raises(ValueError, match="expected bool"):
+            writer.write(0, dict(samples[0], volume=samples[0]["volume"].astype(np.float32)))
+        with pytest.raises(ValueError, match="keys"):
+            writer.write(0, {k: v for k, v in samples[0].items() if k != "volume_frontal"})
+        with pytest.raises(IndexError):
+            writer.write(N, samples[0])
+        with pytest.raises(ValueError, match="not written"):
+            writer.finish()
+    with pytest.raises(ValueError, match="face_model"):
+        DatasetWriter(tmp_path / "y.h5", GRID, N, V, attrs={"source": "x"}, **TOPOLOGY)
+
+
+# --- atomic, resumable writes ----------------------------------------------------------------------
+
+def test_final_name_appears_only_on_finish(tmp_path, samples):
+    path = tmp_path / "split.h5"
+    with new_writer(path) as writer:
+        for i, sample in enumerate(samples):
+            writer.write(i, sample)
+            assert not path.exists() and writer.partial_path.exists()
+        assert len(writer.pending()) == 0
+        writer.finish()
+    assert path.exists() and not writer.partial_path.exists()
+    with pytest.raises(FileExistsError, match="restart"):
+        new_writer(path)
+
+
+def test_resume_after_interruption_equals_one_shot_write(tmp_path, samples, written):
+    path = tmp_path / "split.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with new_writer(path) as writer:
+            for i in range(N // 2):
+                writer.write(i, samples[i])
+            raise KeyboardInterrupt
+    assert not path.exists()
+    with new_writer(path) as writer:
+        np.testing.assert_array_equal(writer.pending(), np.arange(N // 2, N))
+        for i in writer.pending():  # already packed volumes are stored as they are
+            packed = {key: pack_volume(samples[i][key]) for key in ("volume", "volume_frontal")}
+            writer.write(i, {**samples[i], **packed})
+        writer.finish()
+    assert_same_contents(path, written)
+
+
+def test_resume_after_hard_kill(tmp_path, samples, written):
+    """A process killed without closing the file loses at most the samples since the last flush."""
+    path = tmp_path / "killed.h5"
+    np.savez(tmp_path / "samples.npz", **{f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()})
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from tests.test_dataset_file import new_writer
+        data = np.load({str(tmp_path / "samples.npz")!r})
+        writer = new_writer({str(path)!r}, flush_every=2)
+        for i in range(5):
+            writer.write(i, {{k.split("/")[1]: data[k] for k in data.files if k.startswith(f"{{i}}/")}})
+        os._exit(3)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert not path.exists()
+    with new_writer(path) as writer:
+        np.testing.assert_array_equal(writer.pending(), [4, 5])  # flushed after samples 2 and 4
+        for i in writer.pending():
+            writer.write(i, samples[i])
+        writer.finish()
+    assert_same_contents(path, written)
+
+
+def test_resume_with_other_parameters_fails_clearly_or_restarts(tmp_path, samples):
+    path = tmp_path / "split.h5"
+    with new_writer(path) as writer:
+        writer.write(0, samples[0])
+    for kwargs in [{"attrs": dict(ATTRS, seed=8)}, {"num_samples": N + 1}, {"grid": VoxelGrid.centred(12, 16, 24)}]:
+        with pytest.raises(DatasetError) as err:
+            new_writer(path, **kwargs)
+        assert str(writer.partial_path) in str(err.value) and "restart" in str(err.value)
+    assert "seed" in str(pytest.raises(DatasetError, new_writer, path, attrs=dict(ATTRS, seed=8)).value)
+    with new_writer(path, attrs=dict(ATTRS, seed=8), restart=True) as writer:
+        assert len(writer.pending()) == N
+
+
+def test_damaged_partial_fails_clearly_or_restarts(tmp_path):
+    path = tmp_path / "split.h5"
+    (tmp_path / "split.h5.partial").write_bytes(b"not hdf5 at all" * 100)
+    with pytest.raises(DatasetError, match="damaged.*restart"):
+        new_writer(path)
+    with new_writer(path, restart=True) as writer:
+        assert len(writer.pending()) == N
+
+
+# --- bad files -------------------------------------------------------------------------------------
+
+def expect_error(path, kind, *phrases, **kwargs):
+    with pytest.raises(kind) as err:
+        open_dataset(path, **kwargs)
+    message = str(err.value)
+    assert str(path) in message
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+def test_missing_file_suggests_generator(tmp_path):
+    expect_error(tmp_path / "nope.h5", FileNotFoundError, "python -m data_prep.synthetic")
+    (tmp_path / "nope.h5.partial").write_bytes(b"")
+    expect_error(tmp_path / "nope.h5", FileNotFoundError, "unfinished", "rerun")
+
+
+def test_truncated_and_random_files(tmp_path, written):
+    truncated = tmp_path / "truncated.h5"
+    data = written.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    expect_error(truncated, DatasetError, "truncated or not an HDF5 file", "regenerate")
+    noise = tmp_path / "noise.h5"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    expect_error(noise, DatasetError, "truncated or not an HDF5 file", "regenerate")
+
+
+def damaged_copy(tmp_path, written, damage):
+    path = tmp_path / "damaged.h5"
+    shutil.copy(written, path)
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    return path
+
+
+def test_wrong_schema_version(tmp_path, written):
+    path = damaged_copy(tmp_path, written, lambda f: f.attrs.__setitem__("schema_version", SCHEMA_VERSION + 1))
+    expect_error(path, DatasetError, "schema_version", "regenerate")
+
+
+def test_missing_dataset(tmp_path, written):
+    path = damaged_copy(tmp_path, written, lambda f: f.__delitem__("landmarks_3d"))
+    expect_error(path, DatasetError, "missing datasets ['landmarks_3d']", "regenerate")
+
+
+def test_wrong_shape(tmp_path, written):
+    def shrink_volumes(f):
+        del f["volumes"]
+        f.create_dataset("volumes", data=np.zeros((N, GRID.depth, GRID.height, 1), np.uint8))
+
+    expect_error(damaged_copy(tmp_path, written, shrink_volumes), DatasetError, "volumes has shape", "regenerate")
+
+
+def test_grid_mismatch_names_both_grids_and_the_fix(written):
+    expect_error(written, DatasetError, "12x16x16", "10x16x16", "--grid 10,16,16", "change grid in the config",
+                 expected_grid=VoxelGrid.centred(10, 16, 16))
+
+
+def test_nan_in_vertices_is_reported_on_read(tmp_path, written):
+    def poison(f):
+        f["vertices"][2, 5, 1] = np.nan
+
+    ds = open_dataset(damaged_copy(tmp_path, written, poison))
+    ds.read(1, ["vertices"])
+    with pytest.raises(DatasetError) as err:
+        ds.read(2, ["vertices", "images"])
+    assert str(ds.path) in str(err.value) and "sample 2" in str(err.value) and "vertices" in str(err.value)
+    with pytest.raises(KeyError, match="unknown fields"):
+        ds.read(0, ["image"])

@@ -1,0 +1,225 @@
+"""Synthetic generator: reproducible samples, the authors' crop, volumes that match the mesh, resume, CLI."""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from data_prep import synthetic
+from data_prep.face_model import load_face_model
+from data_prep.render import vertex_normals
+from data_prep.synthetic import (
+    LANDMARK_BOX_FRACTION,
+    POSE_LIMITS_DEG,
+    TRANSLATION_JITTER_FRACTION,
+    generate_split,
+    main,
+    make_sample,
+    sample_pose,
+    sample_rng,
+)
+from lightning_vrn.dataset_file import PER_SAMPLE_FIELDS, open_dataset, pack_volume, unpack_volume
+from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+from lightning_vrn.geometry.raster import rasterise
+from tests.conftest import REPO
+
+GRID = VoxelGrid.parse("100,96,96")
+N = 4
+ARGS = dict(model_spec="builtin", grid=GRID, num_samples=N, seed=0, split="train", occluder_prob=0.5, progress=False)
+
+
+def generate(path, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # clipped backs at large yaw are expected
+        return generate_split(path, **{**ARGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_face_model("builtin")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The split generated in one uninterrupted single-process run."""
+    return generate(tmp_path_factory.mktemp("synthetic") / "train.h5")
+
+
+@pytest.fixture(scope="module")
+def samples(reference):
+    ds = open_dataset(reference, expected_grid=GRID)
+    return [ds.read(i, [f for f in PER_SAMPLE_FIELDS if f != "volumes_frontal"]) for i in range(len(ds))]
+
+
+def read_all(path):
+    ds = open_dataset(path)
+    fields = [f for f in PER_SAMPLE_FIELDS if f != "volumes_frontal" or ds.has_frontal]
+    return ds, [ds.read(i, fields) for i in range(len(ds))]
+
+
+def assert_same_dataset(path_a, path_b):
+    (a, samples_a), (b, samples_b) = read_all(path_a), read_all(path_b)
+    assert a.attrs == b.attrs
+    np.testing.assert_array_equal(a.triangles, b.triangles)
+    for sample_a, sample_b in zip(samples_a, samples_b):
+        for field in sample_a:
+            np.testing.assert_array_equal(sample_a[field], sample_b[field], err_msg=field)
+
+
+def test_file_contents_and_attrs(reference, samples, model):
+    ds = open_dataset(reference, expected_grid=GRID)
+    assert len(ds) == N and not ds.has_frontal
+    assert ds.attrs["source"] == "synthetic" and ds.attrs["seed"] == 0 and ds.attrs["face_model"] == model.name
+    assert ds.attrs["created_by"].startswith("lightning_vrn.data_prep.synthetic")
+    np.testing.assert_array_equal(ds.landmark_vertices, model.landmark_vertices)
+    np.testing.assert_array_equal(ds.triangles, model.triangles)
+    assert samples[0]["images"].shape == (96, 96, 3) and samples[0]["vertices"].shape == (model.num_vertices, 3)
+
+
+def test_every_sample_comes_from_its_own_generator(samples, model):
+    """Sample i is make_sample with default_rng([seed, crc32(split), i]): nothing else is random."""
+    again = make_sample(model, GRID, sample_rng(0, "train", 2), occluder_prob=0.5)
+    np.testing.assert_array_equal(samples[2]["volumes"], pack_volume(again["volume"]))
+    np.testing.assert_array_equal(samples[2]["images"], again["image"])
+    np.testing.assert_array_equal(samples[2]["vertices"], again["vertices"])
+    assert not np.array_equal(samples[1]["vertices"], samples[2]["vertices"])
+
+
+def test_occluders_change_only_the_image(model):
+    plain = make_sample(model, GRID, sample_rng(5, "val", 0), occluder_prob=0.0)
+    occluded = make_sample(model, GRID, sample_rng(5, "val", 0), occluder_prob=1.0, with_frontal=True)
+    for key in ("volume", "vertices", "pose", "landmarks_3d"):
+        np.testing.assert_array_equal(plain[key], occluded[key])
+    assert not np.array_equal(plain["image"], occluded["image"])
+    assert occluded["volume_frontal"].shape == GRID.shape and occluded["volume_frontal"].any()
+
+
+def test_landmarks_are_the_projected_landmark_vertices(samples, model):
+    for sample in samples:
+        np.testing.assert_array_equal(sample["landmarks_3d"], sample["vertices"][model.landmark_vertices])
+        np.testing.assert_array_equal(sample["landmarks_2d"], sample["landmarks_3d"][:, :2])
+
+
+def test_landmark_box_is_the_authors_crop(samples):
+    size = GRID.crop_size
+    for sample in samples:
+        lo, hi = sample["landmarks_2d"].min(0), sample["landmarks_2d"].max(0)
+        box = np.sqrt(np.prod(hi - lo)) / (LANDMARK_BOX_FRACTION * size)
+        assert 0.9 - 1e-4 <= box <= 1.1 + 1e-4
+        offset = 0.5 * (lo + hi) - (size - 1) / 2
+        assert np.all(np.abs(offset) <= TRANSLATION_JITTER_FRACTION * size + 1e-3)
+
+
+def test_pose_covers_300w_lp_ranges():
+    poses = np.degrees([sample_pose(sample_rng(0, "pose", i)) for i in range(3000)])
+    assert np.all(np.abs(poses) <= POSE_LIMITS_DEG)
+    assert poses[:, 1].min() < -88 and poses[:, 1].max() > 88
+    assert np.abs(poses[:, 0]).max() > 28 and np.abs(poses[:, 2]).max() > 23
+    yaw_bins = np.histogram(poses[:, 1], bins=6, range=(-90, 90))[0] / len(poses)
+    np.testing.assert_allclose(yaw_bins, 1 / 6, atol=0.03)
+
+
+def face_mask_and_depth(vertices, triangles):
+    """The rendered face mask (no occluders) and front-surface depth, by z-buffering the stored mesh."""
+    raster = rasterise(vertices.astype(np.float64), triangles, GRID.height, GRID.width)
+    normals = raster.interpolate(vertex_normals(vertices.astype(np.float64), triangles), triangles)
+    facing = -normals[..., 2] / np.maximum(np.linalg.norm(normals, axis=-1), 1e-12)
+    return raster.mask, raster.depth, facing
+
+
+def test_volume_columns_match_the_face_mask(samples, model, monkeypatch):
+    # Any pose: the face is inside the volume's occupied columns (the filled back may stick out).
+    for sample in samples:
+        mask = face_mask_and_depth(sample["vertices"], model.triangles)[0]
+        columns = unpack_volume(sample["volumes"], GRID.width).any(axis=0)
+        assert (mask & columns).sum() / mask.sum() > 0.98
+    # Near-frontal: mask and columns agree.
+    monkeypatch.setattr(synthetic, "sample_pose", lambda rng: np.radians([3.0, -8.0, 5.0]))
+    sample = make_sample(model, GRID, sample_rng(1, "frontal", 0))
+    mask = face_mask_and_depth(sample["vertices"], model.triangles)[0]
+    columns = sample["volume"].any(axis=0)
+    assert (mask & columns).sum() / (mask | columns).sum() > 0.95
+
+
+def test_volume_front_surface_is_the_mesh_surface(samples, model):
+    for sample in samples:
+        volume = unpack_volume(sample["volumes"], GRID.width)
+        assert not volume[0].any(), "the visible face must never be clipped at the front of the grid"
+        mask, depth, facing = face_mask_and_depth(sample["vertices"], model.triangles)
+        visible = mask & volume.any(axis=0) & (facing > 0.5)
+        front_d = np.argmax(volume, axis=0)
+        error_voxels = np.abs(GRID.z_to_d(depth[visible]) - front_d[visible])
+        assert np.median(error_voxels) < 0.75
+        assert np.mean(error_voxels <= 1.0) > 0.9
+
+
+def test_workers_give_byte_identical_files(tmp_path, reference):
+    parallel = generate(tmp_path / "train.h5", workers=2)
+    assert parallel.read_bytes() == reference.read_bytes()
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, reference, monkeypatch):
+    path = tmp_path / "train.h5"
+    real_make_sample, calls = synthetic.make_sample, []
+
+    def dies_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_make_sample(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "make_sample", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(path)
+    assert not path.exists() and path.with_name("train.h5.partial").exists()
+    monkeypatch.setattr(synthetic, "make_sample", real_make_sample)
+    generate(path)
+    assert_same_dataset(path, reference)
+    # A finished file is left alone when the arguments match and refused when they differ.
+    mtime = path.stat().st_mtime_ns
+    generate(path)
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match="seed.*--restart"):
+        generate(path, seed=1)
+
+
+def test_paper_grid_sample(tmp_path, model):
+    path = generate(tmp_path / "full.h5", grid=PAPER_GRID, num_samples=2, split="full")
+    ds, full = read_all(path)
+    assert ds.grid == PAPER_GRID and full[0]["volumes"].shape == (200, 192, 24)
+    for sample in full:
+        lo, hi = sample["landmarks_2d"].min(0), sample["landmarks_2d"].max(0)
+        assert 81 <= np.sqrt(np.prod(hi - lo)) <= 99
+        volume = unpack_volume(sample["volumes"], 192)
+        assert volume.any() and not volume[0].any()
+
+
+def test_cli_end_to_end(tmp_path):
+    command = [sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path), "--split", "tiny=2",
+               "--grid", "40,32,32", "--seed", "3", "--frontal", "--occluders", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ds = open_dataset(tmp_path / "tiny.h5", expected_grid=VoxelGrid.parse("40,32,32"))
+    assert len(ds) == 2 and ds.has_frontal and ds.attrs["seed"] == 3 and ds.attrs["occluder_prob"] == 1.0
+    assert unpack_volume(ds.read(1, ["volumes_frontal"])["volumes_frontal"], 32).any()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split", "train:5"], "NAME=COUNT"),
+    (["--split", "train=0"], "NAME=COUNT"),
+    (["--split", "a=1", "--split", "a=2"], "distinct"),
+    (["--split", "a=1", "--grid", "200,192"], "D,H,W"),
+    (["--split", "a=1", "--grid", "200,192,190"], "multiple of 8"),
+    (["--split", "a=1", "--face-model", "bfm"], "unknown face model"),
+    (["--split", "a=1", "--face-model", "sfm:/no/such/dir"], "/no/such/dir"),
+    (["--split", "a=1", "--occluders", "2"], "probability"),
+    (["--split", "a=1", "--workers", "0"], "--workers"),
+])
+def test_cli_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
