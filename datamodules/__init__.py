@@ -1,0 +1,31 @@
+"""HDF5 dataset files -> batches: Dataset, DataModule, joint image/volume augmentation, landmark heatmaps."""
+
+from datamodules.augment import (
+    AugmentConfig,
+    augment_batch,
+    augment_landmarks,
+    augment_mesh,
+    augment_rotation,
+    identity_params,
+    sample_params,
+)
+from datamodules.datamodule import FaceVolumeDataModule
+from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch, unpack_bits
+from datamodules.heatmaps import gaussian_heatmaps
+
+__all__ = [
+    "AugmentConfig",
+    "EpochShuffleSampler",
+    "FaceVolumeDataModule",
+    "FaceVolumeDataset",
+    "augment_batch",
+    "augment_landmarks",
+    "augment_mesh",
+    "augment_rotation",
+    "decode_batch",
+    "finish_batch",
+    "gaussian_heatmaps",
+    "identity_params",
+    "sample_params",
+    "unpack_bits",
+]

@@ -1,0 +1,134 @@
+"""LightningDataModule over the train/val/test dataset files (batch contract: :mod:`datamodules.dataset`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.augment import AugmentConfig
+from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch
+from lightning_vrn.dataset_file import open_dataset
+from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def as_grid(grid: VoxelGrid | Mapping[str, Any] | str) -> VoxelGrid:
+    """A :class:`VoxelGrid` from itself, its ``to_dict()`` form or ``"D,H,W"``."""
+    if isinstance(grid, VoxelGrid):
+        return grid
+    if isinstance(grid, str):
+        return VoxelGrid.parse(grid)
+    return VoxelGrid.from_dict(dict(grid))
+
+
+class FaceVolumeDataModule(pl.LightningDataModule):
+    """Train/val/test dataset files -> batches, augmented in training (DESIGN section 1).
+
+    ``batch_size`` is GLOBAL: each of the trainer's ``world_size`` processes loads
+    ``batch_size // world_size``. ``grid``: the grid every file must have. ``augment``: a dict of
+    :class:`AugmentConfig` fields (training only; ``on_device: true`` unpacks and augments on the
+    accelerator in :meth:`on_after_batch_transfer`, which also unpacks val/test batches there).
+    ``heatmap_sigma``: add landmark heatmaps (pixels; None: none), made on the device like the
+    float32 volume (workers hand over uint8 volumes). ``target_volume``: ``aligned``
+    or ``frontal`` (no-alignment ablation). ``eval_vertices``: add ground-truth vertices to
+    val/test batches (for NME). ``val_path`` is optional for fitting (no validation without it).
+    """
+
+    def __init__(self, train_path: str | Path | None = None, val_path: str | Path | None = None,
+                 test_path: str | Path | None = None, grid: VoxelGrid | Mapping[str, Any] | str = PAPER_GRID,
+                 batch_size: int = 4, num_workers: int = 4, augment: AugmentConfig | Mapping[str, Any] | None = None,
+                 heatmap_sigma: float | None = None, target_volume: str = "aligned", seed: int = 0,
+                 pin_memory: bool = True, persistent_workers: bool = True, eval_vertices: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.grid = as_grid(grid)
+        self.augment = AugmentConfig.from_any(augment)
+        self.hparams["grid"] = self.grid.to_dict()
+        self.hparams["augment"] = self.augment.to_dict()
+        if batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"batch_size ({batch_size}) must be positive and num_workers ({num_workers}) >= 0")
+        self.batch_size_per_device = batch_size
+        self.datasets: dict[str, FaceVolumeDataset] = {}
+
+    def _path(self, split: str) -> str | Path | None:
+        return self.hparams[f"{split}_path"]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the global batch over the processes and open (validate) the files ``stage`` needs."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        batch_size = self.hparams.batch_size
+        if batch_size % world_size:
+            raise ValueError(f"global batch_size {batch_size} is not divisible by the world size {world_size} "
+                             f"(devices x nodes); choose a batch_size that is a multiple of {world_size}")
+        self.batch_size_per_device = batch_size // world_size
+        for split in _STAGE_SPLITS[stage or "fit"]:
+            if split in self.datasets or (split == "val" and stage in ("fit", None) and self._path("val") is None):
+                continue
+            if self._path(split) is None:
+                raise ValueError(f"{split}_path is not set but stage '{stage}' needs the {split} split; "
+                                 f"set data.{split}_path to a dataset file")
+            self.datasets[split] = FaceVolumeDataset(
+                self._path(split), grid=self.grid, augment=self.augment if split == "train" else None,
+                seed=self.hparams.seed, heatmap_sigma=self.hparams.heatmap_sigma,
+                target_volume=self.hparams.target_volume,
+                load_vertices=split != "train" and self.hparams.eval_vertices, on_device=self.augment.on_device,
+                finish=False)
+
+    @property
+    def topology(self) -> dict[str, np.ndarray]:
+        """Shared mesh topology of the evaluation file (test, else val, else train): ``triangles`` (T, 3),
+        ``face_region`` (F,), ``landmark_vertices`` (68,), int64."""
+        for split in ("test", "val", "train"):
+            if split in self.datasets or self._path(split) is not None:
+                if split in self.datasets:
+                    file = self.datasets[split].file
+                else:
+                    file = open_dataset(self._path(split), self.grid)
+                return {"triangles": file.triangles, "face_region": file.face_region,
+                        "landmark_vertices": file.landmark_vertices}
+        raise ValueError("no dataset path is set: set data.test_path (or val_path/train_path) to read the topology")
+
+    def _dataset(self, split: str) -> FaceVolumeDataset:
+        if split not in self.datasets:
+            raise RuntimeError(f"the {split} split is not set up: call setup() with a stage that uses it first")
+        return self.datasets[split]
+
+    def _loader(self, split: str, sampler=None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self._dataset(split), batch_size=self.batch_size_per_device, sampler=sampler,
+                          num_workers=workers, drop_last=split == "train",
+                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.hparams.persistent_workers and workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Seeded shuffle; each index carries the epoch for the augmentation seeds (Lightning sets it)."""
+        sampler = EpochShuffleSampler(len(self._dataset("train")), seed=self.hparams.seed)
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """In order; an empty list (no validation) when no ``val_path`` is set."""
+        return self._loader("val") if "val" in self.datasets or self._path("val") is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Finish batches on the device: unpack and augment (device path), float volume and heatmaps (both paths).
+
+        The Trainer calls this; code that iterates the loaders itself must call it on each batch.
+        """
+        if isinstance(batch, Mapping) and "volume_packed" in batch:
+            batch = decode_batch(batch, self.grid)
+        if isinstance(batch, Mapping) and "volume" in batch:
+            batch = finish_batch(batch, self.grid, self.hparams.heatmap_sigma)
+        return batch

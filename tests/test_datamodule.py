@@ -1,0 +1,243 @@
+"""FaceVolumeDataset / FaceVolumeDataModule: the batch contract, both paths, seeds and epochs, workers,
+the global batch split over processes, and clear errors."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules.datamodule import FaceVolumeDataModule
+from datamodules.dataset import FaceVolumeDataset
+from lightning_vrn.dataset_file import DatasetError
+from lightning_vrn.geometry.grid import VoxelGrid
+from tests.toy_face import write_toy_dataset
+
+GRID = VoxelGrid.centred(50, 48, 48)
+AUGMENT = {"enabled": True, "on_device": False}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Train (8 samples, with frontal volumes) and val/test (4 samples) files on the 50x48x48 grid."""
+    root = tmp_path_factory.mktemp("data")
+    train = write_toy_dataset(root / "train.h5", GRID, 8, seed=0, frontal=True)
+    val = write_toy_dataset(root / "val.h5", GRID, 4, seed=1)
+    return SimpleNamespace(train=root / "train.h5", val=root / "val.h5", root=root, train_samples=train,
+                           val_samples=val)
+
+
+def make_dm(files, **overrides):
+    kwargs = dict(train_path=files.train, val_path=files.val, test_path=files.val, grid=GRID.to_dict(), batch_size=4,
+                  num_workers=0, augment=AUGMENT, heatmap_sigma=1.0, seed=0, pin_memory=False)
+    return FaceVolumeDataModule(**{**kwargs, **overrides})
+
+
+def first_batches(dm, count=2, epoch=0, stage="fit"):
+    """The first ``count`` training batches of ``epoch``, finished as the trainer would (on_after_batch_transfer)."""
+    dm.setup(stage)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    batches = []
+    for batch in loader:
+        batches.append(dm.on_after_batch_transfer(batch, 0))
+        if len(batches) == count:
+            break
+    return batches
+
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("image", "heatmaps", "pose"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_batches_follow_the_contract(files):
+    dm = make_dm(files)
+    batch = first_batches(dm, 1)[0]
+    assert set(batch) == {"image", "volume", "landmarks_2d", "landmarks_3d", "pose", "heatmaps", "index"}
+    expected = {"image": (4, 3, 48, 48), "volume": (4, 50, 48, 48), "landmarks_2d": (4, 68, 2),
+                "landmarks_3d": (4, 68, 3), "pose": (4, 3), "heatmaps": (4, 68, 48, 48), "index": (4,)}
+    for key, shape in expected.items():
+        assert tuple(batch[key].shape) == shape, key
+        assert batch[key].dtype == (torch.int64 if key == "index" else torch.float32), key
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert set(batch["volume"].unique().tolist()) == {0.0, 1.0}
+    # Heatmaps peak at the augmented landmarks that lie inside the crop.
+    flat = batch["heatmaps"].flatten(2).argmax(-1)
+    peaks = torch.stack([flat % 48, flat // 48], -1).float()
+    inside = ((batch["landmarks_2d"] >= 0) & (batch["landmarks_2d"] <= 47)).all(-1)
+    assert (peaks - batch["landmarks_2d"])[inside].abs().max() <= 0.5
+
+    # Workers hand over uint8 volumes and no heatmaps; on_after_batch_transfer finishes them.
+    unfinished = next(iter(dm.train_dataloader()))
+    assert unfinished["volume"].dtype == torch.uint8 and "heatmaps" not in unfinished
+
+    # Validation: not augmented, with vertices; equals the file's content.
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert set(val) == set(expected) | {"vertices"}
+    assert val["vertices"].shape == (4, len(files.val_samples[0]["vertices"]), 3)
+    for i, sample in enumerate(files.val_samples):
+        assert torch.equal(val["image"][i], torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255)
+        assert torch.equal(val["volume"][i].bool(), torch.from_numpy(sample["volume"]))
+        assert torch.equal(val["landmarks_2d"][i], torch.from_numpy(sample["landmarks_2d"]))
+        assert torch.equal(val["vertices"][i], torch.from_numpy(sample["vertices"]))
+
+
+@pytest.mark.parametrize("heatmap_sigma", [None, 2.0])
+def test_cpu_and_device_paths_give_identical_batches(files, heatmap_sigma):
+    cpu = first_batches(make_dm(files, heatmap_sigma=heatmap_sigma), 2, epoch=1)
+    device_dm = make_dm(files, heatmap_sigma=heatmap_sigma, augment={**AUGMENT, "on_device": True})
+    device_dm.setup("fit")
+    raw = next(iter(device_dm.train_dataloader()))
+    assert raw["volume_packed"].dtype == torch.uint8 and raw["volume_packed"].shape == (4, 50, 48, 6)
+    assert raw["image_uint8"].dtype == torch.uint8
+    device = first_batches(device_dm, 2, epoch=1)
+    for a, b in zip(cpu, device):
+        assert_same_batch(a, b)
+    # Validation batches are unpacked on the device too and match the CPU path.
+    cpu_dm = make_dm(files, heatmap_sigma=heatmap_sigma)
+    cpu_dm.setup("validate")
+    val_cpu = cpu_dm.on_after_batch_transfer(next(iter(cpu_dm.val_dataloader())), 0)
+    val_raw = next(iter(device_dm.val_dataloader()))
+    assert_same_batch(val_cpu, device_dm.on_after_batch_transfer(val_raw, 0))
+
+
+def test_frontal_targets(files):
+    dm = make_dm(files, target_volume="frontal", augment=None, val_path=files.train)
+    batch = first_batches(dm, 1)[0]
+    for i, index in enumerate(batch["index"].tolist()):
+        assert torch.equal(batch["volume"][i].bool(), torch.from_numpy(files.train_samples[index]["volume_frontal"]))
+    with pytest.raises(DatasetError, match="volumes_frontal"):
+        make_dm(files, train_path=files.val, target_volume="frontal").setup("fit")
+
+
+def test_global_batch_is_split_over_processes(files):
+    dm = make_dm(files, batch_size=4)
+    dm.trainer = SimpleNamespace(world_size=2, current_epoch=0)
+    dm.setup("fit")
+    assert dm.batch_size_per_device == 2
+    assert next(iter(dm.train_dataloader()))["image"].shape[0] == 2
+    dm = make_dm(files, batch_size=3)
+    dm.trainer = SimpleNamespace(world_size=2, current_epoch=0)
+    with pytest.raises(ValueError, match="batch_size 3 .* world size 2"):
+        dm.setup("fit")
+
+
+def test_seeded_and_epoch_dependent(files):
+    a = first_batches(make_dm(files), 1)[0]
+    b = first_batches(make_dm(files), 1)[0]
+    assert_same_batch(a, b)
+    other_seed = first_batches(make_dm(files, seed=1), 1)[0]
+    assert not torch.equal(a["index"], other_seed["index"])
+    next_epoch = first_batches(make_dm(files), 1, epoch=1)[0]
+    assert not torch.equal(a["index"], next_epoch["index"])
+
+    dataset = FaceVolumeDataset(files.train, GRID, augment=AUGMENT, seed=0)
+    assert not torch.equal(dataset[(0, 3)]["landmarks_2d"], dataset[(1, 3)]["landmarks_2d"])  # new epoch, new draw
+    dataset.set_epoch(1)
+    assert torch.equal(dataset[3]["landmarks_2d"], dataset[(1, 3)]["landmarks_2d"])
+    assert torch.equal(dataset[3]["index"], torch.tensor(3))
+
+
+def test_workers_open_the_file_themselves_and_match(files):
+    """Persistent workers: HDF5 opened per worker (not in the parent), epochs still reach the augmentation."""
+    reference = [first_batches(make_dm(files), 2, epoch=e) for e in (0, 1)]
+    dm = make_dm(files, num_workers=2, persistent_workers=True)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)[:2]
+        for a, b in zip(batches, reference[epoch]):
+            assert_same_batch(dm.on_after_batch_transfer(a, 0), b)
+    assert dm.datasets["train"].file._handle is None  # only the workers opened it
+    del loader
+
+
+def test_missing_files_and_grid_mismatch(files):
+    with pytest.raises(FileNotFoundError, match="nowhere.h5"):
+        make_dm(files, train_path=files.root / "nowhere.h5").setup("fit")
+    with pytest.raises(DatasetError, match="50x48x48.*100x96x96"):
+        make_dm(files, grid=VoxelGrid.centred(100, 96, 96)).setup("fit")
+    with pytest.raises(ValueError, match="test_path is not set"):
+        make_dm(files, test_path=None).setup("test")
+    with pytest.raises(ValueError, match="target_volume"):
+        make_dm(files, target_volume="sideways").setup("fit")
+
+
+def test_topology_and_hyperparameters(files):
+    dm = make_dm(files, grid=GRID)
+    topology = dm.topology
+    sample = files.val_samples[0]
+    assert np.array_equal(topology["triangles"], sample["triangles"])
+    assert np.array_equal(topology["landmark_vertices"], sample["landmark_vertices"])
+    assert np.array_equal(topology["face_region"], np.arange(len(sample["vertices"])))
+    assert dm.hparams.grid == GRID.to_dict() and dm.hparams.augment["on_device"] is False
+    without_val = make_dm(files, val_path=None)
+    without_val.setup("fit")
+    assert without_val.val_dataloader() == []
+
+
+class _Recorder(pl.LightningModule):
+    """Records what the trainer hands to training/validation steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(("train", self.current_epoch, {k: v.clone() for k, v in batch.items()}))
+        return (self.weight - batch["volume"].mean()) ** 2
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(("val", self.current_epoch, {k: v.clone() for k, v in batch.items()}))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_trainer_runs_the_device_path_with_epochs(files):
+    dm = make_dm(files, augment={**AUGMENT, "on_device": True})
+    model = _Recorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=1, limit_val_batches=1,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    trained = [(epoch, batch) for stage, epoch, batch in model.seen if stage == "train"]
+    assert [epoch for epoch, _ in trained] == [0, 1]
+    reference = FaceVolumeDataset(files.train, GRID, augment=AUGMENT, heatmap_sigma=1.0)
+    for epoch, batch in trained:
+        assert batch["volume"].dtype == torch.float32 and "volume_packed" not in batch
+        for i, index in enumerate(batch["index"].tolist()):
+            expected = reference[(epoch, index)]
+            assert torch.equal(batch["volume"][i], expected["volume"])
+            assert torch.equal(batch["landmarks_2d"][i], expected["landmarks_2d"])
+    validated = [batch for stage, _, batch in model.seen if stage == "val"]
+    assert validated and "vertices" in validated[0] and validated[0]["image"].dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_path_on_cuda_matches_cpu_path(files):
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    cpu = first_batches(make_dm(files), 2, epoch=1)
+    dm = make_dm(files, augment={**AUGMENT, "on_device": True})
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    for raw, expected in zip(loader, cpu):
+        batch = dm.on_after_batch_transfer(move_data_to_device(raw, torch.device("cuda")), 0)
+        assert batch["volume"].is_cuda
+        batch = {key: value.cpu() for key, value in batch.items()}
+        # float64 trigonometry may differ in the last bit between devices: allow rare rounding ties.
+        assert (batch["volume"] != expected["volume"]).float().mean() < 1e-4
+        for key in ("image", "heatmaps", "landmarks_2d", "landmarks_3d", "pose"):
+            torch.testing.assert_close(batch[key], expected[key], atol=1e-4, rtol=0, msg=key)
+        assert torch.equal(batch["index"], expected["index"])
