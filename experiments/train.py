@@ -2,7 +2,8 @@
 
 Every run directory gets the resolved config (``config.yaml``), the command line (``command.txt``),
 checkpoints (``checkpoints/best.ckpt`` by validation loss and ``checkpoints/last.ckpt``), metrics per
-step and epoch (``metrics.csv``), the final metrics (``metrics.json``) and per-sample NME tables.
+step and epoch (``csv/version_N/metrics.csv``, one per attempt), the final metrics (``metrics.json``)
+and per-sample NME tables (``nme/``).
 Re-running the same command resumes from ``last.ckpt`` (set ``resume=false`` to start over).
 """
 
@@ -45,7 +46,8 @@ def build_datamodule(cfg: DictConfig) -> FaceVolumeDataModule:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``."""
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    # One CSV per attempt (csv/version_N/metrics.csv), so a resumed run never overwrites the last one.
+    loggers = [CSVLogger(save_dir=str(run_dir), name="csv")]
     if cfg.logger.wandb:
         from pytorch_lightning.loggers import WandbLogger
 

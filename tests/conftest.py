@@ -14,3 +14,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA} (only present beside the repo in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A small synthetic dataset at the quickstart grid: train 8, val 4, test 4 samples."""
+    from data_prep.synthetic import generate_split
+    from lightning_vrn.geometry import VoxelGrid
+
+    out = tmp_path_factory.mktemp("synthetic-96")
+    grid = VoxelGrid.parse("100,96,96")
+    for split, count in (("train", 8), ("val", 4), ("test", 4)):
+        generate_split(out / f"{split}.h5", "builtin", grid, count, seed=0, split=split, progress=False)
+    return out
