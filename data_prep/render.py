@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.landmarks import GROUPS
 
@@ -351,17 +352,6 @@ def _occluder_mask(occluder: OccluderSettings, face_box: np.ndarray, size: int) 
 
 
 # ----------------------------------------------------------------------------- shading
-
-
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """``(V, 3)`` unit area-weighted vertex normals, ``(v1 - v0) x (v2 - v0)`` orientation (zero if isolated)."""
-    corners = vertices[triangles]                                            # (T, 3, 3)
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length = 2 * area
-    flat_ids = triangles.ravel()
-    per_corner = np.repeat(face_normals, 3, axis=0)                          # (3T, 3)
-    sums = np.stack([np.bincount(flat_ids, weights=per_corner[:, c], minlength=len(vertices)) for c in range(3)], 1)
-    length = np.linalg.norm(sums, axis=1, keepdims=True)
-    return np.divide(sums, length, out=np.zeros_like(sums), where=length > 0)
 
 
 def _check_inputs(vertices_crop, triangles, albedo, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

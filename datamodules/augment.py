@@ -206,7 +206,11 @@ def frontal_params(params: Mapping[str, torch.Tensor], pivot_xy: torch.Tensor,
 
 
 def _euler_to_matrix(pose: torch.Tensor) -> torch.Tensor:
-    """``(B, 3)`` (pitch, yaw, roll) -> ``(B, 3, 3)`` ``Rx Ry Rz`` (as lightning_vrn.geometry.pose.euler_to_matrix)."""
+    """``(B, 3)`` (pitch, yaw, roll) radians -> ``(B, 3, 3)`` rotations ``Rx Ry Rz``, on the poses' device.
+
+    Batched torch twin of :func:`lightning_vrn.geometry.pose.euler_to_matrix`, where the convention is
+    defined; tests/test_augment.py checks the two agree.
+    """
     cx, cy, cz = torch.cos(pose).unbind(-1)
     sx, sy, sz = torch.sin(pose).unbind(-1)
     zero, one = torch.zeros_like(cx), torch.ones_like(cx)
@@ -217,7 +221,11 @@ def _euler_to_matrix(pose: torch.Tensor) -> torch.Tensor:
 
 
 def _matrix_to_euler(rotation: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_euler_to_matrix` (as lightning_vrn.geometry.pose.matrix_to_euler)."""
+    """``(B, 3, 3)`` rotations -> ``(B, 3)`` (pitch, yaw, roll) radians, yaw in [-pi/2, pi/2].
+
+    Inverse of :func:`_euler_to_matrix`; batched torch twin of
+    :func:`lightning_vrn.geometry.pose.matrix_to_euler`, where the convention is defined.
+    """
     yaw = torch.asin(torch.clamp(-rotation[:, 0, 2], -1.0, 1.0))
     roll = torch.atan2(rotation[:, 0, 1], rotation[:, 0, 0])
     pitch = torch.atan2(rotation[:, 1, 2], rotation[:, 2, 2])

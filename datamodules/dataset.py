@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from datamodules.augment import AugmentConfig, augment_batch, sample_params
 from datamodules.heatmaps import gaussian_heatmaps
-from lightning_vrn.dataset_file import DatasetError, open_dataset
+from lightning_vrn.dataset_file import DatasetError, open_dataset, unpack_volume
 from lightning_vrn.geometry.grid import VoxelGrid
 
 TARGET_VOLUMES = ("aligned", "frontal")
@@ -48,13 +48,13 @@ def mix_seed(*values: int) -> int:
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., W/8)`` bits packed along x (``np.packbits``) -> uint8 ``(..., W)`` of 0/1, on its device.
 
-    On the CPU numpy's ``unpackbits`` (about 15x faster than the bit operations); elsewhere
-    :func:`unpack_bits_torch`.
+    On the CPU :func:`lightning_vrn.dataset_file.unpack_volume` (numpy, about 15x faster than the bit
+    operations); elsewhere :func:`unpack_bits_torch`.
     """
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed volumes must be uint8, got {packed.dtype}")
     if packed.device.type == "cpu":
-        return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1))
+        return torch.from_numpy(unpack_volume(packed.numpy(), 8 * packed.shape[-1]).view(np.uint8))
     return unpack_bits_torch(packed)
 
 

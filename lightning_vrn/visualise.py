@@ -7,18 +7,8 @@ from typing import Mapping
 
 import numpy as np
 
+from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
-
-
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """``(V, 3)`` unit normals: area-weighted sums of the adjacent triangles' normals."""
-    corners = vertices[triangles]
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    normals = np.stack(
-        [np.bincount(triangles.ravel(), np.repeat(face_normals[:, k], 3), minlength=len(vertices)) for k in range(3)],
-        axis=1,
-    )
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
 
 
 def shade_mesh(vertices: np.ndarray, triangles: np.ndarray, size: int, background: int = 255) -> np.ndarray:

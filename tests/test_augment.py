@@ -196,12 +196,20 @@ def test_pose_and_rotation_follow_the_mesh():
         np.testing.assert_allclose(moved - moved.mean(0), expected, atol=1e-9)
         new_pose = augment_batch({"pose": torch.tensor(pose)[None]}, stack([params]), grid)["pose"][0].numpy()
         np.testing.assert_allclose(crop_rotation(new_pose), composed, atol=1e-9)
-    # The torch Euler helpers agree with lightning_vrn.geometry.pose.
-    poses = torch.tensor([[0.3, -1.2, 2.5], [-0.7, 0.4, -3.0]], dtype=torch.float64)
-    for p, matrix in zip(poses, _euler_to_matrix(poses)):
-        np.testing.assert_allclose(matrix.numpy(), euler_to_matrix(*p.numpy()), atol=1e-12)
-        angles = _matrix_to_euler(matrix[None])[0].numpy()
-        np.testing.assert_allclose(angles, matrix_to_euler(matrix.numpy()), atol=1e-12)
+
+
+def test_torch_euler_helpers_match_pose_module():
+    """The batched torch ``_euler_to_matrix`` / ``_matrix_to_euler`` agree with lightning_vrn.geometry.pose."""
+    rng = np.random.default_rng(7)
+    random = rng.uniform([-np.pi, -np.pi / 2, -np.pi], [np.pi, np.pi / 2, np.pi], size=(200, 3))
+    poses = torch.tensor(np.vstack([[[0.3, -1.2, 2.5], [-0.7, 0.4, -3.0]], random]), dtype=torch.float64)
+    matrices = _euler_to_matrix(poses)
+    angles = _matrix_to_euler(matrices)
+    for pose, matrix, angle in zip(poses.numpy(), matrices.numpy(), angles.numpy()):
+        np.testing.assert_allclose(matrix, euler_to_matrix(*pose), atol=1e-12)
+        np.testing.assert_allclose(angle, matrix_to_euler(matrix), atol=1e-12)
+    # Inside yaw's range the angles come back (an independent check of both implementations).
+    np.testing.assert_allclose(angles[2:].numpy(), random, atol=1e-9)
 
 
 def test_image_moves_with_its_landmark():

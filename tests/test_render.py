@@ -15,8 +15,8 @@ from data_prep.render import (
     render,
     texture_image,
     vertex_albedo,
-    vertex_normals,
 )
+from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.pose import model_to_crop
 from lightning_vrn.geometry.raster import rasterise
 

@@ -32,6 +32,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
+from lightning_vrn.geometry.normals import vertex_normals
 
 ICP_DISTANCE_RATIO = 0.1
 """Default ICP correspondence cut-off as a fraction of the outer interocular distance (~5 px in a paper crop)."""
@@ -119,7 +120,7 @@ def _icp(
     registration = o3d.pipelines.registration
     source_cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(source, dtype=np.float64)))
     target = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(vertices, dtype=np.float64)))
-    target.normals = o3d.utility.Vector3dVector(_vertex_normals(vertices, triangles))
+    target.normals = o3d.utility.Vector3dVector(vertex_normals(vertices, triangles))
     result = registration.registration_icp(
         source_cloud,
         target,
@@ -132,17 +133,6 @@ def _icp(
     if result.fitness < start.fitness or result.fitness == 0:
         return np.eye(4), float(start.fitness)
     return np.asarray(result.transformation, dtype=np.float64), float(result.fitness)
-
-
-def _vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """(N, 3) unit vertex normals: area-weighted sums of the normals of the triangles around each vertex."""
-    corners = np.asarray(vertices, dtype=np.float64)[triangles]
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length = 2 * area
-    corner_ids = triangles.ravel()
-    sums = np.stack(
-        [np.bincount(corner_ids, np.repeat(face_normals[:, k], 3), minlength=len(vertices)) for k in range(3)], axis=1
-    )
-    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
 
 def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, queries: np.ndarray) -> np.ndarray:
