@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.draw import polygon2mask
 
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
@@ -19,12 +20,20 @@ POSES = {  # (pitch, yaw, roll) radians
 }
 
 
-def face_mesh(pose, crop=96, samples=90):
+MOUTH = (0.0, -45.0, 25.0, 10.0)
+"""An elliptic cut (centre x, y, radii x, y in model mm) enclosed by the face: an open mouth."""
+NOTCH = (0.0, -95.0, 15.0, 25.0)
+"""An elliptic cut reaching the face's outline at the chin: a notch, not a hole."""
+
+
+def face_mesh(pose, crop=96, samples=90, cut=None):
     """A closed-front, face-like height field posed into a ``crop``-pixel crop.
 
     Model millimetres, z towards the camera: an elliptic dome (cheeks, forehead) rising from a flat
     flange, so the rim is planar, plus a nose bump 25 mm high. ``samples`` grid points across give
-    about ``0.8 * samples**2`` vertices. Returns crop-coordinate vertices, triangles, crop rotation.
+    about ``0.8 * samples**2`` vertices. ``cut`` (an ellipse like ``MOUTH``) drops the triangles
+    with a vertex inside it, keeping the vertices (the same as without the cut). Returns
+    crop-coordinate vertices, triangles, crop rotation.
     """
     half_w, half_h = 75.0, 95.0
     x = np.linspace(-half_w, half_w, samples)
@@ -40,9 +49,14 @@ def face_mesh(pose, crop=96, samples=90):
     triangles = np.concatenate([quads[:, [0, 1, 2]], quads[:, [1, 3, 2]]])
     triangles = triangles[(r2.ravel() <= 1.0)[triangles].all(axis=1)]
     used, triangles = np.unique(triangles, return_inverse=True)
+    triangles = triangles.reshape(-1, 3)
+    if cut is not None:
+        cut_x, cut_y, radius_x, radius_y = cut
+        inside = ((points[used, 0] - cut_x) / radius_x) ** 2 + ((points[used, 1] - cut_y) / radius_y) ** 2 < 1.0
+        triangles = triangles[~inside[triangles].any(axis=1)]
     centre = (crop - 1) / 2.0
     vertices = model_to_crop(points[used], pose, 0.36 * crop / 96, [centre, centre, 0.0])
-    return vertices, triangles.reshape(-1, 3), crop_rotation(pose)
+    return vertices, triangles, crop_rotation(pose)
 
 
 def voxel_centres(grid, box):
@@ -195,3 +209,82 @@ def test_bad_input_is_rejected():
         voxelise(vertices, triangles, -rotation, SMALL_GRID)  # a reflection
     with pytest.raises(TypeError, match="VoxelGrid"):
         voxelise(vertices, triangles, rotation, (100, 96, 96))
+
+
+def frontalised(vertices, rotation):
+    """The frontal mesh the voxeliser builds: ``R^T (V - c) + c`` about the mean vertex ``c``."""
+    pivot = vertices.mean(axis=0)
+    return (vertices - pivot) @ rotation + pivot
+
+
+def seen_through_cut(view, intact, cut, grid):
+    """(H, W) bool pixels the ``intact`` triangles cover and the ``cut`` ones leave open, on ``view`` vertices."""
+    return rasterise(view, intact, grid.height, grid.width).mask & ~rasterise(view, cut, grid.height, grid.width).mask
+
+
+@pytest.mark.parametrize("yaw_degrees", [0, 30])
+def test_mouth_hole_is_closed_between_its_rim_depths(yaw_degrees):
+    pose = (0.1, np.deg2rad(yaw_degrees), 0.05)
+    vertices, intact, rotation = face_mesh(pose)
+    _, open_mouth, _ = face_mesh(pose, cut=MOUTH)
+    frontal = frontalised(vertices, rotation)
+    grid = SMALL_GRID
+    for volume, view in ((voxelise(vertices, open_mouth, rotation, grid), vertices),
+                         (voxelise_frontal(vertices, open_mouth, rotation, grid), frontal)):
+        raster = rasterise(view, open_mouth, grid.height, grid.width)
+        hole = rasterise(view, intact, grid.height, grid.width).mask & ~raster.mask  # seen through the mouth
+        assert hole.sum() >= 80
+        assert volume.any(axis=0)[hole].all()
+        # Front of the closed columns against the depths of the covered pixels within 2 px (the rim).
+        front_z = grid.d_to_z(volume.argmax(axis=0)[hole])
+        rim_z = raster.depth[ndimage.binary_dilation(hole, iterations=2) & raster.mask]
+        # Measured: at least 0.33 px inside the rim's range; allow one voxel (0.5 px) beyond it.
+        assert rim_z.min() - 0.5 <= front_z.min() and front_z.max() <= rim_z.max() + 0.5, (front_z, rim_z)
+
+
+def test_notch_in_the_outline_stays_empty():
+    pose = (0.1, np.deg2rad(30), 0.05)
+    vertices, notched, rotation = face_mesh(pose, cut=NOTCH)
+    _, intact, _ = face_mesh(pose)
+    grid = SMALL_GRID
+    frontal = frontalised(vertices, rotation)
+    volume = voxelise_frontal(vertices, notched, rotation, grid)
+    inner = ndimage.binary_erosion(seen_through_cut(frontal, intact, notched, grid))  # off its one-pixel border
+    assert inner.sum() >= 40
+    assert not volume.any(axis=0)[inner].any()
+
+    # Posed, the solid behind the notch's walls shows through it, so compare with ray casting, which
+    # sees the notch as open, in the columns around the notch.
+    volume = voxelise(vertices, notched, rotation, grid)
+    rows, cols = np.nonzero(ndimage.binary_dilation(seen_through_cut(vertices, intact, notched, grid), iterations=2))
+    box = (slice(0, grid.depth), slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    truth = ray_cast_solid(vertices, notched, rotation, grid, box)
+    notch_voxels = (ray_cast_solid(vertices, intact, rotation, grid, box) & ~truth).sum()
+    assert notch_voxels >= 300
+    assert (volume[box] != truth).sum() <= 0.25 * notch_voxels  # measured 89 of 684
+
+
+def test_open_mouth_of_the_surrey_face_model_is_closed(shared_data):
+    from data_prep.face_model import load_face_model
+
+    model = load_face_model(f"sfm:{shared_data / 'sfm'}")
+    # The mean face's lips meet (no hole pixels): open the mouth with the "surprise" blendshape.
+    surprise = model.shape(expression=np.array(model.expression_names) == "surprise")
+    grid = SMALL_GRID
+    pose = (0.1, np.deg2rad(30), 0.05)
+    vertices = model_to_crop(surprise, pose, 0.6, (47.5, 40.0, 0.0))  # the face is ~90 px wide
+    rotation = crop_rotation(pose)
+    inner_lips = model.landmark_vertices[60:68]
+    frontal = frontalised(vertices, rotation)
+    for volume, view in ((voxelise(vertices, model.triangles, rotation, grid), vertices),
+                         (voxelise_frontal(vertices, model.triangles, rotation, grid), frontal)):
+        raster = rasterise(view, model.triangles, grid.height, grid.width)
+        mouth = polygon2mask(raster.mask.shape, view[inner_lips][:, 1::-1])  # (row, col) = (y, x)
+        hole = mouth & ~raster.mask
+        assert hole.sum() >= 40
+        assert volume.any(axis=0)[hole].all()
+        # The hole's rim runs along the inner lips: the closing surface lies within their depths
+        # (measured: at most 0.2 px in front of the nearest lip landmark, never behind the farthest).
+        front_z = grid.d_to_z(volume.argmax(axis=0)[hole])
+        lips_z = view[inner_lips, 2]
+        assert lips_z.min() - 0.5 <= front_z.min() and front_z.max() <= lips_z.max() + 0.5, (front_z, lips_z)

@@ -10,18 +10,25 @@ rotation taking the frontal face to the posed one and the pivot ``c`` the mean v
 - frontal mesh ``V_f = R^T (V - c) + c``; ``z_front(x, y)`` is its z-buffer (front-most surface);
 - frontal solid ``S = {q : z_front(q.x, q.y) <= q.z <= z_back}`` with ``z_back = max z of V_f``.
   The "fixed distance" is thus measured to the back of the mesh itself: it scales with the mesh
-  (an augmented, scaled mesh gives the scaled solid) and needs no constant in pixels. An open
-  mouth is closed because the mouth's inner surface is part of the continuous front surface;
+  (an augmented, scaled mesh gives the scaled solid) and needs no constant in pixels;
+- holes: a mesh may be open inside its frontal outline (the Surrey model's mouth, whose edge runs
+  along the inner lips; a scan's nostrils or eyes). The z-buffer sees nothing there, so uncovered
+  samples enclosed by covered ones (``binary_fill_holes``, 4-connected) get the membrane fill of
+  the hole's rim: each is the mean of its four neighbours (one sparse solve), so the closing surface
+  spans the rim and lies within the rim's depth range. Uncovered samples connected to the outside
+  of the outline (a notch) stay empty, as do holes cut open by the edge of the sampled region (the
+  grid's edge when the mesh is clipped). A mesh with no hole pays only the hole test;
 - aligned volume: voxel centre ``p`` is occupied iff ``q = R^T (p - c) + c`` lies in ``S``. This is
   exact under self-occlusion: a yawed nose in front of a cheek leaves air between them, so a
   column of the aligned volume can hold several occupied runs;
 - frontal volume (the no-alignment ablation): ``p`` is occupied iff ``p`` lies in ``S``.
 
 ``z_front`` is sampled once per pixel of the frontal view; each sample keeps the plane of its
-front-most triangle and a query point uses the plane of its nearest sample. That is exact where
-both lie on one triangle and first-order accurate elsewhere (more accurate, and faster, than plain
-depths sampled twice per pixel); the outline of ``S`` is the outline of the covered samples, within
-about half a pixel of the mesh's. For the identity rotation every voxel column falls on a sample.
+front-most triangle (a hole sample: the plane of the fill's central differences) and a query point
+uses the plane of its nearest sample. That is exact where both lie on one triangle and first-order
+accurate elsewhere (more accurate, and faster, than plain depths sampled twice per pixel); the
+outline of ``S`` is the outline of the covered (or filled) samples, within about half a pixel of
+the mesh's. For the identity rotation every voxel column falls on a sample.
 
 Speed: triangles that cannot cover a sample are dropped before rasterising; only voxels inside the
 bounding box of the rotated solid are evaluated, one depth slice at a time. ``q`` is affine in the
@@ -32,6 +39,8 @@ offset) plus a flat offset into the table.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import spsolve
 
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.raster import rasterise
@@ -210,19 +219,53 @@ def _front_planes(frontal, triangles, q_lo, q_hi):
     candidates = triangles[_cover_a_sample(local, triangles)]
     raster = rasterise(local, candidates, hi[1] - lo[1], hi[0] - lo[0])
     window = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    depth[window] = raster.depth
+    surface, covered = raster.depth, raster.mask
+    window_slope = slope[window]  # a view: writing it writes ``slope``
 
     # Plane of each covered sample's triangle: solve [e1; e2] (gx, gy) = (dz1, dz2) by Cramer's rule.
-    covered = raster.mask
     corners = local[candidates[raster.triangle[covered]]]  # (P, 3, 3)
     e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
     det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
     gradient = np.stack([e1[:, 2] * e2[:, 1] - e2[:, 2] * e1[:, 1], e1[:, 0] * e2[:, 2] - e2[:, 0] * e1[:, 2]], -1)
-    gradient /= det[:, None]
-    steepness = np.hypot(gradient[:, 0], gradient[:, 1])
-    gradient *= np.minimum(1.0, MAX_SLOPE / np.maximum(steepness, 1e-12))[:, None]
-    slope[window][covered] = gradient
+    window_slope[covered] = _limited(gradient / det[:, None])
+
+    holes = ndimage.binary_fill_holes(covered) & ~covered
+    if holes.any():
+        rows, cols = np.nonzero(holes)  # never on the window's border, so all 4 neighbours exist
+        surface[rows, cols] = _membrane(surface, rows, cols)
+        gradient = np.column_stack([surface[rows, cols + 1] - surface[rows, cols - 1],
+                                    surface[rows + 1, cols] - surface[rows - 1, cols]]) / 2.0
+        window_slope[rows, cols] = _limited(gradient)
+    depth[window] = surface
     return depth, slope, origin
+
+
+def _limited(gradient: np.ndarray) -> np.ndarray:
+    """``(P, 2)`` plane slopes ``(dz/dx, dz/dy)`` scaled down where steeper than ``MAX_SLOPE``."""
+    steepness = np.hypot(gradient[:, 0], gradient[:, 1])
+    return gradient * np.minimum(1.0, MAX_SLOPE / np.maximum(steepness, 1e-12))[:, None]
+
+
+def _membrane(surface: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Membrane (discrete harmonic) fill of the hole samples ``(rows, cols)`` of a (H, W) depth map.
+
+    Each hole sample's depth is the mean of its four neighbours'; neighbours outside the hole are
+    its rim and must be finite. Solves that sparse (N, N) system; returns (N,) depths, which lie
+    within the rim's depth range.
+    """
+    count = len(rows)
+    index = np.full(surface.shape, -1, dtype=np.int64)
+    index[rows, cols] = np.arange(count)
+    rim_sum = np.zeros(count)
+    pairs = []  # (hole sample, hole neighbour) index pairs
+    for d_row, d_col in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        neighbour = index[rows + d_row, cols + d_col]
+        in_hole = neighbour >= 0
+        rim_sum[~in_hole] += surface[rows[~in_hole] + d_row, cols[~in_hole] + d_col]
+        pairs.append(np.column_stack([np.flatnonzero(in_hole), neighbour[in_hole]]))
+    i, j = np.concatenate(pairs).T
+    adjacency = sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(count, count))
+    return spsolve(4.0 * sparse.identity(count, format="csr") - adjacency, rim_sum)
 
 
 def _cover_a_sample(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
