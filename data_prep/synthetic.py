@@ -8,14 +8,16 @@ and a killed run rerun with the same arguments continues where it stopped (``--r
 
 One sample, as the authors built theirs from 300W-LP:
 
-- identity and expression from the face model; pose uniform in pitch +-30, yaw +-90 (the full
-  300W-LP range), roll +-25 degrees;
+- identity and expression from the face model; pose yaw uniform over +-90 degrees (the full
+  300W-LP range), pitch and roll normal with standard deviations of 10 and 8 degrees, truncated at
+  +-30 and +-25 (300W-LP's profiled faces are mostly near-upright);
 - crop: scale and translate so the 68 projected landmarks' bounding box has
   ``sqrt(w * h) = 90/192 * crop`` pixels (times U(0.9, 1.1)) and is centred in the crop (plus up
-  to +-3/192 of the crop of translation); depth: the z-extent of the solid (the voxelised mesh)
-  is centred on the grid's depth centre (z = 0 for centred grids). At large yaw the solid can be
-  deeper than the grid (the paper grid spans 100 px for a ~90 px face box); then its front stays
-  inside and its hidden back is clipped from the volume (the stored vertices are never clipped);
+  to +-3/192 of the crop of translation); depth: the z-extent of the mesh is centred on the
+  grid's depth centre. A mesh deeper than the grid (the paper grid spans 100 px, a face at
+  large yaw and pitch can span more) keeps its front, the visible face, on the second depth slice
+  and its hidden back leaves the grid; the filled solid behind a yawed face is often clipped,
+  which costs nothing the metric scores;
 - target: :func:`voxelise` of the posed mesh (optionally the frontal volume too); image:
   :func:`render` with random lighting, albedo, background (and occluders with ``--occluders P``);
 - landmarks: the landmark vertices in crop coordinates; 2D = their x, y (orthographic projection).
@@ -43,7 +45,9 @@ from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 
 CREATED_BY = f"lightning_vrn.data_prep.synthetic {__version__}"
 POSE_LIMITS_DEG = (30.0, 90.0, 25.0)
-"""Half-ranges of the uniform pitch, yaw, roll distributions (degrees)."""
+"""Largest |pitch|, |yaw|, |roll| (degrees)."""
+PITCH_ROLL_STD_DEG = (10.0, 8.0)
+"""Standard deviations of the truncated normal pitch and roll distributions (degrees)."""
 LANDMARK_BOX_FRACTION = 90.0 / 192.0
 """sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
 SCALE_JITTER = (0.9, 1.1)
@@ -62,22 +66,19 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def sample_pose(rng: np.random.Generator) -> np.ndarray:
-    """``(3,)`` pitch, yaw, roll in radians, uniform within :data:`POSE_LIMITS_DEG`."""
-    limits = np.radians(POSE_LIMITS_DEG)
-    return rng.uniform(-limits, limits)
+    """``(3,)`` pitch, yaw, roll in radians: yaw uniform, pitch and roll truncated normals (:data:`PITCH_ROLL_STD_DEG`)."""
+    pitch_limit, yaw_limit, roll_limit = POSE_LIMITS_DEG
+    yaw = rng.uniform(-yaw_limit, yaw_limit)
+    pitch, roll = (_truncated_normal(rng, std, limit) for std, limit in zip(PITCH_ROLL_STD_DEG, (pitch_limit, roll_limit)))
+    return np.radians([pitch, yaw, roll])
 
 
-def solid_depth_range(vertices: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """``(2,)`` nearest and farthest crop z of the solid :func:`voxelise` makes of a posed mesh.
-
-    ``vertices`` (V, 3) posed mesh in crop coordinates, ``rotation`` (3, 3) its :func:`crop_rotation`.
-    The solid runs from the front surface back along the frontal view axis ``rotation[:, 2]`` to
-    the plane of the farthest frontal vertex, so its extreme points are the vertices and their
-    projections onto that back plane.
-    """
-    frontal_depth = vertices @ rotation[:, 2]
-    back = vertices + (frontal_depth.max() - frontal_depth)[:, None] * rotation[:, 2]
-    return np.array([min(vertices[:, 2].min(), back[:, 2].min()), max(vertices[:, 2].max(), back[:, 2].max())])
+def _truncated_normal(rng: np.random.Generator, std: float, limit: float) -> float:
+    """A normal draw with standard deviation ``std`` redrawn until ``|x| <= limit``."""
+    while True:
+        value = rng.normal(0.0, std)
+        if abs(value) <= limit:
+            return value
 
 
 def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.ndarray, grid: VoxelGrid,
@@ -86,9 +87,9 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
 
     The 68 landmarks' 2D bounding box gets ``sqrt(w * h) = LANDMARK_BOX_FRACTION * crop`` times
     a jitter in :data:`SCALE_JITTER` and its centre lands on the crop centre plus a jitter of up
-    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the z-extent of the voxelised solid
-    (:func:`solid_depth_range`) is centred on the grid's depth centre, or, when it is deeper
-    than the grid, its nearest point is put on the centre of the grid's second depth slice.
+    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's z-extent is centred on the
+    grid's depth centre or, when it is deeper than the grid, its nearest point is put on the
+    centre of the grid's second depth slice.
     """
     size = grid.crop_size
     posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
@@ -98,9 +99,9 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
     scale = LANDMARK_BOX_FRACTION * size * rng.uniform(*SCALE_JITTER) / box_size
     shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
     centre_xy = (size - 1) / 2.0 + shift
-    z_near, z_far = scale * solid_depth_range(posed, crop_rotation(pose))
-    # Centre the solid's z-extent in the grid; a solid deeper than the grid keeps its front (the
-    # visible face) on the second slice (a voxel of margin) and loses its hidden back instead.
+    z_near, z_far = scale * posed[:, 2].min(), scale * posed[:, 2].max()
+    # A mesh deeper than the grid keeps its front (the visible face) on the second slice (a voxel
+    # of margin) and loses its hidden back instead.
     z_shift = max(grid.z_centre - 0.5 * (z_near + z_far), grid.d_to_z(1.0) - z_near)
     translation = np.append(centre_xy - scale * 0.5 * (box_lo + box_hi), z_shift)
     return float(scale), translation
@@ -139,9 +140,11 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     return sample
 
 
-def touches_border(volume: np.ndarray) -> bool:
-    """True if a ``(D, H, W)`` occupancy volume is occupied on any face of the grid (the solid was clipped)."""
-    return bool(volume[[0, -1]].any() or volume[:, [0, -1]].any() or volume[:, :, [0, -1]].any())
+def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
+    """True if any of the ``(V, 3)`` crop-coordinate vertices lies outside the grid's volume."""
+    (z_lo, z_hi), last = grid.z_range, grid.crop_size - 1
+    return bool((vertices[:, :2].min() < 0) or (vertices[:, :2].max() > last)
+                or vertices[:, 2].min() < z_lo or vertices[:, 2].max() > z_hi)
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def _make_packed(indices: np.ndarray) -> list[tuple[int, dict[str, np.ndarray], 
     for index in indices:
         sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], int(index)),
                              state["with_frontal"], state["occluder_prob"])
-        clipped = touches_border(sample["volume"])
+        clipped = leaves_grid(sample["vertices"], state["grid"])
         for key in ("volume", "volume_frontal"):
             if key in sample:
                 sample[key] = pack_volume(sample[key])  # 8x less to send to the writing process
@@ -234,8 +237,8 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
                     pool.join()
         writer.finish()
     if clipped:
-        warnings.warn(f"{out_path}: {clipped} of {len(pending)} generated solids touch the border of grid "
-                      f"{grid.describe()} (clipped)", stacklevel=2)
+        warnings.warn(f"{out_path}: {clipped} of {len(pending)} faces reach outside grid {grid.describe()} "
+                      f"(deep faces at large yaw and pitch; their hidden back is not in the volume)", stacklevel=2)
     return out_path
 
 
