@@ -58,8 +58,15 @@ def save_comparison(path: Path, image: np.ndarray, panels: Mapping[str, np.ndarr
     _save_figure(fig, Path(path))
 
 
-def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float = 0.1) -> None:
-    """Cumulative error distribution (fraction of images with NME <= x) like the paper's Figure 7."""
+def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None = None) -> None:
+    """Cumulative error distribution (fraction of images with NME <= x) like the paper's Figure 7.
+
+    ``max_nme``: right end of the x axis; default: 0.1 (the paper's) or further when a curve's 90th
+    percentile lies beyond it.
+    """
+    if max_nme is None:
+        tails = [np.percentile(v, 90) for v in errors.values() if len(v)]
+        max_nme = max([0.1] + [1.1 * t for t in tails])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +84,7 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float = 0.1)
     ax.set_xlabel("NME normalised by outer interocular distance")
     ax.set_ylabel("fraction of images")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     _save_figure(fig, Path(path))
 
