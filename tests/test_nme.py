@@ -268,3 +268,14 @@ def test_two_process_reduction_matches_one_process(tmp_path):
                 assert float(got[f"{name}_{key}"]) == pytest.approx(float(values[key]), rel=1e-9)
             for key, column in table.items():
                 np.testing.assert_allclose(got[f"{name}_table_{key}"], column, rtol=1e-6)
+
+
+def test_vertices_without_a_counterpart_do_not_drag_the_alignment(volume):
+    # A tenth of the ground truth sits 4 px behind the predicted surface (like the hidden back of a
+    # face deeper than the grid): only those vertices are wrong, the rest keep their exact match.
+    gt = ellipsoid_front_points()
+    stray = np.arange(len(gt)) % 10 == 0
+    gt[stray, 2] += 4.0
+    result = sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=6.0)
+    assert np.median(result.errors[~stray]) < 0.1
+    assert result.nme == pytest.approx(result.errors[stray].sum() / len(gt) / INTEROCULAR, rel=0.15)
