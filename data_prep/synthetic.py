@@ -13,11 +13,13 @@ One sample, as the authors built theirs from 300W-LP:
   +-30 and +-25 (300W-LP's profiled faces are mostly near-upright);
 - crop: scale and translate so the 68 projected landmarks' bounding box has
   ``sqrt(w * h) = 90/192 * crop`` pixels (times U(0.9, 1.1)) and is centred in the crop (plus up
-  to +-3/192 of the crop of translation); depth: the z-extent of the mesh is centred on the
-  grid's depth centre. A mesh deeper than the grid (the paper grid spans 100 px, a face at
-  large yaw and pitch can span more) keeps its front, the visible face, on the second depth slice
-  and its hidden back leaves the grid; the filled solid behind a yawed face is often clipped,
-  which costs nothing the metric scores;
+  to +-3/192 of the crop of translation); depth: the mesh's nearest point is put at
+  :data:`FRONT_MARGIN_FRACTION` of the grid's depth range, so the visible face always sits at the
+  same depth and the network need not guess how deep the hidden back of the head goes (a
+  convention that depends on the whole extent, like centring it, makes the absolute depth of the
+  visible face a function of what the image does not show); the augmentation scales depth about
+  the grid's front, so the face stays in front. A mesh deeper than the rest of the grid
+  (the paper grid spans 100 px; a face near profile can span more) loses its hidden back;
 - target: :func:`voxelise` of the posed mesh (optionally the frontal volume too); image:
   :func:`render` with random lighting, albedo, background (and occluders with ``--occluders P``);
 - landmarks: the landmark vertices in crop coordinates; 2D = their x, y (orthographic projection).
@@ -51,6 +53,8 @@ PITCH_ROLL_STD_DEG = (10.0, 8.0)
 LANDMARK_BOX_FRACTION = 90.0 / 192.0
 """sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
 SCALE_JITTER = (0.9, 1.1)
+FRONT_MARGIN_FRACTION = 0.03
+"""Depth of the mesh's nearest point behind the front of the grid, as a fraction of the grid's depth range."""
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
 
@@ -87,9 +91,8 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
 
     The 68 landmarks' 2D bounding box gets ``sqrt(w * h) = LANDMARK_BOX_FRACTION * crop`` times
     a jitter in :data:`SCALE_JITTER` and its centre lands on the crop centre plus a jitter of up
-    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's z-extent is centred on the
-    grid's depth centre or, when it is deeper than the grid, its nearest point is put on the
-    centre of the grid's second depth slice.
+    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes
+    :data:`FRONT_MARGIN_FRACTION` of the grid's depth range behind the grid's front.
     """
     size = grid.crop_size
     posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
@@ -99,10 +102,8 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
     scale = LANDMARK_BOX_FRACTION * size * rng.uniform(*SCALE_JITTER) / box_size
     shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
     centre_xy = (size - 1) / 2.0 + shift
-    z_near, z_far = scale * posed[:, 2].min(), scale * posed[:, 2].max()
-    # A mesh deeper than the grid keeps its front (the visible face) on the second slice (a voxel
-    # of margin) and loses its hidden back instead.
-    z_shift = max(grid.z_centre - 0.5 * (z_near + z_far), grid.d_to_z(1.0) - z_near)
+    z_front, z_back = grid.z_range
+    z_shift = z_front + FRONT_MARGIN_FRACTION * (z_back - z_front) - scale * posed[:, 2].min()
     translation = np.append(centre_xy - scale * 0.5 * (box_lo + box_hi), z_shift)
     return float(scale), translation
 

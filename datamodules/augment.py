@@ -5,13 +5,14 @@ one) and on the accelerator (a whole batch, in the DataModule's ``on_after_batch
 Per-sample parameters (see :func:`sample_params`): ``angle`` (radians), ``scale``, ``tx``, ``ty``
 (pixels), ``flip`` (bool), ``colour`` (3 RGB factors).
 
-Geometry, in crop coordinates (pixels; ``c = ((W-1)/2, (H-1)/2)`` the crop centre, ``z_c`` the
-grid's depth centre):
+Geometry, in crop coordinates (pixels; ``c = ((W-1)/2, (H-1)/2)`` the crop centre, ``z_f`` the
+crop z of the grid's front slice):
 
 1. flip (when drawn): ``x -> W - 1 - x``;
 2. ``(x, y) -> s * Rot(angle) ((x, y) - c) + c + (tx, ty)`` with ``Rot(a) = [[cos a, -sin a], [sin a, cos a]]``
    (y points down, so a positive angle turns the picture clockwise on screen);
-3. ``z -> s * (z - z_c) + z_c``, so the augmented volume stays the voxelisation of the augmented mesh.
+3. ``z -> s * (z - z_f) + z_f``, so the augmented volume stays the voxelisation of the augmented mesh;
+   scaling about the front keeps the visible face inside the grid (only a hidden back can leave it).
 
 Volumes are resampled nearest-neighbour by inverse mapping (each output voxel reads the source
 voxel nearest to its inverse-transformed centre; outside the source -> empty), images bilinearly
@@ -132,7 +133,8 @@ def transform_points(points: torch.Tensor, params: Mapping[str, torch.Tensor], g
     v = p[..., 1] - cy
     coords = [scale * (cos * u - sin * v) + cx + tx, scale * (sin * u + cos * v) + cy + ty]
     if p.shape[-1] == 3:
-        coords.append(scale * (p[..., 2] - grid.z_centre) + grid.z_centre)
+        z_front = grid.z_range[0]
+        coords.append(scale * (p[..., 2] - z_front) + z_front)
     return torch.stack(coords, dim=-1).to(points.dtype)
 
 
@@ -165,7 +167,8 @@ def resample_volume(volume: torch.Tensor, params: Mapping[str, torch.Tensor], gr
     inside_xy = (col >= 0) & (col < w) & (row >= 0) & (row < h)                     # (B, H, W)
     z = grid.d_to_z(torch.arange(d, dtype=torch.float64, device=device))[None, :]  # (1, D)
     scale = params["scale"].to(device, torch.float64)[:, None]
-    depth = torch.floor(grid.z_to_d((z - grid.z_centre) / scale + grid.z_centre) + 0.5).long()  # (B, D)
+    z_front = grid.z_range[0]
+    depth = torch.floor(grid.z_to_d((z - z_front) / scale + z_front) + 0.5).long()  # (B, D)
     inside_d = (depth >= 0) & (depth < d)
     # Separable lookup: the source (y, x) depends only on the output (y, x), the depth only on d.
     # Out-of-range reads point at an appended empty row / column of a padded copy of the source.
