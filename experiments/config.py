@@ -15,6 +15,8 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from lightning_vrn.atomic import write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -78,6 +80,4 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config as YAML atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from experiments.baselines import MeanShapeBaseline, mean_training_volume
+from lightning_vrn.atomic import atomic_path, write_text
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = {name: summarise(nme, aligned, test.yaw_deg) for name, (nme, aligned) in results.items()}
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), grid=grid.describe())
-    _write_json(out / "metrics.json", metrics)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     _write_per_sample(out / "per_sample.csv", results, test.yaw_deg)
     save_ced(out / "ced.png", {name: nme[np.isfinite(nme)] for name, (nme, _) in results.items()})
     _write_reconstruction(out, model, test, results["model"][0], grid)
@@ -131,15 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 def _write_per_sample(path: Path, results: dict, yaw_deg: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.writer(handle)
         names = list(results)
         writer.writerow(["index", "yaw_deg"] + [f"{n}: {k}" for n in names for k in ("nme", "nme_aligned")])
@@ -148,7 +142,6 @@ def _write_per_sample(path: Path, results: dict, yaw_deg: np.ndarray) -> None:
             for name in names:
                 row += [f"{value[i]:.6f}" for value in results[name]]
             writer.writerow(row)
-    tmp.replace(path)
 
 
 def _write_reconstruction(out: Path, model, test: TestSet, nme: np.ndarray, grid) -> None:

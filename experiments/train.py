@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from datamodules import FaceVolumeDataModule
 from experiments.config import ConfigError, load_config, save_config
+from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.models import build_model
@@ -82,7 +83,7 @@ def train(cfg: DictConfig, command: str = "") -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     if command:
-        (run_dir / "command.txt").write_text(command + "\n")
+        write_text(run_dir / "command.txt", command + "\n")
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -106,9 +107,7 @@ def train(cfg: DictConfig, command: str = "") -> dict:
         metrics.update({k: float(v) for k, v in (test_results[0] if test_results else {}).items()})
         metrics["best_checkpoint"] = best
     if trainer.is_global_zero:
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        tmp.replace(run_dir / "metrics.json")
+        write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
+from lightning_vrn.atomic import atomic_path
 from lightning_vrn.landmarks import outer_interocular
 from lightning_vrn.metrics.nme import ICP_DISTANCE_RATIO, NME
 
@@ -154,12 +155,8 @@ class NMECallback(pl.Callback):
 
 def write_nme_csv(path: Path, table: Mapping[str, np.ndarray]) -> None:
     """Write a per-sample NME table (``index, yaw_deg, nme, nme_aligned`` columns) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for index, yaw_deg, nme, nme_aligned in zip(*(table[column] for column in CSV_COLUMNS)):
             writer.writerow([int(index), f"{yaw_deg:.3f}", f"{nme:.6g}", f"{nme_aligned:.6g}"])
-    os.replace(temporary, path)

@@ -7,6 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
+from lightning_vrn.atomic import atomic_path
 from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
 
@@ -92,8 +93,6 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)
-    tmp.replace(path)

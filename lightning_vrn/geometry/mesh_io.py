@@ -13,12 +13,12 @@ to name the offending line.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lightning_vrn.atomic import atomic_path
 
 MESH_SUFFIXES = (".obj", ".ply")
 
@@ -234,16 +234,9 @@ def _check_indices(triangles, n_vertices, where):
 
 
 def _atomic_write(path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    """Write ``payload`` to ``path`` through a temporary file (:func:`lightning_vrn.atomic.atomic_path`)."""
+    with atomic_path(path) as temp:
+        temp.write_bytes(payload)
 
 
 def _read_bytes(path: Path) -> bytes:

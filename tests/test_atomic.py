@@ -1,0 +1,29 @@
+"""Atomic writes leave either the old file or the complete new one, never a partial file."""
+
+import pytest
+
+from lightning_vrn.atomic import atomic_path, write_text
+
+
+def test_completed_block_renames_into_place(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    write_text(target, "{}")
+    assert target.read_text() == "{}"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+def test_failed_block_keeps_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temp:
+            temp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_temporary_keeps_the_suffix_for_writers_that_dispatch_on_it(tmp_path):
+    with atomic_path(tmp_path / "picture.png") as temp:
+        assert temp.suffix == ".png" and temp.parent == tmp_path
+        temp.write_bytes(b"x")
