@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     rows = [
         (f"NME floor (ground-truth volume vs its own mesh), {len(floors)} samples, grid {grid.describe()}",
          f"mean {floors.mean():.4f}, max {floors.max():.4f} (aligned mean {np.mean(aligned):.4f})"),
-        *[(f"NME floor, |yaw| {lo}-{hi} degrees", _bucket(floors, yaws, lo, hi)) for lo, hi in YAW_BUCKETS_DEG],
+        *[(f"NME floor, absolute yaw {lo}-{hi} degrees", _bucket(floors, yaws, lo, hi)) for lo, hi in YAW_BUCKETS_DEG],
         ("evaluation of one sample, one core (median)", f"{np.median(total_ms):.0f} ms (iso-surface {np.median(iso_ms):.0f} ms)"),
     ]
     table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
