@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,3 +37,11 @@ def face_like_mesh(side: int, crop: int = 192) -> tuple[np.ndarray, np.ndarray]:
     a, b, c, d = index[:-1, :-1], index[:-1, 1:], index[1:, :-1], index[1:, 1:]
     triangles = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
     return vertices, triangles
+
+
+def report(rows: Sequence[tuple[str, str]], out: Path | None = None) -> None:
+    """Print ``(measurement, result)`` rows as a markdown table; also write it to ``out`` when given."""
+    table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    print(table)
+    if out:
+        Path(out).write_text(table + "\n")

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from benchmarks.common import face_like_mesh, median_ms  # noqa: E402
+from benchmarks.common import face_like_mesh, median_ms, report  # noqa: E402
 from data_prep.face_model import load_face_model  # noqa: E402
 from data_prep.synthetic import generate_split  # noqa: E402
 from datamodules.augment import AugmentConfig  # noqa: E402
@@ -114,10 +114,7 @@ def main(argv=None) -> None:
         rows = voxelisation_rows()
         generation, files = generation_and_storage_rows(Path(tmp), args.samples)
         rows += generation + loader_rows(files) + device_rows(files)
-    table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    report(rows, args.out)
 
 
 if __name__ == "__main__":

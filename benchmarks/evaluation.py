@@ -24,9 +24,9 @@ from lightning_vrn.dataset_file import open_dataset, unpack_volume  # noqa: E402
 from lightning_vrn.geometry import VoxelGrid  # noqa: E402
 from lightning_vrn.geometry.isosurface import volume_to_mesh  # noqa: E402
 from lightning_vrn.landmarks import outer_interocular  # noqa: E402
+from benchmarks.common import report  # noqa: E402
+from experiments.evaluate import YAW_BUCKETS_DEG  # noqa: E402
 from lightning_vrn.metrics.nme import sample_nme  # noqa: E402
-
-YAW_BUCKETS_DEG = ((0, 30), (30, 60), (60, 90))
 
 
 def _bucket(values: np.ndarray, yaws: np.ndarray, lo: float, hi: float) -> str:
@@ -70,10 +70,7 @@ def main(argv=None) -> None:
         *[(f"NME floor, absolute yaw {lo}-{hi} degrees", _bucket(floors, yaws, lo, hi)) for lo, hi in YAW_BUCKETS_DEG],
         ("evaluation of one sample, one core (median)", f"{np.median(total_ms):.0f} ms (iso-surface {np.median(iso_ms):.0f} ms)"),
     ]
-    table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    report(rows, args.out)
 
 
 if __name__ == "__main__":
