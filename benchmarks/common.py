@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lightning_vrn.atomic import write_text
+
 
 def median_ms(function: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
     """Median wall time of ``function()`` in milliseconds over ``repeats`` runs after ``warmup`` runs."""
@@ -44,4 +46,4 @@ def report(rows: Sequence[tuple[str, str]], out: Path | None = None) -> None:
     table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     print(table)
     if out:
-        Path(out).write_text(table + "\n")
+        write_text(out, table + "\n")

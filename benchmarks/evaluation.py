@@ -25,12 +25,12 @@ from lightning_vrn.geometry import VoxelGrid  # noqa: E402
 from lightning_vrn.geometry.isosurface import volume_to_mesh  # noqa: E402
 from lightning_vrn.landmarks import outer_interocular  # noqa: E402
 from benchmarks.common import report  # noqa: E402
-from experiments.evaluate import YAW_BUCKETS_DEG  # noqa: E402
+from experiments.evaluate import YAW_BUCKETS_DEG, in_yaw_bucket  # noqa: E402
 from lightning_vrn.metrics.nme import sample_nme  # noqa: E402
 
 
 def _bucket(values: np.ndarray, yaws: np.ndarray, lo: float, hi: float) -> str:
-    inside = (yaws >= lo) & (yaws < hi if hi < 90 else yaws <= hi)
+    inside = in_yaw_bucket(yaws, lo, hi)
     if not inside.any():
         return "no samples"
     return f"mean {values[inside].mean():.4f}, median {np.median(values[inside]):.4f} ({inside.sum()} samples)"

@@ -80,19 +80,17 @@ class FaceVolumeDataModule(pl.LightningDataModule):
                 load_vertices=split != "train" and self.hparams.eval_vertices, on_device=self.augment.on_device,
                 finish=False)
 
-    @property
-    def topology(self) -> dict[str, np.ndarray]:
-        """Shared mesh topology of the evaluation file (test, else val, else train): ``triangles`` (T, 3),
-        ``face_region`` (F,), ``landmark_vertices`` (68,), int64."""
-        for split in ("test", "val", "train"):
-            if split in self.datasets or self._path(split) is not None:
-                if split in self.datasets:
-                    file = self.datasets[split].file
-                else:
-                    file = open_dataset(self._path(split), self.grid)
-                return {"triangles": file.triangles, "face_region": file.face_region,
-                        "landmark_vertices": file.landmark_vertices}
-        raise ValueError("no dataset path is set: set data.test_path (or val_path/train_path) to read the topology")
+    def topology(self, split: str = "test") -> dict[str, np.ndarray]:
+        """Shared mesh topology of ``split``'s file: ``triangles`` (T, 3), ``face_region`` (F,),
+        ``landmark_vertices`` (68,), int64. Each split may come from another mesh (e.g. a real test set)."""
+        if split in self.datasets:
+            file = self.datasets[split].file
+        elif self._path(split) is not None:
+            file = open_dataset(self._path(split), self.grid)
+        else:
+            raise ValueError(f"{split}_path is not set: set data.{split} to a dataset file to read its topology")
+        return {"triangles": file.triangles, "face_region": file.face_region,
+                "landmark_vertices": file.landmark_vertices}
 
     def _dataset(self, split: str) -> FaceVolumeDataset:
         if split not in self.datasets:

@@ -41,7 +41,11 @@ class MeanShapeBaseline:
     """Predicts the voxelised mean face placed at each test sample's ground-truth pose."""
 
     def __init__(self, test_file, grid: VoxelGrid):
-        self.model = load_face_model(str(test_file.attrs["face_model"]))
+        spec = test_file.attrs.get("face_model_spec")
+        if spec is None:
+            raise ValueError(f"{test_file.path} does not record the face model it was made from (attribute "
+                             f"face_model_spec): the mean-shape baseline needs synthetic data from data_prep.synthetic")
+        self.model = load_face_model(str(spec))
         self.grid = grid
 
     def place(self, sample: dict) -> np.ndarray:

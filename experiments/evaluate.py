@@ -29,26 +29,36 @@ from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
 from lightning_vrn.landmarks import outer_interocular
-from lightning_vrn.metrics.nme import sample_nme
+from lightning_vrn.metrics.nme import EmptyPredictionError, sample_nme
 from lightning_vrn.models import load_model
 from lightning_vrn.visualise import save_ced, save_comparison, shade_mesh, vertex_colours_from_image
 
 YAW_BUCKETS_DEG = ((0, 30), (30, 60), (60, 90))
 
 
+def in_yaw_bucket(yaw_deg: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Boolean mask of ``lo <= |yaw| < hi`` degrees (the last bucket also takes ``|yaw| >= hi``)."""
+    magnitude = np.abs(yaw_deg)
+    return (magnitude >= lo) & ((magnitude < hi) | (hi == YAW_BUCKETS_DEG[-1][1]))
+
+
 def summarise(nme: np.ndarray, nme_aligned: np.ndarray, yaw_deg: np.ndarray) -> dict:
-    """Mean and median NME, the rigidly aligned mean, and the mean per |yaw| bucket."""
+    """Mean and median NME, the rigidly aligned mean, and the mean per |yaw| bucket (None where empty)."""
     ok = np.isfinite(nme)
+
+    def mean(values, mask):
+        return float(np.mean(values[mask])) if mask.any() else None
+
     summary = {
-        "nme_mean": float(np.mean(nme[ok])) if ok.any() else float("nan"),
-        "nme_median": float(np.median(nme[ok])) if ok.any() else float("nan"),
-        "nme_aligned_mean": float(np.mean(nme_aligned[ok])) if ok.any() else float("nan"),
+        "nme_mean": mean(nme, ok),
+        "nme_median": float(np.median(nme[ok])) if ok.any() else None,
+        "nme_aligned_mean": mean(nme_aligned, ok),
         "num_samples": int(len(nme)),
         "num_failed": int((~ok).sum()),
     }
     for lo, hi in YAW_BUCKETS_DEG:
-        inside = ok & (np.abs(yaw_deg) >= lo) & ((np.abs(yaw_deg) < hi) | (hi == 90))
-        summary[f"nme_yaw_{lo}_{hi}"] = float(np.mean(nme[inside])) if inside.any() else None
+        inside = ok & in_yaw_bucket(yaw_deg, lo, hi)
+        summary[f"nme_yaw_{lo}_{hi}"] = mean(nme, inside)
         summary[f"count_yaw_{lo}_{hi}"] = int(inside.sum())
     return summary
 
@@ -86,7 +96,7 @@ def score(volumes: Iterable[np.ndarray], test: TestSet, grid, desc: str) -> tupl
         try:
             result = sample_nme(volume, sample["vertices"][test.face_region], interocular, grid)
             nme[i], nme_aligned[i] = result.nme, result.nme_aligned
-        except ValueError as error:
+        except EmptyPredictionError as error:
             tqdm.write(f"sample {i}: {error}")
     return nme, nme_aligned
 
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
+    for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be a positive number of samples, got {value}")
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist: train first (python -m experiments.train ...)")
     model = load_model(args.checkpoint)

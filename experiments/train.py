@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from datamodules import FaceVolumeDataModule
 from experiments.config import ConfigError, load_config, save_config
@@ -63,7 +64,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         )
     callbacks = [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_last=True
+            dirpath=run_dir / "checkpoints",
+            filename="best",
+            monitor="val/loss",
+            mode="min",
+            save_last=True,
+            enable_version_counter=False,  # a restarted run replaces best/last instead of adding -v1 copies
         ),
         LearningRateMonitor(logging_interval="epoch"),
     ]
@@ -77,13 +83,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **trainer_args)
 
 
-def train(cfg: DictConfig, command: str = "") -> dict:
-    """Fit (resuming when possible), then test with the best checkpoint; returns the final metrics."""
-    run_dir = Path(cfg.run_dir)
+@rank_zero_only
+def _record_run(cfg: DictConfig, run_dir: Path, command: str) -> None:
+    """The resolved config and command line of this attempt, written once (rank 0) into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     if command:
         write_text(run_dir / "command.txt", command + "\n")
+
+
+def train(cfg: DictConfig, command: str = "") -> dict:
+    """Fit (resuming when possible), then test with the best checkpoint; returns the final metrics."""
+    run_dir = Path(cfg.run_dir)
+    _record_run(cfg, run_dir, command)
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -97,7 +109,7 @@ def train(cfg: DictConfig, command: str = "") -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if cfg.resume and last.is_file() and not cfg.trainer.fast_dev_run else None
     if resume_from:
-        print(f"resuming from {resume_from}")
+        rank_zero_info(f"resuming from {resume_from}")
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -4,7 +4,7 @@
 and ``predict_step(batch, batch_idx)`` returning the soft occupancy ``(B, D, H, W)`` in [0, 1]
 (or a mapping with it under ``"volume"``); from the batch ``vertices`` (B, V, 3) ground-truth mesh
 in crop pixels, ``landmarks_3d`` (B, 68, 3), ``pose`` (B, 3) radians and ``index`` (B,); and from
-the DataModule ``topology["face_region"]``, the face-region vertex ids the NME is measured on.
+the DataModule's ``topology(split)["face_region"]``, the face-region vertex ids the NME is measured on.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class NMECallback(pl.Callback):
         due = (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.state.fn == TrainerFn.VALIDATING
         if due and not trainer.sanity_checking:
             limit = None if self.max_val_samples is None else math.ceil(self.max_val_samples / trainer.world_size)
-            self._start(trainer, pl_module, limit)
+            self._start(trainer, pl_module, limit, "val")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._metric is not None:
@@ -78,7 +78,7 @@ class NMECallback(pl.Callback):
     # ----- test -----
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module, None)
+        self._start(trainer, pl_module, None, "test")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._metric is not None:
@@ -90,17 +90,18 @@ class NMECallback(pl.Callback):
 
     # ----- shared -----
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None) -> None:
-        """A fresh metric on the module's device (NCCL gathers device tensors), the face region, the limit."""
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None, split: str) -> None:
+        """A fresh metric on the module's device (NCCL gathers device tensors), ``split``'s face region, the limit."""
         grid = getattr(pl_module, "grid", None)
         if grid is None:
             raise AttributeError(f"NMECallback needs {type(pl_module).__name__}.grid, the VoxelGrid of its volumes")
         topology = getattr(trainer.datamodule, "topology", None)
-        if not isinstance(topology, Mapping) or "face_region" not in topology:
+        if not callable(topology):
             raise AttributeError(
-                "NMECallback needs trainer.datamodule.topology['face_region'] (face-region vertex ids of the "
-                "ground-truth mesh); fit/validate/test with a datamodule that provides it"
+                "NMECallback needs trainer.datamodule.topology(split)['face_region'] (face-region vertex ids of "
+                "the ground-truth mesh); fit/validate/test with a datamodule that provides it"
             )
+        topology = topology(split)
         face_region = np.asarray(topology["face_region"])
         self._face_region = np.flatnonzero(face_region) if face_region.dtype == bool else face_region.astype(np.int64)
         self._metric = NME(grid, icp_distance_ratio=self.icp_distance_ratio).to(pl_module.device)

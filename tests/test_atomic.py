@@ -27,3 +27,9 @@ def test_temporary_keeps_the_suffix_for_writers_that_dispatch_on_it(tmp_path):
     with atomic_path(tmp_path / "picture.png") as temp:
         assert temp.suffix == ".png" and temp.parent == tmp_path
         temp.write_bytes(b"x")
+
+
+def test_written_file_gets_the_permissions_a_plain_open_gives(tmp_path):
+    write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode

@@ -172,7 +172,7 @@ def test_missing_files_and_grid_mismatch(files):
 
 def test_topology_and_hyperparameters(files):
     dm = make_dm(files, grid=GRID)
-    topology = dm.topology
+    topology = dm.topology("val")
     sample = files.val_samples[0]
     assert np.array_equal(topology["triangles"], sample["triangles"])
     assert np.array_equal(topology["landmark_vertices"], sample["landmark_vertices"])

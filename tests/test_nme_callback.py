@@ -54,7 +54,11 @@ FACE_REGION = np.flatnonzero(unit_directions()[:, 2] < -0.3)  # camera-facing pa
 class TinyFaces(pl.LightningDataModule):
     def __init__(self):
         super().__init__()
-        self.topology = {"face_region": FACE_REGION}
+        self.splits_asked = []
+
+    def topology(self, split):
+        self.splits_asked.append(split)
+        return {"face_region": FACE_REGION}
 
     def _loader(self):
         return DataLoader(SAMPLES, batch_size=2)
@@ -118,11 +122,16 @@ def finished_run(tmp_path_factory):
     trainer.fit(model, datamodule=datamodule)
     val_metrics = dict(trainer.callback_metrics)
     test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    return out_dir, model, val_metrics, test_metrics
+    return out_dir, model, val_metrics, test_metrics, datamodule
+
+
+def test_validation_and_test_nme_use_their_own_split_topology(finished_run):
+    datamodule = finished_run[-1]
+    assert datamodule.splits_asked == ["val", "test"]  # epoch 1 validation, then the test run
 
 
 def test_validation_nme_runs_on_due_epochs_for_a_subset(finished_run):
-    out_dir, model, val_metrics, _ = finished_run
+    out_dir, model, val_metrics, _, _ = finished_run
     assert not (out_dir / "val_epoch0000.csv").exists()  # epoch 0 is not due with every_n_epochs=2
     rows = read_csv(out_dir / "val_epoch0001.csv")
     assert [int(row["index"]) for row in rows] == [0, 1, 2]  # max_val_samples=3
@@ -133,7 +142,7 @@ def test_validation_nme_runs_on_due_epochs_for_a_subset(finished_run):
 
 
 def test_test_nme_covers_every_sample_with_yaw_and_failures(finished_run):
-    out_dir, _, _, test_metrics = finished_run
+    out_dir, _, _, test_metrics, _ = finished_run
     rows = read_csv(out_dir / "test.csv")
     assert list(rows[0]) == ["index", "yaw_deg", "nme", "nme_aligned"]
     assert [int(row["index"]) for row in rows] == list(range(len(SAMPLES)))
@@ -171,4 +180,4 @@ def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path
     np.testing.assert_allclose([float(rows[i]["nme"]) for i in ok], [expected_nme(i) for i in ok], rtol=1e-4)
     assert metrics["test/nme_failed"] == 1
     assert metrics["test/nme"] < 0.01
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv"]  # no temporary left behind

@@ -100,11 +100,11 @@ class VoxelGrid:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VoxelGrid":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"unknown grid keys {sorted(unknown)}; valid keys: {sorted(cls.__dataclass_fields__)}")
-        return cls(**{k: values[k] for k in values})
+        """Inverse of :meth:`to_dict`; unknown or missing keys are an error (no silent defaults)."""
+        fields = set(cls.__dataclass_fields__)
+        if set(values) != fields:
+            raise KeyError(f"grid needs exactly the keys {sorted(fields)}; got {sorted(values)}")
+        return cls(**{k: values[k] for k in fields})
 
     @classmethod
     def parse(cls, text: str, z_scale: float = 2.0) -> "VoxelGrid":

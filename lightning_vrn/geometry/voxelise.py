@@ -176,7 +176,8 @@ def _sample_solid(frontal, triangles, rotation, pivot, grid):
             nearest = np.floor(shifted + 0.5)
             index = (nearest[..., 1] * table_width + nearest[..., 0]).astype(np.intp)
             offset_xy = (shifted - nearest).astype(np.float32)
-            assert offsets.min() >= 0 and offsets.max() + index.max() < depth.size, "depth table too small"
+            if offsets.min() < 0 or offsets.max() + index.max() >= depth.size:  # guards the unchecked takes below
+                raise RuntimeError("voxelise: depth table smaller than the sampled region (a bug; please report)")
             phase_maps[key] = (index, offset_xy[..., 0].copy(), offset_xy[..., 1].copy())
         index, offset_x, offset_y = phase_maps[key]
         # Indices are in range by construction; mode="clip" skips numpy's buffered bounds check.
