@@ -63,7 +63,10 @@ class AugmentConfig:
 
     def __post_init__(self):
         for name in ("scale", "colour"):
-            low, high = getattr(self, name)
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"data.augment.{name} must be a [low, high] pair, got {value!r}")
+            low, high = value
             if not 0 < low <= high:
                 raise ValueError(f"augment.{name} must be (low, high) with 0 < low <= high, got {getattr(self, name)}")
             object.__setattr__(self, name, (float(low), float(high)))
@@ -83,7 +86,8 @@ class AugmentConfig:
         unknown = set(value) - set(cls.__dataclass_fields__)
         if unknown:
             raise KeyError(f"unknown augment keys {sorted(unknown)}; valid keys: {sorted(cls.__dataclass_fields__)}")
-        return cls(**{key: tuple(v) if key in ("scale", "colour") else v for key, v in value.items()})
+        pairs = ("scale", "colour")
+        return cls(**{key: tuple(v) if key in pairs and isinstance(v, (list, tuple)) else v for key, v in value.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for hyperparameters)."""

@@ -272,3 +272,15 @@ def test_unpack_bits_matches_numpy():
     for unpack in (unpack_bits, unpack_bits_torch):  # the CPU branch and the accelerator's bit operations
         unpacked = unpack(packed)
         assert unpacked.dtype == torch.uint8 and np.array_equal(unpacked.numpy(), volume.astype(np.uint8))
+
+
+@pytest.mark.parametrize("bad", [{"scale": 1.1}, {"colour": [0.6, 1.0, 1.4]}, {"scale": [1.2, 0.9]}, {"flip_prob": 2}])
+def test_bad_augment_settings_name_the_key(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=f"augment.{key}"):
+        AugmentConfig.from_any(bad)
+
+
+def test_unknown_augment_key_lists_the_valid_ones():
+    with pytest.raises(KeyError, match="rotation_deg"):
+        AugmentConfig.from_any({"rotation": 30})
