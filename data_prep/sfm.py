@@ -147,7 +147,10 @@ def read_landmark_mapping(path: Path) -> dict[int, int]:
 def _jaw_from_contour(mean: np.ndarray, chain: list[int], chin: int, start_height: float) -> np.ndarray:
     """8 vertex ids along a contour chain (ear -> chin), equally spaced in frontal arc length, chin excluded."""
     chain = np.asarray(chain, dtype=np.int64)
-    first = int(np.argmax(mean[chain, 1] <= start_height))
+    below = mean[chain, 1] <= start_height
+    if not below.any():
+        raise ValueError("SFM contour chain never reaches below the eyes: sfm_model_contours.json does not fit this model")
+    first = int(np.argmax(below))
     path = np.append(chain[first:], chin)
     steps = np.linalg.norm(np.diff(mean[path, :2], axis=0), axis=1)
     arc = np.concatenate([[0.0], np.cumsum(steps)])
@@ -171,8 +174,17 @@ def load_sfm(directory: Path) -> FaceModel:
     identity_basis = (basis * np.sqrt(np.maximum(eigenvalues, 0.0))).T.reshape(-1, num_vertices, 3)
 
     landmarks = np.full(NUM_LANDMARKS, -1, dtype=np.int64)
-    for ibug, vertex in read_landmark_mapping(directory / LANDMARKS_FILE).items():
+    mapping_file = directory / LANDMARKS_FILE
+    for ibug, vertex in read_landmark_mapping(mapping_file).items():
+        if not (0 <= ibug < NUM_LANDMARKS and 0 <= vertex < num_vertices):
+            raise ValueError(f"{mapping_file}: iBUG landmark {ibug + 1} -> vertex {vertex} is out of range "
+                             f"(landmarks 1-{NUM_LANDMARKS}, vertices 0-{num_vertices - 1})")
         landmarks[ibug] = vertex
+    needed = [*OUTER_EYE_CORNERS, CHIN, *INNER_MOUTH_CORNERS.values()]
+    missing = [i + 1 for i in needed if landmarks[i] < 0]
+    if missing:
+        raise ValueError(f"{mapping_file} does not map iBUG landmarks {missing}, which the jaw and mouth "
+                         f"construction needs; use the eos project's ibug_to_sfm.txt")
     contours = json.loads((directory / CONTOURS_FILE).read_text())
     try:
         right, left = contours["model_contour"]["right_contour"], contours["model_contour"]["left_contour"]

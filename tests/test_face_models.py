@@ -246,6 +246,24 @@ def test_sfm_missing_file_is_named(tmp_path):
         load_face_model(f"sfm:{tmp_path}")
 
 
+@pytest.mark.parametrize("bad_line, message", [("69 = 3", "iBUG landmark 69"), ("37 = 5000", "vertex 5000")])
+def test_sfm_mapping_out_of_range_is_named(tmp_path, bad_line, message):
+    write_tiny_sfm(tmp_path, np.random.default_rng(6))
+    mapping = tmp_path / "ibug_to_sfm.txt"
+    kept = [line for line in mapping.read_text().splitlines() if not line.startswith(bad_line.split("=")[0])]
+    mapping.write_text("\n".join(kept).replace("[landmark_mappings]", f"[landmark_mappings]\n{bad_line}"))
+    with pytest.raises(ValueError, match=f"ibug_to_sfm.txt.*{message}"):
+        load_face_model(f"sfm:{tmp_path}")
+
+
+def test_sfm_mapping_without_the_eye_corners_is_named(tmp_path):
+    write_tiny_sfm(tmp_path, np.random.default_rng(7))
+    mapping = tmp_path / "ibug_to_sfm.txt"
+    mapping.write_text("\n".join(line for line in mapping.read_text().splitlines() if not line.startswith("37 =")))
+    with pytest.raises(ValueError, match=r"ibug_to_sfm.txt does not map iBUG landmarks \[37\]"):
+        load_face_model(f"sfm:{tmp_path}")
+
+
 def test_load_face_model_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown face model spec 'bfm'"):
         load_face_model("bfm")
