@@ -30,8 +30,9 @@ CSV_COLUMNS = ("index", "yaw_deg", "nme", "nme_aligned")
 class NMECallback(pl.Callback):
     """Log ``val/nme``, ``val/nme_aligned``, ``val/nme_failed`` (and ``test/...``) and write per-sample CSVs.
 
-    Validation: on epochs ``e`` with ``(e + 1) % every_n_epochs == 0`` (not during the sanity
-    check; always under ``trainer.validate``), on the first ``max_val_samples`` validation samples
+    Validation: on epochs ``e`` with ``(e + 1) % every_n_epochs == 0`` that also run validation
+    (with the Trainer's ``check_val_every_n_epoch`` > 1, make ``every_n_epochs`` a multiple of it;
+    not during the sanity check; always under ``trainer.validate``), on the first ``max_val_samples`` validation samples
     (``None``: all; under DDP each process takes its share). Test: every sample. The metric states
     reduce across processes; rank 0 then writes ``val_epoch{e:04d}.csv`` / ``test.csv`` with columns
     ``index, yaw_deg, nme, nme_aligned`` into ``out_dir`` (default: the trainer's log directory).
