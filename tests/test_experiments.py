@@ -119,3 +119,23 @@ def test_evaluate_with_a_missing_checkpoint_names_it(tmp_path, tiny_synthetic, c
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--data", str(tiny_synthetic / "test.h5")])
     assert "nope.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_load_model_matches_lightnings_own_loader(trained_run):
+    from lightning_vrn.models import VRN, load_model
+
+    path = trained_run / "checkpoints" / "last.ckpt"
+    ours, reference = load_model(path), VRN.load_from_checkpoint(path, map_location="cpu").eval()
+    image = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.predict_step({"image": image}), reference.predict_step({"image": image}))
+    assert ours.grid == reference.grid and not ours.training
+
+
+def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+    from lightning_vrn.models import load_model
+
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="model.ckpt is not a lightning-vrn checkpoint"):
+        load_model(bogus)

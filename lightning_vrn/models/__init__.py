@@ -32,7 +32,8 @@ def load_model(checkpoint: str | Path, map_location: str = "cpu") -> VolumeRegre
         raise ValueError(f"{path} is not a lightning-vrn checkpoint ({type(error).__name__}: {error})") from None
     if variant not in MODELS:
         raise ValueError(f"{path} holds variant {variant!r}, unknown to this version; known: {sorted(MODELS)}")
-    model = MODELS[variant].load_from_checkpoint(path, map_location=map_location)
+    model = MODELS[variant](**payload["hyper_parameters"])  # grid, net, optim: the resolved settings
+    model.load_state_dict(payload["state_dict"])
     return model.eval()
 
 
