@@ -72,8 +72,9 @@ class TestSet:
         self.face_region = self.file.face_region
         self.yaw_deg = np.degrees([self.file.read(i, ["pose"])["pose"][1] for i in range(self.count)])
 
-    def sample(self, index: int) -> dict:
-        return self.file.read(index, ["images", "vertices", "landmarks_3d", "pose"])
+    def sample(self, index: int, fields=("vertices", "landmarks_3d", "pose")) -> dict:
+        """What scoring needs of sample ``index`` (the image only when asked: scoring never reads it)."""
+        return self.file.read(index, list(fields))
 
 
 def model_volumes(model, test: TestSet, batch_size: int) -> Iterator[np.ndarray]:
@@ -161,7 +162,7 @@ def _write_reconstruction(out: Path, model, test: TestSet, nme: np.ndarray, grid
     """The median-error sample: coloured .obj of the prediction and a side-by-side PNG."""
     finite = np.flatnonzero(np.isfinite(nme))
     index = int(finite[np.argsort(nme[finite])[len(finite) // 2]]) if len(finite) else 0
-    sample = test.sample(index)
+    sample = test.sample(index, ("images", "vertices"))
     image = sample["images"]
     batch = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
     with torch.no_grad():

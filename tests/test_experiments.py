@@ -107,9 +107,11 @@ def test_evaluate_writes_every_output(trained_run, tiny_synthetic, tmp_path):
     assert metrics["mean shape at GT pose"]["nme_mean"] < 0.1
     rows = list(csv.DictReader(open(out / "per_sample.csv")))
     assert len(rows) == 4
+    assert metrics["model"]["num_failed"] < metrics["model"]["num_samples"]  # the model predicts surfaces
     vertices, triangles, colours = read_obj(out / "reconstruction.obj")
-    if len(vertices):
-        assert colours is not None and colours.shape == vertices.shape
+    assert len(vertices) > 0 and len(triangles) > 0
+    assert colours is not None and colours.shape == vertices.shape
+    assert colours.min() >= 0 and colours.max() <= 1
     for picture in ("ced.png", "reconstruction.png"):
         with Image.open(out / picture) as image:
             assert image.size[0] > 200 and image.size[1] > 200
