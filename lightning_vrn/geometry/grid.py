@@ -22,14 +22,15 @@ class VoxelGrid:
     """Occupancy grid geometry: shape ``(depth, height, width)``, depth scale and offset.
 
     ``z_scale`` is voxels per pixel along depth (2.0 in the paper: 200 voxels span 100 px).
-    ``z_offset`` is the crop z (pixels) of the centre of voxel ``d = 0``.
+    ``z_offset`` is the crop z (pixels) of the centre of voxel ``d = 0``. Every field is required
+    (no silent defaults); :data:`PAPER_GRID` and :meth:`centred` give the usual grids.
     """
 
-    depth: int = 200
-    height: int = 192
-    width: int = 192
-    z_scale: float = 2.0
-    z_offset: float = 0.0
+    depth: int
+    height: int
+    width: int
+    z_scale: float
+    z_offset: float
 
     def __post_init__(self):
         if min(self.depth, self.height, self.width) <= 0:
