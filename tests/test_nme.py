@@ -245,7 +245,10 @@ def _ddp_samples():
     return volumes, gt, torch.tensor([20.0, 21.0, 22.0]), torch.tensor([0.0, 0.5, -0.5]), torch.tensor([4, 2, 9])
 
 
+# A spawned gloo child rarely aborts at interpreter exit ("terminate called without an active
+# exception", about 1 run in 10, after its work is done); rerun such a crash instead of failing CI.
 @pytest.mark.slow
+@pytest.mark.flaky(reruns=2)
 def test_two_process_reduction_matches_one_process(tmp_path):
     import socket
 

@@ -161,7 +161,10 @@ def test_bad_settings_are_rejected():
         NMECallback(max_val_samples=0)
 
 
+# A spawned gloo child rarely aborts at interpreter exit ("terminate called without an active
+# exception", about 1 run in 10, after its work is done); rerun such a crash instead of failing CI.
 @pytest.mark.slow
+@pytest.mark.flaky(reruns=2)
 def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path):
     trainer = pl.Trainer(
         accelerator="cpu",
