@@ -54,7 +54,7 @@ def test_overfits_one_batch():
     assert losses[-1] <= losses[0] / 10, f"loss went from {losses[0]:.4f} to {losses[-1]:.4f}"
     iou = VoxelIoU()
     with torch.no_grad():
-        iou.update(torch.sigmoid(model(batch)["volume_logits"]), batch["volume"])
+        iou.update(model(batch)["volume_logits"], batch["volume"])
     assert iou.compute() > 0.5
 
 
@@ -71,11 +71,12 @@ def test_loss_is_mean_per_voxel_bce():
 def test_voxel_iou_against_hand_count():
     target = torch.zeros(2, 2, 2, 2)
     target[0, 0] = 1  # 4 voxels
-    probabilities = torch.zeros(2, 2, 2, 2)
-    probabilities[0, 0, 0] = 0.9  # 2 of them, nothing else
-    probabilities[0, 1, 1, 1] = 0.7  # 1 false positive -> IoU 2 / 5
+    logits = torch.full((2, 2, 2, 2), -3.0)
+    logits[0, 0, 0] = 2.0  # 2 of them, nothing else
+    logits[0, 1, 1, 1] = 0.5  # 1 false positive -> IoU 2 / 5
+    logits[1, 0, 0, 0] = 0.0  # probability exactly 0.5 is not occupied: sample 1 both empty -> IoU 1
     metric = VoxelIoU()
-    metric.update(probabilities, target)  # sample 1: both empty -> IoU 1
+    metric.update(logits, target)
     assert metric.compute().item() == pytest.approx((2 / 5 + 1.0) / 2)
 
 

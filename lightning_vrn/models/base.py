@@ -38,7 +38,7 @@ def _resolve(values: Mapping[str, Any] | None, defaults: Mapping[str, Any], what
 
 
 class VoxelIoU(Metric):
-    """Mean over samples of the voxel IoU of ``probability > 0.5`` against a binary target.
+    """Mean over samples of the voxel IoU of the predicted occupancy (logit > 0) against a binary target.
 
     Sum states reduce correctly across DDP processes. A sample whose prediction and target are
     both empty counts as IoU 1.
@@ -52,12 +52,14 @@ class VoxelIoU(Metric):
         self.add_state("iou_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("samples", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
-        """``probabilities`` and ``target`` ``(B, ...)``; target voxels are occupied where > 0.5."""
-        predicted = (probabilities > 0.5).flatten(1)
-        occupied = (target > 0.5).flatten(1)
-        intersection = (predicted & occupied).sum(dim=1).float()
-        union = (predicted | occupied).sum(dim=1).float()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``logits`` and ``target`` ``(B, ...)``; a voxel is predicted occupied where its logit is > 0
+        (probability > 0.5) and is occupied in the target where the target is > 0.5.
+        """
+        predicted = (logits.detach() > 0).flatten(1).float()
+        occupied = (target > 0.5).flatten(1).float()
+        intersection = (predicted * occupied).sum(dim=1)
+        union = predicted.sum(dim=1) + occupied.sum(dim=1) - intersection
         iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
         self.iou_sum += iou.sum()
         self.samples += iou.numel()
@@ -176,7 +178,7 @@ class VolumeRegressionModule(pl.LightningModule):
                 batch_size=batch_size,
             )
         iou = getattr(self, f"{stage}_iou")
-        iou.update(torch.sigmoid(outputs["volume_logits"].detach()), batch["volume"])
+        iou.update(outputs["volume_logits"], batch["volume"])
         self.log(f"{stage}/iou", iou, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
