@@ -6,9 +6,10 @@ import torch
 
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
-from lightning_vrn.geometry.pose import crop_rotation
 from lightning_vrn.geometry.voxelise import voxelise
+from lightning_vrn.landmarks import outer_interocular
 from lightning_vrn.metrics.nme import NME, EmptyPredictionError, sample_nme
+from tests.toy_face import HALF_HEIGHT_MM, HALF_WIDTH_MM, face_mesh, to_crop
 
 GRID = VoxelGrid.centred(80, 64, 64)
 CENTRE = np.array([31.0, 32.5, 0.7])  # crop x, y, z (px)
@@ -166,40 +167,18 @@ def test_merged_halves_equal_one_pass(volume):
 
 # ----- the discretisation floor at the paper grid -----
 
-FACE_HALF_WIDTH, FACE_HALF_HEIGHT, FACE_DEPTH = 50.0, 62.0, 30.0  # px: a ~100 px wide face, as in the crops
-FACE_CENTRE = np.array([96.0, 96.0, 0.0])
-
-
-def face_front_z(u, v):
-    """Frontal face-like height field (crop z, px): an ellipsoidal cap with a nose bump; u, v px from the centre."""
-    cap = np.sqrt(np.clip(1 - (u / FACE_HALF_WIDTH) ** 2 - (v / FACE_HALF_HEIGHT) ** 2, 0, None))
-    nose = 12.0 * np.exp(-(u**2 + (v - 5.0) ** 2) / (2 * 7.0**2))
-    return -FACE_DEPTH * cap - nose
-
-
-def face_mesh(spacing: float = 0.6):
-    """Frontal face-like mesh (V, 3) centred at the origin, triangles (T, 3) and the face-region mask (V,)."""
-    us = np.arange(-FACE_HALF_WIDTH, FACE_HALF_WIDTH + spacing / 2, spacing)
-    vs = np.arange(-FACE_HALF_HEIGHT, FACE_HALF_HEIGHT + spacing / 2, spacing)
-    u, v = np.meshgrid(us, vs)
-    vertices = np.stack([u, v, face_front_z(u, v)], axis=-1).reshape(-1, 3)
-    ids = np.arange(u.size).reshape(u.shape)
-    a, b, c, d = ids[:-1, :-1], ids[:-1, 1:], ids[1:, :-1], ids[1:, 1:]
-    triangles = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
-    radius2 = (vertices[:, 0] / FACE_HALF_WIDTH) ** 2 + (vertices[:, 1] / FACE_HALF_HEIGHT) ** 2
-    inside = radius2 <= 1.0
-    triangles = triangles[inside[triangles].all(axis=1)]
-    return vertices, triangles, radius2 < 0.85**2
+FLOOR_FACE_WIDTH = 80 / 192
+"""The toy face 80 px wide in the 192 px crop: outer eye corners 48 px apart, as in the paper's crops."""
+FLOOR_COLUMNS = 167
+"""Toy-face lattice columns: vertices 0.48 px apart, about 19,900 of them in the face region."""
 
 
 @pytest.mark.parametrize("yaw_deg", [0.0, 60.0])
 def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
-    vertices, triangles, face_region = face_mesh()
-    rotation = crop_rotation((0.0, np.radians(yaw_deg), 0.0))
-    posed = vertices @ rotation.T + FACE_CENTRE
-    eyes = np.array([[-0.48, -0.25], [0.48, -0.25]]) * [FACE_HALF_WIDTH, FACE_HALF_HEIGHT]  # outer eye corners
-    eye_corners = np.column_stack([eyes, face_front_z(eyes[:, 0], eyes[:, 1])]) @ rotation.T
-    interocular = float(np.linalg.norm(eye_corners[0] - eye_corners[1]))
+    vertices_mm, triangles, landmark_vertices = face_mesh(FLOOR_COLUMNS)
+    posed, rotation = to_crop(vertices_mm, PAPER_GRID, (0.0, np.radians(yaw_deg), 0.0), face_width=FLOOR_FACE_WIDTH)
+    face_region = (vertices_mm[:, 0] / HALF_WIDTH_MM) ** 2 + (vertices_mm[:, 1] / HALF_HEIGHT_MM) ** 2 < 0.85**2
+    interocular = float(outer_interocular(posed[landmark_vertices]))
     assert 45 < interocular < 50 and face_region.sum() > 15000  # paper-like crop and face region
 
     volume = voxelise(posed, triangles, rotation, PAPER_GRID).astype(np.float32)
@@ -208,6 +187,7 @@ def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
     assert result.nme < 0.01
     assert result.nme_aligned <= result.nme + 1e-3
     assert result.fitness > 0.99
+
 
 
 # ----- a real two-process reduction (gloo on CPU) -----

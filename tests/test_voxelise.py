@@ -9,6 +9,7 @@ from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
+from tests.toy_face import posed_face
 
 SMALL_GRID = VoxelGrid.centred(100, 96, 96)
 POSES = {  # (pitch, yaw, roll) radians
@@ -20,43 +21,14 @@ POSES = {  # (pitch, yaw, roll) radians
 }
 
 
+COLUMNS = 90
+"""Toy-face lattice columns here: about 7,900 vertices 0.6 px apart, the face 54 px wide in the 96 px crop.
+The thresholds below were measured on it."""
+
 MOUTH = (0.0, -45.0, 25.0, 10.0)
-"""An elliptic cut (centre x, y, radii x, y in model mm) enclosed by the face: an open mouth."""
+"""A ``cut`` of the toy face (ellipse centre x, y, radii x, y in model mm) enclosed by it: an open mouth."""
 NOTCH = (0.0, -95.0, 15.0, 25.0)
 """An elliptic cut reaching the face's outline at the chin: a notch, not a hole."""
-
-
-def face_mesh(pose, crop=96, samples=90, cut=None):
-    """A closed-front, face-like height field posed into a ``crop``-pixel crop.
-
-    Model millimetres, z towards the camera: an elliptic dome (cheeks, forehead) rising from a flat
-    flange, so the rim is planar, plus a nose bump 25 mm high. ``samples`` grid points across give
-    about ``0.8 * samples**2`` vertices. ``cut`` (an ellipse like ``MOUTH``) drops the triangles
-    with a vertex inside it, keeping the vertices (the same as without the cut). Returns
-    crop-coordinate vertices, triangles, crop rotation.
-    """
-    half_w, half_h = 75.0, 95.0
-    x = np.linspace(-half_w, half_w, samples)
-    y = np.linspace(-half_h, half_h, round(samples * half_h / half_w))
-    grid_x, grid_y = np.meshgrid(x, y)
-    r2 = (grid_x / half_w) ** 2 + (grid_y / half_h) ** 2
-    dome = np.maximum(60.0 * np.sqrt(np.clip(1.0 - r2, 0.0, None)) - 15.0, 0.0)
-    nose = 25.0 * np.exp(-((grid_x / 10.0) ** 2) - ((grid_y - 5.0) / 22.0) ** 2)
-    points = np.column_stack([grid_x.ravel(), grid_y.ravel(), (dome + nose).ravel() - 30.0])
-
-    index = np.arange(grid_x.size).reshape(grid_x.shape)
-    quads = np.stack([index[:-1, :-1], index[:-1, 1:], index[1:, :-1], index[1:, 1:]], -1).reshape(-1, 4)
-    triangles = np.concatenate([quads[:, [0, 1, 2]], quads[:, [1, 3, 2]]])
-    triangles = triangles[(r2.ravel() <= 1.0)[triangles].all(axis=1)]
-    used, triangles = np.unique(triangles, return_inverse=True)
-    triangles = triangles.reshape(-1, 3)
-    if cut is not None:
-        cut_x, cut_y, radius_x, radius_y = cut
-        inside = ((points[used, 0] - cut_x) / radius_x) ** 2 + ((points[used, 1] - cut_y) / radius_y) ** 2 < 1.0
-        triangles = triangles[~inside[triangles].any(axis=1)]
-    centre = (crop - 1) / 2.0
-    vertices = model_to_crop(points[used], pose, 0.36 * crop / 96, [centre, centre, 0.0])
-    return vertices, triangles, crop_rotation(pose)
 
 
 def voxel_centres(grid, box):
@@ -100,7 +72,7 @@ def compare_with_ray_casting(volume, vertices, triangles, rotation, grid, margin
 
 @pytest.mark.parametrize("name", POSES)
 def test_aligned_volume_matches_ray_casting(name):
-    vertices, triangles, rotation = face_mesh(POSES[name])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     assert 5_000 <= len(vertices) <= 20_000
     volume = voxelise(vertices, triangles, rotation, SMALL_GRID)
     assert volume.shape == SMALL_GRID.shape and volume.dtype == bool
@@ -111,7 +83,7 @@ def test_aligned_volume_matches_ray_casting(name):
 
 @pytest.mark.parametrize("name", ["mild", "yaw-80_pitch_roll"])
 def test_frontal_volume_matches_ray_casting(name):
-    vertices, triangles, rotation = face_mesh(POSES[name])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     volume = voxelise_frontal(vertices, triangles, rotation, SMALL_GRID)
     pivot = vertices.mean(axis=0)
     frontal = (vertices - pivot) @ rotation + pivot
@@ -120,7 +92,7 @@ def test_frontal_volume_matches_ray_casting(name):
 
 
 def test_paper_grid_matches_ray_casting():
-    vertices, triangles, rotation = face_mesh((-0.2, np.deg2rad(-60), 0.3), crop=192, samples=110)
+    vertices, triangles, _, rotation = posed_face(PAPER_GRID, (-0.2, np.deg2rad(-60), 0.3), columns=110)
     volume = voxelise(vertices, triangles, rotation, PAPER_GRID)
     assert volume.shape == (200, 192, 192)
     agreement, iou = compare_with_ray_casting(volume, vertices, triangles, rotation, PAPER_GRID)
@@ -128,7 +100,7 @@ def test_paper_grid_matches_ray_casting():
 
 
 def test_self_occlusion_leaves_air_between_nose_and_cheek():
-    vertices, triangles, rotation = face_mesh((0.2, np.deg2rad(65), 0.1))
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, (0.2, np.deg2rad(65), 0.1), columns=COLUMNS)
     volume = voxelise(vertices, triangles, rotation, SMALL_GRID)
     # Columns whose first occupied run (the nose) ends at least 4 voxels (2 px) before the next one
     # (the cheek behind it) starts.
@@ -147,13 +119,19 @@ def test_self_occlusion_leaves_air_between_nose_and_cheek():
 
 @pytest.mark.parametrize("name", POSES)
 def test_front_surface_is_the_posed_depth_map(name):
-    vertices, triangles, rotation = face_mesh(POSES[name])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     grid = SMALL_GRID
     volume = voxelise(vertices, triangles, rotation, grid)
     raster = rasterise(vertices, triangles, grid.height, grid.width)
-    # Visible face pixels off the one-pixel silhouette border, with the surface inside the grid's depth.
+    # Visible face pixels off the one-pixel silhouette border, with the surface inside the grid's depth
+    # and more than two voxels in front of the solid's back plane (the deepest frontal vertex): on the
+    # toy face's flat rim the solid has no thickness, and whether such a column holds a voxel
+    # centre depends on the lattice.
     z_lo, z_hi = grid.z_range
-    visible = ndimage.binary_erosion(raster.mask) & (raster.depth >= z_lo) & (raster.depth <= z_hi)
+    frontal_depth = frontalised(vertices, rotation)[:, 2:]  # (V, 1) px
+    pixel_frontal_depth = raster.interpolate(frontal_depth, triangles)[..., 0]
+    thick = pixel_frontal_depth < frontal_depth.max() - 2.0 / grid.z_scale
+    visible = ndimage.binary_erosion(raster.mask) & (raster.depth >= z_lo) & (raster.depth <= z_hi) & thick
     assert volume.any(axis=0)[visible].all()
     # Exact geometry puts the first occupied voxel centre at or behind the surface by less than one
     # voxel: error in [0, 1). Off by up to 0.6 px in frontal x, y, the nearest sample's plane is exact
@@ -167,7 +145,7 @@ def test_front_surface_is_the_posed_depth_map(name):
 
 @pytest.mark.parametrize("name", POSES)
 def test_occupied_columns_are_the_silhouette(name):
-    vertices, triangles, rotation = face_mesh(POSES[name])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     volume = voxelise(vertices, triangles, rotation, SMALL_GRID)
     silhouette = rasterise(vertices, triangles, SMALL_GRID.height, SMALL_GRID.width).mask
     differs = volume.any(axis=0) != silhouette
@@ -178,7 +156,7 @@ def test_occupied_columns_are_the_silhouette(name):
 
 @pytest.mark.parametrize("name", ["mild", "yaw70_pitch_roll"])
 def test_frontal_volume_is_aligned_volume_of_frontalised_mesh(name):
-    vertices, triangles, rotation = face_mesh(POSES[name])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     pivot = vertices.mean(axis=0)
     frontal = (vertices - pivot) @ rotation + pivot
     expected = voxelise(frontal, triangles, np.eye(3), SMALL_GRID)
@@ -187,12 +165,12 @@ def test_frontal_volume_is_aligned_volume_of_frontalised_mesh(name):
 
 
 def test_mesh_outside_the_grid_gives_an_empty_volume():
-    vertices, triangles, rotation = face_mesh(POSES["mild"])
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES["mild"], columns=COLUMNS)
     assert not voxelise(vertices + [500.0, 0.0, 0.0], triangles, rotation, SMALL_GRID).any()
 
 
 def test_bad_input_is_rejected():
-    vertices, triangles, rotation = face_mesh(POSES["mild"], samples=30)
+    vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES["mild"], columns=30)
     bad = vertices.copy()
     bad[[3, 8]] = np.nan
     with pytest.raises(ValueError, match=r"mesh has 2 non-finite vertices .* index 3"):
@@ -225,8 +203,8 @@ def seen_through_cut(view, intact, cut, grid):
 @pytest.mark.parametrize("yaw_degrees", [0, 30])
 def test_mouth_hole_is_closed_between_its_rim_depths(yaw_degrees):
     pose = (0.1, np.deg2rad(yaw_degrees), 0.05)
-    vertices, intact, rotation = face_mesh(pose)
-    _, open_mouth, _ = face_mesh(pose, cut=MOUTH)
+    vertices, intact, _, rotation = posed_face(SMALL_GRID, pose, columns=COLUMNS)
+    open_mouth = posed_face(SMALL_GRID, pose, columns=COLUMNS, cut=MOUTH)[1]
     frontal = frontalised(vertices, rotation)
     grid = SMALL_GRID
     for volume, view in ((voxelise(vertices, open_mouth, rotation, grid), vertices),
@@ -244,8 +222,8 @@ def test_mouth_hole_is_closed_between_its_rim_depths(yaw_degrees):
 
 def test_notch_in_the_outline_stays_empty():
     pose = (0.1, np.deg2rad(30), 0.05)
-    vertices, notched, rotation = face_mesh(pose, cut=NOTCH)
-    _, intact, _ = face_mesh(pose)
+    vertices, notched, _, rotation = posed_face(SMALL_GRID, pose, columns=COLUMNS, cut=NOTCH)
+    intact = posed_face(SMALL_GRID, pose, columns=COLUMNS)[1]
     grid = SMALL_GRID
     frontal = frontalised(vertices, rotation)
     volume = voxelise_frontal(vertices, notched, rotation, grid)
