@@ -174,12 +174,18 @@ FLOOR_COLUMNS = 167
 """Toy-face lattice columns: vertices 0.48 px apart, about 19,900 of them in the face region."""
 
 
-@pytest.mark.parametrize("yaw_deg", [0.0, 60.0])
-def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
+def paper_crop_face(yaw_deg: float):
+    """The toy face at ``yaw_deg`` in a paper crop: ``(vertices (V, 3) px, triangles, rotation (3, 3),
+    face_region (V,) bool, interocular px)``; the face region is the inner 85% of the face's ellipse."""
     vertices_mm, triangles, landmark_vertices = face_mesh(FLOOR_COLUMNS)
     posed, rotation = to_crop(vertices_mm, PAPER_GRID, (0.0, np.radians(yaw_deg), 0.0), face_width=FLOOR_FACE_WIDTH)
     face_region = (vertices_mm[:, 0] / HALF_WIDTH_MM) ** 2 + (vertices_mm[:, 1] / HALF_HEIGHT_MM) ** 2 < 0.85**2
-    interocular = float(outer_interocular(posed[landmark_vertices]))
+    return posed, triangles, rotation, face_region, float(outer_interocular(posed[landmark_vertices]))
+
+
+@pytest.mark.parametrize("yaw_deg", [0.0, 60.0])
+def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
+    posed, triangles, rotation, face_region, interocular = paper_crop_face(yaw_deg)
     assert 45 < interocular < 50 and face_region.sum() > 15000  # paper-like crop and face region
 
     volume = voxelise(posed, triangles, rotation, PAPER_GRID).astype(np.float32)
@@ -190,16 +196,12 @@ def test_ground_truth_volume_against_its_own_mesh_is_under_one_percent(yaw_deg):
     assert result.fitness > 0.99
 
 
-
 @pytest.mark.parametrize("yaw_deg", [0.0, 45.0])
 def test_blurred_ground_truth_does_not_make_icp_drift(yaw_deg):
     """A blurred but well-placed prediction (the ground-truth volume smoothed, Gaussian sigma 4 voxels)
     rounds off the nose and rim but is not misplaced: ICP must stay near the identity, so NME measures
     the blur, not a slide of the ground truth along the smooth surface."""
-    vertices_mm, triangles, landmark_vertices = face_mesh(FLOOR_COLUMNS)
-    posed, rotation = to_crop(vertices_mm, PAPER_GRID, (0.0, np.radians(yaw_deg), 0.0), face_width=FLOOR_FACE_WIDTH)
-    face_region = (vertices_mm[:, 0] / HALF_WIDTH_MM) ** 2 + (vertices_mm[:, 1] / HALF_HEIGHT_MM) ** 2 < 0.85**2
-    interocular = float(outer_interocular(posed[landmark_vertices]))
+    posed, triangles, rotation, face_region, interocular = paper_crop_face(yaw_deg)
     volume = ndimage.gaussian_filter(voxelise(posed, triangles, rotation, PAPER_GRID).astype(np.float32), 4.0)
 
     result = sample_nme(volume, posed[face_region], interocular, PAPER_GRID)
