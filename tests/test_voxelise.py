@@ -31,6 +31,12 @@ NOTCH = (0.0, -95.0, 15.0, 25.0)
 """An elliptic cut reaching the face's outline at the chin: a notch, not a hole."""
 
 
+def frontalised(vertices, rotation):
+    """The frontal mesh the voxeliser builds: ``R^T (V - c) + c`` about the mean vertex ``c``."""
+    pivot = vertices.mean(axis=0)
+    return (vertices - pivot) @ rotation + pivot
+
+
 def voxel_centres(grid, box):
     """``(N, 3)`` crop coordinates of the voxel centres in ``box`` (a tuple of three slices), C order."""
     d, y, x = np.meshgrid(*(np.arange(s.start, s.stop) for s in box), indexing="ij")
@@ -42,7 +48,7 @@ def ray_cast_solid(vertices, triangles, rotation, grid, box):
     frontal camera (direction ``-R[:, 2]``) hits the mesh and its frontal depth is <= z_back."""
     o3d = pytest.importorskip("open3d")
     pivot = vertices.mean(axis=0)
-    z_back = ((vertices - pivot) @ rotation + pivot)[:, 2].max()
+    z_back = frontalised(vertices, rotation)[:, 2].max()
     centres = voxel_centres(grid, box)
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3d.core.Tensor(vertices.astype(np.float32)), o3d.core.Tensor(triangles.astype(np.uint32)))
@@ -85,8 +91,7 @@ def test_aligned_volume_matches_ray_casting(name):
 def test_frontal_volume_matches_ray_casting(name):
     vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
     volume = voxelise_frontal(vertices, triangles, rotation, SMALL_GRID)
-    pivot = vertices.mean(axis=0)
-    frontal = (vertices - pivot) @ rotation + pivot
+    frontal = frontalised(vertices, rotation)
     agreement, iou = compare_with_ray_casting(volume, frontal, triangles, np.eye(3), SMALL_GRID)
     assert agreement >= 0.999 and iou >= 0.995, (agreement, iou)
 
@@ -157,8 +162,7 @@ def test_occupied_columns_are_the_silhouette(name):
 @pytest.mark.parametrize("name", ["mild", "yaw70_pitch_roll"])
 def test_frontal_volume_is_aligned_volume_of_frontalised_mesh(name):
     vertices, triangles, _, rotation = posed_face(SMALL_GRID, POSES[name], columns=COLUMNS)
-    pivot = vertices.mean(axis=0)
-    frontal = (vertices - pivot) @ rotation + pivot
+    frontal = frontalised(vertices, rotation)
     expected = voxelise(frontal, triangles, np.eye(3), SMALL_GRID)
     np.testing.assert_array_equal(voxelise_frontal(vertices, triangles, rotation, SMALL_GRID), expected)
     assert expected.sum() > 10_000
@@ -187,12 +191,6 @@ def test_bad_input_is_rejected():
         voxelise(vertices, triangles, -rotation, SMALL_GRID)  # a reflection
     with pytest.raises(TypeError, match="VoxelGrid"):
         voxelise(vertices, triangles, rotation, (100, 96, 96))
-
-
-def frontalised(vertices, rotation):
-    """The frontal mesh the voxeliser builds: ``R^T (V - c) + c`` about the mean vertex ``c``."""
-    pivot = vertices.mean(axis=0)
-    return (vertices - pivot) @ rotation + pivot
 
 
 def seen_through_cut(view, intact, cut, grid):
