@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_vrn.dataset_file import UNIQUE_ID_FIELDS
+from lightning_vrn.geometry.topology import as_vertex_ids
 from lightning_vrn.landmarks import NUM_LANDMARKS
 
 # Chance that a sampled face is neutral; otherwise 1 or 2 blendshapes are active.
@@ -98,12 +100,9 @@ class FaceModel:
             fail(f"landmark_vertices must have shape ({NUM_LANDMARKS},), got {self.landmark_vertices.shape}")
         if self.face_region.ndim != 1 or len(self.face_region) == 0:
             fail(f"face_region must be a non-empty 1-D index array, got shape {self.face_region.shape}")
-        for label, indices in (("triangles", self.triangles), ("landmark_vertices", self.landmark_vertices),
-                               ("face_region", self.face_region)):
-            if not np.issubdtype(indices.dtype, np.integer):
-                fail(f"{label} must be integer vertex ids, got dtype {indices.dtype}")
-            if indices.min() < 0 or indices.max() >= num_vertices:
-                fail(f"{label} has vertex ids outside [0, {num_vertices}): min {indices.min()}, max {indices.max()}")
+        for label, ids in (("triangles", self.triangles), ("landmark_vertices", self.landmark_vertices),
+                           ("face_region", self.face_region)):
+            as_vertex_ids(ids, num_vertices, f"face model {self.name!r}: {label}", unique=label in UNIQUE_ID_FIELDS)
         return self
 
 

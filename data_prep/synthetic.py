@@ -28,19 +28,19 @@ One sample, as the authors built theirs from 300W-LP:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from data_prep.face_model import FaceModel, load_face_model
 from data_prep.render import RenderSettings, render, vertex_albedo
+from data_prep.writing import write_pending
 from lightning_vrn import __version__
-from lightning_vrn.dataset_file import DatasetWriter, open_dataset, pack_volume
+from lightning_vrn.dataset_file import DatasetWriter, open_dataset
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
@@ -50,8 +50,6 @@ POSE_LIMITS_DEG = (30.0, 90.0, 25.0)
 """Largest |pitch|, |yaw|, |roll| (degrees)."""
 PITCH_ROLL_STD_DEG = (10.0, 8.0)
 """Standard deviations of the truncated normal pitch and roll distributions (degrees)."""
-LANDMARK_BOX_FRACTION = 90.0 / 192.0
-"""sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
 SCALE_JITTER = (0.9, 1.1)
 FRONT_MARGIN_FRACTION = 0.03
 """Depth of the mesh's nearest point behind the front of the grid, as a fraction of the grid's depth range."""
@@ -89,23 +87,19 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
                    rng: np.random.Generator) -> tuple[float, np.ndarray]:
     """Scale (px/mm) and translation (crop px) placing the posed mesh in the crop as the authors did.
 
-    The 68 landmarks' 2D bounding box gets ``sqrt(w * h) = LANDMARK_BOX_FRACTION * crop`` times
-    a jitter in :data:`SCALE_JITTER` and its centre lands on the crop centre plus a jitter of up
-    to :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes
+    :func:`~lightning_vrn.geometry.crop.landmark_crop` of the posed landmarks, with the box size
+    jittered by a factor drawn from :data:`SCALE_JITTER` and its centre by up to
+    :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes
     :data:`FRONT_MARGIN_FRACTION` of the grid's depth range behind the grid's front.
     """
     size = grid.crop_size
     posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
-    landmarks = posed[landmark_vertices, :2]
-    box_lo, box_hi = landmarks.min(axis=0), landmarks.max(axis=0)
-    box_size = np.sqrt(np.prod(box_hi - box_lo))
-    scale = LANDMARK_BOX_FRACTION * size * rng.uniform(*SCALE_JITTER) / box_size
-    shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
-    centre_xy = (size - 1) / 2.0 + shift
+    scale_jitter = rng.uniform(*SCALE_JITTER)
+    centre_shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
+    crop = landmark_crop(posed[landmark_vertices, :2], size, scale_jitter, centre_shift)
     z_front, z_back = grid.z_range
-    z_shift = z_front + FRONT_MARGIN_FRACTION * (z_back - z_front) - scale * posed[:, 2].min()
-    translation = np.append(centre_xy - scale * 0.5 * (box_lo + box_hi), z_shift)
-    return float(scale), translation
+    z_shift = z_front + FRONT_MARGIN_FRACTION * (z_back - z_front) - crop.scale * posed[:, 2].min()
+    return crop.scale, np.append(crop.translation, z_shift)
 
 
 def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, with_frontal: bool = False,
@@ -150,29 +144,18 @@ def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
 
 # --- generation ------------------------------------------------------------------------------------
 
-_worker_state: dict = {}
+def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
+           occluder_prob: float) -> dict:
+    """State of a sample-making process (:func:`data_prep.writing.write_pending`): the face model is loaded once."""
+    return dict(model=load_face_model(model_spec), grid=grid, seed=seed, split=split, with_frontal=with_frontal,
+                occluder_prob=occluder_prob)
 
 
-def _init_worker(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
-                 occluder_prob: float) -> None:
-    """Pool initializer: load the face model once per worker process."""
-    _worker_state.update(model=load_face_model(model_spec), grid=grid, seed=seed, split=split,
-                         with_frontal=with_frontal, occluder_prob=occluder_prob)
-
-
-def _make_packed(indices: np.ndarray) -> list[tuple[int, dict[str, np.ndarray], bool]]:
-    """``(index, sample with packed volumes, clipped)`` for each index, using the worker's state."""
-    state = _worker_state
-    results = []
-    for index in indices:
-        sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], int(index)),
-                             state["with_frontal"], state["occluder_prob"])
-        clipped = leaves_grid(sample["vertices"], state["grid"])
-        for key in ("volume", "volume_frontal"):
-            if key in sample:
-                sample[key] = pack_volume(sample[key])  # 8x less to send to the writing process
-        results.append((int(index), sample, clipped))
-    return results
+def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], bool]:
+    """Sample ``index`` and whether its mesh leaves the grid (:func:`leaves_grid`)."""
+    sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], index),
+                         state["with_frontal"], state["occluder_prob"])
+    return sample, leaves_grid(sample["vertices"], state["grid"])
 
 
 def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float) -> dict:
@@ -212,33 +195,12 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
         return out_path
     with DatasetWriter(out_path, grid, num_samples, len(model.mean), model.triangles, model.face_region,
                        model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart) as writer:
-        pending = writer.pending()
-        worker_args = (model_spec, grid, seed, split, with_frontal, occluder_prob)
-        chunk = max(1, min(16, len(pending) // (4 * max(workers, 1))))
-        chunks = [pending[i : i + chunk] for i in range(0, len(pending), chunk)]
-        clipped = 0
-        with tqdm(total=num_samples, initial=num_samples - len(pending), desc=split, unit="sample",
-                  disable=not progress) as bar:
-            if workers <= 1:
-                _init_worker(*worker_args)
-                results = map(_make_packed, chunks)
-                pool = None
-            else:
-                pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, worker_args)
-                results = pool.imap(_make_packed, chunks)
-            try:
-                for batch in results:
-                    for index, sample, sample_clipped in batch:
-                        writer.write(index, sample)
-                        clipped += sample_clipped
-                    bar.update(len(batch))
-            finally:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
+        clipped = write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob), _make,
+                                workers, desc=split, progress=progress)
         writer.finish()
-    if clipped:
-        warnings.warn(f"{out_path}: {clipped} of {len(pending)} faces reach outside grid {grid.describe()} "
+    num_clipped = sum(clipped.values())
+    if num_clipped:
+        warnings.warn(f"{out_path}: {num_clipped} of {len(clipped)} faces reach outside grid {grid.describe()} "
                       f"(deep faces at large yaw and pitch; their hidden back is not in the volume)", stacklevel=2)
     return out_path
 

@@ -1,4 +1,7 @@
-"""The authors' joint augmentation of image, volume, landmarks and mesh (DESIGN section 1), in batched torch.
+"""The authors' joint augmentation of image, volume, landmarks and mesh, in batched torch.
+
+The authors' parameters are in docs/paper.md, "Augmentation"; the crop, grid and pose conventions
+in docs/conventions.md.
 
 One transform per sample, written once and used on both paths: in DataLoader workers (a batch of
 one) and on the accelerator (a whole batch, in the DataModule's ``on_after_batch_transfer``).
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.geometry.pose import euler_to_matrix_torch, matrix_to_euler_torch
 from lightning_vrn.landmarks import FLIP
 
 PARAM_KEYS = ("angle", "scale", "tx", "ty", "flip", "colour")
@@ -212,33 +216,6 @@ def frontal_params(params: Mapping[str, torch.Tensor], pivot_xy: torch.Tensor,
     return {**params, "angle": torch.zeros_like(scale), "tx": shift[:, 0], "ty": shift[:, 1]}
 
 
-def _euler_to_matrix(pose: torch.Tensor) -> torch.Tensor:
-    """``(B, 3)`` (pitch, yaw, roll) radians -> ``(B, 3, 3)`` rotations ``Rx Ry Rz``, on the poses' device.
-
-    Batched torch twin of :func:`lightning_vrn.geometry.pose.euler_to_matrix`, where the convention is
-    defined; tests/test_augment.py checks the two agree.
-    """
-    cx, cy, cz = torch.cos(pose).unbind(-1)
-    sx, sy, sz = torch.sin(pose).unbind(-1)
-    zero, one = torch.zeros_like(cx), torch.ones_like(cx)
-    rx = torch.stack([one, zero, zero, zero, cx, sx, zero, -sx, cx], -1).reshape(-1, 3, 3)
-    ry = torch.stack([cy, zero, -sy, zero, one, zero, sy, zero, cy], -1).reshape(-1, 3, 3)
-    rz = torch.stack([cz, sz, zero, -sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
-    return rx @ ry @ rz
-
-
-def _matrix_to_euler(rotation: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, 3)`` rotations -> ``(B, 3)`` (pitch, yaw, roll) radians, yaw in [-pi/2, pi/2].
-
-    Inverse of :func:`_euler_to_matrix`; batched torch twin of
-    :func:`lightning_vrn.geometry.pose.matrix_to_euler`, where the convention is defined.
-    """
-    yaw = torch.asin(torch.clamp(-rotation[:, 0, 2], -1.0, 1.0))
-    roll = torch.atan2(rotation[:, 0, 1], rotation[:, 0, 0])
-    pitch = torch.atan2(rotation[:, 1, 2], rotation[:, 2, 2])
-    return torch.stack([pitch, yaw, roll], dim=-1)
-
-
 def _compose_rotation(rotation_crop: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``(B, 3, 3)`` frontal->posed crop rotations -> those of the augmented meshes: ``Rz (M R M if flip else R)``."""
     device = rotation_crop.device
@@ -254,8 +231,8 @@ def _compose_rotation(rotation_crop: torch.Tensor, params: Mapping[str, torch.Te
 def augment_pose(pose: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``(B, 3)`` (pitch, yaw, roll) radians -> the pose of the augmented faces (same dtype)."""
     flip_yz = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64, device=pose.device))
-    crop = flip_yz @ _euler_to_matrix(pose.to(torch.float64)) @ flip_yz
-    return _matrix_to_euler(flip_yz @ _compose_rotation(crop, params) @ flip_yz).to(pose.dtype)
+    crop = flip_yz @ euler_to_matrix_torch(pose.to(torch.float64)) @ flip_yz
+    return matrix_to_euler_torch(flip_yz @ _compose_rotation(crop, params) @ flip_yz).to(pose.dtype)
 
 
 def augment_batch(batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], grid: VoxelGrid,

@@ -1,4 +1,6 @@
-"""Samples of a dataset file (DESIGN section 3) as tensors, with optional augmentation, on either path.
+"""Samples of a dataset file as tensors, with optional augmentation, on either path.
+
+The file format is in docs/conventions.md, "Dataset file".
 
 Two paths give identical samples (see :mod:`datamodules.augment`):
 

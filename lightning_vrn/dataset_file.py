@@ -1,4 +1,4 @@
-"""The dataset file (HDF5, DESIGN section 3): the one module that knows the schema.
+"""The dataset file (HDF5, docs/conventions.md, "Dataset file"): the one module that knows the schema.
 
 One file per split. Per-sample datasets (first axis N, one chunk per sample):
 
@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.geometry.topology import as_vertex_ids
 from lightning_vrn.landmarks import NUM_LANDMARKS
 
 SCHEMA_VERSION = 1
@@ -39,6 +40,9 @@ SCHEMA_VERSION = 1
 PER_SAMPLE_FIELDS = ("images", "volumes", "volumes_frontal", "landmarks_2d", "landmarks_3d", "pose", "vertices")
 """Names of the per-sample datasets (``volumes_frontal`` is optional)."""
 SHARED_FIELDS = ("triangles", "face_region", "landmark_vertices")
+"""Names of the shared (topology) datasets: vertex ids."""
+UNIQUE_ID_FIELDS = ("face_region",)
+"""Shared datasets whose ids must be distinct (a landmark may reuse a vertex: the SFM's inner mouth corners)."""
 FLOAT_FIELDS = ("landmarks_2d", "landmarks_3d", "pose", "vertices")
 
 SAMPLE_KEYS = {
@@ -157,12 +161,7 @@ class DatasetWriter:
         if self.num_samples <= 0 or self.num_vertices <= 0:
             raise ValueError(f"DatasetWriter for {self.path}: num_samples ({num_samples}) and num_vertices "
                              f"({num_vertices}) must be positive")
-        self._shared = {
-            "triangles": np.asarray(triangles, dtype=np.int32),
-            "face_region": np.asarray(face_region, dtype=np.int32),
-            "landmark_vertices": np.asarray(landmark_vertices, dtype=np.int32),
-        }
-        self._check_shared()
+        self._shared = self._checked_shared(triangles, face_region, landmark_vertices)
         self._attrs = {
             **dict(attrs),
             "schema_version": SCHEMA_VERSION,
@@ -181,15 +180,20 @@ class DatasetWriter:
             self._file, self._written = self._create()
         self._unflushed = 0
 
-    def _check_shared(self) -> None:
-        tri, region, lmk = (self._shared[k] for k in SHARED_FIELDS)
-        if tri.ndim != 2 or tri.shape[1] != 3:
-            raise ValueError(f"DatasetWriter for {self.path}: triangles must be (T, 3), got {tri.shape}")
-        if lmk.shape != (NUM_LANDMARKS,):
-            raise ValueError(f"DatasetWriter for {self.path}: landmark_vertices must be ({NUM_LANDMARKS},), got {lmk.shape}")
-        for name, ids in self._shared.items():
-            if ids.size and (ids.min() < 0 or ids.max() >= self.num_vertices):
-                raise ValueError(f"DatasetWriter for {self.path}: {name} indexes outside 0..{self.num_vertices - 1}")
+    def _checked_shared(self, triangles, face_region, landmark_vertices) -> dict[str, np.ndarray]:
+        """The shared topology as stored (int32), after checking shapes and vertex ids."""
+        shared = {
+            name: as_vertex_ids(values, self.num_vertices, f"DatasetWriter for {self.path}: {name}",
+                                unique=name in UNIQUE_ID_FIELDS).astype(np.int32)
+            for name, values in zip(SHARED_FIELDS, (triangles, face_region, landmark_vertices))
+        }
+        if shared["triangles"].ndim != 2 or shared["triangles"].shape[1] != 3:
+            raise ValueError(f"DatasetWriter for {self.path}: triangles must be (T, 3), "
+                             f"got {shared['triangles'].shape}")
+        if shared["landmark_vertices"].shape != (NUM_LANDMARKS,):
+            raise ValueError(f"DatasetWriter for {self.path}: landmark_vertices must be ({NUM_LANDMARKS},), "
+                             f"got {shared['landmark_vertices'].shape}")
+        return shared
 
     def _create(self) -> tuple[h5py.File, np.ndarray]:
         self.partial_path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,9 +391,10 @@ class FaceDatasetFile:
         if self.landmark_vertices.shape != (NUM_LANDMARKS,):
             raise self._error(f"landmark_vertices have shape {self.landmark_vertices.shape}, expected ({NUM_LANDMARKS},)")
         for name in SHARED_FIELDS:
-            ids = getattr(self, name)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.num_vertices):
-                raise self._error(f"{name} index vertices outside 0..{self.num_vertices - 1}")
+            try:
+                as_vertex_ids(getattr(self, name), self.num_vertices, name, unique=name in UNIQUE_ID_FIELDS)
+            except ValueError as err:
+                raise self._error(str(err)) from None
         self.attrs = {key: _plain(value) for key, value in f.attrs.items()}
         if expected_grid is not None and expected_grid != self.grid:
             raise DatasetError(

@@ -9,8 +9,6 @@ import torch
 
 from datamodules.augment import (
     AugmentConfig,
-    _euler_to_matrix,
-    _matrix_to_euler,
     augment_batch,
     augment_landmarks,
     augment_mesh,
@@ -23,7 +21,13 @@ from datamodules.dataset import FaceVolumeDataset, decode_batch, unpack_bits, un
 from datamodules.heatmaps import gaussian_heatmaps
 from lightning_vrn.dataset_file import DatasetWriter, pack_volume
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
-from lightning_vrn.geometry.pose import crop_rotation, euler_to_matrix, matrix_to_euler
+from lightning_vrn.geometry.pose import (
+    crop_rotation,
+    euler_to_matrix,
+    euler_to_matrix_torch,
+    matrix_to_euler,
+    matrix_to_euler_torch,
+)
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 from lightning_vrn.landmarks import FLIP
 from tests.toy_face import posed_face, toy_sample
@@ -199,12 +203,12 @@ def test_pose_and_rotation_follow_the_mesh():
 
 
 def test_torch_euler_helpers_match_pose_module():
-    """The batched torch ``_euler_to_matrix`` / ``_matrix_to_euler`` agree with lightning_vrn.geometry.pose."""
+    """The batched torch ``euler_to_matrix_torch`` / ``matrix_to_euler_torch`` agree with the numpy ones."""
     rng = np.random.default_rng(7)
     random = rng.uniform([-np.pi, -np.pi / 2, -np.pi], [np.pi, np.pi / 2, np.pi], size=(200, 3))
     poses = torch.tensor(np.vstack([[[0.3, -1.2, 2.5], [-0.7, 0.4, -3.0]], random]), dtype=torch.float64)
-    matrices = _euler_to_matrix(poses)
-    angles = _matrix_to_euler(matrices)
+    matrices = euler_to_matrix_torch(poses)
+    angles = matrix_to_euler_torch(matrices)
     for pose, matrix, angle in zip(poses.numpy(), matrices.numpy(), angles.numpy()):
         np.testing.assert_allclose(matrix, euler_to_matrix(*pose), atol=1e-12)
         np.testing.assert_allclose(angle, matrix_to_euler(matrix), atol=1e-12)

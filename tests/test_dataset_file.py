@@ -21,6 +21,7 @@ from lightning_vrn.dataset_file import (
     unpack_volume,
 )
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.geometry.topology import as_vertex_ids
 from tests.conftest import REPO
 
 GRID = VoxelGrid.centred(12, 16, 16)
@@ -169,6 +170,30 @@ def test_writer_rejects_bad_samples(tmp_path, samples):
             writer.finish()
     with pytest.raises(ValueError, match="face_model"):
         DatasetWriter(tmp_path / "y.h5", GRID, N, V, attrs={"source": "x"}, **TOPOLOGY)
+
+
+@pytest.mark.parametrize("field, values, message", [
+    ("face_region", np.arange(V) < 10, r"face_region must be vertex ids, got a boolean mask.*np\.flatnonzero\(mask\)"),
+    ("face_region", np.arange(5, 35) + 0.0, "face_region must be integer vertex ids, got dtype float64"),
+    ("face_region", [1, 2, 2, 3, 3], r"face_region repeats 2 vertex ids \(first: \[2, 3\]\)"),
+    ("face_region", [0, V], rf"face_region has vertex ids outside \[0, {V}\): min 0, max {V}"),
+    ("face_region", [-1, 3], rf"face_region has vertex ids outside \[0, {V}\): min -1"),
+    ("landmark_vertices", np.ones(68, dtype=bool), "landmark_vertices must be vertex ids, got a boolean mask"),
+    ("landmark_vertices", np.full(68, V), "landmark_vertices has vertex ids outside"),
+    ("triangles", np.zeros((3, 3)), "triangles must be integer vertex ids"),
+])
+def test_writer_rejects_bad_vertex_ids(tmp_path, field, values, message):
+    with pytest.raises(ValueError, match=rf"DatasetWriter for .*x\.h5: {message}"):
+        DatasetWriter(tmp_path / "x.h5", GRID, N, V, attrs=ATTRS, **{**TOPOLOGY, field: values})
+    assert not list(tmp_path.iterdir())
+
+
+def test_vertex_ids_come_back_as_int64_and_landmarks_may_share_a_vertex():
+    ids = as_vertex_ids(np.array([3, 1, 2], dtype=np.uint8), 4, "ids")
+    assert ids.dtype == np.int64 and ids.tolist() == [3, 1, 2]
+    assert as_vertex_ids([], 4, "ids").shape == (0,)
+    # The SFM's inner mouth corners reuse its outer ones: landmark ids may repeat.
+    assert as_vertex_ids([0, 0, 1], 4, "landmark_vertices", unique=False).tolist() == [0, 0, 1]
 
 
 # --- atomic, resumable writes ----------------------------------------------------------------------

@@ -286,6 +286,20 @@ def test_validate_names_model_and_problem(model):
                   model.triangles, model.landmark_vertices, model.face_region).validate()
 
 
+
+def test_validate_wants_face_region_as_distinct_vertex_ids(model):
+    def with_face_region(face_region):
+        return FaceModel("masked", model.mean, model.identity_basis, model.expression_basis, model.expression_names,
+                         model.triangles, model.landmark_vertices, face_region)
+
+    mask = np.zeros(model.num_vertices, dtype=bool)
+    mask[model.face_region] = True
+    with pytest.raises(ValueError, match=r"'masked': face_region must be vertex ids.*np\.flatnonzero\(mask\)"):
+        with_face_region(mask).validate()
+    with pytest.raises(ValueError, match="'masked': face_region repeats"):
+        with_face_region(np.repeat(model.face_region, 2)).validate()
+    with_face_region(np.flatnonzero(mask)).validate()
+
 # ----- the real Surrey Face Model (reference data beside the repo) ------------------------------
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from lightning_vrn.nets import Hourglass, HourglassStack, Residual, Stem, VRNNet
 
 
-# ----- an independent parameter count from the architecture description (DESIGN section 1) -----
+# ----- an independent parameter count from the architecture description (docs/paper.md, "Network") -----
 
 
 def conv_params(c_in: int, c_out: int, k: int) -> int:
@@ -54,7 +54,7 @@ def test_residual_parameter_count_by_hand():
 def test_paper_config_parameter_count_matches_architecture_formula():
     net = VRNNet(out_channels=200, in_channels=3, features=256, stacks=2, hourglass_depth=4)
     assert count(net) == vrn_params(3, 200, 256, 2, 4)
-    assert 6.5e6 < count(net) < 7.0e6  # DESIGN section 6: about 6.7 M for a standard hourglass VRN
+    assert 6.5e6 < count(net) < 7.0e6  # docs/paper.md, "Network": about 6.7 M for a standard hourglass VRN
 
 
 def test_paper_config_output_shape():

@@ -11,7 +11,6 @@ from data_prep import synthetic
 from data_prep.face_model import load_face_model
 from data_prep.render import vertex_normals
 from data_prep.synthetic import (
-    LANDMARK_BOX_FRACTION,
     PITCH_ROLL_STD_DEG,
     POSE_LIMITS_DEG,
     TRANSLATION_JITTER_FRACTION,
@@ -22,6 +21,7 @@ from data_prep.synthetic import (
     sample_rng,
 )
 from lightning_vrn.dataset_file import PER_SAMPLE_FIELDS, open_dataset, pack_volume, unpack_volume
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.raster import rasterise
 from tests.conftest import REPO

@@ -1,6 +1,6 @@
 """The one voxel grid: every conversion between crop coordinates and voxel indices goes through here.
 
-Crop coordinates (DESIGN section 2): x to the right, y down, z away from the camera, all in
+Crop coordinates (docs/conventions.md, "Crop" and "Voxel grid"): x to the right, y down, z away from the camera, all in
 pixels of the square crop; pixel centres at integers. A volume is indexed ``[d, y, x]`` with
 shape ``(depth, height, width)``; voxel ``[d, y, x]`` has its centre at crop coordinates
 ``(x, y, d / z_scale + z_offset)``. The crop is ``height x width`` pixels, so a reduced CPU grid
@@ -82,7 +82,7 @@ class VoxelGrid:
         return np.stack([self.z_to_d(xyz[..., 2]), xyz[..., 1], xyz[..., 0]], axis=-1)
 
     def to_attrs(self) -> dict[str, Any]:
-        """HDF5 file attributes (names fixed by DESIGN section 3)."""
+        """HDF5 file attributes (names fixed by docs/conventions.md, "Dataset file")."""
         return {
             "grid_shape": np.asarray(self.shape, dtype=np.int64),
             "grid_z_scale": float(self.z_scale),

@@ -4,12 +4,20 @@ Pose is ``(pitch, yaw, roll)`` in radians with the 300W-LP / AFLW2000-3D convent
 ``R = Rx(pitch) @ Ry(yaw) @ Rz(roll)`` acting on model coordinates (millimetres; x to the
 subject's left as seen in the image, y up, z towards the camera). Crop coordinates have y down
 and z away from the camera, so ``crop = F @ (s * R @ model) + t`` with ``F = diag(1, -1, -1)``,
-a proper rotation (180 degrees about x): no mirroring.
+a proper rotation (180 degrees about x): no mirroring. See docs/conventions.md, "Pose".
+
+The ``*_torch`` twins work on batches of tensors (augmentation on the accelerator). They import
+torch when called, so that data preparation, which is numpy only, never loads it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 FLIP_YZ = np.diag([1.0, -1.0, -1.0])
 
@@ -32,6 +40,35 @@ def matrix_to_euler(rotation: np.ndarray) -> np.ndarray:
     roll = np.arctan2(r[0, 1], r[0, 0])
     pitch = np.arctan2(r[1, 2], r[2, 2])
     return np.array([pitch, yaw, roll])
+
+
+def euler_to_matrix_torch(pose: torch.Tensor) -> torch.Tensor:
+    """``(B, 3)`` (pitch, yaw, roll) radians -> ``(B, 3, 3)`` rotations: :func:`euler_to_matrix`, batched.
+
+    Same dtype and device as ``pose``.
+    """
+    import torch
+
+    cx, cy, cz = torch.cos(pose).unbind(-1)
+    sx, sy, sz = torch.sin(pose).unbind(-1)
+    zero, one = torch.zeros_like(cx), torch.ones_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, sx, zero, -sx, cx], -1).reshape(-1, 3, 3)
+    ry = torch.stack([cy, zero, -sy, zero, one, zero, sy, zero, cy], -1).reshape(-1, 3, 3)
+    rz = torch.stack([cz, sz, zero, -sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    return rx @ ry @ rz
+
+
+def matrix_to_euler_torch(rotation: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 3)`` rotations -> ``(B, 3)`` (pitch, yaw, roll) radians: :func:`matrix_to_euler`, batched.
+
+    Inverse of :func:`euler_to_matrix_torch`, yaw in [-pi/2, pi/2].
+    """
+    import torch
+
+    yaw = torch.asin(torch.clamp(-rotation[:, 0, 2], -1.0, 1.0))
+    roll = torch.atan2(rotation[:, 0, 1], rotation[:, 0, 0])
+    pitch = torch.atan2(rotation[:, 1, 2], rotation[:, 2, 2])
+    return torch.stack([pitch, yaw, roll], dim=-1)
 
 
 def crop_rotation(pose) -> np.ndarray:

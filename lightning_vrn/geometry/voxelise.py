@@ -1,8 +1,9 @@
 """The authors' voxelisation: a posed face mesh -> a solid occupancy volume aligned with the image.
 
-DESIGN section 1: rotate the mesh to frontal with its pose, take the depth map of the front-most
-surface, fill from that surface backwards along the frontal view axis to a fixed distance, and
-rotate the solid back with the same pose so that it lies over the face in the image.
+The recipe (docs/paper.md, "Voxelisation"): rotate the mesh to frontal with its pose, take the
+depth map of the front-most surface, fill from that surface backwards along the frontal view axis
+to a fixed distance, and rotate the solid back with the same pose so that it lies over the face in
+the image.
 
 Here, in crop coordinates (pixels; x right, y down, z away from the camera), with ``R`` the
 rotation taking the frontal face to the posed one and the pivot ``c`` the mean vertex:
@@ -61,7 +62,7 @@ def voxelise(vertices: np.ndarray, triangles: np.ndarray, rotation: np.ndarray, 
     (D, H, W) bool volume.
     """
     vertices, triangles, rotation = _validated(vertices, triangles, rotation, grid)
-    frontal, pivot = _frontalise(vertices, rotation)
+    frontal, pivot = frontalise(vertices, rotation)
     return _sample_solid(frontal, triangles, rotation, pivot, grid)
 
 
@@ -72,7 +73,7 @@ def voxelise_frontal(vertices: np.ndarray, triangles: np.ndarray, rotation: np.n
     about its mean vertex, sampled on ``grid`` without rotating it back.
     """
     vertices, triangles, rotation = _validated(vertices, triangles, rotation, grid)
-    frontal, pivot = _frontalise(vertices, rotation)
+    frontal, pivot = frontalise(vertices, rotation)
     return _sample_solid(frontal, triangles, np.eye(3), pivot, grid)
 
 
@@ -109,7 +110,7 @@ def _validated(vertices, triangles, rotation, grid):
     return vertices, triangles, rotation
 
 
-def _frontalise(vertices: np.ndarray, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def frontalise(vertices: np.ndarray, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(V, 3)`` posed vertices -> frontal vertices ``R^T (V - c) + c`` and the pivot ``c`` (mean vertex)."""
     pivot = np.ascontiguousarray(vertices.T).mean(axis=1)  # reducing the transposed copy is much faster
     return (vertices - pivot) @ rotation + pivot, pivot

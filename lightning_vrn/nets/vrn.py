@@ -1,4 +1,4 @@
-"""The VRN network (DESIGN section 1): image ``(B, C, S, S)`` -> volume logits ``(B, D, S, S)``.
+"""The VRN network (docs/paper.md, "Network"): image ``(B, C, S, S)`` -> volume logits ``(B, D, S, S)``.
 
 Stem (quarter resolution) -> stacked hourglasses -> 1x1 head to D depth slices -> bilinear x4.
 With the paper settings (S = 192, D = 200, features 256, 2 stacks of depth 4) the hourglasses

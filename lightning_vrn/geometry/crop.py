@@ -1,0 +1,60 @@
+"""The authors' crop rule: a similarity that places a face in the square crop by its 68 landmarks.
+
+The 68-landmark bounding box is scaled so that ``sqrt(w * h)`` is :data:`LANDMARK_BOX_FRACTION`
+of the crop size (90 px in a 192 px crop) and its centre is moved to the crop centre
+``((S - 1) / 2, (S - 1) / 2)``. The same transform goes to the mesh: x, y and z are all scaled by
+the one factor, and the caller chooses where z lands. See docs/conventions.md, "Crop".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_vrn.landmarks import NUM_LANDMARKS
+
+LANDMARK_BOX_FRACTION = 90.0 / 192.0
+"""sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
+
+
+@dataclass(frozen=True)
+class CropTransform:
+    """Similarity from source pixels to crop pixels: ``crop_xy = scale * source_xy + translation``.
+
+    ``scale``: crop pixels per source unit; ``translation``: crop ``(x, y)`` in pixels of the source origin.
+    """
+
+    scale: float
+    translation: tuple[float, float]
+
+    def apply(self, points: np.ndarray, z_shift: float = 0.0) -> np.ndarray:
+        """``(N, 2)`` source ``(x, y)`` or ``(N, 3)`` ``(x, y, z)`` -> crop coordinates (float64, same shape).
+
+        z is scaled by the same factor as x and y, then shifted by ``z_shift`` (crop pixels).
+        """
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] not in (2, 3):
+            raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
+        offset = np.array([*self.translation, z_shift][: points.shape[1]])
+        return self.scale * points + offset
+
+
+def landmark_crop(landmarks_2d: np.ndarray, crop_size: int, scale_jitter: float = 1.0,
+                  centre_shift: tuple[float, float] | np.ndarray = (0.0, 0.0)) -> CropTransform:
+    """The crop transform of a face from its ``(68, 2)`` landmarks in some image's pixel coordinates.
+
+    The landmark box gets ``sqrt(w * h) = LANDMARK_BOX_FRACTION * crop_size * scale_jitter`` pixels
+    and its centre lands on the crop centre plus ``centre_shift`` ``(dx, dy)`` pixels.
+    """
+    landmarks_2d = np.asarray(landmarks_2d, dtype=np.float64)
+    if landmarks_2d.shape != (NUM_LANDMARKS, 2) or not np.isfinite(landmarks_2d).all():
+        raise ValueError(f"landmarks must be finite with shape ({NUM_LANDMARKS}, 2), got {landmarks_2d.shape}")
+    box_lo, box_hi = landmarks_2d.min(axis=0), landmarks_2d.max(axis=0)
+    box_size = np.sqrt(np.prod(box_hi - box_lo))
+    if box_size <= 0:
+        raise ValueError(f"the landmarks' bounding box is flat ({box_hi - box_lo} px): no crop scale can be found")
+    scale = LANDMARK_BOX_FRACTION * crop_size * scale_jitter / box_size
+    centre = (crop_size - 1) / 2.0 + np.asarray(centre_shift, dtype=np.float64)
+    translation = centre - scale * 0.5 * (box_lo + box_hi)
+    return CropTransform(float(scale), (float(translation[0]), float(translation[1])))
