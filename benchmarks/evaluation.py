@@ -25,7 +25,7 @@ from lightning_vrn.geometry import VoxelGrid  # noqa: E402
 from lightning_vrn.geometry.isosurface import volume_to_mesh  # noqa: E402
 from lightning_vrn.landmarks import outer_interocular  # noqa: E402
 from benchmarks.common import report  # noqa: E402
-from experiments.evaluate import YAW_BUCKETS_DEG, in_yaw_bucket  # noqa: E402
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, in_yaw_bucket  # noqa: E402
 from lightning_vrn.metrics.nme import sample_nme  # noqa: E402
 
 

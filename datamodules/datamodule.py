@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,6 +15,39 @@ from datamodules.augment import AugmentConfig
 from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+
+@dataclass
+class DataSettings:
+    """A config's ``data`` section: the split files, batching and augmentation (what the model needs
+    from the data, the target frame and heatmap sigma, comes from the model's settings).
+
+    ``dir``: folder of ``train.h5``, ``val.h5``, ``test.h5``; ``train`` / ``val`` / ``test``: each
+    split's file (null: ``{dir}/{split}.h5``; an empty string: no such split). ``batch_size`` is
+    global (divided by the number of processes).
+    """
+
+    dir: str = "data/synthetic-192"
+    train: Optional[str] = None
+    val: Optional[str] = None
+    test: Optional[str] = None
+    batch_size: int = 4
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        for split in ("train", "val", "test"):
+            if getattr(self, split) is None:
+                setattr(self, split, f"{self.dir}/{split}.h5")
+        if self.batch_size <= 0 or self.num_workers < 0:
+            raise ValueError(f"data.batch_size ({self.batch_size}) must be positive and data.num_workers "
+                             f"({self.num_workers}) >= 0")
+
+    def split_path(self, split: str) -> str | None:
+        """The file of ``split``, or None when the config turns it off with an empty string."""
+        return getattr(self, split) or None
+
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -28,7 +62,7 @@ def as_grid(grid: VoxelGrid | Mapping[str, Any] | str) -> VoxelGrid:
 
 
 class FaceVolumeDataModule(pl.LightningDataModule):
-    """Train/val/test dataset files -> batches, augmented in training (DESIGN section 1).
+    """Train/val/test dataset files -> batches, augmented in training (the authors' augmentation: docs/paper.md).
 
     ``batch_size`` is GLOBAL: each of the trainer's ``world_size`` processes loads
     ``batch_size // world_size``. ``grid``: the grid every file must have. ``augment``: a dict of

@@ -1,16 +1,22 @@
-"""The two baselines of the results table, scored with the same NME as the models.
+"""The baselines of the results table, as LightningModules scored by the same test path as the models.
 
 - mean training volume: the average occupancy of the training split, the same for every test image;
-- mean shape at the ground-truth pose: the face model's mean shape, rotated by the sample's
-  ground-truth pose, scaled and translated onto its ground-truth 3D landmarks (least squares,
-  rotation fixed), then voxelised like the ground truth.
+- mean shape at the ground-truth pose (an oracle: it is handed the true pose): the face model's mean
+  shape, rotated by the sample's ground-truth pose, scaled and translated onto its ground-truth 3D
+  landmarks (least squares, rotation fixed), then voxelised like the ground truth.
+
+Their test steps return ``{"volume": (B, D, H, W)}`` soft occupancy, which
+:class:`lightning_vrn.callbacks.NMECallback` scores exactly as it scores a model's predictions.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
+import pytorch_lightning as pl
+import torch
 from tqdm import tqdm
 
 from data_prep.face_model import load_face_model
@@ -37,29 +43,60 @@ def fit_scale_translation(points: np.ndarray, targets: np.ndarray) -> tuple[floa
     return scale, targets.mean(0) - scale * points.mean(0)
 
 
-class MeanShapeBaseline:
-    """Predicts the voxelised mean face placed at each test sample's ground-truth pose."""
+class Baseline(pl.LightningModule):
+    """A predictor without weights to train: :meth:`predict` maps a batch to soft volumes ``(B, D, H, W)``."""
 
-    def __init__(self, test_file, grid: VoxelGrid):
+    target_frame = "aligned"
+
+    def __init__(self, grid: VoxelGrid):
+        super().__init__()
+        self.grid = grid
+
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"volume": self.predict(batch)}
+
+
+class MeanVolumeBaseline(Baseline):
+    """Predicts the mean training occupancy for every image."""
+
+    def __init__(self, grid: VoxelGrid, mean_volume: np.ndarray):
+        super().__init__(grid)
+        self.register_buffer("mean_volume", torch.as_tensor(mean_volume, dtype=torch.float32))
+
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.mean_volume.expand(len(batch["index"]), *self.grid.shape)
+
+
+class MeanShapeBaseline(Baseline):
+    """Predicts the voxelised mean face placed at each test sample's ground-truth pose (an oracle)."""
+
+    def __init__(self, grid: VoxelGrid, face_model_spec: str):
+        super().__init__(grid)
+        self.model = load_face_model(face_model_spec)
+
+    @classmethod
+    def for_file(cls, test_file, grid: VoxelGrid) -> "MeanShapeBaseline":
+        """The baseline for a dataset file made by ``data_prep.synthetic`` (it records its face model)."""
         spec = test_file.attrs.get("face_model_spec")
         if spec is None:
             raise ValueError(f"{test_file.path} does not record the face model it was made from (attribute "
                              f"face_model_spec): the mean-shape baseline needs synthetic data from data_prep.synthetic")
-        self.model = load_face_model(str(spec))
-        self.grid = grid
+        return cls(grid, str(spec))
 
-    def place(self, sample: dict) -> np.ndarray:
-        """``(V, 3)`` mean-shape vertices in the sample's crop coordinates."""
-        pose = sample["pose"]
+    def place(self, pose: np.ndarray, landmarks_3d: np.ndarray) -> np.ndarray:
+        """``(V, 3)`` mean-shape vertices in a sample's crop coordinates, from its pose and 3D landmarks."""
         rotated = model_to_crop(self.model.mean, pose, 1.0, np.zeros(3))
         scale, translation = fit_scale_translation(
-            rotated[self.model.landmark_vertices], sample["landmarks_3d"].astype(np.float64)
+            rotated[self.model.landmark_vertices], np.asarray(landmarks_3d, dtype=np.float64)
         )
         return scale * rotated + translation
 
-    def predict(self, sample: dict) -> np.ndarray:
-        """``(D, H, W)`` float32 occupancy of the placed mean shape."""
-        vertices = self.place(sample)
-        return voxelise(vertices, self.model.triangles, crop_rotation(sample["pose"]), self.grid).astype(np.float32)
-
-
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        volumes = []
+        for pose, landmarks in zip(batch["pose"].cpu().numpy(), batch["landmarks_3d"].cpu().numpy()):
+            vertices = self.place(pose, landmarks)
+            volumes.append(voxelise(vertices, self.model.triangles, crop_rotation(pose), self.grid))
+        return torch.from_numpy(np.stack(volumes).astype(np.float32))

@@ -1,21 +1,40 @@
 """Experiment configs: YAML files composed as small diffs over a base, plus ``key=value`` overrides.
 
-A config file may name the file it extends with ``extends: other.yaml`` (relative to itself);
-the chain is merged base-first, then the command-line dotlist overrides (what W&B's
-``${args_no_hyphens}`` produces) are merged on top. Every key must already exist in the base:
-a misspelt key is an error that suggests the nearest valid one.
+A config file may name the file it extends with ``extends: other.yaml`` (relative to itself); the
+chain is merged base-first, then the command-line dotlist overrides (what W&B's
+``${args_no_hyphens}`` produces) are merged on top. The result is checked against the settings
+dataclasses of the components, which are the one source of every default:
+
+- top level (``name``, ``seed``, ``run_dir``, ``resume``, ``grid``): :class:`ExperimentSettings`;
+- ``data``: :class:`datamodules.DataSettings` (with ``augment``: :class:`datamodules.AugmentConfig`);
+- ``model``: the ``Settings`` of the model registered under ``model.name``, so a variant's config
+  carries the variant's own keys (and only those);
+- ``nme``: :class:`lightning_vrn.callbacks.NMESettings`; ``checkpoint``: :class:`CheckpointSettings`;
+  ``logger``: :class:`LoggerSettings`;
+- ``trainer``: any argument of ``pytorch_lightning.Trainer`` (its own signature is the schema).
+
+A misspelt key is an error that names the nearest valid one; a value of the wrong type names the key
+and the type. The returned config is complete: every default is filled in, so the ``config.yaml``
+saved with a run says everything. ``python -m experiments.config CONFIG [key=value ...]`` prints it.
 """
 
 from __future__ import annotations
 
-import difflib
+import inspect
+import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from datamodules.datamodule import DataSettings
 from lightning_vrn.atomic import write_text
+from lightning_vrn.callbacks import NMESettings
+from lightning_vrn.models import MODELS
+from lightning_vrn.settings import SettingsError, check_value, parse_settings, settings_dict, unknown_key_error
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -24,8 +43,45 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which and how to fix it."""
 
 
-def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The YAML at ``path`` preceded by every file it (transitively) extends."""
+@dataclass
+class LoggerSettings:
+    """Weights & Biases logging (CSV metrics are always written)."""
+
+    wandb: bool = False
+    project: str = "lightning-vrn"
+    entity: Optional[str] = None
+
+
+@dataclass
+class CheckpointSettings:
+    """``best.ckpt`` is the checkpoint with the best ``monitor`` value (``mode`` min or max); its best-so-far
+    value is logged as ``{monitor}_best``. Monitor ``val/nme`` to select by the validation NME."""
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class ExperimentSettings:
+    """A whole experiment. ``run_dir``: null gives every run its own ``runs/{name}/{time}-{hash}``; a path
+    means exactly that directory (resumed from its ``last.ckpt`` when ``resume`` is true). ``resume``:
+    true, false (start over), or a run directory or checkpoint to continue. ``grid``: ``D,H,W``."""
+
+    name: str = "vrn"
+    seed: int = 0
+    run_dir: Optional[str] = None
+    resume: Union[bool, str] = True
+    grid: str = "200,192,192"
+    data: DataSettings = field(default_factory=DataSettings)
+    model: dict = field(default_factory=lambda: {"name": "vrn"})
+    trainer: dict = field(default_factory=dict)
+    nme: NMESettings = field(default_factory=NMESettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """``(file name, YAML)`` of the file at ``path`` preceded by every file it (transitively) extends."""
     path = path.resolve()
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -35,49 +91,97 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     node = OmegaConf.load(path)
     parent = node.pop("extends", None)
     chain = _load_chain(path.parent / parent, seen + (path,)) if parent else []
-    return chain + [node]
+    return chain + [(str(path), node)]
 
 
-def _all_keys(tree: dict, prefix: str = "") -> list[str]:
-    """Every dotted key of a nested dict, e.g. ``["data", "data.batch_size", ...]``."""
-    keys = []
-    for key, value in tree.items():
-        keys.append(f"{prefix}{key}")
-        if isinstance(value, dict):
-            keys += _all_keys(value, f"{prefix}{key}.")
-    return keys
-
-
-def _merge_strict(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
-    """Merge ``update`` into ``base``; keys absent from ``base`` raise a ConfigError naming ``source``."""
-    OmegaConf.set_struct(base, True)
+def _trainer_arguments() -> dict[str, Any]:
+    """``pytorch_lightning.Trainer`` argument names and their annotations (``Any`` where unresolvable)."""
     try:
-        return OmegaConf.merge(base, update)
-    except (ConfigAttributeError, ConfigKeyError) as error:
-        key = getattr(error, "full_key", None) or str(error)
-        close = difflib.get_close_matches(str(key), _all_keys(OmegaConf.to_container(base)), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see experiments/configs/base.yaml for valid keys"
-        raise ConfigError(f"unknown config key '{key}' in {source}{hint}") from None
+        hints = typing.get_type_hints(pl.Trainer.__init__)
+    except Exception:  # an annotation this Python cannot resolve: check names only
+        hints = {}
+    names = [name for name in inspect.signature(pl.Trainer).parameters if name != "self"]
+    return {name: hints.get(name, Any) for name in names}
+
+
+def _check_trainer(values: dict, where: str) -> dict:
+    """``values`` if every key is a Trainer argument and every simple-typed value has its type."""
+    arguments = _trainer_arguments()
+    for key, value in values.items():
+        if key not in arguments:
+            raise unknown_key_error(f"trainer.{key}", [f"trainer.{name}" for name in arguments], where)
+        if value is not None:
+            check_value(value, arguments[key], f"trainer.{key}", where)
+    return values
+
+
+def validate(container: dict, where: str) -> dict:
+    """The complete, checked config (plain dicts) from a composed one; raises :class:`SettingsError`."""
+    container = dict(container)
+    model = dict(container.pop("model", None) or {})
+    trainer = dict(container.pop("trainer", None) or {})
+    settings = parse_settings(ExperimentSettings, container, where=where)
+    name = model.pop("name", "vrn")
+    if name not in MODELS:
+        raise SettingsError(f"config key 'model.name' in {where} is {name!r}, not a registered model; "
+                            f"valid models: {', '.join(sorted(MODELS))}")
+    model_settings = parse_settings(MODELS[name].Settings, model, prefix="model.", where=where)
+    resolved = settings_dict(settings)
+    resolved["model"] = {"name": name, **settings_dict(model_settings)}
+    resolved["trainer"] = _check_trainer(trainer, where)
+    return resolved
+
+
+def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
+    """The last of the sources that sets the dotted ``key`` (for messages)."""
+    for name, node in reversed(sources):
+        if OmegaConf.select(node, key, default="__absent__") != "__absent__":
+            return name
+    return " or ".join(name for name, _ in sources)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the config at ``path`` (with its ``extends`` chain) and apply ``a.b=c`` overrides."""
-    chain = _load_chain(Path(path))
-    cfg = chain[0]
-    for node in chain[1:]:
-        cfg = _merge_strict(cfg, node, str(path))
+    """Compose the config at ``path`` (with its ``extends`` chain), apply ``a.b=c`` overrides, check and complete it."""
+    sources = _load_chain(Path(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
-    cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
-    OmegaConf.set_struct(cfg, True)
+    if overrides:
+        sources.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+    merged = OmegaConf.merge(*(node for _, node in sources))
     try:
-        OmegaConf.resolve(cfg)
+        container = OmegaConf.to_container(merged, resolve=True)
     except Exception as error:  # interpolation errors name the key already
         raise ConfigError(f"cannot resolve config {path}: {error}") from None
+    try:
+        resolved = validate(container, "the config")
+    except SettingsError as error:
+        message = str(error)
+        key = message.split("'")[1] if "'" in message else ""
+        raise ConfigError(message.replace("in the config", f"in {_source_of(key, sources)}", 1)) from None
+    cfg = OmegaConf.create(resolved)
+    OmegaConf.set_struct(cfg, True)
     return cfg
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config as YAML atomically."""
     write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the complete config that ``experiments.train`` would run with."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m experiments.config CONFIG.yaml [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        print(OmegaConf.to_yaml(load_config(argv[0], argv[1:])), end="")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,105 +1,63 @@
-"""Evaluate a checkpoint on a test file with the paper's NME.
+"""Evaluate a checkpoint on a test file with the paper's NME, by the same test path training uses.
 
 ``python -m experiments.evaluate --checkpoint CKPT --data TEST.h5 [--out DIR] [--train-data TRAIN.h5]``
 
-Writes into ``--out`` (default: ``eval/`` beside the checkpoint's run directory):
-``metrics.json`` (NME mean, median, per yaw bucket, rigidly aligned NME, and the baselines when
-``--train-data`` is given), ``per_sample.csv``, ``ced.png`` (cumulative error curve, the paper's
-Figure 7), ``reconstruction.obj`` (the median-error sample's iso-surface, vertex colours from the
-image) and ``reconstruction.png`` (input, prediction and ground truth side by side).
+The model (and each baseline) runs through ``Trainer.test`` on the DataModule with the
+:class:`~lightning_vrn.callbacks.NMECallback`, exactly as training's test stage does, so the same
+checkpoint and file give the same numbers to the last digit (at the same batch size). Writes into
+``--out`` (default: ``eval/`` beside the checkpoint's run directory):
+
+- ``metrics.json``: one summary per method (NME mean, median, per |yaw| bucket, rigidly aligned NME,
+  failures): the model, and the baselines when ``--train-data`` is given;
+- ``{method}/test.csv`` and ``{method}/test_summary.json``: the per-sample table and its summary;
+- ``ced.png``: cumulative error curves of all methods (the paper's Figure 7);
+- ``reconstruction.obj`` (the median-error sample's iso-surface, vertex colours from the image) and
+  ``reconstruction.png`` (input, prediction and ground truth side by side).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import math
 import sys
-from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
-from tqdm import tqdm
 
-from experiments.baselines import MeanShapeBaseline, mean_training_volume
-from lightning_vrn.atomic import atomic_path, write_text
+from datamodules import FaceVolumeDataModule
+from experiments.baselines import MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
+from lightning_vrn.atomic import write_text
+from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
-from lightning_vrn.landmarks import outer_interocular
-from lightning_vrn.metrics.nme import EmptyPredictionError, sample_nme
+from lightning_vrn.metrics.report import read_per_sample_csv
 from lightning_vrn.models import load_model
 from lightning_vrn.visualise import save_ced, save_comparison, shade_mesh, vertex_colours_from_image
 
-YAW_BUCKETS_DEG = ((0, 30), (30, 60), (60, 90))
+MODEL = "model"
 
 
-def in_yaw_bucket(yaw_deg: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Boolean mask of ``lo <= |yaw| < hi`` degrees (the last bucket also takes ``|yaw| >= hi``)."""
-    magnitude = np.abs(yaw_deg)
-    return (magnitude >= lo) & ((magnitude < hi) | (hi == YAW_BUCKETS_DEG[-1][1]))
+def slug(method: str) -> str:
+    """Folder name of a method's report: ``"mean shape at GT pose"`` -> ``"mean_shape_at_GT_pose"``."""
+    return "_".join(method.split())
 
 
-def summarise(nme: np.ndarray, nme_aligned: np.ndarray, yaw_deg: np.ndarray) -> dict:
-    """Mean and median NME, the rigidly aligned mean, and the mean per |yaw| bucket (None where empty)."""
-    ok = np.isfinite(nme)
+def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path,
+                max_samples: int | None = None) -> tuple[dict, dict]:
+    """Run ``module`` through ``Trainer.test`` with the NME callback; returns the summary and the per-sample table.
 
-    def mean(values, mask):
-        return float(np.mean(values[mask])) if mask.any() else None
-
-    summary = {
-        "nme_mean": mean(nme, ok),
-        "nme_median": float(np.median(nme[ok])) if ok.any() else None,
-        "nme_aligned_mean": mean(nme_aligned, ok),
-        "num_samples": int(len(nme)),
-        "num_failed": int((~ok).sum()),
-    }
-    for lo, hi in YAW_BUCKETS_DEG:
-        inside = ok & in_yaw_bucket(yaw_deg, lo, hi)
-        summary[f"nme_yaw_{lo}_{hi}"] = mean(nme, inside)
-        summary[f"count_yaw_{lo}_{hi}"] = int(inside.sum())
-    return summary
-
-
-class TestSet:
-    """The test file's samples with what NME needs: face-region vertices, interocular distance, yaw."""
-
-    def __init__(self, path: Path, grid, max_samples: int | None):
-        self.file = open_dataset(path, expected_grid=grid)
-        self.count = len(self.file) if max_samples is None else min(max_samples, len(self.file))
-        self.face_region = self.file.face_region
-        self.yaw_deg = np.degrees([self.file.read(i, ["pose"])["pose"][1] for i in range(self.count)])
-
-    def sample(self, index: int, fields=("vertices", "landmarks_3d", "pose")) -> dict:
-        """What scoring needs of sample ``index`` (the image only when asked: scoring never reads it)."""
-        return self.file.read(index, list(fields))
-
-
-def model_volumes(model, test: TestSet, batch_size: int) -> Iterator[np.ndarray]:
-    """The model's soft volumes ``(D, H, W)`` for the test samples, in order, predicted in batches."""
-    for start in range(0, test.count, batch_size):
-        indices = range(start, min(start + batch_size, test.count))
-        images = np.stack([test.file.read(i, ["images"])["images"] for i in indices])
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
-        with torch.no_grad():
-            yield from model.predict_step({"image": batch}).numpy()
-
-
-def score(volumes: Iterable[np.ndarray], test: TestSet, grid, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """NME and rigidly aligned NME per test sample (NaN where the prediction has no surface)."""
-    nme = np.full(test.count, np.nan)
-    nme_aligned = np.full(test.count, np.nan)
-    for i, volume in enumerate(tqdm(volumes, total=test.count, desc=desc, unit="sample")):
-        sample = test.sample(i)
-        interocular = float(outer_interocular(sample["landmarks_3d"]))
-        try:
-            result = sample_nme(volume, sample["vertices"][test.face_region], interocular, grid)
-            nme[i], nme_aligned[i] = result.nme, result.nme_aligned
-        except EmptyPredictionError as error:
-            tqdm.write(f"sample {i}: {error}")
-    return nme, nme_aligned
+    Writes ``out_dir/test.csv`` and ``out_dir/test_summary.json``.
+    """
+    callback = NMECallback(out_dir=out_dir, max_test_samples=max_samples)
+    limit = 1.0 if max_samples is None else math.ceil(max_samples / datamodule.hparams.batch_size)
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, callbacks=[callback], enable_checkpointing=False,
+                         enable_model_summary=False, limit_test_batches=limit)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return callback.summaries["test"], read_per_sample_csv(out_dir / "test.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-data", type=Path, default=None, help="training split: enables the baselines")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     args = parser.parse_args(argv)
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
@@ -120,49 +79,40 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint)
     grid = model.grid
     out = args.out or args.checkpoint.resolve().parent.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    test = TestSet(args.data, grid, args.max_samples)
-
-    results = {"model": score(model_volumes(model, test, args.batch_size), test, grid, "NME (model)")}
+    datamodule = FaceVolumeDataModule(test_path=args.data, grid=grid, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, heatmap_sigma=model.heatmap_sigma,
+                                      target_volume=model.target_frame or "aligned", persistent_workers=False)
+    methods: dict[str, pl.LightningModule] = {MODEL: model}
     if args.train_data is not None:
-        mean_volume = mean_training_volume(args.train_data, grid)
-        results["mean training volume"] = score(repeat(mean_volume, test.count), test, grid, "NME (mean volume)")
-        mean_shape = MeanShapeBaseline(test.file, grid)
-        placed = (mean_shape.predict(test.sample(i)) for i in range(test.count))
-        results["mean shape at GT pose"] = score(placed, test, grid, "NME (mean shape)")
+        methods["mean training volume"] = MeanVolumeBaseline(grid, mean_training_volume(args.train_data, grid))
+        methods["mean shape at GT pose"] = MeanShapeBaseline.for_file(open_dataset(args.data, grid), grid)
 
-    metrics = {name: summarise(nme, aligned, test.yaw_deg) for name, (nme, aligned) in results.items()}
+    metrics, tables = {}, {}
+    for name, module in methods.items():
+        print(f"NME ({name})", file=sys.stderr)
+        metrics[name], tables[name] = test_report(module, datamodule, out / slug(name), args.max_samples)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), grid=grid.describe())
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    _write_per_sample(out / "per_sample.csv", results, test.yaw_deg)
-    save_ced(out / "ced.png", {name: nme[np.isfinite(nme)] for name, (nme, _) in results.items()})
-    _write_reconstruction(out, model, test, results["model"][0], grid)
+    save_ced(out / "ced.png", {name: table["nme"][~table["failed"]] for name, table in tables.items()})
+    _write_reconstruction(out, model, args.data, tables[MODEL])
 
     print(json.dumps(metrics, indent=2))
     print(f"metrics:        {out / 'metrics.json'}")
+    print(f"per sample:     {out / MODEL / 'test.csv'}")
     print(f"error curve:    {out / 'ced.png'}")
     print(f"mesh:           {out / 'reconstruction.obj'}")
     print(f"picture:        {out / 'reconstruction.png'}")
     return 0
 
 
-def _write_per_sample(path: Path, results: dict, yaw_deg: np.ndarray) -> None:
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        names = list(results)
-        writer.writerow(["index", "yaw_deg"] + [f"{n}: {k}" for n in names for k in ("nme", "nme_aligned")])
-        for i in range(len(yaw_deg)):
-            row = [i, f"{yaw_deg[i]:.2f}"]
-            for name in names:
-                row += [f"{value[i]:.6f}" for value in results[name]]
-            writer.writerow(row)
-
-
-def _write_reconstruction(out: Path, model, test: TestSet, nme: np.ndarray, grid) -> None:
+def _write_reconstruction(out: Path, model, data: Path, table: dict) -> None:
     """The median-error sample: coloured .obj of the prediction and a side-by-side PNG."""
-    finite = np.flatnonzero(np.isfinite(nme))
-    index = int(finite[np.argsort(nme[finite])[len(finite) // 2]]) if len(finite) else 0
-    sample = test.sample(index, ("images", "vertices"))
+    grid = model.grid
+    ok = np.flatnonzero(~table["failed"])
+    row = int(ok[np.argsort(table["nme"][ok])[len(ok) // 2]]) if len(ok) else 0
+    index, nme = int(table["index"][row]), float(table["nme"][row])
+    test_file = open_dataset(data, grid)
+    sample = test_file.read(index, ["images", "vertices"])
     image = sample["images"]
     batch = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
     with torch.no_grad():
@@ -171,9 +121,9 @@ def _write_reconstruction(out: Path, model, test: TestSet, nme: np.ndarray, grid
     write_obj(out / "reconstruction.obj", vertices, triangles, vertex_colours_from_image(vertices, image))
     panels = {
         "prediction": shade_mesh(vertices, triangles, grid.crop_size),
-        "ground truth": shade_mesh(sample["vertices"], test.file.triangles, grid.crop_size),
+        "ground truth": shade_mesh(sample["vertices"], test_file.triangles, grid.crop_size),
     }
-    save_comparison(out / "reconstruction.png", image, panels, title=f"sample {index}: NME {nme[index]:.4f}")
+    save_comparison(out / "reconstruction.png", image, panels, title=f"sample {index}: NME {nme:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,49 +1,69 @@
-"""Train a VRN variant: ``python -m experiments.train --config experiments/configs/NAME.yaml [key=value ...]``.
+"""Train a model: ``python -m experiments.train --config experiments/configs/NAME.yaml [key=value ...]``.
 
-Every run directory gets the resolved config (``config.yaml``), the command line (``command.txt``),
-checkpoints (``checkpoints/best.ckpt`` by validation loss and ``checkpoints/last.ckpt``), metrics per
-step and epoch (``csv/version_N/metrics.csv``, one per attempt), the final metrics (``metrics.json``)
-and per-sample NME tables (``nme/``).
-Re-running the same command resumes from ``last.ckpt`` (set ``resume=false`` to start over).
+Every run gets its own directory, ``runs/{name}/{YYYYmmdd-HHMMSS}-{hash}`` (the hash is of the
+resolved config), so repeated runs and sweep trials never resume or overwrite each other. Resuming
+is explicit: ``run_dir=PATH`` always means exactly that directory (continued from its
+``checkpoints/last.ckpt`` unless ``resume=false``), and ``resume=PATH`` continues the run directory
+or checkpoint at PATH.
+
+A run directory holds the resolved config (``config.yaml``), the command line (``command.txt``),
+checkpoints (``checkpoints/best.ckpt`` by ``checkpoint.monitor`` and ``checkpoints/last.ckpt``),
+metrics per step and epoch (``csv/version_N/metrics.csv``, one per attempt), the final metrics
+(``metrics.json``, the test NME exactly as the test report has it) and the NME reports (``nme/``:
+per-sample tables and summaries, the same files ``experiments.evaluate`` writes).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from datamodules import FaceVolumeDataModule
 from experiments.config import ConfigError, load_config, save_config
 from lightning_vrn.atomic import write_text
-from lightning_vrn.callbacks import NMECallback
+from lightning_vrn.callbacks import NMECallback, RunCheckpoint
 from lightning_vrn.geometry import VoxelGrid
-from lightning_vrn.models import build_model
+from lightning_vrn.models import VRNModule, build_model
+
+RUN_DIR_ENV = "LIGHTNING_VRN_RUN_DIR"
+"""Set by the first process to the run directory it chose, so that DDP processes it launches use the same one."""
 
 
-def build_datamodule(cfg: DictConfig) -> FaceVolumeDataModule:
-    """The DataModule a config describes."""
+def build_datamodule(cfg: DictConfig, model: VRNModule) -> FaceVolumeDataModule:
+    """The DataModule a config describes, serving what ``model`` needs (target frame, heatmaps)."""
     data = cfg.data
     return FaceVolumeDataModule(
-        train_path=data.train,
-        val_path=data.val,
-        test_path=data.test,
-        grid=VoxelGrid.parse(cfg.grid).to_dict(),
+        train_path=data.train or None,
+        val_path=data.val or None,
+        test_path=data.test or None,
+        grid=model.grid.to_dict(),
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         augment=OmegaConf.to_container(data.augment),
-        heatmap_sigma=data.heatmap_sigma,
-        target_volume=data.target_volume,
+        heatmap_sigma=model.heatmap_sigma,
+        target_volume=model.target_frame or "aligned",
         seed=cfg.seed,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers,
     )
+
+
+def build_model_from_config(cfg: DictConfig) -> VRNModule:
+    """The model of ``cfg.model`` on ``cfg.grid``."""
+    settings = OmegaConf.to_container(cfg.model)
+    return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
@@ -63,24 +83,64 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             )
         )
     callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best",
-            monitor="val/loss",
-            mode="min",
-            save_last=True,
-            enable_version_counter=False,  # a restarted run replaces best/last instead of adding -v1 copies
-        ),
+        RunCheckpoint(run_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode),
         LearningRateMonitor(logging_interval="epoch"),
     ]
     if cfg.nme.every_n_epochs:
-        callbacks.append(
-            NMECallback(
-                every_n_epochs=cfg.nme.every_n_epochs, max_val_samples=cfg.nme.max_val_samples, out_dir=run_dir / "nme"
-            )
-        )
+        callbacks.append(NMECallback(every_n_epochs=cfg.nme.every_n_epochs, max_val_samples=cfg.nme.max_val_samples,
+                                     icp_distance_ratio=cfg.nme.icp_distance_ratio, out_dir=run_dir / "nme"))
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **trainer_args)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Six hex digits identifying a resolved config."""
+    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:6]
+
+
+def new_run_dir(cfg: DictConfig, root: Path = Path("runs")) -> Path:
+    """A fresh ``root/{name}/{YYYYmmdd-HHMMSS}-{hash}`` directory (``-2``, ``-3``... if taken), created."""
+    stem = root / cfg.name / f"{datetime.now():%Y%m%d-%H%M%S}-{config_hash(cfg)}"
+    for attempt in range(1, 1000):
+        path = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory beside {stem}")
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: start fresh), as the config asks.
+
+    ``resume=PATH`` (a run directory or a checkpoint file) continues that run; an explicit ``run_dir``
+    is used as it is (resumed from its ``last.ckpt`` when ``resume`` is true and one exists); neither
+    gives a new directory.
+    """
+    if isinstance(cfg.resume, str):
+        target = Path(cfg.resume)
+        checkpoint = target / "checkpoints" / "last.ckpt" if target.is_dir() else target
+        if not checkpoint.is_file():
+            raise ConfigError(f"resume={cfg.resume}: no checkpoint at {checkpoint}; name a run directory holding "
+                              f"checkpoints/last.ckpt or a .ckpt file")
+        run_dir = target if target.is_dir() else checkpoint.resolve().parent.parent
+        if cfg.run_dir and Path(cfg.run_dir).resolve() != run_dir.resolve():
+            raise ConfigError(f"resume={cfg.resume} belongs to run directory {run_dir}, but run_dir={cfg.run_dir}; "
+                              f"set only one of them")
+        return run_dir, checkpoint
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return run_dir, last if cfg.resume and last.is_file() else None
+    if rank_zero_only.rank > 0:  # a DDP process: use the directory the first process chose
+        if not os.environ.get(RUN_DIR_ENV):
+            raise ConfigError("processes started outside Lightning (torchrun, srun) cannot agree on a new run "
+                              "directory: set run_dir=PATH explicitly")
+        return Path(os.environ[RUN_DIR_ENV]), None
+    run_dir = new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir, None
 
 
 @rank_zero_only
@@ -93,31 +153,40 @@ def _record_run(cfg: DictConfig, run_dir: Path, command: str) -> None:
 
 
 def train(cfg: DictConfig, command: str = "") -> dict:
-    """Fit (resuming when possible), then test with the best checkpoint; returns the final metrics."""
-    run_dir = Path(cfg.run_dir)
+    """Fit (resuming as the config says), then test with the best checkpoint; returns the final metrics.
+
+    The metrics include ``run_dir``, ``best_checkpoint`` and its score, and the test NME summary
+    (``test/nme``, ...) exactly as the test report writes it.
+    """
+    run_dir, resume_from = resolve_run(cfg)
+    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
+    if fast_dev_run:
+        resume_from = None
     _record_run(cfg, run_dir, command)
 
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    model = build_model(
-        cfg.model.name,
-        grid=VoxelGrid.parse(cfg.grid).to_dict(),
-        net=OmegaConf.to_container(cfg.model.net),
-        optim=OmegaConf.to_container(cfg.model.optim),
-    )
+    model = build_model_from_config(cfg)
+    datamodule = build_datamodule(cfg, model)
     trainer = build_trainer(cfg, run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume_from = str(last) if cfg.resume and last.is_file() and not cfg.trainer.fast_dev_run else None
     if resume_from:
         rank_zero_info(f"resuming from {resume_from}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not cfg.trainer.fast_dev_run:
-        best = trainer.checkpoint_callback.best_model_path or None
+    if not fast_dev_run:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path or None
         test_results = trainer.test(model, datamodule=datamodule, ckpt_path=best)
         metrics.update({k: float(v) for k, v in (test_results[0] if test_results else {}).items()})
+        nme = next((c for c in trainer.callbacks if isinstance(c, NMECallback)), None)
+        if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
+            summary = nme.summaries["test"]
+            metrics.update({"test/nme": summary["nme_mean"], "test/nme_median": summary["nme_median"],
+                            "test/nme_aligned": summary["nme_aligned_mean"]})
         metrics["best_checkpoint"] = best
+        if checkpoint.best_model_score is not None:
+            metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
+    metrics["run_dir"] = str(run_dir)
     if trainer.is_global_zero:
         write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
@@ -133,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     command = shlex.join([sys.executable, "-m", "experiments.train", *(argv if argv is not None else sys.argv[1:])])
-    metrics = train(cfg, command)
-    print(f"run directory: {cfg.run_dir}")
+    try:
+        metrics = train(cfg, command)
+    except ConfigError as error:
+        parser.error(str(error))
+    print(f"run directory: {metrics['run_dir']}")
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

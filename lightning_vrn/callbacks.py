@@ -1,43 +1,64 @@
-"""Lightning callbacks: the paper's NME on validation (every few epochs, on a subset) and on test.
+"""Lightning callbacks: the paper's NME on validation and test, and run checkpoints with a best-so-far score.
 
-:class:`NMECallback` needs from the LightningModule ``grid`` (the :class:`VoxelGrid` of its volumes)
-and ``predict_step(batch, batch_idx)`` returning the soft occupancy ``(B, D, H, W)`` in [0, 1]
-(or a mapping with it under ``"volume"``); from the batch ``vertices`` (B, V, 3) ground-truth mesh
-in crop pixels, ``landmarks_3d`` (B, 68, 3), ``pose`` (B, 3) radians and ``index`` (B,); and from
-the DataModule's ``topology(split)["face_region"]``, the face-region vertex ids the NME is measured on.
+:class:`NMECallback` scores the predictions that the validation and test steps already made (no
+second forward pass). It needs from the LightningModule ``grid`` (the :class:`VoxelGrid` of its
+volumes) and ``target_frame`` (``aligned`` or ``frontal``); from each step's outputs
+``"volume"`` (soft occupancy in [0, 1]) or ``"volume_logits"``, ``(B, D, H, W)``; from the batch
+``vertices`` (B, V, 3) ground-truth mesh in crop pixels, ``landmarks_3d`` (B, 68, 3), ``pose``
+(B, 3) radians, ``index`` (B,) and optionally ``expression`` (B,) label ids; and from the
+DataModule's ``topology(split)["face_region"]``, the face-region vertex ids the NME is measured on.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from lightning_vrn.atomic import atomic_path
 from lightning_vrn.landmarks import outer_interocular
-from lightning_vrn.metrics.nme import ICP_DISTANCE_RATIO, NME
+from lightning_vrn.metrics.report import write_report
+from lightning_vrn.models.volume import occupancy
 
-CSV_COLUMNS = ("index", "yaw_deg", "nme", "nme_aligned")
+
+@dataclass
+class NMESettings:
+    """When the NME runs: validation every ``every_n_epochs`` epochs (0: never) on the first
+    ``max_val_samples`` samples (None: all), and always on test; ``icp_distance_ratio``: the ICP
+    cut-off as a fraction of the interocular distance (None: the metric's default, 0.1)."""
+
+    every_n_epochs: int = 5
+    max_val_samples: Optional[int] = 64
+    icp_distance_ratio: Optional[float] = None
+
+    def __post_init__(self):
+        if self.every_n_epochs < 0:
+            raise ValueError(f"nme.every_n_epochs must be >= 0 (0: no validation NME), got {self.every_n_epochs}")
+        if self.max_val_samples is not None and self.max_val_samples < 1:
+            raise ValueError(f"nme.max_val_samples must be a positive number or null (all), got {self.max_val_samples}")
 
 
 class NMECallback(pl.Callback):
-    """Log ``val/nme``, ``val/nme_aligned``, ``val/nme_failed`` (and ``test/...``) and write per-sample CSVs.
+    """Log ``{stage}/nme``, ``/nme_median``, ``/nme_aligned``, ``/nme_failed``, ``/nme_yaw_{lo}_{hi}``; write reports.
 
     Validation: on epochs ``e`` with ``(e + 1) % every_n_epochs == 0`` that also run validation
     (with the Trainer's ``check_val_every_n_epoch`` > 1, make ``every_n_epochs`` a multiple of it;
-    not during the sanity check; always under ``trainer.validate``), on the first ``max_val_samples`` validation samples
-    (``None``: all; under DDP each process takes its share). Test: every sample. The metric states
-    reduce across processes; rank 0 then writes ``val_epoch{e:04d}.csv`` / ``test.csv`` with columns
-    ``index, yaw_deg, nme, nme_aligned`` into ``out_dir`` (default: the trainer's log directory).
-    Predictions run under ``torch.no_grad`` in eval mode; the iso-surface and ICP run on the CPU
-    (about 0.2 s per sample at the paper grid), only on these epochs, never in training steps.
+    not during the sanity check; always under ``trainer.validate``), on the first ``max_val_samples``
+    validation samples (``None``: all; under DDP each process takes its share). Test: every sample,
+    or the first ``max_test_samples``. The per-sample states gather across processes; each dataset
+    index counts once (a distributed sampler's padding repeats are dropped), so the values equal a
+    single process's. Rank 0 writes the report (:func:`lightning_vrn.metrics.report.write_report`):
+    ``val_epoch{e:04d}.csv`` / ``test.csv`` and their ``_summary.json`` into ``out_dir`` (default:
+    the trainer's log directory). :attr:`summaries` keeps the last summary of each stage. The
+    iso-surface and ICP run on the CPU (about 0.2 s per sample at the paper grid), only on these
+    epochs, never in training steps.
     """
 
     def __init__(
@@ -45,18 +66,23 @@ class NMECallback(pl.Callback):
         every_n_epochs: int = 5,
         max_val_samples: int | None = 64,
         out_dir: str | os.PathLike | None = None,
-        icp_distance_ratio: float = ICP_DISTANCE_RATIO,
+        icp_distance_ratio: float | None = None,
+        max_test_samples: int | None = None,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs} (leave the callback out for no NME)")
-        if max_val_samples is not None and max_val_samples < 1:
-            raise ValueError(f"max_val_samples must be a positive number or None (all), got {max_val_samples}")
+        for name, value in (("max_val_samples", max_val_samples), ("max_test_samples", max_test_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number or None (all), got {value}")
         self.every_n_epochs = every_n_epochs
         self.max_val_samples = max_val_samples
+        self.max_test_samples = max_test_samples
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.icp_distance_ratio = icp_distance_ratio
-        self._metric: NME | None = None
+        self.summaries: dict[str, dict] = {}
+        self._metric = None
         self._face_region: np.ndarray | None = None
+        self._frame = "aligned"
         self._sample_limit: int | None = None
         self._samples_seen = 0
 
@@ -65,34 +91,40 @@ class NMECallback(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.state.fn == TrainerFn.VALIDATING
         if due and not trainer.sanity_checking:
-            limit = None if self.max_val_samples is None else math.ceil(self.max_val_samples / trainer.world_size)
-            self._start(trainer, pl_module, limit, "val")
+            self._start(trainer, pl_module, self._share(trainer, self.max_val_samples), "val")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._metric is not None:
-            self._update(pl_module, batch, batch_idx)
+            self._update(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._metric is not None:
-            self._finish(trainer, pl_module, "val", f"val_epoch{trainer.current_epoch:04d}.csv")
+            self._finish(trainer, pl_module, "val", f"val_epoch{trainer.current_epoch:04d}")
 
     # ----- test -----
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module, None, "test")
+        self._start(trainer, pl_module, self._share(trainer, self.max_test_samples), "test")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._metric is not None:
-            self._update(pl_module, batch, batch_idx)
+            self._update(outputs, batch)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._metric is not None:
-            self._finish(trainer, pl_module, "test", "test.csv")
+            self._finish(trainer, pl_module, "test", "test")
 
     # ----- shared -----
 
+    @staticmethod
+    def _share(trainer: pl.Trainer, limit: int | None) -> int | None:
+        """Each process's share of a sample limit."""
+        return None if limit is None else math.ceil(limit / trainer.world_size)
+
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None, split: str) -> None:
         """A fresh metric on the module's device (NCCL gathers device tensors), ``split``'s face region, the limit."""
+        from lightning_vrn.metrics.nme import NME  # Open3D: imported only where the NME runs
+
         grid = getattr(pl_module, "grid", None)
         if grid is None:
             raise AttributeError(f"NMECallback needs {type(pl_module).__name__}.grid, the VoxelGrid of its volumes")
@@ -102,63 +134,107 @@ class NMECallback(pl.Callback):
                 "NMECallback needs trainer.datamodule.topology(split)['face_region'] (face-region vertex ids of "
                 "the ground-truth mesh); fit/validate/test with a datamodule that provides it"
             )
-        topology = topology(split)
-        face_region = np.asarray(topology["face_region"])
-        self._face_region = np.flatnonzero(face_region) if face_region.dtype == bool else face_region.astype(np.int64)
-        self._metric = NME(grid, icp_distance_ratio=self.icp_distance_ratio).to(pl_module.device)
+        face_region = np.asarray(topology(split)["face_region"])
+        if face_region.dtype == bool or not np.issubdtype(face_region.dtype, np.integer):
+            raise TypeError(f"face_region of the {split} split must be vertex ids (integers), got dtype "
+                            f"{face_region.dtype}; convert a boolean mask with np.flatnonzero(mask)")
+        self._face_region = face_region.astype(np.int64)
+        self._frame = getattr(pl_module, "target_frame", None) or "aligned"
+        options = {} if self.icp_distance_ratio is None else {"icp_distance_ratio": self.icp_distance_ratio}
+        self._metric = NME(grid, **options).to(pl_module.device)
         self._sample_limit = limit
         self._samples_seen = 0
 
-    def _update(self, pl_module: pl.LightningModule, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Predict the batch (up to the sample limit) and add it to the metric."""
+    def _update(self, outputs: Any, batch: Mapping[str, Any]) -> None:
+        """Score the step's predictions of the batch (up to the sample limit)."""
+        from lightning_vrn.metrics.nme import scoring_vertices
+
         missing = [key for key in ("vertices", "landmarks_3d", "pose", "index") if key not in batch]
         if missing:
             raise KeyError(
                 f"NMECallback needs batch keys {missing}: load the ground-truth mesh vertices for validation "
                 "and test (the DataModule's eval_vertices option)"
             )
+        if not isinstance(outputs, Mapping) or not ({"volume", "volume_logits"} & set(outputs)):
+            raise KeyError("NMECallback needs the validation/test step to return a dict with 'volume' (soft "
+                           "occupancy) or 'volume_logits' (B, D, H, W); VRNModule's steps do")
         count = len(batch["index"])
         if self._sample_limit is not None:
             count = min(count, self._sample_limit - self._samples_seen)
         if count <= 0:
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            prediction = pl_module.predict_step(batch, batch_idx)
-        pl_module.train(was_training)
-        if isinstance(prediction, Mapping):
-            prediction = prediction["volume"]
-
+        if "volume" in outputs:
+            volume = outputs["volume"][:count].detach().float()
+        else:
+            volume = occupancy(outputs["volume_logits"][:count].detach())
         vertices = batch["vertices"][:count].detach().cpu().numpy()
-        landmarks = batch["landmarks_3d"][:count].detach().cpu().numpy()
+        poses = batch["pose"][:count].detach().cpu().numpy()
+        gt = [scoring_vertices(v, pose, self._frame)[self._face_region] for v, pose in zip(vertices, poses)]
+        expression = batch["expression"][:count].detach().cpu() if "expression" in batch else None
         self._metric.update(
-            prediction[:count].detach().float().cpu(),
-            vertices[:, self._face_region],
-            outer_interocular(landmarks),
+            volume.cpu(),
+            gt,
+            outer_interocular(batch["landmarks_3d"][:count].detach().cpu().numpy()),
             batch["pose"][:count, 1].detach().cpu(),
             batch["index"][:count].detach().cpu(),
+            expression,
         )
         self._samples_seen += count
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, csv_name: str) -> None:
-        """Reduce across processes, log the means and write the per-sample CSV on rank 0."""
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, name: str) -> None:
+        """Gather across processes, log the summary and write the report on rank 0."""
+        from lightning_vrn.metrics.report import summarise
+
         metric, self._metric = self._metric, None
-        values = metric.compute()  # collective under DDP: every process gets the global means
-        table = metric.per_sample()  # collective too: every process must call it
-        # The values are already global and equal on every process; sync_dist only averages equal numbers.
-        for key, name in (("nme", "nme"), ("nme_aligned", "nme_aligned"), ("failed", "nme_failed")):
-            pl_module.log(f"{stage}/{name}", values[key].to(torch.float32), sync_dist=True)
+        table = metric.per_sample()  # collective under DDP: every process gets the whole table
+        summary = summarise(table)
+        self.summaries[stage] = summary
+        logged = {"nme": "nme_mean", "nme_median": "nme_median", "nme_aligned": "nme_aligned_mean",
+                  "nme_failed": "num_failed"}
+        logged.update({key: key for key in summary if key.startswith("nme_yaw_")})
+        for log_name, key in logged.items():
+            value = float("nan") if summary[key] is None else float(summary[key])
+            # Equal on every process already: sync_dist only averages equal numbers.
+            pl_module.log(f"{stage}/{log_name}", torch.tensor(value, dtype=torch.float32), sync_dist=True)
         if trainer.is_global_zero:
-            out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir)
-            write_nme_csv(out_dir / csv_name, table)
+            write_report(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir), name, table)
         metric.reset()
 
 
-def write_nme_csv(path: Path, table: Mapping[str, np.ndarray]) -> None:
-    """Write a per-sample NME table (``index, yaw_deg, nme, nme_aligned`` columns) atomically."""
-    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for index, yaw_deg, nme, nme_aligned in zip(*(table[column] for column in CSV_COLUMNS)):
-            writer.writerow([int(index), f"{yaw_deg:.3f}", f"{nme:.6g}", f"{nme_aligned:.6g}"])
+class RunCheckpoint(ModelCheckpoint):
+    """``best.ckpt`` by a configurable ``monitor`` and ``mode``, ``last.ckpt`` at every epoch, and a best-so-far value.
+
+    Lightning's ModelCheckpoint (2.6) refreshes ``last.ckpt`` only when it also saves a top-k
+    checkpoint, so an epoch that does not improve the monitor would leave ``last.ckpt`` behind and a
+    resumed run would repeat it; here ``last.ckpt`` is written at the end of every epoch. After each
+    validation the best score so far is logged to the trainer's loggers as ``{monitor}_best`` (what
+    a sweep optimises). A monitor that is not computed every epoch (the validation NME) is allowed:
+    epochs without it keep the best checkpoint as it is.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/loss", mode: str = "min", **kwargs: Any):
+        super().__init__(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_last=True,
+                         enable_version_counter=False,  # a restarted run replaces best/last, no -v1 copies
+                         **kwargs)
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self.monitor in monitor_candidates:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _after_epoch_save(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` if Lightning did not, and log the best score so far."""
+        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.best_model_score is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{self.monitor}_best": float(self.best_model_score)}, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._after_epoch_save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and not self._should_save_on_train_epoch_end(trainer):
+            self._after_epoch_save(trainer)

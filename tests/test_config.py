@@ -1,11 +1,15 @@
 """Experiment configs: composition over the base, overrides, and errors for keys that do not exist."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from datamodules.datamodule import DataSettings
 from experiments.config import CONFIG_DIR, ConfigError, load_config, save_config
+from lightning_vrn.callbacks import NMESettings
+from lightning_vrn.models import MODELS, VRN, NetSettings, OptimSettings, VolumeSettings, register
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -58,3 +62,68 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["seed=7"])
     save_config(cfg, tmp_path / "config.yaml")
     assert OmegaConf.load(tmp_path / "config.yaml") == cfg
+
+
+@dataclass
+class ToySettings(VolumeSettings):
+    heatmap_weight: float = 1.0
+
+
+@pytest.fixture
+def toy_variant():
+    """A registered variant with a setting of its own, removed again after the test."""
+
+    @register("toy_multitask")
+    class ToyMultitask(VRN):
+        Settings = ToySettings
+
+    yield ToyMultitask
+    MODELS.pop("toy_multitask")
+
+
+def test_a_variant_config_carries_its_own_keys(toy_variant, tmp_path):
+    (tmp_path / "base.yaml").write_text((CONFIG_DIR / "base.yaml").read_text())
+    child = tmp_path / "toy.yaml"
+    child.write_text("extends: base.yaml\nmodel:\n  name: toy_multitask\n  heatmap_weight: 0.5\n")
+    cfg = load_config(child)
+    assert cfg.model.heatmap_weight == 0.5
+    assert cfg.model.net.features == 256  # the variant inherits the volume settings' defaults
+    with pytest.raises(ConfigError, match=r"model\.heatmap_wieght.*did you mean model\.heatmap_weight"):
+        load_config(child, ["model.heatmap_wieght=2"])
+    # The base VRN has no such key: the variant's key is its own.
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.heatmap_weight'"):
+        load_config(CONFIG_DIR / "base.yaml", ["model.heatmap_weight=2"])
+
+
+@pytest.mark.parametrize("override", [
+    "model.optim.weight_decay=0.01", "trainer.num_nodes=2", "trainer.accumulate_grad_batches=4",
+    "trainer.check_val_every_n_epoch=2", "trainer.sync_batchnorm=true", "data.pin_memory=false",
+    "nme.icp_distance_ratio=0.2", "trainer.devices=2", "trainer.precision=bf16-mixed", "checkpoint.monitor=val/nme",
+])
+def test_keys_the_code_accepts_are_accepted(override):
+    key, value = override.split("=")
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [override])
+    assert str(OmegaConf.select(cfg, key)).lower() == value
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.batch_size=abc", r"'data\.batch_size'.* must be int, got 'abc'"),
+    ("data.batch_size=2.5", r"'data\.batch_size'.* must be int, got 2\.5"),
+    ("model.optim.lr=abc", r"'model\.optim\.lr'.* must be float, got 'abc'"),
+    ("trainer.max_epochs=abc", r"'trainer\.max_epochs'.* must be int or null, got 'abc'"),
+    ("trainer.precision=17", r"'trainer\.precision'.* must be"),
+    ("model.target_frame=sideways", r"'model\.target_frame'.* must be 'aligned' or 'frontal'"),
+    ("model.name=vnr", r"'model\.name'.*'vnr'.*valid models: vrn"),
+])
+def test_wrong_values_name_the_key_and_the_expected_type(override, expected):
+    with pytest.raises(ConfigError, match=expected) as error:
+        load_config(CONFIG_DIR / "quickstart.yaml", [override])
+    assert "command-line overrides" in str(error.value) or "model.name" in override
+
+
+def test_every_default_comes_from_the_settings_dataclasses():
+    cfg = load_config(CONFIG_DIR / "base.yaml")
+    assert cfg.data.batch_size == DataSettings().batch_size
+    assert cfg.model.optim.lr == OptimSettings().lr and cfg.model.net.features == NetSettings().features
+    assert cfg.nme.every_n_epochs == NMESettings().every_n_epochs
+    assert cfg.run_dir is None  # each run gets its own directory

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from experiments import evaluate, train
 from experiments.config import CONFIG_DIR, load_config
 from lightning_vrn.dataset_file import DatasetError
 from lightning_vrn.geometry.mesh_io import read_obj
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
+from tests.training import losses_on_one_batch
 
 TINY_NET = ["model.net.features=16", "model.net.hourglass_depth=2", "model.net.stacks=1"]
 
@@ -48,6 +53,13 @@ def test_paper_config_fast_dev_run_at_the_full_grid(paper_grid_data, tmp_path):
     cfg = _config("paper", paper_grid_data, tmp_path / "run", "trainer.fast_dev_run=true", "data.batch_size=1")
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"])
+    # The paper network at the full grid learns: three RMSprop steps on one batch lower its loss.
+    model = train.build_model_from_config(cfg)
+    datamodule = train.build_datamodule(cfg, model)
+    datamodule.setup("fit")
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    losses = losses_on_one_batch(model, batch, steps=4)
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_paper_config_rejects_data_of_another_grid(tiny_synthetic, tmp_path):
@@ -76,19 +88,28 @@ def test_training_writes_checkpoints_metrics_and_nme_tables(trained_run):
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     assert (trained_run / "checkpoints" / "best.ckpt").is_file()
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert {"val/loss", "val/nme", "test/loss"} <= set(metrics)
+    assert {"val/loss", "val/nme", "test/loss", "val/loss_best"} <= set(metrics)
     with open(trained_run / "csv" / "version_0" / "metrics.csv") as handle:
-        assert "train/loss" in next(csv.reader(handle))
+        rows = list(csv.DictReader(handle))
+    assert "train/loss" in rows[0]
+    # The loss of the 4 training steps falls: the pipeline trains, not only runs.
+    step_losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(step_losses) == 4 and step_losses[-1] < step_losses[0], step_losses
+    best = [float(r["val/loss_best"]) for r in rows if r.get("val/loss_best")]
+    assert best == [pytest.approx(metrics["val/loss"])]  # one validation: the best so far is its loss
     rows = list(csv.DictReader(open(trained_run / "nme" / "test.csv")))
     assert len(rows) == 4 and all(np.isfinite(float(r["nme"])) for r in rows)
+    summary = json.loads((trained_run / "nme" / "test_summary.json").read_text())
+    assert metrics["test/nme"] == summary["nme_mean"]  # exact, not the logged float32
 
 
-def test_rerunning_resumes_from_the_last_checkpoint(trained_run, tiny_synthetic):
-    cfg = _config("quickstart", tiny_synthetic, trained_run, *TINY_NET, "trainer.max_epochs=2", "nme.every_n_epochs=0")
+def test_rerunning_resumes_from_the_last_checkpoint(trained_run, tiny_synthetic, tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")  # other tests read the fixture's run as it is
+    cfg = _config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=2", "nme.every_n_epochs=0")
     train.train(cfg)
-    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 1  # epochs 0 (first run) and 1 (resumed run)
-    assert checkpoint["variant"] == "vrn"
+    assert checkpoint["lightning_vrn"]["variant"] == "vrn"
 
 
 def test_evaluate_writes_every_output(trained_run, tiny_synthetic, tmp_path):
@@ -102,11 +123,12 @@ def test_evaluate_writes_every_output(trained_run, tiny_synthetic, tmp_path):
     for name in ("model", "mean training volume", "mean shape at GT pose"):
         entry = metrics[name]
         assert entry["num_samples"] == 4
-        assert entry["num_samples"] - entry["num_failed"] == sum(entry[f"count_yaw_{a}_{b}"] for a, b in evaluate.YAW_BUCKETS_DEG)
+        assert entry["num_samples"] - entry["num_failed"] == sum(entry[f"count_yaw_{a}_{b}"] for a, b in YAW_BUCKETS_DEG)
+        rows = list(csv.DictReader(open(out / evaluate.slug(name) / "test.csv")))
+        assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
+        assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "failed"]
     # The mean shape placed at the true pose is a strong baseline: far better than chance.
     assert metrics["mean shape at GT pose"]["nme_mean"] < 0.1
-    rows = list(csv.DictReader(open(out / "per_sample.csv")))
-    assert len(rows) == 4
     assert metrics["model"]["num_failed"] < metrics["model"]["num_samples"]  # the model predicts surfaces
     vertices, triangles, colours = read_obj(out / "reconstruction.obj")
     assert len(vertices) > 0 and len(triangles) > 0
@@ -141,3 +163,72 @@ def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="model.ckpt is not a lightning-vrn checkpoint"):
         load_model(bogus)
+
+
+def test_training_test_nme_equals_evaluate_on_the_same_checkpoint_and_file(trained_run, tiny_synthetic, tmp_path):
+    """One evaluation path: training's test stage and experiments.evaluate give the same numbers, exactly."""
+    from lightning_vrn.metrics.report import read_per_sample_csv
+
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", trained["best_checkpoint"], "--data", str(tiny_synthetic / "test.h5"),
+                   "--batch-size", "2", "--out", str(out)])  # training's data.batch_size
+    evaluated = json.loads((out / "metrics.json").read_text())["model"]
+    assert evaluated["nme_mean"] == trained["test/nme"]
+    assert evaluated == json.loads((trained_run / "nme" / "test_summary.json").read_text())
+    ours, theirs = read_per_sample_csv(out / "model" / "test.csv"), read_per_sample_csv(trained_run / "nme" / "test.csv")
+    for column in ours:
+        np.testing.assert_array_equal(ours[column], theirs[column])
+
+
+def test_runs_with_the_same_name_get_their_own_directories(tiny_synthetic, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(train.RUN_DIR_ENV, raising=False)
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", "data.num_workers=0",
+                                                       "data.batch_size=2", "trainer.fast_dev_run=true", *TINY_NET])
+    assert cfg.run_dir is None
+    first, second = (Path(train.train(cfg)["run_dir"]) for _ in range(2))
+    assert first != second and first.parent == second.parent == Path("runs") / "vrn-quickstart"
+    pattern = rf"\d{{8}}-\d{{6}}-{train.config_hash(cfg)}(-\d+)?"  # time, config hash, a counter if taken
+    assert re.fullmatch(pattern, first.name) and re.fullmatch(pattern, second.name)
+    same_second = [train.new_run_dir(cfg, tmp_path / "many") for _ in range(3)]
+    assert len(set(same_second)) == 3 and all(re.fullmatch(pattern, path.name) for path in same_second)
+    assert load_config(first / "config.yaml") == load_config(second / "config.yaml") == cfg
+
+
+def test_resume_names_the_run_to_continue_and_run_dir_means_that_directory(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    base = [*TINY_NET, "nme.every_n_epochs=0", "trainer.limit_val_batches=1"]
+    train.train(_config("quickstart", tiny_synthetic, run_dir, *base, "trainer.max_epochs=1"))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", "data.num_workers=0",
+                                                       "data.batch_size=2", *base, "trainer.max_epochs=2",
+                                                       f"resume={checkpoint}"])
+    metrics = train.train(cfg)
+    assert Path(metrics["run_dir"]) == run_dir
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    with pytest.raises(train.ConfigError, match="no checkpoint at"):
+        train.resolve_run(load_config(CONFIG_DIR / "quickstart.yaml", [f"resume={tmp_path / 'nothing'}"]))
+    fresh = _config("quickstart", tiny_synthetic, run_dir, *base, "resume=false")
+    assert train.resolve_run(fresh) == (run_dir, None)
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_improve(tiny_synthetic, tmp_path):
+    # mode=max on a falling validation loss: only epoch 0 is "best"; last.ckpt must still be epoch 2.
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_NET, "nme.every_n_epochs=0", "trainer.max_epochs=3", "checkpoint.mode=max"]
+    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    best_epoch = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["epoch"]
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as handle:
+        val_losses = [float(r["val/loss"]) for r in csv.DictReader(handle) if r["val/loss"]]
+    assert best_epoch == int(np.argmax(val_losses)) and metrics["val/loss_best"] == pytest.approx(max(val_losses))
+
+
+def test_the_checkpoint_can_monitor_the_validation_nme(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_NET, "nme.every_n_epochs=2", "nme.max_val_samples=2", "trainer.max_epochs=2",
+                 "checkpoint.monitor=val/nme"]
+    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    assert torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == 1  # the NME epoch
+    assert metrics["val/nme_best"] == pytest.approx(metrics["val/nme"])

@@ -6,7 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_vrn.geometry import VoxelGrid
-from lightning_vrn.models import MODELS, VRN, VoxelIoU, build_model
+from lightning_vrn.metrics.iou import VoxelIoU
+from lightning_vrn.models import MODELS, VRN, OptimSettings, build_model
+from tests.training import losses_on_one_batch
 
 GRID = VoxelGrid.centred(16, 16, 16)
 TINY_NET = {"features": 32, "stacks": 1, "hourglass_depth": 2}
@@ -42,15 +44,8 @@ def test_overfits_one_batch():
     torch.manual_seed(0)
     batch = ball_batch(GRID)
     model = tiny_model(lr=3e-3)
-    optimizer = model.configure_optimizers()["optimizer"]
-    assert isinstance(optimizer, torch.optim.RMSprop)
-    losses = []
-    for _ in range(150):
-        loss = model.losses(model(batch), batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    assert isinstance(model.configure_optimizers()["optimizer"], torch.optim.RMSprop)
+    losses = losses_on_one_batch(model, batch, steps=150)
     assert losses[-1] <= losses[0] / 10, f"loss went from {losses[0]:.4f} to {losses[-1]:.4f}"
     iou = VoxelIoU()
     with torch.no_grad():
@@ -130,7 +125,7 @@ def test_checkpoint_round_trip_restores_grid_and_net(tmp_path):
     assert loaded.grid == grid
     assert loaded.hparams.net == TINY_NET
     assert loaded.hparams.optim["lr"] == 2e-4 and loaded.hparams.optim["drop_epoch"] == 7
-    assert loaded.hparams.optim["lr_after"] == VRN.OPTIM_DEFAULTS["lr_after"]  # resolved defaults are saved
+    assert loaded.hparams.optim["lr_after"] == OptimSettings().lr_after  # resolved defaults are saved
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
 
@@ -147,6 +142,39 @@ def test_grid_mismatch_raises_clear_error():
 def test_unknown_names_and_keys_are_clear_errors():
     with pytest.raises(KeyError, match="unknown model 'vnr'; valid models: vrn"):
         build_model("vnr", grid=GRID.to_dict())
-    with pytest.raises(KeyError, match=r"unknown net keys \['depth'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key 'model\.net\.depth'.*did you mean model\.net\.hourglass_depth"):
         build_model("vrn", grid=GRID.to_dict(), net={"depth": 2})
+    with pytest.raises(ValueError, match=r"'model\.optim\.lr' .* must be float, got 'fast'"):
+        build_model("vrn", grid=GRID.to_dict(), optim={"lr": "fast"})
     assert set(MODELS) == {"vrn"}
+
+
+def test_checkpoint_records_what_rebuilds_and_scores_the_model(tmp_path):
+    from lightning_vrn.models import load_model
+
+    grid = VoxelGrid(16, 16, 16, z_scale=1.5, z_offset=-3.0)
+    model = VRN(grid=grid, net=TINY_NET, target_frame="frontal")
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=DataLoader([ball_batch(grid, n=2)], batch_size=None))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    record = torch.load(path, weights_only=False)["lightning_vrn"]
+    assert record["variant"] == "vrn" and record["grid"] == grid.to_dict()
+    assert record["target_frame"] == "frontal" and record["heatmap_sigma"] is None
+    loaded = load_model(path)  # from this file alone
+    assert loaded.target_frame == "frontal" and loaded.grid == grid
+    image = ball_batch(grid, n=1)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_step({"image": image}), model.eval().predict_step({"image": image}))
+
+
+def test_the_registry_is_the_decorator_alone():
+    from lightning_vrn.models import register
+
+    assert VRN.variant == "vrn" and MODELS["vrn"] is VRN
+    with pytest.raises(ValueError, match="'vrn' is already registered"):
+
+        @register("vrn")
+        class Impostor(VRN):
+            pass

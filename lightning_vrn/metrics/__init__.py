@@ -1,5 +1,3 @@
-"""Evaluation metrics: the paper's NME (normalised mean error of the iso-surface against the ground-truth face)."""
-
-from lightning_vrn.metrics.nme import NME, EmptyPredictionError, NMEResult, sample_nme
-
-__all__ = ["NME", "EmptyPredictionError", "NMEResult", "sample_nme"]
+"""Evaluation metrics: ``nme`` (the paper's NME; needs Open3D), ``iou`` (voxel IoU), ``report`` (the
+per-sample table and summary every command writes). Import the submodules: this package imports
+nothing itself, so training imports without Open3D (the GPU machine has none)."""

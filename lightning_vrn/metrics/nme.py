@@ -1,6 +1,6 @@
 """The paper's NME: ground-truth face vertices against the iso-surface of a predicted volume.
 
-Per sample (DESIGN section 1):
+Per sample (docs/evaluation.md):
 
 1. the predicted mesh is the 0.5 iso-surface of the soft volume in crop coordinates (z in pixels);
 2. Open3D ICP moves the ground-truth face-region vertices ``v_i`` onto the predicted iso-surface
@@ -34,6 +34,8 @@ from torchmetrics.utilities import dim_zero_cat
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.normals import vertex_normals
+from lightning_vrn.geometry.pose import crop_rotation
+from lightning_vrn.geometry.voxelise import frontalise
 
 ICP_DISTANCE_RATIO = 0.1
 """Default ICP correspondence cut-off as a fraction of the outer interocular distance (~5 px in a paper crop)."""
@@ -43,6 +45,10 @@ ground-truth vertices with no true counterpart (the hidden back of a face deeper
 lands on the grid's back wall) stop pulling the alignment. On 36 synthetic paper-grid samples it cut
 the floor of ground truth against itself at |yaw| >= 60 degrees from 0.043 to 0.019 and left
 |yaw| < 60 unchanged (0.0019)."""
+
+ICP_TRANSFORM_DECIMALS = 8
+"""Decimals the ICP transform is rounded to (1e-8 px of shift): far below any error that matters, far
+above Open3D's run-to-run noise, so evaluation is repeatable to the last digit."""
 
 
 class EmptyPredictionError(ValueError):
@@ -144,7 +150,9 @@ def _icp(
     start = registration.evaluate_registration(source_cloud, target, max_distance, np.eye(4))
     if result.fitness < start.fitness or result.fitness == 0:
         return np.eye(4), float(start.fitness)
-    return np.asarray(result.transformation, dtype=np.float64), float(result.fitness)
+    # Open3D's parallel reductions leave ~1e-13 of thread-order noise in the transform; rounding it
+    # to ICP_TRANSFORM_DECIMALS makes the same inputs give the same NME digits on every run.
+    return np.round(np.asarray(result.transformation, dtype=np.float64), ICP_TRANSFORM_DECIMALS), float(result.fitness)
 
 
 def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -158,21 +166,40 @@ def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, queries
     return found["points"].numpy().astype(np.float64)
 
 
+TARGET_FRAMES = ("aligned", "frontal")
+"""Frames a model may predict its volume in: aligned with the image (VRN) or frontal (the no-alignment ablation)."""
+
+
+def scoring_vertices(vertices: np.ndarray, pose: np.ndarray, frame: str) -> np.ndarray:
+    """Ground-truth ``(V, 3)`` crop-coordinate vertices in the frame a model predicts its volume in.
+
+    ``"aligned"``: as they are. ``"frontal"``: frontalised with the sample's ``(3,)`` pose about the
+    mesh's mean vertex, exactly as the frontal target volume was voxelised
+    (:func:`lightning_vrn.geometry.voxelise.voxelise_frontal`). Pass the whole mesh (the pivot is
+    its mean vertex) and take the face region afterwards. Every scorer decides the frame here.
+    """
+    if frame not in TARGET_FRAMES:
+        raise ValueError(f"target frame must be one of {TARGET_FRAMES}, got {frame!r}")
+    vertices = np.asarray(vertices, dtype=np.float64)
+    if frame == "aligned":
+        return vertices
+    return frontalise(vertices, crop_rotation(np.asarray(pose, dtype=np.float64)))[0]
+
+
 class NME(Metric):
-    """Mean NME over samples, reducing correctly under DDP; log the metric object or ``compute()``.
+    """NME over samples, exact under DDP; ``compute()`` gives the means, :meth:`per_sample` the table.
 
     ``grid``: the volumes' :class:`VoxelGrid` (or its ``to_dict()``); the ICP cut-off is
-    ``icp_distance_ratio`` times each sample's interocular distance. Sum states give the means;
-    per-sample states (gathered across processes) feed :meth:`per_sample`. Samples whose
-    prediction has no surface count as ``failed`` and are left out of the means (their per-sample
-    NME is NaN). Under DDP a distributed sampler may repeat a few samples to even out the
-    processes: the means count the repeats, :meth:`per_sample` lists each sample once.
+    ``icp_distance_ratio`` times each sample's interocular distance. The states are per-sample
+    values (gathered across processes); a distributed sampler repeats a few samples to even out
+    the processes, and both the means and the table count each dataset index once. Samples whose
+    prediction has no surface are ``failed``: NaN in the table, left out of the means.
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
-    PER_SAMPLE = ("sample_index", "sample_yaw", "sample_nme", "sample_nme_aligned")
+    PER_SAMPLE = ("sample_index", "sample_yaw", "sample_expression", "sample_nme", "sample_nme_aligned")
 
     def __init__(
         self,
@@ -185,29 +212,29 @@ class NME(Metric):
         self.grid = grid if isinstance(grid, VoxelGrid) else VoxelGrid.from_dict(grid)
         self.icp_distance_ratio = float(icp_distance_ratio)
         self.icp_iterations = int(icp_iterations)
-        self.add_state("nme_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("nme_aligned_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("failed", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        # Per-sample values are float32 1-D tensors (indices are exact below 2**24): torchmetrics
-        # stands in an empty float32 tensor for a process that saw no sample, and all gathered
-        # tensors must share one dtype.
+        # Per-sample values are float64 1-D tensors (float32 would round the NME). torchmetrics
+        # stands in an empty tensor of the metric's dtype for a process that saw no sample, and
+        # all gathered tensors must share one dtype: hence set_dtype.
         for name in self.PER_SAMPLE:
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.set_dtype(torch.float64)
 
-    def update(self, pred_volumes, gt_vertices, interocular, yaw, index) -> None:
+    def update(self, pred_volumes, gt_vertices, interocular, yaw, index, expression=None) -> None:
         """Add a batch.
 
         ``pred_volumes`` (B, D, H, W) soft occupancy; ``gt_vertices`` (B, F, 3) face-region vertices
-        in crop pixels (or a length-B sequence of (F_b, 3)); ``interocular`` (B,) pixels; ``yaw``
-        (B,) radians; ``index`` (B,) dataset sample indices.
+        in crop pixels, in the frame of the prediction (:func:`scoring_vertices`), or a length-B
+        sequence of (F_b, 3); ``interocular`` (B,) pixels; ``yaw`` (B,) radians; ``index`` (B,)
+        dataset sample indices; ``expression`` (B,) dominant-expression label ids (None: unknown, -1).
         """
         interocular, yaw, index = (_as_numpy(v).reshape(-1) for v in (interocular, yaw, index))
         count = len(pred_volumes)
-        if not (len(gt_vertices) == len(interocular) == len(yaw) == len(index) == count):
+        expression = np.full(count, -1.0) if expression is None else _as_numpy(expression).reshape(-1)
+        if not (len(gt_vertices) == len(interocular) == len(yaw) == len(index) == len(expression) == count):
             raise ValueError(
                 f"NME.update needs one entry per sample: got {count} volumes, {len(gt_vertices)} vertex sets, "
-                f"{len(interocular)} interocular distances, {len(yaw)} yaws, {len(index)} indices"
+                f"{len(interocular)} interocular distances, {len(yaw)} yaws, {len(index)} indices, "
+                f"{len(expression)} expressions"
             )
         nme = np.full(count, np.nan)
         nme_aligned = np.full(count, np.nan)
@@ -224,37 +251,44 @@ class NME(Metric):
             except EmptyPredictionError:
                 continue
             nme[b], nme_aligned[b] = result.nme, result.nme_aligned
-        ok = np.isfinite(nme)
-        device = self.nme_sum.device
-        self.nme_sum = self.nme_sum + float(nme[ok].sum())
-        self.nme_aligned_sum = self.nme_aligned_sum + float(nme_aligned[ok].sum())
-        self.count = self.count + int(ok.sum())
-        self.failed = self.failed + int(count - ok.sum())
-        for name, values in zip(self.PER_SAMPLE, (index, np.degrees(yaw), nme, nme_aligned)):
-            getattr(self, name).append(torch.as_tensor(values, dtype=torch.float32, device=device))
+        device = self.device
+        for name, values in zip(self.PER_SAMPLE, (index, np.degrees(yaw), expression, nme, nme_aligned)):
+            getattr(self, name).append(torch.as_tensor(values, dtype=torch.float64, device=device))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``nme``, ``nme_aligned`` (means over non-failed samples, NaN if none), ``count``, ``failed``."""
-        count = self.count.to(torch.float64)
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=count.device)
+        table = self._table()
+        ok = ~table["failed"]
+        nan = float("nan")
         return {
-            "nme": torch.where(count > 0, self.nme_sum / count.clamp(min=1), nan),
-            "nme_aligned": torch.where(count > 0, self.nme_aligned_sum / count.clamp(min=1), nan),
-            "count": self.count,
-            "failed": self.failed,
+            "nme": torch.tensor(table["nme"][ok].mean() if ok.any() else nan, dtype=torch.float64),
+            "nme_aligned": torch.tensor(table["nme_aligned"][ok].mean() if ok.any() else nan, dtype=torch.float64),
+            "count": torch.tensor(int(ok.sum())),
+            "failed": torch.tensor(int((~ok).sum())),
         }
 
     def per_sample(self) -> dict[str, np.ndarray]:
-        """Per-sample table over all processes: ``index`` (int64), ``yaw_deg``, ``nme``, ``nme_aligned``.
+        """Per-sample table over all processes (columns of :data:`lightning_vrn.metrics.report.COLUMNS`).
 
         Sorted by index; a sample seen more than once (a distributed sampler pads the last batch
         with repeats) appears once. Under DDP every process must call this (it gathers).
         """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
-            columns = [_gathered(getattr(self, name)) for name in self.PER_SAMPLE]
+            return self._table()
+
+    def _table(self) -> dict[str, np.ndarray]:
+        """The (already synchronised) states as a deduplicated, index-sorted table."""
+        columns = [_gathered(getattr(self, name)) for name in self.PER_SAMPLE]
         index, first = np.unique(columns[0].astype(np.int64), return_index=True)
-        yaw_deg, nme, nme_aligned = (column[first].astype(np.float64) for column in columns[1:])
-        return {"index": index, "yaw_deg": yaw_deg, "nme": nme, "nme_aligned": nme_aligned}
+        yaw_deg, expression, nme, nme_aligned = (column[first] for column in columns[1:])
+        return {
+            "index": index,
+            "yaw_deg": yaw_deg,
+            "expression": expression.astype(np.int64),
+            "nme": nme,
+            "nme_aligned": nme_aligned,
+            "failed": ~np.isfinite(nme),
+        }
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -265,7 +299,7 @@ def _as_numpy(values) -> np.ndarray:
 
 
 def _gathered(state) -> np.ndarray:
-    """A per-sample state (list of 1-D tensors, or one tensor after a sync) -> 1-D numpy array."""
+    """A per-sample state (list of 1-D tensors, or one tensor after a sync) -> 1-D float64 numpy array."""
     if isinstance(state, list) and not state:
-        return np.zeros(0, dtype=np.float32)
-    return dim_zero_cat(state).cpu().numpy()
+        return np.zeros(0, dtype=np.float64)
+    return dim_zero_cat(state).cpu().numpy().astype(np.float64)

@@ -1,0 +1,89 @@
+"""The one evaluation report: a per-sample table and its summary, written the same way by every command.
+
+A per-sample table is a dict of equal-length 1-D arrays with the columns of :data:`COLUMNS`:
+``index`` (dataset sample index, int64), ``yaw_deg`` (ground-truth yaw, degrees), ``expression``
+(dominant-expression label id, -1 when the data does not say), ``nme`` and ``nme_aligned`` (NaN
+for a failed sample), ``failed`` (bool: the prediction had no surface). :func:`summarise` turns it
+into the summary (mean, median, aligned mean, failures and the per-|yaw| bucket means of the
+AFLW2000-3D protocol: 0-30, 30-60, 60-90 degrees). Training's test stage, ``experiments.evaluate``
+and later ``compare`` all write these two files through :func:`write_report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from lightning_vrn.atomic import atomic_path, write_text
+
+COLUMNS = ("index", "yaw_deg", "expression", "nme", "nme_aligned", "failed")
+YAW_BUCKETS_DEG = ((0, 30), (30, 60), (60, 90))
+"""|yaw| buckets in degrees; the last one also takes |yaw| >= 90."""
+
+
+def in_yaw_bucket(yaw_deg: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Boolean mask of ``lo <= |yaw| < hi`` degrees (the last bucket also takes ``|yaw| >= hi``)."""
+    magnitude = np.abs(np.asarray(yaw_deg, dtype=np.float64))
+    return (magnitude >= lo) & ((magnitude < hi) | (hi == YAW_BUCKETS_DEG[-1][1]))
+
+
+def summarise(table: Mapping[str, np.ndarray]) -> dict:
+    """Mean and median NME, the rigidly aligned mean, failures, and the mean per |yaw| bucket.
+
+    Means are over the samples that did not fail; a mean over no sample is None.
+    """
+    nme = np.asarray(table["nme"], dtype=np.float64)
+    ok = ~np.asarray(table["failed"], dtype=bool)
+
+    def mean(values, mask):
+        return float(np.mean(np.asarray(values, dtype=np.float64)[mask])) if mask.any() else None
+
+    summary = {
+        "nme_mean": mean(nme, ok),
+        "nme_median": float(np.median(nme[ok])) if ok.any() else None,
+        "nme_aligned_mean": mean(table["nme_aligned"], ok),
+        "num_samples": int(len(nme)),
+        "num_failed": int((~ok).sum()),
+    }
+    for lo, hi in YAW_BUCKETS_DEG:
+        inside = ok & in_yaw_bucket(table["yaw_deg"], lo, hi)
+        summary[f"nme_yaw_{lo}_{hi}"] = mean(nme, inside)
+        summary[f"count_yaw_{lo}_{hi}"] = int(inside.sum())
+    return summary
+
+
+def write_per_sample_csv(path: str | Path, table: Mapping[str, np.ndarray]) -> None:
+    """Write a per-sample table atomically (columns :data:`COLUMNS`; empty expression when unknown)."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for index, yaw_deg, expression, nme, nme_aligned, failed in zip(*(table[c] for c in COLUMNS)):
+            writer.writerow([int(index), f"{yaw_deg:.3f}", int(expression) if expression >= 0 else "",
+                             repr(float(nme)), repr(float(nme_aligned)), int(bool(failed))])
+
+
+def read_per_sample_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """A table written by :func:`write_per_sample_csv` (values exactly as written)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
+        "yaw_deg": np.array([float(r["yaw_deg"]) for r in rows]),
+        "expression": np.array([int(r["expression"]) if r["expression"] else -1 for r in rows], dtype=np.int64),
+        "nme": np.array([float(r["nme"]) for r in rows]),
+        "nme_aligned": np.array([float(r["nme_aligned"]) for r in rows]),
+        "failed": np.array([r["failed"] == "1" for r in rows], dtype=bool),
+    }
+
+
+def write_report(out_dir: str | Path, name: str, table: Mapping[str, np.ndarray]) -> dict:
+    """Write ``out_dir/{name}.csv`` (per sample) and ``out_dir/{name}_summary.json``; returns the summary."""
+    out_dir = Path(out_dir)
+    summary = summarise(table)
+    write_per_sample_csv(out_dir / f"{name}.csv", table)
+    write_text(out_dir / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
