@@ -39,6 +39,7 @@ from data_prep.face_model import FaceModel, load_face_model
 from data_prep.render import RenderSettings, render, vertex_albedo
 from data_prep.writing import write_pending
 from lightning_vrn import __version__
+from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import DatasetWriter, open_dataset
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
 from lightning_vrn.geometry.grid import VoxelGrid
@@ -151,11 +152,11 @@ def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal
                 occluder_prob=occluder_prob)
 
 
-def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], bool]:
-    """Sample ``index`` and whether its mesh leaves the grid (:func:`leaves_grid`)."""
+def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """Sample ``index`` and its flag ``leaves_grid`` (:func:`leaves_grid`)."""
     sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], index),
                          state["with_frontal"], state["occluder_prob"])
-    return sample, leaves_grid(sample["vertices"], state["grid"])
+    return sample, {"leaves_grid": leaves_grid(sample["vertices"], state["grid"])}
 
 
 def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float) -> dict:
@@ -194,13 +195,14 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
         return out_path
     with DatasetWriter(out_path, grid, num_samples, len(model.mean), model.triangles, model.face_region,
-                       model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart) as writer:
-        clipped = write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob), _make,
-                                workers, desc=split, progress=progress)
+                       model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart,
+                       flags=("leaves_grid",)) as writer:
+        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob), _make,
+                      workers, desc=split, progress=progress)
         writer.finish()
-    num_clipped = sum(clipped.values())
-    if num_clipped:
-        warnings.warn(f"{out_path}: {num_clipped} of {len(clipped)} faces reach outside grid {grid.describe()} "
+    clipped = int(open_dataset(out_path).attrs["num_leaves_grid"])  # every sample of the file, resumed or not
+    if clipped:
+        warnings.warn(f"{out_path}: {clipped} of {num_samples} faces reach outside grid {grid.describe()} "
                       f"(deep faces at large yaw and pitch; their hidden back is not in the volume)", stacklevel=2)
     return out_path
 
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     names = [name for name, _ in args.split]
@@ -281,7 +283,8 @@ def main(argv=None) -> None:
                               workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,
                               restart=args.restart)
         print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

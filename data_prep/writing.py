@@ -2,9 +2,9 @@
 
 A producer gives two picklable module-level functions: ``setup(*setup_args) -> state``, run once
 in each process that makes samples (load a face model, open a source archive), and
-``make(state, index) -> (sample, info)``, one :meth:`DatasetWriter.write` sample (volumes bool
-``(D, H, W)``: they are packed here) and any small picklable value the producer wants back (a
-flag, a count). :func:`write_pending` makes the samples the writer still lacks and writes them in
+``make(state, index) -> (sample, flags)``, one :meth:`DatasetWriter.write` sample (volumes bool
+``(D, H, W)``: they are packed here) and its producer flags (``{name: bool}`` for the writer's
+``flags``, e.g. the generator's ``leaves_grid``; the finished file counts them for all its samples). :func:`write_pending` makes the samples the writer still lacks and writes them in
 index order, so the file does not depend on the number of workers, and a killed run rerun with
 the same writer parameters continues where it stopped.
 """
@@ -22,16 +22,16 @@ from lightning_vrn.dataset_file import DatasetWriter, pack_volume
 VOLUME_KEYS = ("volume", "volume_frontal")
 """Sample keys packed in the making process: 8x fewer bytes to send to the writing one."""
 
-Made = tuple[int, dict[str, np.ndarray], Any]
-"""``(index, sample with packed volumes, info)``: what a making process sends back."""
-Make = Callable[[Any, int], tuple[dict[str, np.ndarray], Any]]
+Made = tuple[int, dict[str, np.ndarray], dict[str, bool]]
+"""``(index, sample with packed volumes, flags)``: what a making process sends back."""
+Make = Callable[[Any, int], tuple[dict[str, np.ndarray], dict[str, bool]]]
 
 _worker: dict[str, Any] = {}
 
 
 def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: tuple, make: Make,
-                  workers: int = 1, desc: str | None = None, progress: bool = True) -> dict[int, Any]:
-    """Make and write every sample in ``writer.pending()``; returns ``{index: info}`` of those samples.
+                  workers: int = 1, desc: str | None = None, progress: bool = True) -> int:
+    """Make and write every sample in ``writer.pending()``; returns how many were written.
 
     ``workers > 1`` makes samples in that many spawned processes (the calling script needs
     ``if __name__ == "__main__":``); this process writes them in ascending index order and shows a
@@ -41,7 +41,7 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
     pending = writer.pending()
     chunk = max(1, min(16, len(pending) // (4 * max(workers, 1))))
     chunks = [pending[i : i + chunk] for i in range(0, len(pending), chunk)]
-    infos = {}
+    written = 0
     with tqdm(total=writer.num_samples, initial=writer.num_samples - len(pending), desc=desc, unit="sample",
               disable=not progress) as bar:
         if workers <= 1:
@@ -53,26 +53,26 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
             results = pool.imap(_worker_chunk, chunks)
         try:
             for batch in results:
-                for index, sample, info in batch:
-                    writer.write(index, sample)
-                    infos[index] = info
+                for index, sample, flags in batch:
+                    writer.write(index, sample, flags)
+                    written += 1
                 bar.update(len(batch))
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    return infos
+    return written
 
 
 def _make_chunk(make: Make, state: Any, indices: np.ndarray) -> list[Made]:
     """Make the samples ``indices`` and pack their volumes."""
     results = []
     for index in indices:
-        sample, info = make(state, int(index))
+        sample, flags = make(state, int(index))
         for key in VOLUME_KEYS:
             if key in sample:
                 sample[key] = pack_volume(sample[key])
-        results.append((int(index), sample, info))
+        results.append((int(index), sample, flags))
     return results
 
 

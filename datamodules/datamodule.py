@@ -72,13 +72,15 @@ class FaceVolumeDataModule(pl.LightningDataModule):
     float32 volume (workers hand over uint8 volumes). ``target_volume``: ``aligned``
     or ``frontal`` (no-alignment ablation). ``eval_vertices``: add ground-truth vertices to
     val/test batches (for NME). ``val_path`` is optional for fitting (no validation without it).
+    ``grid_source`` names where ``grid`` came from, for the error when a file has another grid.
     """
 
     def __init__(self, train_path: str | Path | None = None, val_path: str | Path | None = None,
                  test_path: str | Path | None = None, grid: VoxelGrid | Mapping[str, Any] | str = PAPER_GRID,
                  batch_size: int = 4, num_workers: int = 4, augment: AugmentConfig | Mapping[str, Any] | None = None,
                  heatmap_sigma: float | None = None, target_volume: str = "aligned", seed: int = 0,
-                 pin_memory: bool = True, persistent_workers: bool = True, eval_vertices: bool = True):
+                 pin_memory: bool = True, persistent_workers: bool = True, eval_vertices: bool = True,
+                 grid_source: str = "the config"):
         super().__init__()
         self.save_hyperparameters()
         self.grid = as_grid(grid)
@@ -95,7 +97,14 @@ class FaceVolumeDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Split the global batch over the processes and open (validate) the files ``stage`` needs."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.check_files(stage, self.trainer.world_size if self.trainer is not None else 1)
+
+    def check_files(self, stage: str | None = "fit", world_size: int = 1) -> None:
+        """Open and validate the files of ``stage`` for ``world_size`` processes, with errors that name the fix.
+
+        Refuses a global batch that does not divide by the processes and a training split smaller
+        than one batch per process (it would train nothing).
+        """
         batch_size = self.hparams.batch_size
         if batch_size % world_size:
             raise ValueError(f"global batch_size {batch_size} is not divisible by the world size {world_size} "
@@ -112,7 +121,13 @@ class FaceVolumeDataModule(pl.LightningDataModule):
                 seed=self.hparams.seed, heatmap_sigma=self.hparams.heatmap_sigma,
                 target_volume=self.hparams.target_volume,
                 load_vertices=split != "train" and self.hparams.eval_vertices, on_device=self.augment.on_device,
-                finish=False)
+                finish=False, grid_source=self.hparams.grid_source)
+        train = self.datasets.get("train")
+        if train is not None and len(train) // world_size < self.batch_size_per_device:
+            raise ValueError(
+                f"the training split {train.file.path} has {len(train)} samples, fewer than one batch of "
+                f"{self.batch_size_per_device} per process ({world_size} process(es), global batch_size "
+                f"{batch_size}): training would take no step. Use a smaller data.batch_size or more data")
 
     def topology(self, split: str = "test") -> dict[str, np.ndarray]:
         """Shared mesh topology of ``split``'s file: ``triangles`` (T, 3), ``face_region`` (F,),
@@ -120,7 +135,7 @@ class FaceVolumeDataModule(pl.LightningDataModule):
         if split in self.datasets:
             file = self.datasets[split].file
         elif self._path(split) is not None:
-            file = open_dataset(self._path(split), self.grid)
+            file = open_dataset(self._path(split), self.grid, self.hparams.grid_source)
         else:
             raise ValueError(f"{split}_path is not set: set data.{split} to a dataset file to read its topology")
         return {"triangles": file.triangles, "face_region": file.face_region,

@@ -30,7 +30,9 @@ import torch
 from datamodules import FaceVolumeDataModule
 from experiments.baselines import MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
 from lightning_vrn.atomic import write_text
+from experiments.runs import check_writable
 from lightning_vrn.callbacks import NMECallback
+from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that holds more than tensors and plain values (runs its code)")
     args = parser.parse_args(argv)
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
@@ -76,16 +80,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be a positive number of samples, got {value}")
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist: train first (python -m experiments.train ...)")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, trust=args.trust_checkpoint)
     grid = model.grid
     out = args.out or args.checkpoint.resolve().parent.parent / "eval"
+    check_writable(out, what="--out")
     datamodule = FaceVolumeDataModule(test_path=args.data, grid=grid, batch_size=args.batch_size,
                                       num_workers=args.num_workers, heatmap_sigma=model.heatmap_sigma,
-                                      target_volume=model.target_frame or "aligned", persistent_workers=False)
+                                      target_volume=model.target_frame or "aligned", persistent_workers=False,
+                                      grid_source=f"checkpoint {args.checkpoint}")
+    datamodule.check_files("test")
     methods: dict[str, pl.LightningModule] = {MODEL: model}
     if args.train_data is not None:
         methods["mean training volume"] = MeanVolumeBaseline(grid, mean_training_volume(args.train_data, grid))
-        methods["mean shape at GT pose"] = MeanShapeBaseline.for_file(open_dataset(args.data, grid), grid)
+        methods["mean shape at GT pose"] = MeanShapeBaseline.for_file(datamodule.datasets["test"].file, grid)
 
     metrics, tables = {}, {}
     for name, module in methods.items():
@@ -111,7 +118,7 @@ def _write_reconstruction(out: Path, model, data: Path, table: dict) -> None:
     ok = np.flatnonzero(~table["failed"])
     row = int(ok[np.argsort(table["nme"][ok])[len(ok) // 2]]) if len(ok) else 0
     index, nme = int(table["index"][row]), float(table["nme"][row])
-    test_file = open_dataset(data, grid)
+    test_file = open_dataset(data, grid, grid_source="the checkpoint")
     sample = test_file.read(index, ["images", "vertices"])
     image = sample["images"]
     batch = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
@@ -127,4 +134,4 @@ def _write_reconstruction(out: Path, model, data: Path, table: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -4,24 +4,28 @@ Every run gets its own directory, ``runs/{name}/{YYYYmmdd-HHMMSS}-{hash}`` (the 
 resolved config), so repeated runs and sweep trials never resume or overwrite each other. Resuming
 is explicit: ``run_dir=PATH`` always means exactly that directory (continued from its
 ``checkpoints/last.ckpt`` unless ``resume=false``), and ``resume=PATH`` continues the run directory
-or checkpoint at PATH.
+or checkpoint at PATH (see :mod:`experiments.runs`).
 
-A run directory holds the resolved config (``config.yaml``), the command line (``command.txt``),
-checkpoints (``checkpoints/best.ckpt`` by ``checkpoint.monitor`` and ``checkpoints/last.ckpt``),
-metrics per step and epoch (``csv/version_N/metrics.csv``, one per attempt), the final metrics
-(``metrics.json``, the test NME exactly as the test report has it) and the NME reports (``nme/``:
-per-sample tables and summaries, the same files ``experiments.evaluate`` writes).
+Before anything is written, the config, the data files and any checkpoint to resume from are
+checked (a checkpoint whose grid or network the config would not load is refused, naming both), the
+run directory is locked against a second training and tested for writing. A run directory then
+holds the resolved config and command line of its first attempt (``config.yaml``, ``command.txt``)
+and of every attempt (``attempts/NNN/``), checkpoints (``checkpoints/best.ckpt`` by
+``checkpoint.monitor``, ``checkpoints/last.ckpt`` at every epoch and every
+``checkpoint.every_n_train_steps`` steps), metrics per step and epoch (``csv/version_N/metrics.csv``,
+one per attempt), the final metrics (``metrics.json``, the test NME exactly as the test report has
+it) and the NME reports (``nme/``: the same files ``experiments.evaluate`` writes).
+
+SIGTERM (what schedulers send before preemption) saves ``last.ckpt`` and exits with 143; rerunning
+the same command resumes from it. Exit codes: docs/failures.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -29,16 +33,29 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import FaceVolumeDataModule
-from experiments.config import ConfigError, load_config, save_config
+from experiments.config import ConfigError, load_config
+from experiments.runs import (
+    RunLock,
+    check_writable,
+    incompatible_settings,
+    record_attempt,
+    resolve_run,
+)
 from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import NMECallback, RunCheckpoint
+from lightning_vrn.cli import EXIT_SIGTERM, run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.models import VRNModule, build_model
+from lightning_vrn.safe_load import load_checkpoint
 
-RUN_DIR_ENV = "LIGHTNING_VRN_RUN_DIR"
-"""Set by the first process to the run directory it chose, so that DDP processes it launches use the same one."""
+
+class Interrupted(RuntimeError):
+    """Training stopped by SIGTERM after saving ``last.ckpt``; the exit code is 143."""
+
+    exit_code = EXIT_SIGTERM
 
 
 def build_datamodule(cfg: DictConfig, model: VRNModule) -> FaceVolumeDataModule:
@@ -83,7 +100,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             )
         )
     callbacks = [
-        RunCheckpoint(run_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode),
+        RunCheckpoint(run_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
+                      last_every_n_steps=cfg.checkpoint.every_n_train_steps),
         LearningRateMonitor(logging_interval="epoch"),
     ]
     if cfg.nme.every_n_epochs:
@@ -93,123 +111,117 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **trainer_args)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Six hex digits identifying a resolved config."""
-    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:6]
+def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: bool) -> None:
+    """Refuse, before anything is written, a checkpoint that cannot be read safely or that the config would not load."""
+    try:
+        payload = load_checkpoint(checkpoint, trust=trust)
+    except ValueError as error:  # damaged, or unsafe (UnsafeFileError is a ValueError)
+        raise ConfigError(f"cannot resume from {checkpoint}: {error}. Start over with resume=false, or delete "
+                          f"the checkpoint") from None
+    record = payload.get("lightning_vrn") or {}
+    differences = incompatible_settings(payload.get("hyper_parameters") or {}, OmegaConf.to_container(cfg.model),
+                                        model.grid.to_dict(), model.variant, record.get("variant"))
+    if differences:
+        raise ConfigError(f"the config does not match the checkpoint it would resume ({checkpoint}): "
+                          f"{'; '.join(differences)}. Use the checkpoint's settings, start over with resume=false, "
+                          f"or train into another run_dir")
 
 
-def new_run_dir(cfg: DictConfig, root: Path = Path("runs")) -> Path:
-    """A fresh ``root/{name}/{YYYYmmdd-HHMMSS}-{hash}`` directory (``-2``, ``-3``... if taken), created."""
-    stem = root / cfg.name / f"{datetime.now():%Y%m%d-%H%M%S}-{config_hash(cfg)}"
-    for attempt in range(1, 1000):
-        path = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory beside {stem}")
-
-
-def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from (None: start fresh), as the config asks.
-
-    ``resume=PATH`` (a run directory or a checkpoint file) continues that run; an explicit ``run_dir``
-    is used as it is (resumed from its ``last.ckpt`` when ``resume`` is true and one exists); neither
-    gives a new directory.
-    """
-    if isinstance(cfg.resume, str):
-        target = Path(cfg.resume)
-        checkpoint = target / "checkpoints" / "last.ckpt" if target.is_dir() else target
-        if not checkpoint.is_file():
-            raise ConfigError(f"resume={cfg.resume}: no checkpoint at {checkpoint}; name a run directory holding "
-                              f"checkpoints/last.ckpt or a .ckpt file")
-        run_dir = target if target.is_dir() else checkpoint.resolve().parent.parent
-        if cfg.run_dir and Path(cfg.run_dir).resolve() != run_dir.resolve():
-            raise ConfigError(f"resume={cfg.resume} belongs to run directory {run_dir}, but run_dir={cfg.run_dir}; "
-                              f"set only one of them")
-        return run_dir, checkpoint
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return run_dir, last if cfg.resume and last.is_file() else None
-    if rank_zero_only.rank > 0:  # a DDP process: use the directory the first process chose
-        if not os.environ.get(RUN_DIR_ENV):
-            raise ConfigError("processes started outside Lightning (torchrun, srun) cannot agree on a new run "
-                              "directory: set run_dir=PATH explicitly")
-        return Path(os.environ[RUN_DIR_ENV]), None
-    run_dir = new_run_dir(cfg)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir, None
-
-
-@rank_zero_only
-def _record_run(cfg: DictConfig, run_dir: Path, command: str) -> None:
-    """The resolved config and command line of this attempt, written once (rank 0) into ``run_dir``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if command:
-        write_text(run_dir / "command.txt", command + "\n")
-
-
-def train(cfg: DictConfig, command: str = "") -> dict:
+def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) -> dict:
     """Fit (resuming as the config says), then test with the best checkpoint; returns the final metrics.
 
     The metrics include ``run_dir``, ``best_checkpoint`` and its score, and the test NME summary
-    (``test/nme``, ...) exactly as the test report writes it.
+    (``test/nme``, ...) exactly as the test report writes it. Raises :class:`Interrupted` after
+    SIGTERM (``last.ckpt`` saved).
     """
     run_dir, resume_from = resolve_run(cfg)
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     if fast_dev_run:
         resume_from = None
-    _record_run(cfg, run_dir, command)
-
+    # Everything that can be checked is checked before the run directory is touched.
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
-    trainer = build_trainer(cfg, run_dir)
+    datamodule.check_files("fit")
     if resume_from:
-        rank_zero_info(f"resuming from {resume_from}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not fast_dev_run:
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path or None
-        test_results = trainer.test(model, datamodule=datamodule, ckpt_path=best)
-        metrics.update({k: float(v) for k, v in (test_results[0] if test_results else {}).items()})
-        nme = next((c for c in trainer.callbacks if isinstance(c, NMECallback)), None)
-        if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
-            summary = nme.summaries["test"]
-            metrics.update({"test/nme": summary["nme_mean"], "test/nme_median": summary["nme_median"],
-                            "test/nme_aligned": summary["nme_aligned_mean"]})
-        metrics["best_checkpoint"] = best
-        if checkpoint.best_model_score is not None:
-            metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
-    metrics["run_dir"] = str(run_dir)
-    if trainer.is_global_zero:
-        write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+        check_resumable(resume_from, model, cfg, trust_checkpoint)
+    with RunLock(run_dir, command) if rank_zero_only.rank == 0 else _NoLock() as lock:
+        for note in lock.notes:
+            rank_zero_info(note)
+        check_writable(run_dir / "checkpoints")
+        record_attempt(cfg, run_dir, command)
+        trainer = build_trainer(cfg, run_dir)
+        if resume_from:
+            rank_zero_info(f"resuming from {resume_from}")
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        except SIGTERMException:
+            raise Interrupted(f"training stopped by SIGTERM; {run_dir / 'checkpoints' / 'last.ckpt'} was saved: "
+                              f"rerun the same command to resume") from None
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if not fast_dev_run:
+            metrics.update(_test(trainer, model, datamodule))
+        metrics["run_dir"] = str(run_dir)
+        if trainer.is_global_zero:
+            write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModule) -> dict:
+    """Test the best checkpoint; the test metrics, with the NME summary's exact values."""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path or None
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    nme = next((c for c in trainer.callbacks if isinstance(c, NMECallback)), None)
+    if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
+        summary = nme.summaries["test"]
+        metrics.update({"test/nme": summary["nme_mean"], "test/nme_median": summary["nme_median"],
+                        "test/nme_aligned": summary["nme_aligned_mean"]})
+    metrics["best_checkpoint"] = best
+    if checkpoint.best_model_score is not None:
+        metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
+    return metrics
+
+
+class _NoLock:
+    """What processes other than rank 0 hold: nothing (rank 0 holds the run directory's lock)."""
+
+    notes: list[str] = []
+
+    def __enter__(self) -> "_NoLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/configs/quickstart.yaml")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="resume from a checkpoint that holds more than tensors and plain values (runs its code)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        parser.error(str(error))
-    command = shlex.join([sys.executable, "-m", "experiments.train", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        metrics = train(cfg, command)
-    except ConfigError as error:
-        parser.error(str(error))
+    cfg = load_config(args.config, args.overrides)
+    command = shlex.join(redact([sys.executable, "-m", "experiments.train", *(sys.argv[1:] if argv is None else argv)]))
+    metrics = train(cfg, command, trust_checkpoint=args.trust_checkpoint)
     print(f"run directory: {metrics['run_dir']}")
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def redact(arguments: list[str]) -> list[str]:
+    """Command-line arguments with the value of any ``NAME=value`` whose name mentions a secret replaced by ``***``."""
+    out = []
+    for argument in arguments:
+        name, sep, _ = argument.partition("=")
+        out.append(f"{name}=***" if sep and any(word in name.lower() for word in SECRET_WORDS) else argument)
+    return out
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

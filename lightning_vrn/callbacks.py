@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_vrn.landmarks import outer_interocular
 from lightning_vrn.metrics.report import write_report
@@ -201,21 +202,51 @@ class NMECallback(pl.Callback):
         metric.reset()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, read-only folder); training stops at once."""
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``best.ckpt`` by a configurable ``monitor`` and ``mode``, ``last.ckpt`` at every epoch, and a best-so-far value.
 
     Lightning's ModelCheckpoint (2.6) refreshes ``last.ckpt`` only when it also saves a top-k
     checkpoint, so an epoch that does not improve the monitor would leave ``last.ckpt`` behind and a
-    resumed run would repeat it; here ``last.ckpt`` is written at the end of every epoch. After each
-    validation the best score so far is logged to the trainer's loggers as ``{monitor}_best`` (what
-    a sweep optimises). A monitor that is not computed every epoch (the validation NME) is allowed:
-    epochs without it keep the best checkpoint as it is.
+    resumed run would repeat it; here ``last.ckpt`` is written at the end of every epoch, and every
+    ``last_every_n_steps`` optimiser steps (0: not within epochs). On SIGTERM (a scheduler's
+    preemption) it writes ``last.ckpt`` from the training loop, not from the signal handler. A
+    checkpoint that cannot be written stops training at once with :class:`CheckpointWriteError`
+    naming the file and the OS error. After each validation the best score so far is logged to the
+    trainer's loggers as ``{monitor}_best`` (what a sweep optimises). A monitor that is not computed
+    every epoch (the validation NME) is allowed: epochs without it keep the best checkpoint as it is.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/loss", mode: str = "min", **kwargs: Any):
+    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/loss", mode: str = "min",
+                 last_every_n_steps: int = 0, **kwargs: Any):
         super().__init__(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_last=True,
                          enable_version_counter=False,  # a restarted run replaces best/last, no -v1 copies
                          **kwargs)
+        self.last_every_n_steps = int(last_every_n_steps)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"could not write checkpoint {filepath}: {error.strerror or error}; free disk space or fix the "
+                f"folder's permissions, then rerun the same command to resume from the last checkpoint written"
+            ) from None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.last_every_n_steps and step % self.last_every_n_steps == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException) and trainer.global_step > self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self.monitor in monitor_candidates:

@@ -70,7 +70,13 @@ COMPRESSION = {
     "volumes_frontal": {"compression": "gzip", "compression_opts": 4, "shuffle": False},
     "vertices": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
 }
+CHECKSUM = {"fletcher32": True}
+"""HDF5's Fletcher-32 filter on every per-sample dataset: a damaged chunk fails its read instead of
+returning wrong pixels (4 bytes per chunk; files written before it are read without the check)."""
 _WRITTEN = "written"
+_FLAG_PREFIX = "flag_"
+"""Per-sample producer flags live in the partial file as ``flag_{name}`` and become the attribute
+``num_{name}`` (how many samples of the whole file have it) when the file is finished."""
 
 
 class DatasetError(ValueError):
@@ -147,7 +153,7 @@ class DatasetWriter:
 
     def __init__(self, path, grid: VoxelGrid, num_samples: int, num_vertices: int, triangles, face_region,
                  landmark_vertices, attrs: Mapping[str, Any], with_frontal: bool = False, restart: bool = False,
-                 flush_every: int = 32):
+                 flush_every: int = 32, flags: Sequence[str] = ()):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.grid = grid
@@ -155,6 +161,7 @@ class DatasetWriter:
         self.num_vertices = int(num_vertices)
         self.with_frontal = bool(with_frontal)
         self.flush_every = int(flush_every)
+        self.flags = tuple(flags)
         missing = [key for key in REQUIRED_ATTRS if key not in attrs]
         if missing:
             raise ValueError(f"DatasetWriter for {self.path}: attrs lack {missing}; pass them in attrs")
@@ -206,9 +213,11 @@ class DatasetWriter:
         for field in self._fields:
             shape = self._shapes[field]
             f.create_dataset(field, shape=(self.num_samples, *shape), dtype=_dtype(field), chunks=(1, *shape),
-                             **COMPRESSION.get(field, {}))
+                             **COMPRESSION.get(field, {}), **CHECKSUM)
         written = np.zeros(self.num_samples, dtype=bool)
         f.create_dataset(_WRITTEN, data=written.astype(np.uint8))
+        for flag in self.flags:
+            f.create_dataset(_FLAG_PREFIX + flag, data=np.zeros(self.num_samples, dtype=np.uint8))
         f.flush()
         return f, written
 
@@ -250,6 +259,9 @@ class DatasetWriter:
                 differences.append(f"{field} shape {f[field].shape} vs now {expected}")
         if f[_WRITTEN].shape != (self.num_samples,):
             differences.append(f"{_WRITTEN} flags shape {f[_WRITTEN].shape} vs now ({self.num_samples},)")
+        stored = sorted(name[len(_FLAG_PREFIX):] for name in f if name.startswith(_FLAG_PREFIX))
+        if stored != sorted(self.flags):
+            differences.append(f"per-sample flags {stored} vs now {sorted(self.flags)}")
         return differences
 
     def __enter__(self) -> "DatasetWriter":
@@ -262,8 +274,9 @@ class DatasetWriter:
         """Indices (int64, ascending) of the samples not written yet."""
         return np.flatnonzero(~self._written)
 
-    def write(self, index: int, sample: Mapping[str, np.ndarray]) -> None:
-        """Store sample ``index``: keys of :data:`SAMPLE_KEYS` (``volume_frontal`` only ``with_frontal``).
+    def write(self, index: int, sample: Mapping[str, np.ndarray], flags: Mapping[str, bool] | None = None) -> None:
+        """Store sample ``index``: keys of :data:`SAMPLE_KEYS` (``volume_frontal`` only ``with_frontal``),
+        and its producer ``flags`` (names given to the writer; a flag not given is False).
 
         ``image`` (H, W, 3) uint8; ``volume`` / ``volume_frontal`` (D, H, W) bool, or already packed
         uint8 (D, H, W/8) (:func:`pack_volume`); ``landmarks_2d`` (68, 2), ``landmarks_3d`` (68, 3),
@@ -291,6 +304,11 @@ class DatasetWriter:
             if field in FLOAT_FIELDS and not np.isfinite(value).all():
                 raise ValueError(f"sample {index} {key}: contains NaN or inf")
             self._file[field][index] = value.astype(_dtype(field), copy=False)
+        unknown = set(flags or {}) - set(self.flags)
+        if unknown:
+            raise ValueError(f"sample {index} for {self.path}: unknown flags {sorted(unknown)}; the writer has {self.flags}")
+        for flag in self.flags:
+            self._file[_FLAG_PREFIX + flag][index] = bool((flags or {}).get(flag, False))
         self._written[index] = True
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
@@ -319,6 +337,9 @@ class DatasetWriter:
         if self._file is None:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
         del self._file[_WRITTEN]
+        for flag in self.flags:
+            self._file.attrs[f"num_{flag}"] = int(self._file[_FLAG_PREFIX + flag][()].sum())
+            del self._file[_FLAG_PREFIX + flag]
         self._file.close()
         self._file = None
         with open(self.partial_path, "rb+") as handle:
@@ -331,17 +352,36 @@ class FaceDatasetFile:
     """A validated, lazily opened dataset file (see the module docstring for the schema).
 
     Opening checks the file exists, is HDF5, has this schema version and every required
-    dataset with shapes consistent with N and the grid, and (if given) that its grid equals
-    ``expected_grid``. Samples are read with :meth:`read`; the HDF5 handle is opened in the
-    process that reads, so the object can be handed to forked or spawned DataLoader workers.
+    dataset with the dtype and shape the schema gives for N and the grid, and (if given) that its
+    grid equals ``expected_grid`` (which came from ``grid_source``: "the config", a checkpoint).
+    Samples are read with :meth:`read`; the HDF5 handle is opened in the process that reads, so the
+    object can be handed to forked or spawned DataLoader workers. Each read checks that the file is
+    still the one validated (same inode, size and modification time): a file replaced while a run
+    reads it is an error, not a silent mix of two files. A chunk that fails its Fletcher-32
+    checksum (or does not decompress) is an error naming the file, the dataset and the sample.
     """
 
-    def __init__(self, path, expected_grid: VoxelGrid | None = None):
+    def __init__(self, path, expected_grid: VoxelGrid | None = None, grid_source: str = "the config"):
         self.path = Path(path)
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+        self._identity = self._stat()
         with self._open() as f:
-            self._validate(f, expected_grid)
+            self._validate(f, expected_grid, grid_source)
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        """``(device, inode, size, mtime_ns)`` of the file, or None when it does not exist."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check_unchanged(self) -> None:
+        if self._stat() != self._identity:
+            raise DatasetError(f"dataset file {self.path} was replaced or modified after this run opened it "
+                               f"(its size, modification time or inode changed); restart the run so that every "
+                               f"process reads one version of the file")
 
     def _open(self) -> h5py.File:
         if not self.path.exists():
@@ -359,7 +399,7 @@ class FaceDatasetFile:
         return DatasetError(f"dataset file {self.path}: {what}; regenerate it with the current code "
                             f"(e.g. `{GENERATE_HINT}`)")
 
-    def _validate(self, f: h5py.File, expected_grid: VoxelGrid | None) -> None:
+    def _validate(self, f: h5py.File, expected_grid: VoxelGrid | None, grid_source: str) -> None:
         version = f.attrs.get("schema_version")
         if version is None or int(version) != SCHEMA_VERSION:
             raise self._error(f"schema_version is {None if version is None else int(version)}, "
@@ -381,6 +421,12 @@ class FaceDatasetFile:
             if field in f and f[field].shape != (self.num_samples, *shape):
                 raise self._error(f"dataset {field} has shape {f[field].shape}, expected {(self.num_samples, *shape)} "
                                   f"for N={self.num_samples}, grid {self.grid.describe()} and V={self.num_vertices}")
+            if field in f and f[field].dtype != _dtype(field):
+                raise self._error(f"dataset {field} has dtype {f[field].dtype}, the schema's is "
+                                  f"{np.dtype(_dtype(field))} (float images would train on near-black inputs)")
+        for name in SHARED_FIELDS:
+            if not np.issubdtype(f[name].dtype, np.integer):
+                raise self._error(f"dataset {name} has dtype {f[name].dtype}; vertex ids must be integers")
         if "num_samples" in f.attrs and int(f.attrs["num_samples"]) != self.num_samples:
             raise self._error(f"attr num_samples={int(f.attrs['num_samples'])} but datasets hold {self.num_samples}")
         self.triangles = f["triangles"][()].astype(np.int64)
@@ -397,10 +443,12 @@ class FaceDatasetFile:
                 raise self._error(str(err)) from None
         self.attrs = {key: _plain(value) for key, value in f.attrs.items()}
         if expected_grid is not None and expected_grid != self.grid:
+            fix = ("change grid in the config" if grid_source == "the config"
+                   else "use a model trained on this grid")
             raise DatasetError(
-                f"dataset {self.path}: dataset grid {self.grid.describe()} differs from the config grid "
+                f"dataset {self.path}: dataset grid {self.grid.describe()} differs from the grid of {grid_source}, "
                 f"{expected_grid.describe()}: regenerate with --grid "
-                f"{expected_grid.depth},{expected_grid.height},{expected_grid.width} or change grid in the config")
+                f"{expected_grid.depth},{expected_grid.height},{expected_grid.width} or {fix}")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -425,8 +473,15 @@ class FaceDatasetFile:
             raise DatasetError(f"dataset file {self.path} has no volumes_frontal; regenerate it with --frontal")
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"sample index {index} outside 0..{self.num_samples - 1} in {self.path}")
+        self._check_unchanged()
         f = self._file()
-        out = {field: f[field][index] for field in fields}
+        out = {}
+        for field in fields:
+            try:
+                out[field] = f[field][index]
+            except OSError as error:  # a failed checksum or a chunk that does not decompress
+                raise DatasetError(f"dataset file {self.path}: dataset {field}, sample {index} cannot be read "
+                                   f"({' '.join(str(error).split())}); the file is damaged: regenerate it") from None
         for field in FLOAT_FIELDS:
             if field in out and not np.isfinite(out[field]).all():
                 raise DatasetError(f"dataset file {self.path}: sample {index} has NaN or inf in {field}; "
@@ -452,6 +507,6 @@ class FaceDatasetFile:
         return state
 
 
-def open_dataset(path, expected_grid: VoxelGrid | None = None) -> FaceDatasetFile:
+def open_dataset(path, expected_grid: VoxelGrid | None = None, grid_source: str = "the config") -> FaceDatasetFile:
     """Open and validate a dataset file; see :class:`FaceDatasetFile`."""
-    return FaceDatasetFile(path, expected_grid)
+    return FaceDatasetFile(path, expected_grid, grid_source)

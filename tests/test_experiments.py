@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import evaluate, train
-from experiments.config import CONFIG_DIR, load_config
+from experiments import evaluate, runs, train
+from experiments.config import CONFIG_DIR, ConfigError, load_config
+from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import DatasetError
 from lightning_vrn.geometry.mesh_io import read_obj
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
@@ -69,10 +70,10 @@ def test_paper_config_rejects_data_of_another_grid(tiny_synthetic, tmp_path):
 
 
 def test_unknown_config_key_on_the_command_line_exits_with_its_name(capsys):
-    with pytest.raises(SystemExit) as error:
-        train.main(["--config", str(CONFIG_DIR / "quickstart.yaml"), "trainer.max_epoch=3"])
-    assert error.value.code == 2
-    assert "trainer.max_epoch" in capsys.readouterr().err
+    code = run_command(train.main, ["--config", str(CONFIG_DIR / "quickstart.yaml"), "trainer.max_epoch=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_epoch" in err and len(err.strip().splitlines()) == 1  # one line, no traceback
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
 
     bogus = tmp_path / "model.ckpt"
     bogus.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="model.ckpt is not a lightning-vrn checkpoint"):
+    with pytest.raises(ValueError, match="model.ckpt is damaged, truncated or not a checkpoint"):
         load_model(bogus)
 
 
@@ -183,15 +184,15 @@ def test_training_test_nme_equals_evaluate_on_the_same_checkpoint_and_file(train
 
 def test_runs_with_the_same_name_get_their_own_directories(tiny_synthetic, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(train.RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv(runs.RUN_DIR_ENV, raising=False)
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", "data.num_workers=0",
                                                        "data.batch_size=2", "trainer.fast_dev_run=true", *TINY_NET])
     assert cfg.run_dir is None
     first, second = (Path(train.train(cfg)["run_dir"]) for _ in range(2))
     assert first != second and first.parent == second.parent == Path("runs") / "vrn-quickstart"
-    pattern = rf"\d{{8}}-\d{{6}}-{train.config_hash(cfg)}(-\d+)?"  # time, config hash, a counter if taken
+    pattern = rf"\d{{8}}-\d{{6}}-{runs.config_hash(cfg)}(-\d+)?"  # time, config hash, a counter if taken
     assert re.fullmatch(pattern, first.name) and re.fullmatch(pattern, second.name)
-    same_second = [train.new_run_dir(cfg, tmp_path / "many") for _ in range(3)]
+    same_second = [runs.new_run_dir(cfg, tmp_path / "many") for _ in range(3)]
     assert len(set(same_second)) == 3 and all(re.fullmatch(pattern, path.name) for path in same_second)
     assert load_config(first / "config.yaml") == load_config(second / "config.yaml") == cfg
 
@@ -207,10 +208,10 @@ def test_resume_names_the_run_to_continue_and_run_dir_means_that_directory(tiny_
     metrics = train.train(cfg)
     assert Path(metrics["run_dir"]) == run_dir
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
-    with pytest.raises(train.ConfigError, match="no checkpoint at"):
-        train.resolve_run(load_config(CONFIG_DIR / "quickstart.yaml", [f"resume={tmp_path / 'nothing'}"]))
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        runs.resolve_run(load_config(CONFIG_DIR / "quickstart.yaml", [f"resume={tmp_path / 'nothing'}"]))
     fresh = _config("quickstart", tiny_synthetic, run_dir, *base, "resume=false")
-    assert train.resolve_run(fresh) == (run_dir, None)
+    assert runs.resolve_run(fresh) == (run_dir, None)
 
 
 def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_improve(tiny_synthetic, tmp_path):

@@ -22,8 +22,8 @@ def setup(marker: str | None) -> dict:
     return {"marker": None if marker is None else Path(marker)}
 
 
-def make(state: dict, index: int) -> tuple[dict[str, np.ndarray], int]:
-    """A sample drawn from ``default_rng(index)``; info ``10 * index``."""
+def make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """A sample drawn from ``default_rng(index)``; flagged ``odd`` when ``index`` is odd."""
     marker = state["marker"]
     if marker is not None and index == FAIL_AT and not marker.exists():
         marker.touch()
@@ -37,20 +37,21 @@ def make(state: dict, index: int) -> tuple[dict[str, np.ndarray], int]:
         "pose": rng.normal(size=3),
         "vertices": rng.normal(size=(V, 3)),
     }
-    return sample, 10 * index
+    return sample, {"odd": index % 2 == 1}
 
 
 def new_writer(path: Path) -> DatasetWriter:
-    return DatasetWriter(path, GRID, N, V, [[0, 1, 2], [2, 3, 4]], np.arange(V), np.zeros(68, dtype=int), ATTRS)
+    return DatasetWriter(path, GRID, N, V, [[0, 1, 2], [2, 3, 4]], np.arange(V), np.zeros(68, dtype=int), ATTRS,
+                         flags=("odd",))
 
 
-def write(path: Path, workers: int, marker: Path | None = None) -> dict:
-    """Write (or resume) the test file at ``path``; returns the infos of the samples written now."""
+def write(path: Path, workers: int, marker: Path | None = None) -> int:
+    """Write (or resume) the test file at ``path``; returns the number of samples written now."""
     with new_writer(path) as writer:
-        infos = write_pending(writer, setup, (None if marker is None else str(marker),), make, workers,
-                              progress=False)
+        written = write_pending(writer, setup, (None if marker is None else str(marker),), make, workers,
+                                progress=False)
         writer.finish()
-    return infos
+    return written
 
 
 def contents(path: Path) -> dict:
@@ -64,13 +65,15 @@ def contents(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("writing") / "one.h5"
-    assert write(path, workers=1) == {i: 10 * i for i in range(N)}
+    assert write(path, workers=1) == N
+    with h5py.File(path, "r") as f:
+        assert f.attrs["num_odd"] == N // 2  # the flags of every sample, counted on finish
     return path
 
 
 def test_two_workers_write_the_same_file(tmp_path, reference):
     path = tmp_path / "two.h5"
-    assert write(path, workers=2) == {i: 10 * i for i in range(N)}
+    assert write(path, workers=2) == N
     assert path.read_bytes() == reference.read_bytes()
 
 
@@ -84,5 +87,5 @@ def test_interrupted_run_resumes_to_the_same_content(tmp_path, reference, worker
         pending = writer.pending()
     # Written in index order: a prefix is in (the failed sample's chunk is lost with it).
     assert 0 < pending[0] <= FAIL_AT and np.array_equal(pending, np.arange(pending[0], N))
-    assert write(path, workers, marker) == {i: 10 * i for i in pending}
-    assert contents(path) == contents(reference)
+    assert write(path, workers, marker) == len(pending)
+    assert contents(path) == contents(reference)  # num_odd too: the flags of the first run's samples count

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lightning_vrn.models.base import MODELS, ModelSettings, OptimSettings, VRNModule, register
 from lightning_vrn.models.volume import NetSettings, VolumeRegressionModule, VolumeSettings, occupancy
 from lightning_vrn.models.vrn import VRN
+from lightning_vrn.safe_load import load_checkpoint
 
 
 def model_class(name: str) -> type[VRNModule]:
@@ -24,16 +23,21 @@ def build_model(name: str, **kwargs: Any) -> VRNModule:
     return model_class(name)(**kwargs)
 
 
-def load_model(checkpoint: str | Path, map_location: str = "cpu") -> VRNModule:
-    """The model saved in ``checkpoint``, rebuilt from that file alone (its record names the variant), in eval mode."""
+def load_model(checkpoint: str | Path, map_location: str = "cpu", trust: bool = False) -> VRNModule:
+    """The model saved in ``checkpoint``, rebuilt from that file alone (its record names the variant), in eval mode.
+
+    The file is loaded with PyTorch's safe loader (:func:`lightning_vrn.safe_load.load_checkpoint`):
+    one that holds other Python objects is refused unless ``trust``.
+    """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: train a model first (python -m experiments.train)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-        variant = payload["lightning_vrn"]["variant"]
-    except Exception as error:
-        raise ValueError(f"{path} is not a lightning-vrn checkpoint ({type(error).__name__}: {error})") from None
+    payload = load_checkpoint(path, trust=trust, map_location=map_location)
+    record = payload.get("lightning_vrn")
+    if not isinstance(record, dict) or "variant" not in record or "hyper_parameters" not in payload:
+        raise ValueError(f"{path} is not a lightning-vrn checkpoint (it has no 'lightning_vrn' record; keys: "
+                         f"{sorted(payload)[:8]})")
+    variant = record["variant"]
     if variant not in MODELS:
         raise ValueError(f"{path} holds variant {variant!r}, unknown to this version; known: {sorted(MODELS)}")
     model = MODELS[variant](**payload["hyper_parameters"])  # grid and the resolved settings

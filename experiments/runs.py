@@ -1,0 +1,210 @@
+"""Run directories: where a run goes, the lock that keeps it to one training, and the record of each attempt.
+
+- :func:`resolve_run`: a new ``runs/{name}/{time}-{hash}`` directory unless the config names one
+  (``run_dir=PATH``) or a run to continue (``resume=PATH``); docs/configs.md has the table.
+- :class:`RunLock`: ``run_dir/run.lock`` holds the process id, host and command of the training that
+  owns the directory. A second training into it stops at once naming the holder; a lock whose
+  process is gone (same host) is taken over with a note.
+- :func:`record_attempt`: each attempt's resolved config and command line go to
+  ``attempts/NNN/``; the run's ``config.yaml`` and ``command.txt`` are the first attempt's and are
+  never overwritten. Written only after the config, the data and any checkpoint to resume from
+  have been checked, so a failed attempt leaves nothing out of step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from experiments.config import ConfigError, save_config
+from lightning_vrn.atomic import write_text
+
+RUN_DIR_ENV = "LIGHTNING_VRN_RUN_DIR"
+"""Set by the first process to the run directory it chose, so that DDP processes it launches use the same one."""
+LOCK_NAME = "run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live training holds the run directory."""
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Six hex digits identifying a resolved config."""
+    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:6]
+
+
+def new_run_dir(cfg: DictConfig, root: Path = Path("runs")) -> Path:
+    """A fresh ``root/{name}/{YYYYmmdd-HHMMSS}-{hash}`` directory (``-2``, ``-3``... if taken), created."""
+    stem = root / cfg.name / f"{datetime.now():%Y%m%d-%H%M%S}-{config_hash(cfg)}"
+    for attempt in range(1, 1000):
+        path = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory beside {stem}")
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: start fresh), as the config asks.
+
+    ``resume=PATH`` (a run directory or a checkpoint file) continues that run; an explicit ``run_dir``
+    is used as it is (resumed from its ``last.ckpt`` when ``resume`` is true and one exists); neither
+    gives a new directory.
+    """
+    if isinstance(cfg.resume, str):
+        target = Path(cfg.resume)
+        checkpoint = target / "checkpoints" / "last.ckpt" if target.is_dir() else target
+        if not checkpoint.is_file():
+            raise ConfigError(f"resume={cfg.resume}: no checkpoint at {checkpoint}; name a run directory holding "
+                              f"checkpoints/last.ckpt or a .ckpt file")
+        run_dir = target if target.is_dir() else checkpoint.resolve().parent.parent
+        if cfg.run_dir and Path(cfg.run_dir).resolve() != run_dir.resolve():
+            raise ConfigError(f"resume={cfg.resume} belongs to run directory {run_dir}, but run_dir={cfg.run_dir}; "
+                              f"set only one of them")
+        return run_dir, checkpoint
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run_dir={run_dir} is an existing file, not a directory; choose another run_dir")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return run_dir, last if cfg.resume and last.is_file() else None
+    if rank_zero_only.rank > 0:  # a DDP process: use the directory the first process chose
+        if not os.environ.get(RUN_DIR_ENV):
+            raise ConfigError("processes started outside Lightning (torchrun, srun) cannot agree on a new run "
+                              "directory: set run_dir=PATH explicitly")
+        return Path(os.environ[RUN_DIR_ENV]), None
+    run_dir = new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir, None
+
+
+class OutputDirError(OSError):
+    """An output folder that cannot be written (an existing file, no permission, a read-only disk)."""
+
+
+def check_writable(directory: Path, what: str = "run_dir") -> None:
+    """Create ``directory`` and write and delete a probe file in it; an :class:`OutputDirError` names it and ``what`` to change."""
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            raise OutputDirError(f"output folder {directory} cannot be created: {parent} is an existing file; "
+                                 f"choose another {what}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise OutputDirError(f"cannot write into {directory} ({error.strerror or error}); choose a writable "
+                             f"{what} or fix the folder's permissions") from None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive ownership of a run directory by one process (rank 0), held from validation to the end.
+
+    ``acquire()`` creates ``run.lock`` atomically (``O_EXCL``). If it exists and its process is alive,
+    or lives on another host (which cannot be checked from here), :class:`RunLockedError` names the
+    holder; a dead process's lock on this host is stale and taken over, with a note in :attr:`notes`.
+    """
+
+    def __init__(self, run_dir: Path, command: str = ""):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.command = command
+        self.notes: list[str] = []
+        self._held = False
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "RunLock":
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": self.command}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                pid, host = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and host == socket.gethostname() and not _process_alive(pid):
+                    self.notes.append(f"took over the stale lock of process {pid} on {host} (it is no longer "
+                                      f"running), started {holder.get('started')}")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(
+                    f"run directory {self.path.parent} is in use by process {pid} on host {host} (since "
+                    f"{holder.get('started')}: {holder.get('command') or 'no command recorded'}); wait for it, "
+                    f"stop it, or train into another run_dir. If that process is gone, delete {self.path}"
+                ) from None
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(record, handle)
+            self._held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}: another process took it at the same time")
+
+    def release(self) -> None:
+        if self._held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self._held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@rank_zero_only
+def record_attempt(cfg: DictConfig, run_dir: Path, command: str) -> Path:
+    """Write this attempt's config and command to ``run_dir/attempts/NNN/``; the first attempt's also to the run's top.
+
+    Returns the attempt's folder. Nothing already written is replaced.
+    """
+    attempts = run_dir / "attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.name) for p in attempts.iterdir() if p.name.isdigit()), default=0)
+    folder = attempts / f"{number:03d}"
+    folder.mkdir()
+    save_config(cfg, folder / "config.yaml")
+    write_text(folder / "command.txt", command + "\n")
+    if not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / "config.yaml")
+        write_text(run_dir / "command.txt", command + "\n")
+    return folder
+
+
+def incompatible_settings(checkpoint_hparams: Mapping[str, Any], cfg_model: Mapping[str, Any], grid: Mapping[str, Any],
+                          variant: str, checkpoint_variant: str) -> list[str]:
+    """What in the config would not load the checkpoint's weights: the variant, the grid, the network shape."""
+    differences = []
+    if variant != checkpoint_variant:
+        differences.append(f"model.name: checkpoint {checkpoint_variant!r}, config {variant!r}")
+    if dict(checkpoint_hparams.get("grid", {})) != dict(grid):
+        differences.append(f"grid: checkpoint {dict(checkpoint_hparams.get('grid', {}))}, config {dict(grid)}")
+    for key in ("net", "target_frame"):
+        if key in checkpoint_hparams and checkpoint_hparams[key] != cfg_model.get(key):
+            differences.append(f"model.{key}: checkpoint {checkpoint_hparams[key]}, config {cfg_model.get(key)}")
+    return differences

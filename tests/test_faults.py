@@ -1,0 +1,362 @@
+"""Faults a user meets, reproduced as they would meet them: each loses nothing and ends with a clear message.
+
+Locked run directories, records that a failed attempt leaves alone, checkpoints that cannot be
+written, SIGTERM, a training split smaller than a batch, damaged or replaced dataset files, bad
+configs and paths, the generator's count after a resume, checkpoints and pickles that would run
+code, and secrets kept out of a run's records.
+"""
+
+import errno
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from experiments import evaluate, runs, train
+from experiments.config import CONFIG_DIR, ConfigError, load_config
+from lightning_vrn.callbacks import CheckpointWriteError
+from lightning_vrn.cli import EXIT_LOCKED, EXIT_SIGTERM, EXIT_USAGE, run_command
+from lightning_vrn.dataset_file import DatasetError, open_dataset
+from lightning_vrn.models import load_model
+from lightning_vrn.safe_load import UnsafeFileError, load_pickle
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.net.features=16", "model.net.hourglass_depth=2", "model.net.stacks=1", "data.num_workers=0",
+        "data.batch_size=2", "nme.every_n_epochs=0"]
+
+
+def config(data_dir, run_dir, *overrides):
+    return load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, *overrides])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def start_training(data_dir, run_dir, *overrides) -> subprocess.Popen:
+    """A training in another process, as a user would start it (long enough to be interrupted)."""
+    command = [sys.executable, "-m", "experiments.train", "--config", str(CONFIG_DIR / "quickstart.yaml"),
+               f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.max_epochs=500",
+               "trainer.enable_progress_bar=false", *overrides]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode}): {process.stderr.read()}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {seconds} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_synthetic, tmp_path_factory):
+    """A finished one-epoch run."""
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=1"), command="first attempt")
+    return run_dir
+
+
+# ----- 1. one training per run directory -----
+
+@pytest.mark.slow
+def test_a_second_training_into_a_held_run_directory_stops_naming_the_holder(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    holder = start_training(tiny_synthetic, run_dir)
+    try:
+        wait_for(run_dir / runs.LOCK_NAME, holder)
+        with pytest.raises(runs.RunLockedError, match=rf"in use by process {holder.pid} on host {socket.gethostname()}"):
+            train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=1"), command="REFUSED-ATTEMPT")
+        assert not (run_dir / "attempts" / "002").exists()  # the refused attempt recorded nothing
+        assert "REFUSED-ATTEMPT" not in (run_dir / "command.txt").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(tiny_synthetic, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    run_dir.mkdir()
+    (run_dir / runs.LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(),
+                                                      "started": "earlier", "command": "killed run"}))
+    caplog.set_level("INFO")
+    train.train(config(tiny_synthetic, run_dir, "trainer.fast_dev_run=true"))
+    assert f"took over the stale lock of process {gone.pid}" in caplog.text
+    assert not (run_dir / runs.LOCK_NAME).exists()  # released at the end
+
+
+# ----- 2. a failed attempt leaves the run's record alone -----
+
+def test_a_rerun_the_checkpoint_would_not_load_is_refused_before_anything_is_written(trained, tiny_synthetic):
+    before = snapshot(trained)
+    with pytest.raises(ConfigError, match=r"model\.net: checkpoint \{.*'features': 16.*\}, config \{.*'features': 32"):
+        train.train(config(tiny_synthetic, trained, "trainer.max_epochs=2", "model.net.features=32"), command="bad")
+    assert snapshot(trained) == before
+
+
+def test_each_attempt_is_recorded_and_the_first_is_never_overwritten(trained, tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {trained} {run_dir}")
+    first = (run_dir / "config.yaml").read_text()
+    train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"), command="second attempt")
+    assert (run_dir / "config.yaml").read_text() == first
+    assert (run_dir / "command.txt").read_text() == "first attempt\n"
+    assert (run_dir / "attempts" / "001" / "command.txt").read_text() == "first attempt\n"
+    assert (run_dir / "attempts" / "002" / "command.txt").read_text() == "second attempt\n"
+    assert load_config(run_dir / "attempts" / "002" / "config.yaml").trainer.max_epochs == 2
+
+
+# ----- 3. checkpoints that cannot be written -----
+
+def test_a_checkpoint_that_cannot_be_written_stops_training_at_once(tiny_synthetic, tmp_path, monkeypatch):
+    from pytorch_lightning.plugins.io.torch_plugin import TorchCheckpointIO
+
+    original, saves = TorchCheckpointIO.save_checkpoint, []
+
+    def disk_fills_up(self, checkpoint, path, storage_options=None):
+        saves.append(path)
+        if len(saves) > 1:  # the first save (epoch 0) succeeds, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_fills_up)
+    run_dir = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*\.ckpt: No space left on device"):
+        train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=5", "checkpoint.every_n_train_steps=0"))
+    written = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert written["epoch"] == 0  # what was written before the failure is intact
+    epochs = {row.split(",")[0] for row in (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[1:]}
+    assert epochs <= {"", "0", "1"}  # it stopped at the first failed save, not after five epochs
+
+
+def test_an_output_folder_that_is_a_file_is_named_before_training(tiny_synthetic, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("keep me")
+    with pytest.raises(ConfigError, match="run_dir=.*not-a-folder is an existing file"):
+        train.train(config(tiny_synthetic, blocker, "trainer.fast_dev_run=true"))
+    with pytest.raises(runs.OutputDirError, match=r"not-a-folder is an existing file; choose another run_dir"):
+        runs.check_writable(blocker / "checkpoints")
+    assert blocker.read_text() == "keep me"
+
+
+# ----- 4. SIGTERM -----
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(tiny_synthetic, run_dir, "checkpoint.every_n_train_steps=3")
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_SIGTERM, stderr
+    assert "SIGTERM" in stderr and "last.ckpt" in stderr
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] > 0
+    metrics = train.train(config(tiny_synthetic, run_dir, f"trainer.max_epochs={saved['epoch'] + 2}"))
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] > saved["global_step"] and resumed["epoch"] == saved["epoch"] + 1
+    assert (run_dir / "attempts" / "002").is_dir() and "test/loss" in metrics
+
+
+# ----- 5. a training split smaller than one batch -----
+
+def test_a_training_split_smaller_than_a_batch_is_refused_up_front(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train.h5 has 8 samples, fewer than one batch of 16"):
+        train.train(config(tiny_synthetic, run_dir, "data.batch_size=16", "trainer.max_epochs=1"))
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "config.yaml").exists()
+
+
+# ----- 6. files checked where they are opened -----
+
+def test_float_images_are_refused_when_the_file_is_opened(tiny_synthetic, tmp_path):
+    path = tmp_path / "float.h5"
+    os.system(f"cp {tiny_synthetic / 'test.h5'} {path}")
+    with h5py.File(path, "r+") as f:
+        images = f["images"][()].astype(np.float32) / 255
+        del f["images"]
+        f.create_dataset("images", data=images, chunks=(1, *images.shape[1:]))
+    with pytest.raises(DatasetError, match=r"float.h5: dataset images has dtype float32, the schema's is uint8"):
+        open_dataset(path)
+
+
+def test_a_flipped_byte_in_one_chunk_names_the_file_dataset_and_sample(tiny_synthetic, tmp_path):
+    path = tmp_path / "damaged.h5"
+    os.system(f"cp {tiny_synthetic / 'test.h5'} {path}")
+    with h5py.File(path, "r") as f:
+        chunk = f["images"].id.get_chunk_info(2)  # sample 2's image
+    with open(path, "r+b") as handle:
+        handle.seek(chunk.byte_offset + chunk.size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    dataset = open_dataset(path)
+    assert dataset.read(1, ["images"])["images"].shape == (96, 96, 3)  # other samples still read
+    with pytest.raises(DatasetError, match=r"damaged.h5: dataset images, sample 2 cannot be read"):
+        dataset.read(2, ["images"])
+
+
+def test_a_file_replaced_while_it_is_read_is_detected(tiny_synthetic, tmp_path):
+    path = tmp_path / "split.h5"
+    os.system(f"cp {tiny_synthetic / 'val.h5'} {path}")
+    dataset = open_dataset(path)
+    dataset.read(0, ["pose"])
+    replacement = tmp_path / "other.h5"
+    os.system(f"cp {tiny_synthetic / 'test.h5'} {replacement}")
+    os.replace(replacement, path)
+    with pytest.raises(DatasetError, match="split.h5 was replaced or modified after this run opened it"):
+        dataset.read(0, ["pose"])
+
+
+# ----- 7. clear messages instead of tracebacks -----
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\ndata:\n  dir: [unclosed\n", r"YAML syntax error at line 4, column 1"),
+    ("", r"is empty"),
+])
+def test_a_broken_config_file_is_named_with_the_place(tmp_path, text, expected):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file .*broken.yaml .*{expected}|broken.yaml {expected}"):
+        load_config(path)
+
+
+def test_a_corrupt_last_checkpoint_names_its_path_and_the_way_out(trained, tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {trained} {run_dir}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated by a crash
+    with pytest.raises(ConfigError, match=r"cannot resume from .*last.ckpt: .* damaged.*resume=false"):
+        train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"))
+
+
+def test_evaluating_on_data_of_another_grid_names_the_checkpoint_grid(trained, tmp_path):
+    from data_prep.synthetic import generate_split
+    from lightning_vrn.geometry import VoxelGrid
+
+    other = generate_split(tmp_path / "test.h5", "builtin", VoxelGrid.parse("40,32,32"), 2, 0, "test", progress=False)
+    checkpoint = trained / "checkpoints" / "last.ckpt"
+    with pytest.raises(DatasetError, match=rf"differs from the grid of checkpoint {checkpoint}, 100x96x96"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--data", str(other), "--out", str(tmp_path / "eval")])
+
+
+@pytest.mark.parametrize("command, argv, code, expected", [
+    ("train", ["--config", "nope.yaml"], EXIT_USAGE, "config file .*nope.yaml does not exist"),
+    ("train", ["--config", str(CONFIG_DIR / "quickstart.yaml"), "data.batch_size=abc"], EXIT_USAGE,
+     "'data.batch_size' .* must be int, got 'abc'"),
+    ("evaluate", ["--checkpoint", "missing.ckpt", "--data", "x.h5"], 2, "missing.ckpt does not exist"),
+    ("config", [], EXIT_USAGE, "usage: python -m experiments.config"),
+])
+def test_every_command_ends_with_one_line_and_a_nonzero_code(capsys, command, argv, code, expected):
+    from experiments import config as config_command
+
+    main = {"train": train.main, "evaluate": evaluate.main, "config": config_command.main}[command]
+    try:
+        result = run_command(main, argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        result = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert result == code
+    assert len(err) == 1 or err[0].startswith("usage:"), err
+    assert any(__import__("re").search(expected, line) for line in err), err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ConfigError):
+        run_command(train.main, ["--config", str(CONFIG_DIR / "quickstart.yaml"), "data.batch_size=abc", "--debug"])
+
+
+def test_the_synthetic_generator_exits_with_a_clear_error_for_an_unwritable_output(tmp_path, capsys):
+    from data_prep import synthetic
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = run_command(synthetic.main, ["--out", str(blocker / "data"), "--split", "test=1", "--grid", "40,32,32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "file" in err[0], err
+
+
+# ----- 8. the generator's count after a resume -----
+
+def test_the_generator_counts_faces_outside_the_grid_over_the_whole_file(tmp_path, monkeypatch):
+    from data_prep import synthetic
+    from lightning_vrn.geometry import VoxelGrid
+
+    grid = VoxelGrid.parse("100,96,96")  # 2 of the 8 tiny training faces leave it (conftest's warning)
+    with pytest.warns(UserWarning, match=r"(\d+) of 8 faces reach outside") as whole:
+        synthetic.generate_split(tmp_path / "whole.h5", "builtin", grid, 8, 0, "train", progress=False)
+    real_make = synthetic.make_sample
+    calls = []
+
+    def crash_at_the_sixth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("killed")
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "make_sample", crash_at_the_sixth)
+    with pytest.raises(RuntimeError, match="killed"):
+        synthetic.generate_split(tmp_path / "resumed.h5", "builtin", grid, 8, 0, "train", progress=False)
+    with pytest.warns(UserWarning, match=r"(\d+) of 8 faces reach outside") as resumed:
+        synthetic.generate_split(tmp_path / "resumed.h5", "builtin", grid, 8, 0, "train", progress=False)
+    assert str(resumed[0].message).split(":")[1] == str(whole[0].message).split(":")[1]
+
+
+# ----- 9. files from others run no code; secrets stay out of records -----
+
+class _TouchesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_whose_pickle_would_run_a_command_is_refused_and_runs_nothing(trained, tmp_path, capsys):
+    payload = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    payload["hyper_parameters"]["surprise"] = _TouchesAFile(tmp_path / "pwned")
+    crafted = tmp_path / "shared.ckpt"
+    torch.save(payload, crafted)
+    with pytest.raises(UnsafeFileError, match=r"shared.ckpt asks to run .*system.*--trust-checkpoint"):
+        load_model(crafted)
+    code = run_command(evaluate.main, ["--checkpoint", str(crafted), "--data", "unused.h5"])
+    assert code == 1 and "--trust-checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_pickle_file_loads_plain_arrays_and_refuses_code(tmp_path):
+    plain, crafted = tmp_path / "model.pkl", tmp_path / "crafted.pkl"
+    plain.write_bytes(pickle.dumps({"mean": np.arange(6.0).reshape(2, 3), "name": "bfm"}))
+    crafted.write_bytes(pickle.dumps({"mean": _TouchesAFile(tmp_path / "pwned")}))
+    loaded = load_pickle(plain)
+    assert loaded["name"] == "bfm" and np.array_equal(loaded["mean"], np.arange(6.0).reshape(2, 3))
+    with pytest.raises(UnsafeFileError, match="crafted.pkl needs global 'posix.system'"):
+        load_pickle(crafted)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_secrets_never_land_in_a_runs_records(tiny_synthetic, tmp_path, monkeypatch):
+    secret = "sekrit-0123456789"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    run_dir = tmp_path / "run"
+    command = train.redact(["python", "-m", "experiments.train", f"WANDB_API_KEY={secret}", "trainer.max_epochs=1"])
+    assert command[3] == "WANDB_API_KEY=***" and command[4] == "trainer.max_epochs=1"
+    train.train(config(tiny_synthetic, run_dir, "trainer.fast_dev_run=true"), command=" ".join(command))
+    assert not any(secret.encode() in content for content in snapshot(run_dir).values())
