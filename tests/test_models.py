@@ -178,3 +178,33 @@ def test_the_registry_is_the_decorator_alone():
         @register("vrn")
         class Impostor(VRN):
             pass
+
+
+def test_speed_switches_change_no_prediction():
+    """channels_last and the optimiser's foreach are layouts and kernels, not science: same outputs."""
+    torch.manual_seed(0)
+    plain = tiny_model().eval()
+    nhwc = build_model("vrn", grid=GRID.to_dict(), net=TINY_NET, channels_last=True).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.net.stem.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert list(nhwc.state_dict()) == list(plain.state_dict())  # checkpoints are interchangeable
+    image = ball_batch(GRID, n=2)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc.predict_step({"image": image}), plain.predict_step({"image": image}),
+                                   atol=1e-5, rtol=1e-4)
+    for foreach in (True, False):
+        optimizer = tiny_model(foreach=foreach).configure_optimizers()["optimizer"]
+        assert optimizer.defaults["foreach"] is foreach
+
+
+@pytest.mark.slow
+def test_the_compiled_network_predicts_what_the_eager_one_does():
+    torch.manual_seed(0)
+    eager = tiny_model().eval()
+    compiled = build_model("vrn", grid=GRID.to_dict(), net=TINY_NET, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no '_orig_mod' keys in checkpoints
+    image = ball_batch(GRID, n=2)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.predict_step({"image": image}), eager.predict_step({"image": image}),
+                                   atol=1e-5, rtol=1e-4)
