@@ -22,8 +22,9 @@ class DataSettings:
     from the data, the target frame and heatmap sigma, comes from the model's settings).
 
     ``dir``: folder of ``train.h5``, ``val.h5``, ``test.h5``; ``train`` / ``val`` / ``test``: each
-    split's file (null: ``{dir}/{split}.h5``; an empty string: no such split). ``batch_size`` is
-    global (divided by the number of processes).
+    split's file (null: ``{dir}/{split}.h5``, resolved when used, so a saved config follows a new
+    ``data.dir``; ``none``: no such split, e.g. ``data.val=none`` trains without validation).
+    ``batch_size`` is global (divided by the number of processes).
     """
 
     dir: str = "data/synthetic-192"
@@ -37,16 +38,17 @@ class DataSettings:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
-        for split in ("train", "val", "test"):
-            if getattr(self, split) is None:
-                setattr(self, split, f"{self.dir}/{split}.h5")
         if self.batch_size <= 0 or self.num_workers < 0:
             raise ValueError(f"data.batch_size ({self.batch_size}) must be positive and data.num_workers "
                              f"({self.num_workers}) >= 0")
 
-    def split_path(self, split: str) -> str | None:
-        """The file of ``split``, or None when the config turns it off with an empty string."""
-        return getattr(self, split) or None
+
+def split_path(data: Mapping[str, Any], split: str) -> str | None:
+    """The file of ``split`` in a config's ``data`` section: ``{dir}/{split}.h5`` when null, None when ``none``."""
+    value = data[split]
+    if value is None:
+        return f"{data['dir']}/{split}.h5"
+    return None if str(value).strip().lower() in ("", "none") else str(value)
 
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -114,14 +116,18 @@ class FaceVolumeDataModule(pl.LightningDataModule):
             if split in self.datasets or (split == "val" and stage in ("fit", None) and self._path("val") is None):
                 continue
             if self._path(split) is None:
-                raise ValueError(f"{split}_path is not set but stage '{stage}' needs the {split} split; "
-                                 f"set data.{split}_path to a dataset file")
+                raise ValueError(f"stage '{stage}' needs the {split} split but none is set; set data.{split} "
+                                 f"(or data.dir) to a dataset file")
             self.datasets[split] = FaceVolumeDataset(
                 self._path(split), grid=self.grid, augment=self.augment if split == "train" else None,
                 seed=self.hparams.seed, heatmap_sigma=self.hparams.heatmap_sigma,
                 target_volume=self.hparams.target_volume,
                 load_vertices=split != "train" and self.hparams.eval_vertices, on_device=self.augment.on_device,
                 finish=False, grid_source=self.hparams.grid_source)
+        for split in ("val", "test"):
+            if split in self.datasets and len(self.datasets[split]) == 0:
+                raise ValueError(f"the {split} split {self.datasets[split].file.path} has no sample; regenerate it "
+                                 f"or turn it off with data.{split}=none")
         train = self.datasets.get("train")
         if train is not None and len(train) // world_size < self.batch_size_per_device:
             raise ValueError(

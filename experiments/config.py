@@ -25,7 +25,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import yaml
@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.datamodule import DataSettings
 from lightning_vrn.atomic import write_text
-from lightning_vrn.callbacks import NMESettings
+from lightning_vrn.callbacks import CheckpointSettings, NMESettings
 from lightning_vrn.cli import run_command
 from lightning_vrn.models import MODELS
 from lightning_vrn.settings import SettingsError, check_value, parse_settings, settings_dict, unknown_key_error
@@ -52,23 +52,6 @@ class LoggerSettings:
     wandb: bool = False
     project: str = "lightning-vrn"
     entity: Optional[str] = None
-
-
-@dataclass
-class CheckpointSettings:
-    """``best.ckpt`` is the checkpoint with the best ``monitor`` value (``mode`` min or max); its best-so-far
-    value is logged as ``{monitor}_best``. Monitor ``val/nme`` to select by the validation NME.
-    ``last.ckpt`` is written at every epoch end and, with ``every_n_train_steps`` > 0, every that many
-    optimiser steps (a paper-config epoch on 300W-LP is about 15,000 steps: a kill then loses minutes)."""
-
-    monitor: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    every_n_train_steps: int = 1000
-
-    def __post_init__(self):
-        if self.every_n_train_steps < 0:
-            raise ValueError(f"checkpoint.every_n_train_steps must be >= 0 (0: epoch ends only), "
-                             f"got {self.every_n_train_steps}")
 
 
 @dataclass
@@ -131,10 +114,20 @@ def _trainer_arguments() -> dict[str, Any]:
     return {name: hints.get(name, Any) for name in names}
 
 
+OWNED_TRAINER_ARGUMENTS = {
+    "default_root_dir": "run_dir", "logger": "logger.wandb", "callbacks": "checkpoint.* and nme.*",
+    "enable_checkpointing": "checkpoint.*",
+}
+"""Trainer arguments experiments.train sets itself, and the config keys that control them instead."""
+
+
 def _check_trainer(values: dict, where: str) -> dict:
-    """``values`` if every key is a Trainer argument and every simple-typed value has its type."""
+    """``values`` if every key is a Trainer argument the config may set and every simple-typed value has its type."""
     arguments = _trainer_arguments()
     for key, value in values.items():
+        if key in OWNED_TRAINER_ARGUMENTS:
+            raise SettingsError(f"config key 'trainer.{key}' in {where} is set by experiments.train; use "
+                                f"{OWNED_TRAINER_ARGUMENTS[key]} instead", key=f"trainer.{key}")
         if key not in arguments:
             raise unknown_key_error(f"trainer.{key}", [f"trainer.{name}" for name in arguments], where)
         if value is not None:
@@ -151,7 +144,7 @@ def validate(container: dict, where: str) -> dict:
     name = model.pop("name", "vrn")
     if name not in MODELS:
         raise SettingsError(f"config key 'model.name' in {where} is {name!r}, not a registered model; "
-                            f"valid models: {', '.join(sorted(MODELS))}")
+                            f"valid models: {', '.join(sorted(MODELS))}", key="model.name")
     model_settings = parse_settings(MODELS[name].Settings, model, prefix="model.", where=where)
     resolved = settings_dict(settings)
     resolved["model"] = {"name": name, **settings_dict(model_settings)}
@@ -183,9 +176,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     try:
         resolved = validate(container, "the config")
     except SettingsError as error:
-        message = str(error)
-        key = message.split("'")[1] if "'" in message else ""
-        raise ConfigError(message.replace("in the config", f"in {_source_of(key, sources)}", 1)) from None
+        raise ConfigError(str(error).replace("in the config", f"in {_source_of(error.key, sources)}", 1)) from None
     cfg = OmegaConf.create(resolved)
     OmegaConf.set_struct(cfg, True)
     return cfg

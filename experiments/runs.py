@@ -69,25 +69,40 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
         if not checkpoint.is_file():
             raise ConfigError(f"resume={cfg.resume}: no checkpoint at {checkpoint}; name a run directory holding "
                               f"checkpoints/last.ckpt or a .ckpt file")
-        run_dir = target if target.is_dir() else checkpoint.resolve().parent.parent
-        if cfg.run_dir and Path(cfg.run_dir).resolve() != run_dir.resolve():
-            raise ConfigError(f"resume={cfg.resume} belongs to run directory {run_dir}, but run_dir={cfg.run_dir}; "
+        owner = run_dir_of(checkpoint)
+        if owner is None:  # a checkpoint from elsewhere (a download): continue it in a run directory of our own
+            return (Path(cfg.run_dir) if cfg.run_dir else _new_run_dir_once(cfg)), checkpoint
+        if cfg.run_dir and Path(cfg.run_dir).resolve() != owner.resolve():
+            raise ConfigError(f"resume={cfg.resume} belongs to run directory {owner}, but run_dir={cfg.run_dir}; "
                               f"set only one of them")
-        return run_dir, checkpoint
+        return owner, checkpoint
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"run_dir={run_dir} is an existing file, not a directory; choose another run_dir")
         last = run_dir / "checkpoints" / "last.ckpt"
         return run_dir, last if cfg.resume and last.is_file() else None
-    if rank_zero_only.rank > 0:  # a DDP process: use the directory the first process chose
+    return _new_run_dir_once(cfg), None
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/NAME.ckpt`` with ``RUN/config.yaml``), else None."""
+    folder = checkpoint.resolve().parent
+    if folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return None
+
+
+def _new_run_dir_once(cfg: DictConfig) -> Path:
+    """A new run directory, made by the first process; DDP processes it launches get the same one."""
+    if rank_zero_only.rank > 0:
         if not os.environ.get(RUN_DIR_ENV):
             raise ConfigError("processes started outside Lightning (torchrun, srun) cannot agree on a new run "
                               "directory: set run_dir=PATH explicitly")
-        return Path(os.environ[RUN_DIR_ENV]), None
+        return Path(os.environ[RUN_DIR_ENV])
     run_dir = new_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir, None
+    return run_dir
 
 
 class OutputDirError(OSError):

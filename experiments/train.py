@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import FaceVolumeDataModule
+from datamodules.datamodule import split_path
 from experiments.config import ConfigError, load_config
 from experiments.runs import (
     RunLock,
@@ -45,7 +46,7 @@ from experiments.runs import (
     resolve_run,
 )
 from lightning_vrn.atomic import write_text
-from lightning_vrn.callbacks import NMECallback, RunCheckpoint
+from lightning_vrn.callbacks import CheckpointSettings, NMECallback, NMESettings, RunCheckpoint, summary_metrics
 from lightning_vrn.cli import EXIT_SIGTERM, run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.models import VRNModule, build_model
@@ -62,9 +63,9 @@ def build_datamodule(cfg: DictConfig, model: VRNModule) -> FaceVolumeDataModule:
     """The DataModule a config describes, serving what ``model`` needs (target frame, heatmaps)."""
     data = cfg.data
     return FaceVolumeDataModule(
-        train_path=data.train or None,
-        val_path=data.val or None,
-        test_path=data.test or None,
+        train_path=split_path(data, "train"),
+        val_path=split_path(data, "val"),
+        test_path=split_path(data, "test"),
         grid=model.grid.to_dict(),
         batch_size=data.batch_size,
         num_workers=data.num_workers,
@@ -100,13 +101,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             )
         )
     callbacks = [
-        RunCheckpoint(run_dir / "checkpoints", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
-                      last_every_n_steps=cfg.checkpoint.every_n_train_steps),
+        RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint)),
         LearningRateMonitor(logging_interval="epoch"),
     ]
     if cfg.nme.every_n_epochs:
-        callbacks.append(NMECallback(every_n_epochs=cfg.nme.every_n_epochs, max_val_samples=cfg.nme.max_val_samples,
-                                     icp_distance_ratio=cfg.nme.icp_distance_ratio, out_dir=run_dir / "nme"))
+        callbacks.append(NMECallback(NMESettings(**cfg.nme), out_dir=run_dir / "nme"))
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **trainer_args)
 
@@ -135,49 +134,88 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
     SIGTERM (``last.ckpt`` saved).
     """
     run_dir, resume_from = resolve_run(cfg)
-    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
-    if fast_dev_run:
-        resume_from = None
-    # Everything that can be checked is checked before the run directory is touched.
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    try:
+        model, datamodule, trainer = _checked_setup(cfg, run_dir, resume_from, trust_checkpoint)
+    except BaseException:
+        if fresh:
+            _remove_empty_folders(run_dir)  # a refused start leaves no empty run directory behind
+        raise
+    with RunLock(run_dir, command) if rank_zero_only.rank == 0 else _NoLock() as lock:
+        for note in lock.notes:
+            rank_zero_info(note)
+        record_attempt(cfg, run_dir, command)
+        if resume_from:
+            rank_zero_info(f"resuming from {resume_from}")
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                        weights_only=not trust_checkpoint)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            if not trainer.fast_dev_run:
+                metrics.update(_test(trainer, model, datamodule, run_dir))
+        except SystemExit as stop:
+            raise _interruption(stop, trainer, run_dir) from None
+        metrics["run_dir"] = str(run_dir)
+        if trainer.is_global_zero:
+            write_text(run_dir / "metrics.json", json.dumps(_plain_json(metrics), indent=2, sort_keys=True))
+    return metrics
+
+
+def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, trust: bool):
+    """The model, DataModule and Trainer, after every check that can run before the run directory is written."""
+    if cfg.trainer.get("fast_dev_run") and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"trainer.fast_dev_run is a smoke test: run it in a fresh run_dir, not in {run_dir}, "
+                          f"which holds a run's checkpoints")
+    if cfg.checkpoint.monitor.startswith("val/nme") and not cfg.nme.every_n_epochs:
+        raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor} needs the validation NME: set "
+                          f"nme.every_n_epochs to a positive number of epochs")
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
     datamodule.check_files("fit")
-    if resume_from:
-        check_resumable(resume_from, model, cfg, trust_checkpoint)
-    with RunLock(run_dir, command) if rank_zero_only.rank == 0 else _NoLock() as lock:
-        for note in lock.notes:
-            rank_zero_info(note)
-        check_writable(run_dir / "checkpoints")
-        record_attempt(cfg, run_dir, command)
-        trainer = build_trainer(cfg, run_dir)
-        if resume_from:
-            rank_zero_info(f"resuming from {resume_from}")
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-        except SIGTERMException:
-            raise Interrupted(f"training stopped by SIGTERM; {run_dir / 'checkpoints' / 'last.ckpt'} was saved: "
-                              f"rerun the same command to resume") from None
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if not fast_dev_run:
-            metrics.update(_test(trainer, model, datamodule))
-        metrics["run_dir"] = str(run_dir)
-        if trainer.is_global_zero:
-            write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics
+    if resume_from and not cfg.trainer.get("fast_dev_run"):
+        check_resumable(resume_from, model, cfg, trust)
+    check_writable(run_dir / "checkpoints")
+    return model, datamodule, build_trainer(cfg, run_dir)
 
 
-def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModule) -> dict:
-    """Test the best checkpoint; the test metrics, with the NME summary's exact values."""
+def _interruption(stop: SystemExit, trainer: pl.Trainer, run_dir: Path) -> BaseException:
+    """What a SystemExit from Lightning means: SIGTERM (exit 143) or Ctrl-C (exit 130), with what was saved."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = f"{last} holds the last checkpoint: rerun the same command to resume" if last.is_file() else \
+        "no checkpoint was written yet"
+    if isinstance(stop, SIGTERMException):
+        return Interrupted(f"stopped by SIGTERM; {saved}")
+    if trainer.interrupted:
+        return KeyboardInterrupt(f"interrupted; {saved}")
+    return stop
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove ``folder`` and its subfolders if they hold no file."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        for path in sorted(folder.rglob("*"), reverse=True):
+            path.rmdir()
+        folder.rmdir()
+
+
+def _plain_json(metrics: dict) -> dict:
+    """NaN -> None, so metrics.json is strict JSON."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}
+
+
+def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModule, run_dir: Path) -> dict:
+    """Test the best checkpoint of this run directory; the test metrics, with the NME summary's exact values."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path or None
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=best)
+    if best and Path(best).resolve().parent != (run_dir / "checkpoints").resolve():  # a moved or copied run
+        own = run_dir / "checkpoints" / "best.ckpt"
+        best = str(own) if own.is_file() else None
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     nme = next((c for c in trainer.callbacks if isinstance(c, NMECallback)), None)
     if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
-        summary = nme.summaries["test"]
-        metrics.update({"test/nme": summary["nme_mean"], "test/nme_median": summary["nme_median"],
-                        "test/nme_aligned": summary["nme_aligned_mean"]})
+        metrics.update(summary_metrics("test", nme.summaries["test"]))
     metrics["best_checkpoint"] = best
     if checkpoint.best_model_score is not None:
         metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)

@@ -15,13 +15,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_vrn.landmarks import outer_interocular
@@ -46,10 +47,28 @@ class NMESettings:
             raise ValueError(f"nme.max_val_samples must be a positive number or null (all), got {self.max_val_samples}")
 
 
+@dataclass
+class CheckpointSettings:
+    """``best.ckpt`` is the checkpoint with the best ``monitor`` value (``mode`` min or max); its best-so-far
+    value is logged as ``{monitor}_best``. Monitor ``val/nme`` to select by the validation NME.
+    ``last.ckpt`` is written at every epoch end and, with ``every_n_train_steps`` > 0, every that many
+    optimiser steps (a paper-config epoch on 300W-LP is about 15,000 steps: a kill then loses minutes)."""
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    every_n_train_steps: int = 1000
+
+    def __post_init__(self):
+        if self.every_n_train_steps < 0:
+            raise ValueError(f"checkpoint.every_n_train_steps must be >= 0 (0: epoch ends only), "
+                             f"got {self.every_n_train_steps}")
+
+
 class NMECallback(pl.Callback):
     """Log ``{stage}/nme``, ``/nme_median``, ``/nme_aligned``, ``/nme_failed``, ``/nme_yaw_{lo}_{hi}``; write reports.
 
-    Validation: on epochs ``e`` with ``(e + 1) % every_n_epochs == 0`` that also run validation
+    ``settings``: :class:`NMESettings` (``every_n_epochs`` must be >= 1 here: leave the callback out
+    for no validation NME). Validation: on epochs ``e`` with ``(e + 1) % every_n_epochs == 0`` that also run validation
     (with the Trainer's ``check_val_every_n_epoch`` > 1, make ``every_n_epochs`` a multiple of it;
     not during the sanity check; always under ``trainer.validate``), on the first ``max_val_samples``
     validation samples (``None``: all; under DDP each process takes its share). Test: every sample,
@@ -62,24 +81,19 @@ class NMECallback(pl.Callback):
     epochs, never in training steps.
     """
 
-    def __init__(
-        self,
-        every_n_epochs: int = 5,
-        max_val_samples: int | None = 64,
-        out_dir: str | os.PathLike | None = None,
-        icp_distance_ratio: float | None = None,
-        max_test_samples: int | None = None,
-    ):
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs} (leave the callback out for no NME)")
-        for name, value in (("max_val_samples", max_val_samples), ("max_test_samples", max_test_samples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number or None (all), got {value}")
-        self.every_n_epochs = every_n_epochs
-        self.max_val_samples = max_val_samples
+    def __init__(self, settings: NMESettings | None = None, out_dir: str | os.PathLike | None = None,
+                 max_test_samples: int | None = None):
+        settings = settings or NMESettings()
+        if settings.every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {settings.every_n_epochs} (leave the callback out "
+                             f"for no NME)")
+        if max_test_samples is not None and max_test_samples < 1:
+            raise ValueError(f"max_test_samples must be a positive number or None (all), got {max_test_samples}")
+        self.every_n_epochs = settings.every_n_epochs
+        self.max_val_samples = settings.max_val_samples
+        self.icp_distance_ratio = settings.icp_distance_ratio
         self.max_test_samples = max_test_samples
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.icp_distance_ratio = icp_distance_ratio
         self.summaries: dict[str, dict] = {}
         self._metric = None
         self._face_region: np.ndarray | None = None
@@ -190,16 +204,22 @@ class NMECallback(pl.Callback):
         table = metric.per_sample()  # collective under DDP: every process gets the whole table
         summary = summarise(table)
         self.summaries[stage] = summary
-        logged = {"nme": "nme_mean", "nme_median": "nme_median", "nme_aligned": "nme_aligned_mean",
-                  "nme_failed": "num_failed"}
-        logged.update({key: key for key in summary if key.startswith("nme_yaw_")})
-        for log_name, key in logged.items():
-            value = float("nan") if summary[key] is None else float(summary[key])
+        for logged_name, value in summary_metrics(stage, summary).items():
+            value = float("nan") if value is None else value
             # Equal on every process already: sync_dist only averages equal numbers.
-            pl_module.log(f"{stage}/{log_name}", torch.tensor(value, dtype=torch.float32), sync_dist=True)
+            pl_module.log(logged_name, torch.tensor(value, dtype=torch.float32), sync_dist=True)
         if trainer.is_global_zero:
             write_report(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir), name, table)
         metric.reset()
+
+
+def summary_metrics(stage: str, summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """The logged names of an NME summary's values: ``{stage}/nme`` (the mean), ``/nme_median``,
+    ``/nme_aligned``, ``/nme_closest``, ``/nme_failed`` and ``/nme_yaw_{lo}_{hi}``."""
+    names = {"nme": "nme_mean", "nme_median": "nme_median", "nme_aligned": "nme_aligned_mean",
+             "nme_closest": "nme_closest_mean", "nme_failed": "num_failed"}
+    names.update({key: key for key in summary if key.startswith("nme_yaw_")})
+    return {f"{stage}/{name}": None if summary[key] is None else float(summary[key]) for name, key in names.items()}
 
 
 class CheckpointWriteError(RuntimeError):
@@ -212,7 +232,7 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning's ModelCheckpoint (2.6) refreshes ``last.ckpt`` only when it also saves a top-k
     checkpoint, so an epoch that does not improve the monitor would leave ``last.ckpt`` behind and a
     resumed run would repeat it; here ``last.ckpt`` is written at the end of every epoch, and every
-    ``last_every_n_steps`` optimiser steps (0: not within epochs). On SIGTERM (a scheduler's
+    ``settings.every_n_train_steps`` optimiser steps (0: not within epochs). On SIGTERM (a scheduler's
     preemption) it writes ``last.ckpt`` from the training loop, not from the signal handler. A
     checkpoint that cannot be written stops training at once with :class:`CheckpointWriteError`
     naming the file and the OS error. After each validation the best score so far is logged to the
@@ -220,12 +240,11 @@ class RunCheckpoint(ModelCheckpoint):
     every epoch (the validation NME) is allowed: epochs without it keep the best checkpoint as it is.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/loss", mode: str = "min",
-                 last_every_n_steps: int = 0, **kwargs: Any):
-        super().__init__(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_last=True,
-                         enable_version_counter=False,  # a restarted run replaces best/last, no -v1 copies
-                         **kwargs)
-        self.last_every_n_steps = int(last_every_n_steps)
+    def __init__(self, dirpath: str | os.PathLike, settings: CheckpointSettings | None = None):
+        settings = settings or CheckpointSettings()
+        super().__init__(dirpath=dirpath, filename="best", monitor=settings.monitor, mode=settings.mode,
+                         save_last=True, enable_version_counter=False)  # a restart replaces best/last, no -v1 copies
+        self.last_every_n_steps = settings.every_n_train_steps
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         try:
@@ -244,9 +263,20 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM or Ctrl-C during training: write ``last.ckpt`` so that a rerun resumes from here."""
         super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException) and trainer.global_step > self._last_global_step_saved:
+        interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if interrupted and trainer.training and trainer.global_step > self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's final ``last.ckpt``, but never from a ``fast_dev_run`` (a smoke test's weights are no run's);
+        and a warning when the monitor never appeared (no ``best.ckpt``: the test then uses the last weights)."""
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+            if not self.best_model_path:
+                rank_zero_warn(f"checkpoint.monitor {self.monitor!r} was never logged, so no best.ckpt was written; "
+                               f"logged: {sorted(trainer.callback_metrics)}")
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self.monitor in monitor_candidates:

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 DEBUG_ENV = "LIGHTNING_VRN_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_SIGTERM = 1, 2, 3, 130, 143
 
@@ -44,6 +46,11 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     argv = [argument for argument in argv if argument != "--debug"]
     try:
         return main(argv)
+    except SIGTERMException:  # Lightning's, a SystemExit whose code is 0: a scheduler must see the interruption
+        if debug:
+            raise
+        print("error: stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         if debug:
             raise

@@ -7,7 +7,8 @@ not just write itself therefore goes through :func:`load_checkpoint`, PyTorch's 
 checkpoints hold: dicts, lists, numbers, strings, ``OrderedDict``, ``Counter``). Anything else is
 refused with :class:`UnsafeFileError`, naming the file and the opt-in for a user who knows its
 source (``trust=True``, ``--trust-checkpoint`` on the commands). :func:`load_pickle` applies the
-same rule to plain pickle files (face-model ``.pkl`` files): numpy arrays and plain types only.
+same rule to plain pickle files (numpy arrays and plain types only): every reader of a ``.pkl`` file
+(the Basel Face Model layouts of 3DDFA) must open it through it.
 """
 
 from __future__ import annotations

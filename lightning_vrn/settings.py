@@ -4,7 +4,7 @@
 such a dataclass, recursing into nested dataclass fields, and rejects what the dataclass does not
 declare: an unknown key names the nearest valid one, a value of the wrong type names the key and
 the expected type. Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``,
-``Optional[...]``, ``Union[...]`` of these, ``tuple[float, ...]`` pairs, ``dict`` / ``Any`` (taken
+``Optional[...]``, ``Union[...]`` of these, ``tuple[float, ...]`` pairs, ``list``, ``dict`` / ``Any`` (taken
 as is) and nested dataclasses. No dependency beyond the standard library, so it works where
 OmegaConf is not installed (the GPU machine).
 """
@@ -18,7 +18,14 @@ from typing import Any, Literal, Mapping, Union
 
 
 class SettingsError(ValueError):
-    """A settings mapping that does not fit its dataclass; the message names the key and the fix."""
+    """A settings mapping that does not fit its dataclass; the message names the key and the fix.
+
+    ``key``: the dotted key at fault (empty when the whole section is).
+    """
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key
 
 
 def setting_keys(cls: type, prefix: str = "") -> list[str]:
@@ -36,7 +43,7 @@ def unknown_key_error(key: str, valid: list[str], where: str) -> SettingsError:
     """The error for a key that is not in ``valid``, suggesting the nearest valid keys."""
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
-    return SettingsError(f"unknown config key '{key}' in {where}{hint}")
+    return SettingsError(f"unknown config key '{key}' in {where}{hint}", key=key)
 
 
 def parse_settings(cls: type, values: Mapping[str, Any] | None, prefix: str = "", where: str = "settings") -> Any:
@@ -62,7 +69,8 @@ def parse_settings(cls: type, values: Mapping[str, Any] | None, prefix: str = ""
     except SettingsError:
         raise
     except (ValueError, TypeError) as error:  # a dataclass's own __post_init__ checks
-        raise SettingsError(f"invalid settings under '{prefix.rstrip('.') or cls.__name__}' in {where}: {error}") from None
+        raise SettingsError(f"invalid settings under '{prefix.rstrip('.') or cls.__name__}' in {where}: {error}",
+                            key=prefix.rstrip(".")) from None
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -112,9 +120,13 @@ def _convert(value: Any, annotation, key: str, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is Any or annotation is dict or origin is dict:
         return value
+    if annotation is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise SettingsError(f"config key '{key}' in {where} must be a list, got {value!r}", key=key)
     if dataclasses.is_dataclass(annotation):
         if value is not None and not isinstance(value, Mapping):  # None: the section's defaults
-            raise SettingsError(f"config key '{key}' in {where} must be a section of settings, got {value!r}")
+            raise SettingsError(f"config key '{key}' in {where} must be a section of settings, got {value!r}", key=key)
         return parse_settings(annotation, value, f"{key}.", where)
     if origin is Union:
         for option in typing.get_args(annotation):
@@ -146,4 +158,4 @@ def _convert(value: Any, annotation, key: str, where: str) -> Any:
             return value
     else:
         raise TypeError(f"settings field {key} has an unsupported type {annotation!r}")
-    raise SettingsError(f"config key '{key}' in {where} must be {_type_name(annotation)}, got {value!r}")
+    raise SettingsError(f"config key '{key}' in {where} must be {_type_name(annotation)}, got {value!r}", key=key)

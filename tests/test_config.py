@@ -4,20 +4,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from datamodules.datamodule import DataSettings
+from datamodules.datamodule import DataSettings, split_path
 from experiments.config import CONFIG_DIR, ConfigError, load_config, save_config
 from lightning_vrn.callbacks import NMESettings
 from lightning_vrn.models import MODELS, VRN, NetSettings, OptimSettings, VolumeSettings, register
 
-SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("compare_"))  # experiments
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_composes_with_all_base_keys(path):
     cfg = load_config(path)
-    assert cfg.data.train == f"{cfg.data.dir}/train.h5"  # interpolations resolved
+    assert split_path(cfg.data, "train") == f"{cfg.data.dir}/train.h5"  # a null split follows data.dir
     assert "extends" not in cfg
 
 
@@ -31,7 +32,7 @@ def test_quickstart_is_a_diff_over_base():
 def test_override_changes_the_resolved_config():
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["trainer.max_epochs=3", "data.dir=/tmp/x", "model.optim.lr=0.5"])
     assert cfg.trainer.max_epochs == 3
-    assert cfg.data.val == "/tmp/x/val.h5"
+    assert split_path(cfg.data, "val") == "/tmp/x/val.h5"
     assert cfg.model.optim.lr == 0.5
 
 
@@ -104,6 +105,9 @@ def test_keys_the_code_accepts_are_accepted(override):
     key, value = override.split("=")
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [override])
     assert str(OmegaConf.select(cfg, key)).lower() == value
+    if key.startswith("trainer."):  # and Lightning takes it
+        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=False, enable_checkpointing=False)
+        assert str(getattr(trainer, key.split(".")[1], value)).lower().startswith(value.split("-")[0])
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -113,7 +117,7 @@ def test_keys_the_code_accepts_are_accepted(override):
     ("trainer.max_epochs=abc", r"'trainer\.max_epochs'.* must be int or null, got 'abc'"),
     ("trainer.precision=17", r"'trainer\.precision'.* must be"),
     ("model.target_frame=sideways", r"'model\.target_frame'.* must be 'aligned' or 'frontal'"),
-    ("model.name=vnr", r"'model\.name'.*'vnr'.*valid models: vrn"),
+    ("model.name=vnr", r"'model\.name'.*'vnr'.*valid models: (\w+, )*vrn\b"),
 ])
 def test_wrong_values_name_the_key_and_the_expected_type(override, expected):
     with pytest.raises(ConfigError, match=expected) as error:
@@ -127,3 +131,13 @@ def test_every_default_comes_from_the_settings_dataclasses():
     assert cfg.model.optim.lr == OptimSettings().lr and cfg.model.net.features == NetSettings().features
     assert cfg.nme.every_n_epochs == NMESettings().every_n_epochs
     assert cfg.run_dir is None  # each run gets its own directory
+
+
+@pytest.mark.parametrize("name", ["compare_quickstart", "compare_paper"])
+def test_the_shipped_comparisons_load_and_name_real_models(name):
+    from experiments.compare import load_compare_settings
+
+    settings = load_compare_settings(CONFIG_DIR / f"{name}.yaml")
+    for overrides in [*settings.methods.values(), *settings.detectors.values()]:  # every training config composes
+        load_config(CONFIG_DIR / settings.train_config, list(overrides) + list(settings.overrides))
+    assert settings.reference in settings.methods and set(settings.guidance) <= set(settings.methods)

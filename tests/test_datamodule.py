@@ -1,8 +1,10 @@
 """FaceVolumeDataset / FaceVolumeDataModule: the batch contract, both paths, seeds and epochs, workers,
 the global batch split over processes, and clear errors."""
 
+import shutil
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -12,7 +14,7 @@ from datamodules.datamodule import FaceVolumeDataModule
 from datamodules.dataset import FaceVolumeDataset
 from lightning_vrn.dataset_file import DatasetError
 from lightning_vrn.geometry.grid import VoxelGrid
-from tests.toy_face import write_toy_dataset
+from tests.toy_face import TOY_EXPRESSIONS, write_toy_dataset
 
 GRID = VoxelGrid.centred(50, 48, 48)
 AUGMENT = {"enabled": True, "on_device": False}
@@ -20,9 +22,10 @@ AUGMENT = {"enabled": True, "on_device": False}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Train (8 samples, with frontal volumes) and val/test (4 samples) files on the 50x48x48 grid."""
+    """Train (8 samples, with frontal volumes and expression labels) and val/test (4 samples) files on the
+    50x48x48 grid."""
     root = tmp_path_factory.mktemp("data")
-    train = write_toy_dataset(root / "train.h5", GRID, 8, seed=0, frontal=True)
+    train = write_toy_dataset(root / "train.h5", GRID, 8, seed=0, frontal=True, expressions=True)
     val = write_toy_dataset(root / "val.h5", GRID, 4, seed=1)
     return SimpleNamespace(train=root / "train.h5", val=root / "val.h5", root=root, train_samples=train,
                            val_samples=val)
@@ -59,12 +62,13 @@ def assert_same_batch(a, b):
 def test_batches_follow_the_contract(files):
     dm = make_dm(files)
     batch = first_batches(dm, 1)[0]
-    assert set(batch) == {"image", "volume", "landmarks_2d", "landmarks_3d", "pose", "heatmaps", "index"}
+    assert set(batch) == {"image", "volume", "landmarks_2d", "landmarks_3d", "pose", "heatmaps", "index", "expression"}
     expected = {"image": (4, 3, 48, 48), "volume": (4, 50, 48, 48), "landmarks_2d": (4, 68, 2),
-                "landmarks_3d": (4, 68, 3), "pose": (4, 3), "heatmaps": (4, 68, 48, 48), "index": (4,)}
+                "landmarks_3d": (4, 68, 3), "pose": (4, 3), "heatmaps": (4, 68, 48, 48), "index": (4,),
+                "expression": (4,)}
     for key, shape in expected.items():
         assert tuple(batch[key].shape) == shape, key
-        assert batch[key].dtype == (torch.int64 if key == "index" else torch.float32), key
+        assert batch[key].dtype == (torch.int64 if key in ("index", "expression") else torch.float32), key
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert set(batch["volume"].unique().tolist()) == {0.0, 1.0}
     # Heatmaps peak at the augmented landmarks that lie inside the crop.
@@ -105,6 +109,22 @@ def test_cpu_and_device_paths_give_identical_batches(files, heatmap_sigma):
     val_cpu = cpu_dm.on_after_batch_transfer(next(iter(cpu_dm.val_dataloader())), 0)
     val_raw = next(iter(device_dm.val_dataloader()))
     assert_same_batch(val_cpu, device_dm.on_after_batch_transfer(val_raw, 0))
+
+
+def test_expression_labels_ride_along_unchanged_on_both_paths(files, tmp_path):
+    for on_device in (False, True):
+        batches = first_batches(make_dm(files, augment={**AUGMENT, "on_device": on_device}), 2)
+        for batch in batches:  # augmented (some flipped), labels as written: sample i has i % 3
+            assert torch.equal(batch["expression"], batch["index"] % len(TOY_EXPRESSIONS))
+    # A file without labels gives -1: the val file (version 2 without expression fields) and a version-1 file.
+    version_1 = tmp_path / "v1.h5"
+    shutil.copy(files.val, version_1)
+    with h5py.File(version_1, "r+") as f:
+        f.attrs["schema_version"] = 1
+    for path in (files.val, version_1):
+        for on_device in (False, True):
+            dataset = FaceVolumeDataset(path, GRID, augment=AUGMENT, on_device=on_device)
+            assert [dataset[i]["expression"].item() for i in range(len(dataset))] == [-1] * 4
 
 
 def test_frontal_targets(files):
@@ -164,7 +184,7 @@ def test_missing_files_and_grid_mismatch(files):
         make_dm(files, train_path=files.root / "nowhere.h5").setup("fit")
     with pytest.raises(DatasetError, match="50x48x48.*100x96x96"):
         make_dm(files, grid=VoxelGrid.centred(100, 96, 96)).setup("fit")
-    with pytest.raises(ValueError, match="test_path is not set"):
+    with pytest.raises(ValueError, match="stage .test. needs the test split but none is set"):
         make_dm(files, test_path=None).setup("test")
     with pytest.raises(ValueError, match="target_volume"):
         make_dm(files, target_volume="sideways").setup("fit")

@@ -356,7 +356,78 @@ def test_secrets_never_land_in_a_runs_records(tiny_synthetic, tmp_path, monkeypa
     secret = "sekrit-0123456789"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     run_dir = tmp_path / "run"
-    command = train.redact(["python", "-m", "experiments.train", f"WANDB_API_KEY={secret}", "trainer.max_epochs=1"])
-    assert command[3] == "WANDB_API_KEY=***" and command[4] == "trainer.max_epochs=1"
-    train.train(config(tiny_synthetic, run_dir, "trainer.fast_dev_run=true"), command=" ".join(command))
+    argv = ["--config", str(CONFIG_DIR / "quickstart.yaml"), f"data.dir={tiny_synthetic}", f"run_dir={run_dir}",
+            *TINY, "trainer.fast_dev_run=true"]
+    assert run_command(train.main, argv) == 0  # the command as a user runs it, recording its command line
+    assert "trainer.fast_dev_run=true" in (run_dir / "command.txt").read_text()
     assert not any(secret.encode() in content for content in snapshot(run_dir).values())
+    assert train.redact(["x", f"WANDB_API_KEY={secret}", "trainer.max_epochs=1"]) == \
+        ["x", "WANDB_API_KEY=***", "trainer.max_epochs=1"]
+
+
+# ----- review fixes: runs that a smoke test, a foreign checkpoint or a moved folder must not damage -----
+
+def test_fast_dev_run_into_a_run_with_checkpoints_is_refused(trained, tiny_synthetic):
+    before = snapshot(trained)
+    with pytest.raises(ConfigError, match="fast_dev_run is a smoke test: run it in a fresh run_dir"):
+        train.train(config(tiny_synthetic, trained, "trainer.fast_dev_run=true"))
+    assert snapshot(trained) == before
+
+
+def test_a_checkpoint_from_elsewhere_resumes_into_a_run_directory_of_its_own(trained, tiny_synthetic, tmp_path,
+                                                                            monkeypatch):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    foreign = downloads / "shared.ckpt"
+    foreign.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(runs.RUN_DIR_ENV, raising=False)
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", *TINY, "trainer.max_epochs=2",
+                                                       f"resume={foreign}"])
+    metrics = train.train(cfg)
+    assert Path(metrics["run_dir"]).parent == Path("runs") / "vrn-quickstart"
+    assert sorted(p.name for p in downloads.iterdir()) == ["shared.ckpt"]  # nothing written beside the download
+
+
+def test_a_copied_run_tests_its_own_best_checkpoint(trained, tiny_synthetic, tmp_path):
+    copy = tmp_path / "copy"
+    os.system(f"cp -r {trained} {copy}")
+    metrics = train.train(config(tiny_synthetic, copy, "trainer.max_epochs=2"))
+    assert Path(metrics["best_checkpoint"]).parent == copy / "checkpoints"
+
+
+def test_a_failed_start_records_nothing_and_leaves_no_empty_folder(tiny_synthetic, tmp_path):
+    run_dir = tmp_path / "new-run"
+    with pytest.raises(ConfigError, match=r"trainer\.default_root_dir.*is set by experiments\.train; use run_dir"):
+        config(tiny_synthetic, run_dir, "trainer.default_root_dir=/x")
+    with pytest.raises(Exception, match="accelerator"):
+        train.train(config(tiny_synthetic, run_dir, "trainer.accelerator=nonsense"))
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="needs the validation NME"):
+        train.train(config(tiny_synthetic, run_dir, "checkpoint.monitor=val/nme", "nme.every_n_epochs=0"))
+
+
+def test_validation_can_be_turned_off(tiny_synthetic, tmp_path):
+    metrics = train.train(config(tiny_synthetic, tmp_path / "run", "data.val=none", "trainer.max_epochs=1",
+                                 "checkpoint.monitor=train/loss"))
+    assert "val/loss" not in metrics and "test/loss" in metrics
+
+
+def test_the_write_probe_names_the_folder_when_the_os_refuses(tmp_path, monkeypatch):
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
+    with pytest.raises(runs.OutputDirError, match=r"cannot write into .*ckpts \(Permission denied\); choose a "
+                                                   r"writable run_dir"):
+        runs.check_writable(tmp_path / "ckpts")
+
+
+def test_a_checkpoint_written_before_the_record_still_loads(trained, tmp_path):
+    payload = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    payload["variant"] = payload.pop("lightning_vrn")["variant"]  # the layout of earlier versions
+    old = tmp_path / "old.ckpt"
+    torch.save(payload, old)
+    assert load_model(old).variant == "vrn"

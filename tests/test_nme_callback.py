@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_vrn.callbacks import NMECallback
+from lightning_vrn.callbacks import NMECallback, NMESettings
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmarks import OUTER_EYE_CORNERS
 from lightning_vrn.metrics.nme import sample_nme
@@ -119,7 +119,7 @@ def finished_run(tmp_path_factory):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[NMECallback(every_n_epochs=2, max_val_samples=3, out_dir=out_dir)],
+        callbacks=[NMECallback(NMESettings(every_n_epochs=2, max_val_samples=3), out_dir=out_dir)],
     )
     datamodule = TinyFaces()
     trainer.fit(model, datamodule=datamodule)
@@ -147,7 +147,7 @@ def test_validation_nme_runs_on_due_epochs_for_a_subset(finished_run):
 def test_test_nme_covers_every_sample_with_yaw_and_failures(finished_run):
     out_dir, _, _, test_metrics, _ = finished_run
     rows = read_csv(out_dir / "test.csv")
-    assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "failed"]
+    assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "nme_closest", "failed"]
     assert [int(row["index"]) for row in rows] == list(range(len(SAMPLES)))
     np.testing.assert_allclose([float(row["yaw_deg"]) for row in rows], np.degrees(YAWS), atol=1e-3)
     ok = [i for i in range(len(SAMPLES)) if i != EMPTY_SAMPLE]
@@ -159,9 +159,9 @@ def test_test_nme_covers_every_sample_with_yaw_and_failures(finished_run):
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="every_n_epochs"):
-        NMECallback(every_n_epochs=0)
+        NMECallback(NMESettings(every_n_epochs=0))
     with pytest.raises(ValueError, match="max_val_samples"):
-        NMECallback(max_val_samples=0)
+        NMESettings(max_val_samples=0)
 
 
 # A spawned gloo child rarely aborts at interpreter exit ("terminate called without an active
