@@ -22,7 +22,8 @@ One sample, as the authors built theirs from 300W-LP:
   (the paper grid spans 100 px; a face near profile can span more) loses its hidden back;
 - target: :func:`voxelise` of the posed mesh (optionally the frontal volume too); image:
   :func:`render` with random lighting, albedo, background (and occluders with ``--occluders P``);
-- landmarks: the landmark vertices in crop coordinates; 2D = their x, y (orthographic projection).
+- landmarks: the landmark vertices in crop coordinates; 2D = their x, y (orthographic projection);
+- expression: the drawn blendshape weights and their :func:`~data_prep.face_model.expression_label`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.face_model import FaceModel, load_face_model
+from data_prep.face_model import FaceModel, expression_label, load_face_model
 from data_prep.render import RenderSettings, render, vertex_albedo
 from data_prep.writing import write_pending
 from lightning_vrn import __version__
@@ -84,22 +85,27 @@ def _truncated_normal(rng: np.random.Generator, std: float, limit: float) -> flo
             return value
 
 
+def front_z(grid: VoxelGrid) -> float:
+    """Crop z (px) of a sample mesh's nearest point: :data:`FRONT_MARGIN_FRACTION` of the grid's depth range
+    behind its front."""
+    z_front, z_back = grid.z_range
+    return z_front + FRONT_MARGIN_FRACTION * (z_back - z_front)
+
+
 def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.ndarray, grid: VoxelGrid,
                    rng: np.random.Generator) -> tuple[float, np.ndarray]:
     """Scale (px/mm) and translation (crop px) placing the posed mesh in the crop as the authors did.
 
     :func:`~lightning_vrn.geometry.crop.landmark_crop` of the posed landmarks, with the box size
     jittered by a factor drawn from :data:`SCALE_JITTER` and its centre by up to
-    :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes
-    :data:`FRONT_MARGIN_FRACTION` of the grid's depth range behind the grid's front.
+    :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes to :func:`front_z`.
     """
     size = grid.crop_size
     posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
     scale_jitter = rng.uniform(*SCALE_JITTER)
     centre_shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
     crop = landmark_crop(posed[landmark_vertices, :2], size, scale_jitter, centre_shift)
-    z_front, z_back = grid.z_range
-    z_shift = z_front + FRONT_MARGIN_FRACTION * (z_back - z_front) - crop.scale * posed[:, 2].min()
+    z_shift = front_z(grid) - crop.scale * posed[:, 2].min()
     return crop.scale, np.append(crop.translation, z_shift)
 
 
@@ -109,8 +115,10 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
 
     Keys: ``image`` (S, S, 3) uint8, ``volume`` (D, H, W) bool (and ``volume_frontal`` when
     ``with_frontal``), ``landmarks_2d`` (68, 2) and ``landmarks_3d`` (68, 3) crop px, ``pose`` (3,)
-    radians, ``vertices`` (V, 3) crop px, float32. The face, pose and crop do not depend on
-    ``occluder_prob`` or ``with_frontal``: the random draws happen in the same order regardless.
+    radians, ``vertices`` (V, 3) crop px, ``expression`` (K_exp,) blendshape weights (1 = the full
+    expression), float32; ``expression_label`` uint8 (:func:`expression_label`). The face, pose and
+    crop do not depend on ``occluder_prob`` or ``with_frontal``: the random draws happen in the same
+    order regardless.
     """
     identity, expression = model.sample_coefficients(rng)
     mesh_mm = model.shape(identity, expression)
@@ -130,6 +138,8 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
         "landmarks_3d": landmarks_3d.astype(np.float32),
         "pose": pose.astype(np.float32),
         "vertices": vertices.astype(np.float32),
+        "expression": expression,
+        "expression_label": np.uint8(expression_label(expression)),
     }
     if with_frontal:
         sample["volume_frontal"] = voxelise_frontal(vertices, model.triangles, rotation, grid)
@@ -196,7 +206,8 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
         return out_path
     with DatasetWriter(out_path, grid, num_samples, len(model.mean), model.triangles, model.face_region,
                        model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart,
-                       flags=("leaves_grid",)) as writer:
+                       flags=("leaves_grid",), expression_names=model.expression_label_names,
+                       num_expression_coefficients=len(model.expression_basis)) as writer:
         write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob), _make,
                       workers, desc=split, progress=progress)
         writer.finish()
@@ -215,6 +226,8 @@ def _check_finished(path: Path, grid: VoxelGrid, num_samples: int, with_frontal:
         differences.append(f"{dataset.num_samples} samples vs {num_samples}")
     if dataset.has_frontal != with_frontal:
         differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
+    if not dataset.has_expression:
+        differences.append("no expression labels (made by older code)")
     for key in ("face_model", "face_model_spec", "seed", "occluder_prob", "split"):
         if dataset.attrs.get(key) != attrs[key]:
             differences.append(f"{key} {dataset.attrs.get(key)!r} vs {attrs[key]!r}")

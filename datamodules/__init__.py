@@ -1,4 +1,5 @@
-"""HDF5 dataset files -> batches: Dataset, DataModule, joint image/volume augmentation, landmark heatmaps."""
+"""HDF5 dataset files -> batches: Dataset, DataModule, joint image/volume augmentation (landmark heatmaps:
+:mod:`lightning_vrn.heatmaps`)."""
 
 from datamodules.augment import (
     AugmentConfig,
@@ -11,7 +12,6 @@ from datamodules.augment import (
 )
 from datamodules.datamodule import FaceVolumeDataModule
 from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch, unpack_bits
-from datamodules.heatmaps import gaussian_heatmaps
 
 __all__ = [
     "AugmentConfig",
@@ -24,7 +24,6 @@ __all__ = [
     "augment_rotation",
     "decode_batch",
     "finish_batch",
-    "gaussian_heatmaps",
     "identity_params",
     "sample_params",
     "unpack_bits",

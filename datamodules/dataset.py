@@ -8,15 +8,17 @@ Two paths give identical samples (see :mod:`datamodules.augment`):
   returns a finished sample (the batch contract below), or with ``finish=False`` one whose volume is
   still uint8 and without heatmaps, for :func:`finish_batch` on the accelerator.
 - device (``on_device=True``): ``__getitem__`` returns the RAW sample: ``image_uint8`` (H, W, 3)
-  uint8, ``volume_packed`` (D, H, W/8) uint8, the float fields, ``index`` and, when augmenting,
-  ``augment`` (the sample's parameters) and ``frontal_pivot``; :func:`decode_batch` then
+  uint8, ``volume_packed`` (D, H, W/8) uint8, the float fields, ``index``, ``expression`` and, when
+  augmenting, ``augment`` (the sample's parameters) and ``frontal_pivot``; :func:`decode_batch` then
   :func:`finish_batch` finish a collated raw batch on the accelerator (the DataModule calls them in
   ``on_after_batch_transfer``).
 
 Finished batch: ``image`` (B, 3, H, W) float32 in [0, 1]; ``volume`` (B, D, H, W) float32 in {0, 1}
 (aligned, or frontal with ``target_volume="frontal"``); ``landmarks_2d`` (B, 68, 2),
 ``landmarks_3d`` (B, 68, 3), ``pose`` (B, 3) float32; ``heatmaps`` (B, 68, H, W) float32 when a
-heatmap sigma is set; ``vertices`` (B, V, 3) float32 when loaded; ``index`` (B,) int64.
+heatmap sigma is set; ``vertices`` (B, V, 3) float32 when loaded; ``index`` (B,) int64;
+``expression`` (B,) int64, the dominant-expression label (an id into the file's ``expression_names``;
+-1 when the file records none), on both paths, never changed by augmentation.
 
 Augmentation parameters are drawn from a generator seeded by ``(seed, epoch, index)``: a sample
 is augmented the same way in any worker, on either path, in any order. The epoch comes from
@@ -33,11 +35,13 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from datamodules.augment import AugmentConfig, augment_batch, sample_params
-from datamodules.heatmaps import gaussian_heatmaps
 from lightning_vrn.dataset_file import DatasetError, open_dataset, unpack_volume
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.heatmaps import gaussian_heatmaps
 
 TARGET_VOLUMES = ("aligned", "frontal")
+NO_EXPRESSION = -1
+"""The batch's ``expression`` label for a file that records no expressions."""
 _BIT_SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)  # np.packbits' big bit order: the first voxel is the high bit
 
 
@@ -133,7 +137,8 @@ class FaceVolumeDataset(Dataset):
         # Frontal targets move about the mesh's mean vertex, so augmenting them needs the vertices.
         self._read_vertices = self.load_vertices or (self.augment is not None and target_volume == "frontal")
         self._fields = ["images", "volumes_frontal" if target_volume == "frontal" else "volumes",
-                        "landmarks_2d", "landmarks_3d", "pose"] + (["vertices"] if self._read_vertices else [])
+                        "landmarks_2d", "landmarks_3d", "pose"] + (["vertices"] if self._read_vertices else []) \
+            + (["expression_label"] if self.file.has_expression else [])
 
     def __len__(self) -> int:
         return len(self.file)
@@ -158,6 +163,7 @@ class FaceVolumeDataset(Dataset):
             "landmarks_3d": torch.from_numpy(data["landmarks_3d"]),
             "pose": torch.from_numpy(data["pose"]),
             "index": torch.tensor(index, dtype=torch.int64),
+            "expression": torch.tensor(int(data.get("expression_label", NO_EXPRESSION)), dtype=torch.int64),
         }
         if self.load_vertices:
             raw["vertices"] = torch.from_numpy(data["vertices"])

@@ -3,7 +3,11 @@
 - mean training volume: the average occupancy of the training split, the same for every test image;
 - mean shape at the ground-truth pose (an oracle: it is handed the true pose): the face model's mean
   shape, rotated by the sample's ground-truth pose, scaled and translated onto its ground-truth 3D
-  landmarks (least squares, rotation fixed), then voxelised like the ground truth.
+  landmarks (least squares, rotation fixed), then voxelised like the ground truth;
+- 3DMM fit to 2D landmarks (the paper's EOS row): the face model's identity and expression
+  coefficients and a scaled-orthographic camera fitted to the sample's 68 landmarks (ground truth or
+  a detector's) with a Tikhonov regulariser (:func:`~lightning_vrn.geometry.fitting.fit_shape_to_landmarks`),
+  placed in depth by the synthetic data's convention, voxelised with the fitted rotation.
 
 Their test steps return ``{"volume": (B, D, H, W)}`` soft occupancy, which
 :class:`lightning_vrn.callbacks.NMECallback` scores exactly as it scores a model's predictions.
@@ -12,7 +16,7 @@ Their test steps return ``{"volume": (B, D, H, W)}`` soft occupancy, which
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,14 +24,22 @@ import torch
 from tqdm import tqdm
 
 from data_prep.face_model import load_face_model
-from lightning_vrn.dataset_file import open_dataset, unpack_volume
-from lightning_vrn.geometry import VoxelGrid, crop_rotation, model_to_crop
+from data_prep.synthetic import front_z
+from lightning_vrn.dataset_file import FaceDatasetFile, open_dataset, unpack_volume
+from lightning_vrn.geometry import ShapeFit, VoxelGrid, crop_rotation, fit_shape_to_landmarks, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise
 
+DEFAULT_REGULARISATION = 3.0
+"""Weight of ``|c|^2`` against squared landmark residuals in model mm for :class:`FittedShapeBaseline`.
+Measured on 40 synthetic built-in faces in the paper's crop, mean face-region vertex error (px) over
+weights 0.3 / 1 / 3 / 10: 3.4 / 2.6 / 2.4 / 2.6 for landmarks with 1.5 px of noise, 6.2 / 4.3 / 3.2 /
+3.0 with 3 px, 1.4 / 1.8 / 2.1 / 2.4 for exact ones (a weight of 0.01: 1.1 exact, 6.1 and 13 noisy)."""
 
-def mean_training_volume(path: Path, grid: VoxelGrid, max_samples: int = 1000) -> np.ndarray:
-    """``(D, H, W)`` float32 mean occupancy over (up to ``max_samples`` of) a training file."""
-    train = open_dataset(path, expected_grid=grid)
+
+def mean_training_volume(path: Path, grid: VoxelGrid, max_samples: int = 1000,
+                         grid_source: str = "the checkpoint") -> np.ndarray:
+    """``(D, H, W)`` float32 mean occupancy over (up to ``max_samples`` of) a training file of ``grid``."""
+    train = open_dataset(path, expected_grid=grid, grid_source=grid_source)
     count = min(len(train), max_samples)
     total = np.zeros(grid.shape, dtype=np.float64)
     for i in tqdm(range(count), desc="mean training volume", unit="sample"):
@@ -70,21 +82,27 @@ class MeanVolumeBaseline(Baseline):
         return self.mean_volume.expand(len(batch["index"]), *self.grid.shape)
 
 
-class MeanShapeBaseline(Baseline):
-    """Predicts the voxelised mean face placed at each test sample's ground-truth pose (an oracle)."""
+class FaceModelBaseline(Baseline):
+    """A baseline built from the face model its test data was made from (``self.model``)."""
 
     def __init__(self, grid: VoxelGrid, face_model_spec: str):
         super().__init__(grid)
         self.model = load_face_model(face_model_spec)
 
     @classmethod
-    def for_file(cls, test_file, grid: VoxelGrid) -> "MeanShapeBaseline":
-        """The baseline for a dataset file made by ``data_prep.synthetic`` (it records its face model)."""
+    def for_file(cls, test_file: FaceDatasetFile, grid: VoxelGrid, *args, **kwargs) -> "FaceModelBaseline":
+        """The baseline (``args``, ``kwargs``: the class's own arguments after the face model) for a file
+        made by ``data_prep.synthetic``, which records its face model."""
         spec = test_file.attrs.get("face_model_spec")
         if spec is None:
             raise ValueError(f"{test_file.path} does not record the face model it was made from (attribute "
-                             f"face_model_spec): the mean-shape baseline needs synthetic data from data_prep.synthetic")
-        return cls(grid, str(spec))
+                             f"face_model_spec): {cls.__name__} needs synthetic data from "
+                             f"data_prep.synthetic")
+        return cls(grid, str(spec), *args, **kwargs)
+
+
+class MeanShapeBaseline(FaceModelBaseline):
+    """Predicts the voxelised mean face placed at each test sample's ground-truth pose (an oracle)."""
 
     def place(self, pose: np.ndarray, landmarks_3d: np.ndarray) -> np.ndarray:
         """``(V, 3)`` mean-shape vertices in a sample's crop coordinates, from its pose and 3D landmarks."""
@@ -99,4 +117,39 @@ class MeanShapeBaseline(Baseline):
         for pose, landmarks in zip(batch["pose"].cpu().numpy(), batch["landmarks_3d"].cpu().numpy()):
             vertices = self.place(pose, landmarks)
             volumes.append(voxelise(vertices, self.model.triangles, crop_rotation(pose), self.grid))
+        return torch.from_numpy(np.stack(volumes).astype(np.float32))
+
+
+class FittedShapeBaseline(FaceModelBaseline):
+    """Predicts the voxelised face model fitted to each sample's 2D landmarks (the paper's EOS row).
+
+    ``regularisation``: the Tikhonov weight (:data:`DEFAULT_REGULARISATION`); ``landmarks``: where the
+    landmarks come from, a callable ``batch -> (B, 68, 2)`` crop pixels (a detector's ``landmarks``
+    method; a torch module's method brings the module along, moved to the device and put in eval mode
+    with this one); None: the batch's ground-truth ``landmarks_2d``. The fitted mesh's nearest point
+    goes where the synthetic generator puts it (:func:`data_prep.synthetic.front_z`): depth is not in
+    the landmarks.
+    """
+
+    def __init__(self, grid: VoxelGrid, face_model_spec: str, regularisation: float = DEFAULT_REGULARISATION,
+                 landmarks: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None):
+        super().__init__(grid, face_model_spec)
+        self.regularisation = float(regularisation)
+        self.landmark_source = landmarks
+        if isinstance(getattr(landmarks, "__self__", None), torch.nn.Module):
+            self.detector = landmarks.__self__
+        self.basis = np.concatenate([self.model.identity_basis, self.model.expression_basis]).transpose(1, 2, 0)
+
+    def fit_landmarks(self, landmarks_2d: np.ndarray) -> ShapeFit:
+        """The fit of one sample's ``(68, 2)`` crop-pixel landmarks."""
+        return fit_shape_to_landmarks(landmarks_2d, self.model.mean, self.basis, self.model.landmark_vertices,
+                                      self.regularisation)
+
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        landmarks = batch["landmarks_2d"] if self.landmark_source is None else self.landmark_source(batch)
+        volumes = []
+        for points in landmarks.detach().cpu().numpy():
+            fit = self.fit_landmarks(points)
+            volumes.append(voxelise(fit.crop_vertices(front_z(self.grid)), self.model.triangles, fit.crop_rotation,
+                                    self.grid))
         return torch.from_numpy(np.stack(volumes).astype(np.float32))

@@ -5,7 +5,8 @@
 The model (and each baseline) runs through ``Trainer.test`` on the DataModule with the
 :class:`~lightning_vrn.callbacks.NMECallback`, exactly as training's test stage does, so the same
 checkpoint and file give the same numbers to the last digit (at the same batch size). Writes into
-``--out`` (default: ``eval/`` beside the checkpoint's run directory):
+``--out`` (default: ``RUN/eval/`` for a checkpoint in ``RUN/checkpoints/``, else ``NAME_eval/`` beside
+the checkpoint file):
 
 - ``metrics.json``: one summary per method (NME mean, median, per |yaw| bucket, rigidly aligned NME,
   failures): the model, and the baselines when ``--train-data`` is given;
@@ -30,7 +31,7 @@ import torch
 from datamodules import FaceVolumeDataModule
 from experiments.baselines import MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
 from lightning_vrn.atomic import write_text
-from experiments.runs import check_writable
+from experiments.runs import check_writable, run_dir_of
 from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import open_dataset
@@ -48,18 +49,22 @@ def slug(method: str) -> str:
     return "_".join(method.split())
 
 
-def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path,
-                max_samples: int | None = None) -> tuple[dict, dict]:
-    """Run ``module`` through ``Trainer.test`` with the NME callback; returns the summary and the per-sample table.
+def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path | None,
+                max_samples: int | None = None) -> tuple[dict | None, dict | None, dict]:
+    """Run ``module`` through ``Trainer.test``; returns the NME summary, the per-sample table and the logged metrics.
 
-    Writes ``out_dir/test.csv`` and ``out_dir/test_summary.json``.
+    With ``out_dir`` the NME callback scores the test steps' volumes and writes ``out_dir/test.csv``
+    and ``out_dir/test_summary.json``; without it (a landmark detector, which predicts no volume)
+    only the module's own logged test metrics come back, and the summary and table are None.
     """
-    callback = NMECallback(out_dir=out_dir, max_test_samples=max_samples)
+    callbacks = [] if out_dir is None else [NMECallback(out_dir=out_dir, max_test_samples=max_samples)]
     limit = 1.0 if max_samples is None else math.ceil(max_samples / datamodule.hparams.batch_size)
-    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, callbacks=[callback], enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, callbacks=callbacks, enable_checkpointing=False,
                          enable_model_summary=False, limit_test_batches=limit)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    return callback.summaries["test"], read_per_sample_csv(out_dir / "test.csv")
+    logged = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
+    if out_dir is None:
+        return None, None, logged
+    return callbacks[0].summaries["test"], read_per_sample_csv(out_dir / "test.csv"), logged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"checkpoint {args.checkpoint} does not exist: train first (python -m experiments.train ...)")
     model = load_model(args.checkpoint, trust=args.trust_checkpoint)
     grid = model.grid
-    out = args.out or args.checkpoint.resolve().parent.parent / "eval"
+    run_dir = run_dir_of(args.checkpoint)
+    out = args.out or (run_dir / "eval" if run_dir else args.checkpoint.with_name(f"{args.checkpoint.stem}_eval"))
     check_writable(out, what="--out")
     datamodule = FaceVolumeDataModule(test_path=args.data, grid=grid, batch_size=args.batch_size,
                                       num_workers=args.num_workers, heatmap_sigma=model.heatmap_sigma,
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics, tables = {}, {}
     for name, module in methods.items():
         print(f"NME ({name})", file=sys.stderr)
-        metrics[name], tables[name] = test_report(module, datamodule, out / slug(name), args.max_samples)
+        metrics[name], tables[name], _ = test_report(module, datamodule, out / slug(name), args.max_samples)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), grid=grid.describe())
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     save_ced(out / "ced.png", {name: table["nme"][~table["failed"]] for name, table in tables.items()})

@@ -10,11 +10,17 @@ One file per split. Per-sample datasets (first axis N, one chunk per sample):
 ``landmarks_3d``          (N, 68, 3) float32     crop coordinates
 ``pose``                  (N, 3) float32         pitch, yaw, roll in radians
 ``vertices``              (N, V, 3) float32      ground-truth mesh in crop coordinates
+``expression``            (N, E) float32         optional: the face model's expression coefficients
+``expression_label``      (N,) uint8             optional: dominant expression, an id into ``expression_names``
 ========================  =====================  ==========================================
 
 Shared datasets: ``triangles`` (T, 3), ``face_region`` (F,), ``landmark_vertices`` (68,).
 File attributes: ``schema_version``, the grid (:meth:`VoxelGrid.to_attrs`), ``num_samples``,
-``face_model``, ``source``, ``seed``, ``created_by`` and whatever else the producer adds.
+``face_model``, ``source``, ``seed``, ``created_by``, ``expression_names`` (label id -> name, id 0
+``"neutral"``; with ``expression_label``) and whatever else the producer adds.
+
+Version 2 added the two expression datasets and ``expression_names``; version-1 files (without
+them) are still read.
 
 :class:`DatasetWriter` writes ``<path>.partial`` with a per-sample ``written`` flag, so a killed
 run resumes where it stopped, and renames it to ``<path>`` only when every sample is in.
@@ -35,15 +41,26 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.topology import as_vertex_ids
 from lightning_vrn.landmarks import NUM_LANDMARKS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Versions :class:`FaceDatasetFile` opens: version 1 is version 2 without the expression fields."""
 
-PER_SAMPLE_FIELDS = ("images", "volumes", "volumes_frontal", "landmarks_2d", "landmarks_3d", "pose", "vertices")
-"""Names of the per-sample datasets (``volumes_frontal`` is optional)."""
+PER_SAMPLE_FIELDS = ("images", "volumes", "volumes_frontal", "landmarks_2d", "landmarks_3d", "pose", "vertices",
+                     "expression", "expression_label")
+"""Names of the per-sample datasets (those of :data:`OPTIONAL_FIELDS` only in some files)."""
+OPTIONAL_FIELDS = {
+    "volumes_frontal": "regenerate it with --frontal",
+    "expression": "its producer did not record expression coefficients (or it is a version-1 file)",
+    "expression_label": "its producer did not record expressions (or it is a version-1 file)",
+}
+"""Per-sample datasets a file may lack -> why it lacks them, for the error on reading one."""
+NEUTRAL = "neutral"
+"""Name of expression label 0."""
 SHARED_FIELDS = ("triangles", "face_region", "landmark_vertices")
 """Names of the shared (topology) datasets: vertex ids."""
 UNIQUE_ID_FIELDS = ("face_region",)
 """Shared datasets whose ids must be distinct (a landmark may reuse a vertex: the SFM's inner mouth corners)."""
-FLOAT_FIELDS = ("landmarks_2d", "landmarks_3d", "pose", "vertices")
+FLOAT_FIELDS = ("landmarks_2d", "landmarks_3d", "pose", "vertices", "expression")
 
 SAMPLE_KEYS = {
     "image": "images",
@@ -53,6 +70,8 @@ SAMPLE_KEYS = {
     "landmarks_3d": "landmarks_3d",
     "pose": "pose",
     "vertices": "vertices",
+    "expression": "expression",
+    "expression_label": "expression_label",
 }
 """Key of :meth:`DatasetWriter.write`'s sample dict -> dataset name."""
 
@@ -100,8 +119,9 @@ def unpack_volume(packed: np.ndarray, width: int) -> np.ndarray:
     return np.unpackbits(packed, axis=-1).view(bool)
 
 
-def sample_shapes(grid: VoxelGrid, num_vertices: int) -> dict[str, tuple[int, ...]]:
-    """Per-sample shape (without the N axis) of every per-sample dataset for ``grid`` and ``V`` vertices."""
+def sample_shapes(grid: VoxelGrid, num_vertices: int, num_expression: int = 0) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape (without the N axis) of every per-sample dataset for ``grid``, ``V`` vertices and
+    ``E`` expression coefficients."""
     d, h, w = grid.shape
     return {
         "images": (h, w, 3),
@@ -111,11 +131,13 @@ def sample_shapes(grid: VoxelGrid, num_vertices: int) -> dict[str, tuple[int, ..
         "landmarks_3d": (NUM_LANDMARKS, 3),
         "pose": (3,),
         "vertices": (num_vertices, 3),
+        "expression": (num_expression,),
+        "expression_label": (),
     }
 
 
 def _dtype(field: str) -> type:
-    return np.uint8 if field in ("images", "volumes", "volumes_frontal") else np.float32
+    return np.uint8 if field in ("images", "volumes", "volumes_frontal", "expression_label") else np.float32
 
 
 def _attrs_equal(a: Any, b: Any) -> bool:
@@ -142,6 +164,9 @@ class DatasetWriter:
     ``grid`` fixes the image and volume shapes; ``num_samples`` N and ``num_vertices`` V the
     per-sample datasets; ``triangles`` (T, 3), ``face_region`` (F,) and ``landmark_vertices``
     (68,) are the shared topology; ``attrs`` the file attributes (must hold :data:`REQUIRED_ATTRS`).
+    ``expression_names`` (label id -> name, the first :data:`NEUTRAL`) adds the per-sample
+    ``expression_label`` and the attribute ``expression_names``; ``num_expression_coefficients`` E > 0
+    adds the per-sample ``expression`` (E,). Each sample must then carry them, and only then.
 
     If ``<path>.partial`` exists with the same parameters, writing continues: :meth:`pending`
     lists the samples still missing. Different parameters or a damaged partial file raise
@@ -153,7 +178,8 @@ class DatasetWriter:
 
     def __init__(self, path, grid: VoxelGrid, num_samples: int, num_vertices: int, triangles, face_region,
                  landmark_vertices, attrs: Mapping[str, Any], with_frontal: bool = False, restart: bool = False,
-                 flush_every: int = 32, flags: Sequence[str] = ()):
+                 flush_every: int = 32, flags: Sequence[str] = (), expression_names: Sequence[str] | None = None,
+                 num_expression_coefficients: int = 0):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.grid = grid
@@ -169,15 +195,22 @@ class DatasetWriter:
             raise ValueError(f"DatasetWriter for {self.path}: num_samples ({num_samples}) and num_vertices "
                              f"({num_vertices}) must be positive")
         self._shared = self._checked_shared(triangles, face_region, landmark_vertices)
+        self.expression_names = None if expression_names is None else self._checked_names(expression_names)
+        if num_expression_coefficients < 0:
+            raise ValueError(f"DatasetWriter for {self.path}: num_expression_coefficients must be >= 0, "
+                             f"got {num_expression_coefficients}")
         self._attrs = {
             **dict(attrs),
             "schema_version": SCHEMA_VERSION,
             **grid.to_attrs(),
             "num_samples": self.num_samples,
             "has_frontal": self.with_frontal,
+            **({} if self.expression_names is None else {"expression_names": list(self.expression_names)}),
         }
-        self._shapes = sample_shapes(grid, self.num_vertices)
-        self._fields = [f for f in PER_SAMPLE_FIELDS if f != "volumes_frontal" or self.with_frontal]
+        self._shapes = sample_shapes(grid, self.num_vertices, num_expression_coefficients)
+        present = {"volumes_frontal": self.with_frontal, "expression": num_expression_coefficients > 0,
+                   "expression_label": self.expression_names is not None}
+        self._fields = [f for f in PER_SAMPLE_FIELDS if present.get(f, True)]
 
         if self.path.exists() and not restart:
             raise FileExistsError(f"{self.path} already exists; delete it or pass restart=True (--restart) to replace it")
@@ -201,6 +234,14 @@ class DatasetWriter:
             raise ValueError(f"DatasetWriter for {self.path}: landmark_vertices must be ({NUM_LANDMARKS},), "
                              f"got {shared['landmark_vertices'].shape}")
         return shared
+
+    def _checked_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """``expression_names`` as stored, after checking label 0 is neutral, names are distinct and fit uint8 ids."""
+        names = tuple(str(name) for name in names)
+        if not names or names[0] != NEUTRAL or len(set(names)) != len(names) or len(names) > 256:
+            raise ValueError(f"DatasetWriter for {self.path}: expression_names must be distinct, at most 256, "
+                             f"the first {NEUTRAL!r} (label 0); got {list(names)}")
+        return names
 
     def _create(self) -> tuple[h5py.File, np.ndarray]:
         self.partial_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +294,10 @@ class DatasetWriter:
         for name, values in self._shared.items():
             if not np.array_equal(f[name][()], values):
                 differences.append(f"{name} differ")
-        for field in self._fields:
+        stored_fields = [field for field in PER_SAMPLE_FIELDS if field in f]
+        if stored_fields != self._fields:
+            differences.append(f"per-sample datasets {stored_fields} vs now {self._fields}")
+        for field in (field for field in self._fields if field in f):
             expected = (self.num_samples, *self._shapes[field])
             if f[field].shape != expected:
                 differences.append(f"{field} shape {f[field].shape} vs now {expected}")
@@ -280,7 +324,8 @@ class DatasetWriter:
 
         ``image`` (H, W, 3) uint8; ``volume`` / ``volume_frontal`` (D, H, W) bool, or already packed
         uint8 (D, H, W/8) (:func:`pack_volume`); ``landmarks_2d`` (68, 2), ``landmarks_3d`` (68, 3),
-        ``pose`` (3,), ``vertices`` (V, 3) floats, all finite.
+        ``pose`` (3,), ``vertices`` (V, 3), ``expression`` (E,) floats, all finite; ``expression_label``
+        an integer id into ``expression_names``.
         """
         if self._file is None:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
@@ -301,6 +346,10 @@ class DatasetWriter:
                 raise ValueError(f"sample {index} {key}: shape {value.shape}, expected {self._shapes[field]}")
             if field == "images" and value.dtype != np.uint8:
                 raise ValueError(f"sample {index} {key}: dtype {value.dtype}, expected uint8")
+            if field == "expression_label" and not (np.issubdtype(value.dtype, np.integer)
+                                                    and 0 <= value < len(self.expression_names)):
+                raise ValueError(f"sample {index} {key}: {value!r} is not an integer id into expression_names "
+                                 f"{list(self.expression_names)}")
             if field in FLOAT_FIELDS and not np.isfinite(value).all():
                 raise ValueError(f"sample {index} {key}: contains NaN or inf")
             self._file[field][index] = value.astype(_dtype(field), copy=False)
@@ -351,9 +400,13 @@ class DatasetWriter:
 class FaceDatasetFile:
     """A validated, lazily opened dataset file (see the module docstring for the schema).
 
-    Opening checks the file exists, is HDF5, has this schema version and every required
+    Opening checks the file exists, is HDF5, has a readable schema version and every required
     dataset with the dtype and shape the schema gives for N and the grid, and (if given) that its
     grid equals ``expected_grid`` (which came from ``grid_source``: "the config", a checkpoint).
+    What it found: ``fields`` (the per-sample datasets present), ``has_frontal``, ``has_expression``
+    (``expression_label`` present) with ``expression_names`` (label id -> name; empty without labels),
+    ``num_expression_coefficients`` (E; 0 without ``expression``), ``grid``, ``num_samples``,
+    ``num_vertices``, the topology and ``attrs``.
     Samples are read with :meth:`read`; the HDF5 handle is opened in the process that reads, so the
     object can be handed to forked or spawned DataLoader workers. Each read checks that the file is
     still the one validated (same inode, size and modification time): a file replaced while a run
@@ -401,26 +454,31 @@ class FaceDatasetFile:
 
     def _validate(self, f: h5py.File, expected_grid: VoxelGrid | None, grid_source: str) -> None:
         version = f.attrs.get("schema_version")
-        if version is None or int(version) != SCHEMA_VERSION:
+        if version is None or int(version) not in READABLE_SCHEMA_VERSIONS:
             raise self._error(f"schema_version is {None if version is None else int(version)}, "
-                              f"this code reads version {SCHEMA_VERSION}")
+                              f"this code reads versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
         if _WRITTEN in f:
             raise self._error("it is an unfinished partial file (it still has per-sample written flags)")
         try:
             self.grid = VoxelGrid.from_attrs(f.attrs)
         except (KeyError, ValueError, TypeError) as err:
             raise self._error(f"bad or missing grid attributes grid_shape/grid_z_scale/grid_z_offset ({err})") from None
-        required = [name for name in (*PER_SAMPLE_FIELDS, *SHARED_FIELDS) if name != "volumes_frontal"]
+        required = [name for name in (*PER_SAMPLE_FIELDS, *SHARED_FIELDS) if name not in OPTIONAL_FIELDS]
         missing = [name for name in required if name not in f]
         if missing:
             raise self._error(f"missing datasets {missing}")
+        self.fields = tuple(field for field in PER_SAMPLE_FIELDS if field in f)
         self.num_samples = int(f["images"].shape[0])
         self.num_vertices = int(f["vertices"].shape[1]) if f["vertices"].ndim == 3 else -1
+        self.num_expression_coefficients = (0 if "expression" not in f else
+                                            int(f["expression"].shape[1]) if f["expression"].ndim == 2 else -1)
         self.has_frontal = "volumes_frontal" in f
-        for field, shape in sample_shapes(self.grid, self.num_vertices).items():
+        self.has_expression = "expression_label" in f
+        for field, shape in sample_shapes(self.grid, self.num_vertices, self.num_expression_coefficients).items():
             if field in f and f[field].shape != (self.num_samples, *shape):
                 raise self._error(f"dataset {field} has shape {f[field].shape}, expected {(self.num_samples, *shape)} "
-                                  f"for N={self.num_samples}, grid {self.grid.describe()} and V={self.num_vertices}")
+                                  f"for N={self.num_samples}, grid {self.grid.describe()}, V={self.num_vertices} "
+                                  f"and E={self.num_expression_coefficients}")
             if field in f and f[field].dtype != _dtype(field):
                 raise self._error(f"dataset {field} has dtype {f[field].dtype}, the schema's is "
                                   f"{np.dtype(_dtype(field))} (float images would train on near-black inputs)")
@@ -442,6 +500,10 @@ class FaceDatasetFile:
             except ValueError as err:
                 raise self._error(str(err)) from None
         self.attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        self.expression_names = tuple(self.attrs.get("expression_names", ()))
+        if self.has_expression and self.expression_names[:1] != (NEUTRAL,):
+            raise self._error(f"it has expression_label but its attribute expression_names is "
+                              f"{list(self.expression_names) or 'missing'} (label id -> name, the first {NEUTRAL!r})")
         if expected_grid is not None and expected_grid != self.grid:
             fix = ("change grid in the config" if grid_source == "the config"
                    else "use a model trained on this grid")
@@ -469,8 +531,9 @@ class FaceDatasetFile:
         unknown = [field for field in fields if field not in PER_SAMPLE_FIELDS]
         if unknown:
             raise KeyError(f"unknown fields {unknown}; a dataset file has {list(PER_SAMPLE_FIELDS)}")
-        if "volumes_frontal" in fields and not self.has_frontal:
-            raise DatasetError(f"dataset file {self.path} has no volumes_frontal; regenerate it with --frontal")
+        for field in fields:
+            if field in OPTIONAL_FIELDS and field not in self.fields:
+                raise DatasetError(f"dataset file {self.path} has no {field}: {OPTIONAL_FIELDS[field]}")
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"sample index {index} outside 0..{self.num_samples - 1} in {self.path}")
         self._check_unchanged()

@@ -42,11 +42,7 @@ def vertex_colours_from_image(vertices: np.ndarray, image: np.ndarray) -> np.nda
 
 def save_comparison(path: Path, image: np.ndarray, panels: Mapping[str, np.ndarray], title: str = "") -> None:
     """PNG with the input crop followed by titled ``(H, W, 3)`` panels, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     pictures = {"input": image, **panels}
     fig, axes = plt.subplots(1, len(pictures), figsize=(3.2 * len(pictures), 3.6))
     for ax, (name, picture) in zip(axes, pictures.items()):
@@ -68,11 +64,7 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None
     if max_nme is None:
         tails = [np.percentile(v, 90) for v in errors.values() if len(v)]
         max_nme = max([0.1] + [1.1 * t for t in tails])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, values in errors.items():
         values = np.sort(np.asarray(values, dtype=np.float64))
@@ -90,9 +82,61 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None
     _save_figure(fig, Path(path))
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_nme_vs_yaw(path: Path, results: Mapping[str, tuple[np.ndarray, np.ndarray]], bin_deg: float = 15.0) -> None:
+    """NME against |yaw| like the paper's Figure 10: each method's samples as dots, their mean per
+    ``bin_deg`` bin as a line. ``results``: method -> (yaw degrees (N,), NME (N,))."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    edges = np.arange(0.0, 90.0 + bin_deg, bin_deg)
+    for name, (yaw_deg, nme) in results.items():
+        yaw, nme = np.abs(np.asarray(yaw_deg, dtype=np.float64)), np.asarray(nme, dtype=np.float64)
+        ok = np.isfinite(nme)
+        dots = ax.scatter(yaw[ok], nme[ok], s=8, alpha=0.35)
+        which = np.clip(np.digitize(yaw[ok], edges) - 1, 0, len(edges) - 2)
+        centres = [(edges[i] + edges[i + 1]) / 2 for i in range(len(edges) - 1) if (which == i).any()]
+        means = [nme[ok][which == i].mean() for i in range(len(edges) - 1) if (which == i).any()]
+        ax.plot(centres, means, marker="o", color=dots.get_facecolor()[0][:3], label=f"{name} (mean {nme[ok].mean():.4f})")
+    ax.set_xlabel("absolute yaw (degrees)")
+    ax.set_ylabel("NME")
+    ax.set_xlim(0, 90)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+
+
+def save_grouped_means(path: Path, groups: list[str], means: Mapping[str, list[tuple[float, float, float]]],
+                       ylabel: str = "NME") -> None:
+    """Bars of each method's mean per group with their intervals, like the paper's Figure 11 (NME per expression).
+
+    ``means``: method -> one ``(mean, low, high)`` per group (NaN where the group has no sample).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.11 * len(groups) * len(means) + 4.0), 4.5))
+    width = 0.8 / max(1, len(means))
+    for k, (name, values) in enumerate(means.items()):
+        mean, low, high = (np.array(column, dtype=np.float64) for column in zip(*values))
+        x = np.arange(len(groups)) + (k - (len(means) - 1) / 2) * width
+        ax.bar(x, mean, width, label=name, yerr=np.abs(np.stack([mean - low, high - mean])), capsize=2)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: many methods
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+
+
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)

@@ -18,12 +18,13 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
-    """A small synthetic dataset at the quickstart grid: train 8, val 4, test 4 samples."""
+    """A small synthetic dataset at the quickstart grid: train 8, val 4, test 4 samples, with frontal volumes."""
     from data_prep.synthetic import generate_split
     from lightning_vrn.geometry import VoxelGrid
 
     out = tmp_path_factory.mktemp("synthetic-96")
     grid = VoxelGrid.parse("100,96,96")
     for split, count in (("train", 8), ("val", 4), ("test", 4)):
-        generate_split(out / f"{split}.h5", "builtin", grid, count, seed=0, split=split, progress=False)
+        generate_split(out / f"{split}.h5", "builtin", grid, count, seed=0, split=split, with_frontal=True,
+                       progress=False)
     return out

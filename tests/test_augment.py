@@ -1,5 +1,5 @@
 """Joint augmentation: volumes stay the voxelisation of the augmented mesh on both paths; landmarks,
-vertices, pose, image and heatmaps move consistently; flips re-index landmarks."""
+vertices, pose and image move consistently (heatmaps: tests/test_landmarks.py); flips re-index landmarks."""
 
 import math
 
@@ -18,7 +18,6 @@ from datamodules.augment import (
     transform_points,
 )
 from datamodules.dataset import FaceVolumeDataset, decode_batch, unpack_bits, unpack_bits_torch
-from datamodules.heatmaps import gaussian_heatmaps
 from lightning_vrn.dataset_file import DatasetWriter, pack_volume
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.pose import (
@@ -29,6 +28,7 @@ from lightning_vrn.geometry.pose import (
     matrix_to_euler_torch,
 )
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
+from lightning_vrn.heatmaps import gaussian_heatmaps
 from lightning_vrn.landmarks import FLIP
 from tests.toy_face import posed_face, toy_sample
 
@@ -249,25 +249,6 @@ def test_sample_params_ranges_seeds_and_flip_rate():
     assert all(torch.equal(params[k], again[k]) for k in params)
     other = sample_params(torch.Generator().manual_seed(1), 4000, 96, config)
     assert not torch.equal(params["angle"], other["angle"])
-
-
-def test_heatmap_peaks_at_landmarks_with_sigma():
-    landmarks = torch.tensor([[[20.3, 30.8], [10.0, 12.0], [40.6, 5.2]]])
-    for sigma in (1.0, 2.0):
-        maps = gaussian_heatmaps(landmarks, 48, 64, sigma)
-        assert maps.shape == (1, 3, 48, 64) and maps.dtype == torch.float32
-        flat = maps[0].flatten(1).argmax(1)
-        peaks = torch.stack([flat % 64, flat // 64], -1).float()
-        assert (peaks - landmarks[0]).abs().max() <= 0.5
-        assert maps[0, 1, 12, 10] == 1.0  # on a pixel centre: peak exactly 1
-        cols = torch.arange(64.0)
-        row = maps[0, 1, 12]
-        assert (row * (cols - 10) ** 2).sum() / row.sum() == pytest.approx(sigma**2, rel=1e-3)
-        rows = torch.arange(48.0)
-        column = maps[0, 1, :, 10]
-        assert (column * (rows - 12) ** 2).sum() / column.sum() == pytest.approx(sigma**2, rel=1e-3)
-    with pytest.raises(ValueError, match="sigma"):
-        gaussian_heatmaps(landmarks, 48, 64, 0.0)
 
 
 def test_unpack_bits_matches_numpy():

@@ -14,6 +14,7 @@ import pytest
 from lightning_vrn.dataset_file import (
     PER_SAMPLE_FIELDS,
     SCHEMA_VERSION,
+    SHARED_FIELDS,
     DatasetError,
     DatasetWriter,
     open_dataset,
@@ -27,10 +28,12 @@ from tests.conftest import REPO
 GRID = VoxelGrid.centred(12, 16, 16)
 N, V = 6, 40
 ATTRS = {"face_model": "test", "source": "unit-test", "seed": 7, "created_by": "tests"}
+EXPRESSION_NAMES = ("neutral", "smile", "frown")
+E = 4
 
 
 def make_samples(n=N, grid=GRID, num_vertices=V, seed=0):
-    """Random samples with every field, frontal volume included."""
+    """Random samples with every field, frontal volume and expression included."""
     rng = np.random.default_rng(seed)
     return [
         {
@@ -41,6 +44,8 @@ def make_samples(n=N, grid=GRID, num_vertices=V, seed=0):
             "landmarks_3d": rng.normal(size=(68, 3)).astype(np.float32),
             "pose": rng.normal(size=3).astype(np.float32),
             "vertices": rng.normal(size=(num_vertices, 3)).astype(np.float32) * 50,
+            "expression": rng.normal(size=E).astype(np.float32),
+            "expression_label": rng.integers(0, len(EXPRESSION_NAMES)),
         }
         for _ in range(n)
     ]
@@ -54,6 +59,7 @@ TOPOLOGY = {
 
 
 def new_writer(path, attrs=ATTRS, num_samples=N, grid=GRID, **kwargs):
+    kwargs = {"expression_names": EXPRESSION_NAMES, "num_expression_coefficients": E, **kwargs}
     return DatasetWriter(path, grid, num_samples, V, attrs=attrs, with_frontal=True, **TOPOLOGY, **kwargs)
 
 
@@ -110,6 +116,8 @@ def test_pack_rejects_width_not_multiple_of_8_and_unpack_wrong_width():
 def test_round_trip_every_field_exactly(written, samples):
     ds = open_dataset(written, expected_grid=GRID)
     assert len(ds) == N and ds.num_samples == N and ds.has_frontal and ds.grid == GRID and ds.path == written
+    assert ds.fields == PER_SAMPLE_FIELDS and ds.has_expression and ds.num_expression_coefficients == E
+    assert ds.expression_names == EXPRESSION_NAMES
     for name in ("triangles", "face_region", "landmark_vertices"):
         np.testing.assert_array_equal(getattr(ds, name), TOPOLOGY[name])
     for i, sample in enumerate(samples):
@@ -118,9 +126,10 @@ def test_round_trip_every_field_exactly(written, samples):
         np.testing.assert_array_equal(got["images"], sample["image"])
         np.testing.assert_array_equal(unpack_volume(got["volumes"], GRID.width), sample["volume"])
         np.testing.assert_array_equal(unpack_volume(got["volumes_frontal"], GRID.width), sample["volume_frontal"])
-        for key in ("landmarks_2d", "landmarks_3d", "pose", "vertices"):
+        for key in ("landmarks_2d", "landmarks_3d", "pose", "vertices", "expression"):
             assert got[key].dtype == np.float32
             np.testing.assert_array_equal(got[key], sample[key])
+        assert got["expression_label"].dtype == np.uint8 and got["expression_label"] == sample["expression_label"]
     assert set(ds.read(0, ["pose"])) == {"pose"}
     ds.close()
 
@@ -131,6 +140,7 @@ def test_attrs_chunks_and_no_written_flag(written):
     assert ds.attrs["grid_shape"] == list(GRID.shape)
     assert ds.attrs["grid_z_offset"] == GRID.z_offset and ds.attrs["grid_z_scale"] == GRID.z_scale
     assert ds.attrs["num_samples"] == N and ds.attrs["has_frontal"]
+    assert ds.attrs["expression_names"] == list(EXPRESSION_NAMES)
     for key, value in ATTRS.items():
         assert ds.attrs[key] == value
     with h5py.File(written, "r") as f:
@@ -170,6 +180,58 @@ def test_writer_rejects_bad_samples(tmp_path, samples):
             writer.finish()
     with pytest.raises(ValueError, match="face_model"):
         DatasetWriter(tmp_path / "y.h5", GRID, N, V, attrs={"source": "x"}, **TOPOLOGY)
+
+
+def test_expression_fields_are_all_or_nothing(tmp_path, samples):
+    """A writer made with expression fields refuses samples without them, and vice versa."""
+    without = {key: value for key, value in samples[0].items() if not key.startswith("expression")}
+    with new_writer(tmp_path / "with.h5") as writer:
+        for sample in (without, dict(samples[0], expression_label=len(EXPRESSION_NAMES)),
+                       dict(samples[0], expression_label=1.0)):
+            with pytest.raises(ValueError, match="keys|expression_names"):
+                writer.write(0, sample)
+        with pytest.raises(ValueError, match=r"expression: shape \(3,\), expected \(4,\)"):
+            writer.write(0, dict(samples[0], expression=np.zeros(3, np.float32)))
+    with new_writer(tmp_path / "without.h5", expression_names=None, num_expression_coefficients=0) as writer:
+        with pytest.raises(ValueError, match="keys"):
+            writer.write(0, samples[0])
+        for i in range(N):
+            writer.write(i, {key: value for key, value in samples[i].items() if not key.startswith("expression")})
+        writer.finish()
+    ds = open_dataset(tmp_path / "without.h5")
+    assert not ds.has_expression and ds.expression_names == () and ds.num_expression_coefficients == 0
+    assert ds.fields == tuple(f for f in PER_SAMPLE_FIELDS if not f.startswith("expression"))
+    with pytest.raises(DatasetError, match="has no expression_label: its producer did not record expressions"):
+        ds.read(0, ["expression_label"])
+    for names in [("smile", "neutral"), ("neutral", "smile", "smile"), ()]:
+        with pytest.raises(ValueError, match="expression_names must be distinct"):
+            new_writer(tmp_path / "bad.h5", expression_names=names)
+
+
+def write_version_1(path, samples):
+    """A file in the version-1 layout, written with h5py alone: no expression fields, no checksums."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update({**ATTRS, "schema_version": 1, **GRID.to_attrs(), "num_samples": N, "has_frontal": False})
+        for name in SHARED_FIELDS:
+            f.create_dataset(name, data=TOPOLOGY[name].astype(np.int32))
+        f.create_dataset("images", data=np.stack([s["image"] for s in samples]), chunks=(1, 16, 16, 3))
+        f.create_dataset("volumes", data=np.stack([np.packbits(s["volume"], axis=-1) for s in samples]),
+                         chunks=(1, 12, 16, 2), compression="gzip")
+        for key in ("landmarks_2d", "landmarks_3d", "pose", "vertices"):
+            f.create_dataset(key, data=np.stack([s[key] for s in samples]))
+
+
+def test_version_1_file_still_opens(tmp_path, samples):
+    path = tmp_path / "v1.h5"
+    write_version_1(path, samples)
+    ds = open_dataset(path, expected_grid=GRID)
+    assert ds.attrs["schema_version"] == 1 and len(ds) == N and not ds.has_frontal and not ds.has_expression
+    assert ds.fields == ("images", "volumes", "landmarks_2d", "landmarks_3d", "pose", "vertices")
+    got = ds.read(3, ds.fields)
+    np.testing.assert_array_equal(unpack_volume(got["volumes"], GRID.width), samples[3]["volume"])
+    np.testing.assert_array_equal(got["vertices"], samples[3]["vertices"])
+    with pytest.raises(DatasetError, match="has no expression: .*version-1 file"):
+        ds.read(0, ["expression"])
 
 
 @pytest.mark.parametrize("field, values, message", [
@@ -256,7 +318,8 @@ def test_resume_with_other_parameters_fails_clearly_or_restarts(tmp_path, sample
     path = tmp_path / "split.h5"
     with new_writer(path) as writer:
         writer.write(0, samples[0])
-    for kwargs in [{"attrs": dict(ATTRS, seed=8)}, {"num_samples": N + 1}, {"grid": VoxelGrid.centred(12, 16, 24)}]:
+    for kwargs in [{"attrs": dict(ATTRS, seed=8)}, {"num_samples": N + 1}, {"grid": VoxelGrid.centred(12, 16, 24)},
+                   {"expression_names": EXPRESSION_NAMES[:2]}, {"num_expression_coefficients": 0}]:
         with pytest.raises(DatasetError) as err:
             new_writer(path, **kwargs)
         assert str(writer.partial_path) in str(err.value) and "restart" in str(err.value)

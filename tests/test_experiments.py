@@ -127,7 +127,7 @@ def test_evaluate_writes_every_output(trained_run, tiny_synthetic, tmp_path):
         assert entry["num_samples"] - entry["num_failed"] == sum(entry[f"count_yaw_{a}_{b}"] for a, b in YAW_BUCKETS_DEG)
         rows = list(csv.DictReader(open(out / evaluate.slug(name) / "test.csv")))
         assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
-        assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "failed"]
+        assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "nme_closest", "failed"]
     # The mean shape placed at the true pose is a strong baseline: far better than chance.
     assert metrics["mean shape at GT pose"]["nme_mean"] < 0.1
     assert metrics["model"]["num_failed"] < metrics["model"]["num_samples"]  # the model predicts surfaces

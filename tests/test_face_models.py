@@ -9,7 +9,7 @@ import pytest
 
 from data_prep import builtin_face
 from data_prep.builtin_face import builtin_face_model
-from data_prep.face_model import FaceModel, load_face_model
+from data_prep.face_model import NEUTRAL_THRESHOLD, FaceModel, expression_label, load_face_model
 from data_prep.sfm import REQUIRED_FILES, SHAPE_FILE, load_sfm
 from lightning_vrn.geometry.pose import model_to_crop
 from lightning_vrn.geometry.raster import rasterise
@@ -147,6 +147,26 @@ def test_builtin_samples_are_plausible(model):
     assert 88.0 <= np.mean(interocular) <= 96.0 and 2.0 <= np.std(interocular) <= 7.0
     assert 70.0 <= np.min(interocular) and np.max(interocular) <= 115.0
     assert (mean_normals[:, 2] > 0).mean() > 0.9
+
+
+def test_expression_label_is_neutral_or_the_largest_weight(model):
+    assert model.expression_label_names == ("neutral", *REQUIRED_EXPRESSIONS)
+    assert NEUTRAL_THRESHOLD == 0.1
+    cases = [
+        ([0, 0, 0, 0, 0, 0], 0),
+        ([0.09, 0, 0.099, 0, 0, 0.05], 0),          # every weight below 0.1: neutral
+        ([0, 0.1, 0, 0, 0, 0], 2),                  # smile at the threshold
+        ([0.3, 0, 0, 0, 0.7, 0], 5),                # eyes_closed outweighs mouth_open
+        ([0.5, 0.5, 0, 0, 0, 0], 1),                # a tie goes to the first blendshape
+        ([0.2, -0.6, 0, 0, 0, 0], 2),               # the sign is ignored: a negative smile is labelled smile
+    ]
+    for coefficients, label in cases:
+        assert expression_label(np.array(coefficients)) == label, coefficients
+    # Neutral share: 35% drawn neutral, plus one weight U(0, 1) below 0.1 or two both below (one or two
+    # blendshapes equally often): 0.35 + 0.65 * (0.1 + 0.1 ** 2) / 2 = 0.386. 500 draws: 0.366 (sd 0.022).
+    labels = [expression_label(model.sample_coefficients(np.random.default_rng([0, i]))[1]) for i in range(500)]
+    assert np.mean(np.array(labels) == 0) == pytest.approx(0.35 + 0.65 * (0.1 + 0.1 ** 2) / 2, abs=0.05)
+    assert set(labels) == set(range(7))
 
 
 def test_builtin_shape_checks_coefficients(model):

@@ -300,3 +300,13 @@ def test_vertices_without_a_counterpart_do_not_drag_the_alignment(volume):
     result = sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=6.0)
     assert np.median(result.errors[~stray]) < 0.1
     assert result.nme == pytest.approx(result.errors[stray].sum() / len(gt) / INTEROCULAR, rel=0.15)
+
+
+def test_the_closest_point_error_needs_no_icp_and_bounds_the_nme(volume):
+    # Ground truth shifted 2 px along depth: without ICP the closest surface point of a vertex on the
+    # front (surface normal along z) is 2 px away; the NME, through ICP's correspondence, is 2 px too.
+    gt = ellipsoid_front_points()
+    front = gt[np.linalg.norm(gt[:, :2] - CENTRE[:2], axis=1) < 5.0]  # near the front's apex
+    result = sample_nme(volume, front + [0.0, 0.0, -2.0], INTEROCULAR, GRID, icp_max_distance=1.0)
+    assert result.nme_closest == pytest.approx(2.0 / INTEROCULAR, rel=0.1)
+    assert result.nme_closest <= result.nme + 1e-12

@@ -4,11 +4,12 @@ import subprocess
 import sys
 import warnings
 
+import h5py
 import numpy as np
 import pytest
 
 from data_prep import synthetic
-from data_prep.face_model import load_face_model
+from data_prep.face_model import expression_label, load_face_model
 from data_prep.render import vertex_normals
 from data_prep.synthetic import (
     PITCH_ROLL_STD_DEG,
@@ -20,7 +21,7 @@ from data_prep.synthetic import (
     sample_pose,
     sample_rng,
 )
-from lightning_vrn.dataset_file import PER_SAMPLE_FIELDS, open_dataset, pack_volume, unpack_volume
+from lightning_vrn.dataset_file import open_dataset, pack_volume, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.raster import rasterise
@@ -50,14 +51,12 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples(reference):
-    ds = open_dataset(reference, expected_grid=GRID)
-    return [ds.read(i, [f for f in PER_SAMPLE_FIELDS if f != "volumes_frontal"]) for i in range(len(ds))]
+    return read_all(reference)[1]
 
 
 def read_all(path):
     ds = open_dataset(path)
-    fields = [f for f in PER_SAMPLE_FIELDS if f != "volumes_frontal" or ds.has_frontal]
-    return ds, [ds.read(i, fields) for i in range(len(ds))]
+    return ds, [ds.read(i, ds.fields) for i in range(len(ds))]
 
 
 def assert_same_dataset(path_a, path_b):
@@ -77,6 +76,16 @@ def test_file_contents_and_attrs(reference, samples, model):
     np.testing.assert_array_equal(ds.landmark_vertices, model.landmark_vertices)
     np.testing.assert_array_equal(ds.triangles, model.triangles)
     assert samples[0]["images"].shape == (96, 96, 3) and samples[0]["vertices"].shape == (model.num_vertices, 3)
+
+
+def test_samples_carry_their_expression_and_its_label(reference, samples, model):
+    ds = open_dataset(reference)
+    assert ds.expression_names == ("neutral", *model.expression_names)
+    assert ds.num_expression_coefficients == len(model.expression_basis)
+    for i, sample in enumerate(samples):
+        _, expression = model.sample_coefficients(sample_rng(0, "train", i))  # the sample's first draw
+        np.testing.assert_array_equal(sample["expression"], expression)
+        assert sample["expression_label"] == expression_label(expression)
 
 
 def test_every_sample_comes_from_its_own_generator(samples, model):
@@ -185,6 +194,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, reference,
     assert path.stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match="seed.*--restart"):
         generate(path, seed=1)
+    # A finished file from before the expression fields is refused too.
+    with h5py.File(path, "r+") as f:
+        del f["expression_label"]
+    with pytest.raises(FileExistsError, match="no expression labels.*--restart"):
+        generate(path)
 
 
 def test_paper_grid_sample(tmp_path, model):

@@ -121,8 +121,16 @@ def toy_sample(grid: VoxelGrid, pose, offset_px=(0.0, 0.0), rng=None, frontal: b
     return {**sample, "triangles": triangles, "landmark_vertices": landmark_vertices, "rotation": rotation}
 
 
-def write_toy_dataset(path, grid: VoxelGrid, num_samples: int, seed: int = 0, frontal: bool = False):
-    """Write ``num_samples`` randomly posed toy faces to ``path``; returns the list of samples written."""
+TOY_EXPRESSIONS = ("neutral", "smile", "frown")
+"""Expression label names of a toy file written with ``expressions=True``: sample ``i`` has label ``i % 3``."""
+
+
+def write_toy_dataset(path, grid: VoxelGrid, num_samples: int, seed: int = 0, frontal: bool = False,
+                      expressions: bool = False):
+    """Write ``num_samples`` randomly posed toy faces to ``path``; returns the list of samples written.
+
+    ``expressions``: store expression labels (:data:`TOY_EXPRESSIONS`, sample ``i`` gets ``i % 3``).
+    """
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(num_samples):
@@ -133,10 +141,11 @@ def write_toy_dataset(path, grid: VoxelGrid, num_samples: int, seed: int = 0, fr
                            face_region=np.arange(len(first["vertices"])), landmark_vertices=first["landmark_vertices"],
                            attrs={"face_model": "toy", "source": "tests/toy_face.py", "created_by": "tests",
                                   "seed": seed},
-                           with_frontal=frontal)
+                           with_frontal=frontal, expression_names=TOY_EXPRESSIONS if expressions else None)
     keys = ["image", "volume", "landmarks_2d", "landmarks_3d", "pose", "vertices"]
     keys += ["volume_frontal"] if frontal else []
     for index, sample in enumerate(samples):
-        writer.write(index, {key: sample[key] for key in keys})
+        labels = {"expression_label": index % len(TOY_EXPRESSIONS)} if expressions else {}
+        writer.write(index, {**{key: sample[key] for key in keys}, **labels})
     writer.finish()
     return samples

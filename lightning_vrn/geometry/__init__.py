@@ -1,7 +1,8 @@
 """Geometry shared by data preparation and evaluation: grid, crop, pose, topology, rasteriser, voxeliser,
-iso-surface, mesh I/O."""
+iso-surface, mesh I/O, face-model fitting to landmarks."""
 
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, landmark_crop
+from lightning_vrn.geometry.fitting import ShapeFit, fit_shape_to_landmarks
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import read_mesh, write_mesh
@@ -23,11 +24,13 @@ __all__ = [
     "PAPER_GRID",
     "CropTransform",
     "Raster",
+    "ShapeFit",
     "VoxelGrid",
     "as_vertex_ids",
     "crop_rotation",
     "euler_to_matrix",
     "euler_to_matrix_torch",
+    "fit_shape_to_landmarks",
     "landmark_crop",
     "matrix_to_euler",
     "matrix_to_euler_torch",

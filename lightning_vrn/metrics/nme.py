@@ -14,7 +14,10 @@ Per sample (docs/evaluation.md):
    surface (its triangles, not only its vertices) to ``T v_i``;
 4. NME = mean ``|v_i - p_i|`` / outer interocular distance: ICP only finds the correspondence,
    the rigid transform is not applied to the error. The rigidly aligned figure (the paper's
-   supplement) is mean ``|T v_i - p_i|`` / interocular.
+   supplement) is mean ``|T v_i - p_i|`` / interocular. A protocol-free figure beside them, the
+   closest-point error, is mean ``|v_i - q_i|`` / interocular with ``q_i`` the closest point of the
+   predicted surface to ``v_i`` itself (no ICP: a lower bound of the NME that does not depend on the
+   ICP's details).
 
 A prediction with no surface (nothing above 0.5) raises :class:`EmptyPredictionError`;
 :class:`NME` counts such samples as ``failed`` and leaves them out of the means.
@@ -60,6 +63,7 @@ class NMEResult:
     """NME of one sample.
 
     ``nme``, ``nme_aligned``: mean error / interocular without and with the ICP transform;
+    ``nme_closest``: mean distance from each ground-truth vertex to the predicted surface / interocular (no ICP);
     ``errors``, ``errors_aligned``: (F,) per-vertex distances in pixels;
     ``transform``: (4, 4) ICP transform taking the ground truth onto the prediction (crop pixels);
     ``fitness``: fraction of ground-truth vertices with an ICP correspondence within the cut-off.
@@ -67,6 +71,7 @@ class NMEResult:
 
     nme: float
     nme_aligned: float
+    nme_closest: float
     errors: np.ndarray
     errors_aligned: np.ndarray
     transform: np.ndarray
@@ -107,12 +112,13 @@ def sample_nme(
         )
     transform, fitness = _icp(gt, vertices, triangles, max_distance, ICP_ROBUST_FRACTION * max_distance, icp_iterations)
     moved = gt @ transform[:3, :3].T + transform[:3, 3]
-    closest = _closest_surface_points(vertices, triangles, moved)
+    closest, closest_plain = _closest_surface_points(vertices, triangles, moved, gt)
     errors = np.linalg.norm(gt - closest, axis=1)
     errors_aligned = np.linalg.norm(moved - closest, axis=1)
     return NMEResult(
         nme=float(errors.mean() / interocular),
         nme_aligned=float(errors_aligned.mean() / interocular),
+        nme_closest=float(np.linalg.norm(gt - closest_plain, axis=1).mean() / interocular),
         errors=errors,
         errors_aligned=errors_aligned,
         transform=transform,
@@ -155,15 +161,15 @@ def _icp(
     return np.round(np.asarray(result.transformation, dtype=np.float64), ICP_TRANSFORM_DECIMALS), float(result.fitness)
 
 
-def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Closest points ``(Q, 3)`` on the triangle mesh ``(N, 3)``/``(T, 3)`` to ``(Q, 3)`` query points."""
+def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:
+    """For each ``(Q, 3)`` array of query points, the closest points ``(Q, 3)`` on the triangle mesh ``(N, 3)``/``(T, 3)``."""
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),
         o3d.core.Tensor(np.ascontiguousarray(triangles, dtype=np.uint32)),
     )
-    found = scene.compute_closest_points(o3d.core.Tensor(np.ascontiguousarray(queries, dtype=np.float32)))
-    return found["points"].numpy().astype(np.float64)
+    return [scene.compute_closest_points(o3d.core.Tensor(np.ascontiguousarray(q, dtype=np.float32)))["points"]
+            .numpy().astype(np.float64) for q in queries]
 
 
 TARGET_FRAMES = ("aligned", "frontal")
@@ -199,7 +205,8 @@ class NME(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
-    PER_SAMPLE = ("sample_index", "sample_yaw", "sample_expression", "sample_nme", "sample_nme_aligned")
+    PER_SAMPLE = ("sample_index", "sample_yaw", "sample_expression", "sample_nme", "sample_nme_aligned",
+                  "sample_nme_closest")
 
     def __init__(
         self,
@@ -236,8 +243,7 @@ class NME(Metric):
                 f"{len(interocular)} interocular distances, {len(yaw)} yaws, {len(index)} indices, "
                 f"{len(expression)} expressions"
             )
-        nme = np.full(count, np.nan)
-        nme_aligned = np.full(count, np.nan)
+        nme, nme_aligned, nme_closest = np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.nan)
         for b in range(count):
             try:
                 result = sample_nme(
@@ -250,9 +256,9 @@ class NME(Metric):
                 )
             except EmptyPredictionError:
                 continue
-            nme[b], nme_aligned[b] = result.nme, result.nme_aligned
+            nme[b], nme_aligned[b], nme_closest[b] = result.nme, result.nme_aligned, result.nme_closest
         device = self.device
-        for name, values in zip(self.PER_SAMPLE, (index, np.degrees(yaw), expression, nme, nme_aligned)):
+        for name, values in zip(self.PER_SAMPLE, (index, np.degrees(yaw), expression, nme, nme_aligned, nme_closest)):
             getattr(self, name).append(torch.as_tensor(values, dtype=torch.float64, device=device))
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -280,13 +286,14 @@ class NME(Metric):
         """The (already synchronised) states as a deduplicated, index-sorted table."""
         columns = [_gathered(getattr(self, name)) for name in self.PER_SAMPLE]
         index, first = np.unique(columns[0].astype(np.int64), return_index=True)
-        yaw_deg, expression, nme, nme_aligned = (column[first] for column in columns[1:])
+        yaw_deg, expression, nme, nme_aligned, nme_closest = (column[first] for column in columns[1:])
         return {
             "index": index,
             "yaw_deg": yaw_deg,
             "expression": expression.astype(np.int64),
             "nme": nme,
             "nme_aligned": nme_aligned,
+            "nme_closest": nme_closest,
             "failed": ~np.isfinite(nme),
         }
 

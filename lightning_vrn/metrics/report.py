@@ -2,8 +2,9 @@
 
 A per-sample table is a dict of equal-length 1-D arrays with the columns of :data:`COLUMNS`:
 ``index`` (dataset sample index, int64), ``yaw_deg`` (ground-truth yaw, degrees), ``expression``
-(dominant-expression label id, -1 when the data does not say), ``nme`` and ``nme_aligned`` (NaN
-for a failed sample), ``failed`` (bool: the prediction had no surface). :func:`summarise` turns it
+(dominant-expression label id, -1 when the data does not say), ``nme``, ``nme_aligned`` and
+``nme_closest`` (the closest-point error without ICP; NaN for a failed sample), ``failed`` (bool:
+the prediction had no surface). :func:`summarise` turns it
 into the summary (mean, median, aligned mean, failures and the per-|yaw| bucket means of the
 AFLW2000-3D protocol: 0-30, 30-60, 60-90 degrees). Training's test stage, ``experiments.evaluate``
 and later ``compare`` all write these two files through :func:`write_report`.
@@ -20,7 +21,7 @@ import numpy as np
 
 from lightning_vrn.atomic import atomic_path, write_text
 
-COLUMNS = ("index", "yaw_deg", "expression", "nme", "nme_aligned", "failed")
+COLUMNS = ("index", "yaw_deg", "expression", "nme", "nme_aligned", "nme_closest", "failed")
 YAW_BUCKETS_DEG = ((0, 30), (30, 60), (60, 90))
 """|yaw| buckets in degrees; the last one also takes |yaw| >= 90."""
 
@@ -46,6 +47,7 @@ def summarise(table: Mapping[str, np.ndarray]) -> dict:
         "nme_mean": mean(nme, ok),
         "nme_median": float(np.median(nme[ok])) if ok.any() else None,
         "nme_aligned_mean": mean(table["nme_aligned"], ok),
+        "nme_closest_mean": mean(table["nme_closest"], ok),
         "num_samples": int(len(nme)),
         "num_failed": int((~ok).sum()),
     }
@@ -61,9 +63,9 @@ def write_per_sample_csv(path: str | Path, table: Mapping[str, np.ndarray]) -> N
     with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
-        for index, yaw_deg, expression, nme, nme_aligned, failed in zip(*(table[c] for c in COLUMNS)):
+        for index, yaw_deg, expression, nme, nme_aligned, nme_closest, failed in zip(*(table[c] for c in COLUMNS)):
             writer.writerow([int(index), f"{yaw_deg:.3f}", int(expression) if expression >= 0 else "",
-                             repr(float(nme)), repr(float(nme_aligned)), int(bool(failed))])
+                             repr(float(nme)), repr(float(nme_aligned)), repr(float(nme_closest)), int(bool(failed))])
 
 
 def read_per_sample_csv(path: str | Path) -> dict[str, np.ndarray]:
@@ -76,6 +78,7 @@ def read_per_sample_csv(path: str | Path) -> dict[str, np.ndarray]:
         "expression": np.array([int(r["expression"]) if r["expression"] else -1 for r in rows], dtype=np.int64),
         "nme": np.array([float(r["nme"]) for r in rows]),
         "nme_aligned": np.array([float(r["nme_aligned"]) for r in rows]),
+        "nme_closest": np.array([float(r["nme_closest"]) for r in rows]),
         "failed": np.array([r["failed"] == "1" for r in rows], dtype=bool),
     }
 

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_vrn.models.base import MODELS, ModelSettings, OptimSettings, VRNModule, register
+from lightning_vrn.models.guided import VRNGuided
+from lightning_vrn.models.landmarks import LandmarkHourglass
+from lightning_vrn.models.multitask import VRNMultitask
 from lightning_vrn.models.volume import NetSettings, VolumeRegressionModule, VolumeSettings, occupancy
 from lightning_vrn.models.vrn import VRN
 from lightning_vrn.safe_load import load_checkpoint
@@ -33,8 +36,8 @@ def load_model(checkpoint: str | Path, map_location: str = "cpu", trust: bool = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: train a model first (python -m experiments.train)")
     payload = load_checkpoint(path, trust=trust, map_location=map_location)
-    record = payload.get("lightning_vrn")
-    if not isinstance(record, dict) or "variant" not in record or "hyper_parameters" not in payload:
+    record = payload.get("lightning_vrn") or {"variant": payload.get("variant")}  # before the record: top level
+    if not isinstance(record, dict) or record.get("variant") is None or "hyper_parameters" not in payload:
         raise ValueError(f"{path} is not a lightning-vrn checkpoint (it has no 'lightning_vrn' record; keys: "
                          f"{sorted(payload)[:8]})")
     variant = record["variant"]
@@ -46,12 +49,15 @@ def load_model(checkpoint: str | Path, map_location: str = "cpu", trust: bool = 
 
 
 __all__ = [
+    "LandmarkHourglass",
     "MODELS",
     "ModelSettings",
     "NetSettings",
     "OptimSettings",
     "VRN",
+    "VRNGuided",
     "VRNModule",
+    "VRNMultitask",
     "VolumeRegressionModule",
     "VolumeSettings",
     "build_model",

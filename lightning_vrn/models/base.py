@@ -1,4 +1,5 @@
-"""What every model of the suite shares: settings, registry, optimiser and schedule, logging, checkpoint record.
+"""What every model of the suite shares: settings, registry, image normalisation, optimiser and schedule,
+logging, checkpoint record.
 
 A model is a :class:`VRNModule` subclass registered once with :func:`register`; its settings are a
 dataclass (:attr:`VRNModule.Settings`, the one source of their defaults) that a config's ``model``
@@ -7,9 +8,10 @@ named outputs) and :meth:`~VRNModule.losses` (named losses, ``"loss"`` the optim
 may update stage metrics in :meth:`~VRNModule.update_metrics`. :mod:`lightning_vrn.models.volume`
 adds the volume-specific part (grid targets, BCE, voxel IoU, soft-volume prediction).
 
-Every checkpoint records, under ``"lightning_vrn"``, what is needed to rebuild and score the model
-from that file alone: the variant, the grid, the target frame and the heatmap sigma (see
-:meth:`VRNModule.record`); the hyper-parameters hold the grid and the resolved settings.
+Every checkpoint is enough to rebuild and score its model alone: its hyper-parameters (the grid and
+the resolved settings) rebuild it (:func:`lightning_vrn.models.load_model`), and its record under
+``"lightning_vrn"`` (:meth:`VRNModule.record`) names the variant and repeats what scoring needs (grid,
+target frame, heatmap sigma) so that tools can read them without building the model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import torch
 
 from lightning_vrn import __version__
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.heatmaps import sigma_for_crop
 from lightning_vrn.settings import parse_settings, settings_dict
+
+# Normalisation of [0, 1] RGB images (ImageNet statistics), applied inside the module.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 MODELS: dict[str, type["VRNModule"]] = {}
 """Registered models by name (what a config's ``model.name`` and a checkpoint's variant hold)."""
@@ -83,8 +90,6 @@ class VRNModule(pl.LightningModule):
     variant: ClassVar[str] = ""
     #: Frame of the predicted volume: "aligned" (with the image) or "frontal"; None for no volume.
     target_frame: str | None = None
-    #: Sigma (pixels) of the landmark heatmaps the model consumes or predicts; None for none.
-    heatmap_sigma: float | None = None
 
     def __init__(self, grid: Mapping[str, Any] | VoxelGrid, **settings: Any):
         super().__init__()
@@ -93,6 +98,8 @@ class VRNModule(pl.LightningModule):
         self.settings = parse_settings(self.Settings, settings, prefix="model.", where=f"{type(self).__name__} settings")
         # Checkpoints carry the complete, resolved settings (not just what the caller passed).
         self.save_hyperparameters({"grid": grid_dict, **settings_dict(self.settings)})
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
     # ----- what a subclass implements -----
 
@@ -106,7 +113,27 @@ class VRNModule(pl.LightningModule):
     def update_metrics(self, stage: str, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
         """Update and log the stage's metric objects (``train``, ``val``, ``test``); none by default."""
 
+    @property
+    def heatmap_sigma(self) -> float | None:
+        """Sigma (pixels of this crop) of the landmark maps the model consumes or predicts (settings with a
+        ``sigma``: :class:`lightning_vrn.heatmaps.HeatmapSettings`); None for a model without maps."""
+        sigma = getattr(self.settings, "sigma", None)
+        return None if sigma is None else sigma_for_crop(sigma, self.grid.crop_size)
+
     # ----- shared machinery -----
+
+    def normalised_image(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``batch["image"]`` ``(B, 3, H, W)`` in [0, 1] -> mean/std-normalised ``(B, 3, H, W)``."""
+        return (batch["image"] - self.image_mean) / self.image_std
+
+    def check_image(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Raise a clear ValueError when ``batch["image"]`` is not ``(B, 3, H, W)`` of the model's grid."""
+        image = batch["image"]
+        if image.ndim != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (self.grid.height, self.grid.width):
+            raise ValueError(
+                f"batch image shape {tuple(image.shape)} does not match the model grid {self.grid.describe()}: "
+                f"expected (B, 3, {self.grid.height}, {self.grid.width}); the dataset was generated for another grid"
+            )
 
     def _shared_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         """Forward, losses and metrics of one batch; logs ``{stage}/{loss name}``.

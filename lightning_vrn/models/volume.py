@@ -23,10 +23,6 @@ from torch import nn
 from lightning_vrn.metrics.iou import VoxelIoU
 from lightning_vrn.models.base import ModelSettings, VRNModule
 
-# Normalisation of [0, 1] RGB images (ImageNet statistics), applied inside the module.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
 
 def occupancy(volume_logits: torch.Tensor) -> torch.Tensor:
     """Soft occupancy ``(B, D, H, W)`` float32 in [0, 1] from logits (of any float dtype): the one conversion
@@ -68,14 +64,12 @@ class VolumeRegressionModule(VRNModule):
 
     def __init__(self, grid, **settings):
         super().__init__(grid, **settings)
-        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
         self.net = self.build_network()
         if self.settings.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        # A function, not a submodule (which would enter the state dict twice): checkpoints keep the
-        # plain keys whether or not the network is compiled.
-        self._run_network = torch.compile(self.net.forward) if self.settings.compile else self.net.forward
+        # A compiled function, not a compiled submodule (which would enter the state dict twice):
+        # checkpoints keep the plain keys whether or not the network is compiled.
+        self._compiled_network = torch.compile(self.net.forward) if self.settings.compile else None
         self.train_iou, self.val_iou, self.test_iou = VoxelIoU(), VoxelIoU(), VoxelIoU()
 
     @property
@@ -89,10 +83,6 @@ class VolumeRegressionModule(VRNModule):
         """The network, built from ``self.settings.net``, ``self.grid`` and :attr:`input_channels`."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_network()")
 
-    def normalised_image(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``batch["image"]`` ``(B, 3, H, W)`` in [0, 1] -> mean/std-normalised ``(B, 3, H, W)``."""
-        return (batch["image"] - self.image_mean) / self.image_std
-
     def network_inputs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The network's input ``(B, input_channels, H, W)``; VRN: the normalised image."""
         return self.normalised_image(batch)
@@ -103,7 +93,11 @@ class VolumeRegressionModule(VRNModule):
         inputs = self.network_inputs(batch)
         if self.settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return {"volume_logits": self._run_network(inputs)}
+        return {"volume_logits": self.run_network(inputs)}
+
+    def run_network(self, inputs: torch.Tensor):
+        """``self.net(inputs)``, through ``torch.compile`` when the settings ask for it."""
+        return (self._compiled_network or self.net)(inputs)
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named losses; ``"loss"`` is the total that is optimised. VRN: per-voxel BCE (mean over voxels)."""
@@ -120,18 +114,12 @@ class VolumeRegressionModule(VRNModule):
 
     def check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Raise a clear ValueError when the batch's image or volume does not fit the model's grid."""
-        grid_text = self.grid.describe()
-        image = batch["image"]
-        if image.ndim != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (self.grid.height, self.grid.width):
-            raise ValueError(
-                f"batch image shape {tuple(image.shape)} does not match the model grid {grid_text}: expected "
-                f"(B, 3, {self.grid.height}, {self.grid.width}); the dataset was generated for another grid"
-            )
+        self.check_image(batch)
         if "volume" in batch and tuple(batch["volume"].shape[1:]) != self.grid.shape:
             raise ValueError(
-                f"batch volume shape {tuple(batch['volume'].shape)} does not match the model grid {grid_text}: "
-                f"the dataset was generated for another grid; regenerate it for this grid or train with "
-                f"the dataset's grid"
+                f"batch volume shape {tuple(batch['volume'].shape)} does not match the model grid "
+                f"{self.grid.describe()}: the dataset was generated for another grid; regenerate it for this grid "
+                f"or train with the dataset's grid"
             )
 
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:

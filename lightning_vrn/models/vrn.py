@@ -1,11 +1,14 @@
-"""VRN: RGB image -> occupancy volume with two stacked hourglasses (no intermediate supervision)."""
+"""VRN: RGB image -> occupancy volume with two stacked hourglasses (no intermediate supervision); the no-alignment ablation."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 from lightning_vrn.models.base import register
-from lightning_vrn.models.volume import VolumeRegressionModule
+from lightning_vrn.models.volume import VolumeRegressionModule, VolumeSettings
 from lightning_vrn.nets.vrn import VRNNet
 
 
@@ -23,3 +26,19 @@ class VRN(VolumeRegressionModule):
             stacks=net.stacks,
             hourglass_depth=net.hourglass_depth,
         )
+
+
+@dataclass
+class NoAlignmentSettings(VolumeSettings):
+    """The no-alignment ablation: the target is the frontal (fixed-orientation) volume."""
+
+    target_frame: Literal["aligned", "frontal"] = "frontal"
+
+
+@register("vrn_no_alignment")
+class VRNNoAlignment(VRN):
+    """VRN trained on frontal volumes (the paper's Section 5 ablation); scored against the ground truth
+    frontalised with its pose (:func:`lightning_vrn.metrics.nme.scoring_vertices`). Needs dataset files
+    made with ``--frontal``."""
+
+    Settings = NoAlignmentSettings

@@ -72,3 +72,31 @@ class VRNNet(nn.Module):
                 f"VRNNet expects (B, {self.stem.conv[0].in_channels}, S, S) input, got {tuple(image.shape)}"
             )
         return self.head(self.hourglasses(self.stem(image)), size=image.shape[-2:])
+
+
+class MultitaskNet(nn.Module):
+    """VRN-Multitask: ``(B, in_channels, S, S)`` -> volume logits ``(B, out_channels, S, S)`` and 68 landmark heatmaps.
+
+    Three hourglasses: a shared one (merged back into the stem's features with a 1x1 conv, as
+    between stacked hourglasses), then a fork of two, one feeding the volume head and one the
+    landmark head; both heads are 1x1 convs upsampled bilinearly to the crop.
+    """
+
+    def __init__(self, out_channels: int, num_landmarks: int, in_channels: int = 3, features: int = 256,
+                 hourglass_depth: int = 4):
+        super().__init__()
+        self.stem = Stem(in_channels, features)
+        self.shared = HourglassStack(1, features, hourglass_depth)
+        self.merge = nn.Conv2d(features, features, 1)
+        self.volume_branch = HourglassStack(1, features, hourglass_depth)
+        self.landmark_branch = HourglassStack(1, features, hourglass_depth)
+        self.volume_head = VolumeHead(features, out_channels)
+        self.landmark_head = VolumeHead(features, num_landmarks)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, in_channels, S, S)`` -> ``(volume logits (B, out_channels, S, S), heatmaps (B, num_landmarks, S, S))``."""
+        features = self.stem(image)
+        shared = features + self.merge(self.shared(features))
+        size = image.shape[-2:]
+        return (self.volume_head(self.volume_branch(shared), size=size),
+                self.landmark_head(self.landmark_branch(shared), size=size))

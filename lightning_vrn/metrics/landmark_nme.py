@@ -1,0 +1,74 @@
+"""68-point 2D landmark NME, the AFLW2000-3D protocol of 3DDFA's ``benchmark_aflw2000.py``.
+
+Per image: the mean 2D distance over the 68 points divided by ``sqrt(w * h)`` of the ground-truth
+landmarks' bounding box. Over a set: the mean, the mean per |yaw| bucket (0-30, 30-60, 60-90
+degrees; :data:`lightning_vrn.metrics.report.YAW_BUCKETS_DEG`) and the balanced NME, the mean of
+the bucket means (3DDFA's headline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, in_yaw_bucket
+
+
+def landmark_nme(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` NME of ``(B, 68, 2)`` predicted against ground-truth landmarks (crop pixels), in their dtype.
+
+    A ground-truth box without area (all points on a line) has no normaliser: its NME is inf or NaN.
+    """
+    if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 2:
+        raise ValueError(f"pred and gt must both be (B, L, 2) landmarks, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    box_size = (gt.amax(dim=1) - gt.amin(dim=1)).prod(dim=-1).sqrt()  # (B,) sqrt(w * h)
+    return torch.linalg.vector_norm(pred - gt, dim=-1).mean(dim=-1) / box_size
+
+
+class LandmarkNME(Metric):
+    """Landmark NME over samples, exact under DDP: per-sample states, each dataset index counted once.
+
+    ``compute()`` gives float64 scalars: ``landmark_nme`` (the mean over samples),
+    ``landmark_nme_yaw_{lo}_{hi}`` per |yaw| bucket (NaN when empty) and ``landmark_nme_balanced``
+    (the mean of the non-empty bucket means; NaN when none).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    PER_SAMPLE = ("sample_index", "sample_yaw", "sample_nme")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # float64 per-sample values; set_dtype so an empty state of a process that saw nothing has it too.
+        for name in self.PER_SAMPLE:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.set_dtype(torch.float64)
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor, yaw_rad: torch.Tensor, index: torch.Tensor) -> None:
+        """Add a batch: ``pred``, ``gt`` (B, 68, 2) crop pixels; ``yaw_rad`` (B,) ground-truth yaw; ``index`` (B,)."""
+        nme = landmark_nme(pred.detach().to(self.device, torch.float64), gt.detach().to(self.device, torch.float64))
+        yaw_deg = torch.rad2deg(yaw_rad.detach().to(self.device, torch.float64).reshape(-1))
+        index = index.detach().to(self.device, torch.float64).reshape(-1)
+        if not len(nme) == len(yaw_deg) == len(index):
+            raise ValueError(f"LandmarkNME.update needs one entry per sample: got {len(nme)} landmark sets, "
+                             f"{len(yaw_deg)} yaws, {len(index)} indices")
+        for name, values in zip(self.PER_SAMPLE, (index, yaw_deg, nme)):
+            getattr(self, name).append(values)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The mean, the per-|yaw|-bucket means and the balanced mean (see the class)."""
+        states = [getattr(self, name) for name in self.PER_SAMPLE]  # lists, or tensors once synchronised
+        columns = [dim_zero_cat(state).cpu().numpy() if len(state) else np.zeros(0) for state in states]
+        _, first = np.unique(columns[0].astype(np.int64), return_index=True)
+        yaw_deg, nme = columns[1][first], columns[2][first]
+        values = {"landmark_nme": nme.mean() if len(nme) else np.nan}
+        for lo, hi in YAW_BUCKETS_DEG:
+            inside = in_yaw_bucket(yaw_deg, lo, hi)
+            values[f"landmark_nme_yaw_{lo}_{hi}"] = nme[inside].mean() if inside.any() else np.nan
+        bucket_means = np.array([values[f"landmark_nme_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG])
+        finite = bucket_means[~np.isnan(bucket_means)]
+        values["landmark_nme_balanced"] = finite.mean() if len(finite) else np.nan
+        return {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
