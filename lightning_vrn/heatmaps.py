@@ -32,6 +32,34 @@ class HeatmapSettings:
             raise ValueError(f"model.sigma must be a positive number of pixels, got {self.sigma}")
 
 
+@dataclass
+class HeatmapRegressionSettings(HeatmapSettings):
+    """A model that regresses heatmaps: ``foreground_weight`` w weights each pixel's squared error by
+    ``1 + w * target`` (0: the paper's plain MSE). Maps a pixel or two wide are almost all background,
+    and a short CPU training settles on empty maps: with w = 100 a quickstart detector reached landmark
+    NME 0.12 after 3 epochs, against 0.59-0.87 with plain MSE (README, "Reproducing the paper")."""
+
+    foreground_weight: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.foreground_weight < 0:
+            raise ValueError(f"model.foreground_weight must be >= 0, got {self.foreground_weight}")
+
+
+def heatmap_loss(predicted: torch.Tensor, target: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:
+    """Mean over all but the leading dimensions of ``(1 + foreground_weight * target) * (predicted - target)^2``.
+
+    ``predicted`` ``(B, ..., L, H, W)`` (any leading extra axes, e.g. stacks, broadcast against the
+    target ``(B, L, H, W)`` placed last); returns ``(...)``: one value per extra axis (a scalar without).
+    """
+    extra = predicted.ndim - target.ndim
+    target = target.reshape(target.shape[:1] + (1,) * extra + target.shape[1:])
+    errors = (1.0 + foreground_weight * target) * (predicted.float() - target) ** 2
+    dims = (0, *range(extra + 1, predicted.ndim))
+    return errors.mean(dim=dims)
+
+
 def sigma_for_crop(sigma_at_192: float, crop_size: int) -> float:
     """Heatmap sigma in pixels of a ``crop_size`` crop for ``sigma_at_192`` pixels at the paper's 192 px crop."""
     return float(sigma_at_192) * crop_size / PAPER_GRID.crop_size

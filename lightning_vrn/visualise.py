@@ -65,7 +65,8 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None
         tails = [np.percentile(v, 90) for v in errors.values() if len(v)]
         max_nme = max([0.1] + [1.1 * t for t in tails])
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    many = len(errors) > 4  # the legend goes beside the axes
+    fig, ax = plt.subplots(figsize=(9.5 if many else 5, 4))
     for name, values in errors.items():
         values = np.sort(np.asarray(values, dtype=np.float64))
         if len(values) == 0:
@@ -77,7 +78,10 @@ def save_ced(path: Path, errors: Mapping[str, np.ndarray], max_nme: float | None
     ax.set_xlabel("NME normalised by outer interocular distance")
     ax.set_ylabel("fraction of images")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    else:
+        ax.legend(loc="best")
     fig.tight_layout()
     _save_figure(fig, Path(path))
 

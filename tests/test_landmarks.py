@@ -275,3 +275,15 @@ def test_flip_and_rotation_keep_the_heatmaps_on_the_augmented_landmarks(tiny_syn
     inside = ((landmarks >= 0) & (landmarks <= grid.crop_size - 1)).all(dim=-1)
     assert inside.float().mean() > 0.9
     assert (decoded - landmarks)[inside].abs().max() < 0.1
+
+
+def test_the_foreground_weighted_heatmap_loss_against_a_hand_count():
+    from lightning_vrn.heatmaps import heatmap_loss
+
+    target = torch.zeros(1, 1, 2, 2)
+    target[0, 0, 0, 0] = 1.0
+    predicted = torch.zeros(1, 2, 1, 2, 2)  # (B, stacks, L, H, W)
+    predicted[0, 1, 0, 1, 1] = 0.5
+    # stack 0: error 1 at the peak, weight 1 + 10 -> 11 / 4 pixels; stack 1: that plus 0.25 at weight 1
+    torch.testing.assert_close(heatmap_loss(predicted, target, 10.0), torch.tensor([11 / 4, 11.25 / 4]))
+    torch.testing.assert_close(heatmap_loss(predicted[:, 0], target), torch.tensor(1 / 4))  # plain MSE

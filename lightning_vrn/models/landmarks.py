@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from lightning_vrn.heatmaps import HeatmapSettings, decode_heatmaps
+from lightning_vrn.heatmaps import HeatmapRegressionSettings, decode_heatmaps, heatmap_loss
 from lightning_vrn.metrics.landmark_nme import LandmarkNME
 from lightning_vrn.models.base import ModelSettings, VRNModule, register
 from lightning_vrn.models.volume import NetSettings
@@ -62,7 +62,7 @@ class LandmarkScoring:
 
 
 @dataclass
-class LandmarkSettings(HeatmapSettings, ModelSettings):
+class LandmarkSettings(HeatmapRegressionSettings, ModelSettings):
     """``net``: the stacked hourglass (FAN-like defaults: 2 stacks, 256 features, depth 4); ``sigma``:
     the target heatmaps' Gaussian sigma in pixels at a 192 px crop (scaled with the crop)."""
 
@@ -87,13 +87,12 @@ class LandmarkHourglass(LandmarkScoring, VRNModule):
         return {"heatmaps": per_stack[:, -1], "heatmaps_per_stack": per_stack}
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``loss``: the sum over stacks of the heatmap MSE (mean over maps and pixels); ``heatmap_mse``: the last
-        stack's."""
+        """``loss``: the sum over stacks of the heatmap MSE (mean over maps and pixels, foreground-weighted when
+        the settings say so); ``heatmap_mse``: the last stack's."""
         if "heatmaps" not in batch:
             raise KeyError("the landmark hourglass trains on batch['heatmaps']: build the DataModule with "
                            "heatmap_sigma=model.heatmap_sigma")
-        errors = (outputs["heatmaps_per_stack"].float() - batch["heatmaps"][:, None]) ** 2
-        per_stack = errors.mean(dim=(0, 2, 3, 4))  # (stacks,)
+        per_stack = heatmap_loss(outputs["heatmaps_per_stack"], batch["heatmaps"], self.settings.foreground_weight)
         return {"loss": per_stack.sum(), "heatmap_mse": per_stack[-1]}
 
     def update_metrics(self, stage: str, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:

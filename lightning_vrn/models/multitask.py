@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_vrn.heatmaps import HeatmapSettings
+from lightning_vrn.heatmaps import HeatmapRegressionSettings, heatmap_loss
 from lightning_vrn.landmarks import NUM_LANDMARKS
 from lightning_vrn.models.base import register
 from lightning_vrn.models.landmarks import LandmarkScoring
@@ -26,7 +25,7 @@ class MultitaskNetSettings:
 
 
 @dataclass
-class MultitaskSettings(HeatmapSettings, VolumeSettings):
+class MultitaskSettings(HeatmapRegressionSettings, VolumeSettings):
     """``sigma``: the heatmap targets' sigma in px at a 192 crop; ``landmark_weight``: the heatmap MSE's weight in the loss."""
 
     net: MultitaskNetSettings = field(default_factory=MultitaskNetSettings)
@@ -59,9 +58,10 @@ class VRNMultitask(LandmarkScoring, VolumeRegressionModule):
         return {"volume_logits": volume_logits, "heatmaps": heatmaps}
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``volume_bce``, ``heatmap_mse`` (mean over maps and pixels) and their weighted sum ``loss``."""
+        """``volume_bce``, ``heatmap_mse`` (mean over maps and pixels, foreground-weighted when the settings say
+        so) and their weighted sum ``loss``."""
         volume_bce = super().losses(outputs, batch)["volume_bce"]
-        heatmap_mse = F.mse_loss(outputs["heatmaps"].float(), batch["heatmaps"])
+        heatmap_mse = heatmap_loss(outputs["heatmaps"], batch["heatmaps"], self.settings.foreground_weight)
         return {"loss": volume_bce + self.settings.landmark_weight * heatmap_mse, "volume_bce": volume_bce,
                 "heatmap_mse": heatmap_mse}
 
