@@ -228,7 +228,7 @@ def test_test_stage_logs_the_landmark_nme_of_its_predictions(tiny_synthetic, tmp
     cfg = _landmarks_config(tiny_synthetic, tmp_path / "run")
     model = train.build_model_from_config(cfg)
     datamodule = train.build_datamodule(cfg, model)
-    assert model.heatmap_sigma == 0.5  # sigma 1 px at 192 -> 0.5 px at the 96 px quickstart crop
+    assert model.heatmap_sigma == 1.0  # the quickstart detector's sigma 2 px at 192 -> 1 px at the 96 px crop
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     (logged,) = trainer.test(model, datamodule=datamodule, verbose=False)
