@@ -79,9 +79,10 @@ class FaceVolumeDataModule(pl.LightningDataModule):
 
     def __init__(self, train_path: str | Path | None = None, val_path: str | Path | None = None,
                  test_path: str | Path | None = None, grid: VoxelGrid | Mapping[str, Any] | str = PAPER_GRID,
-                 batch_size: int = 4, num_workers: int = 4, augment: AugmentConfig | Mapping[str, Any] | None = None,
-                 heatmap_sigma: float | None = None, target_volume: str = "aligned", seed: int = 0,
-                 pin_memory: bool = True, persistent_workers: bool = True, eval_vertices: bool = True,
+                 batch_size: int = DataSettings.batch_size, num_workers: int = DataSettings.num_workers,
+                 augment: AugmentConfig | Mapping[str, Any] | None = None, heatmap_sigma: float | None = None,
+                 target_volume: str = "aligned", seed: int = 0, pin_memory: bool = DataSettings.pin_memory,
+                 persistent_workers: bool = DataSettings.persistent_workers, eval_vertices: bool = True,
                  grid_source: str = "the config"):
         super().__init__()
         self.save_hyperparameters()

@@ -165,9 +165,9 @@ class RunLock:
                 holder = self._holder()
                 pid, host = holder.get("pid"), holder.get("host")
                 if isinstance(pid, int) and host == socket.gethostname() and not _process_alive(pid):
-                    self.notes.append(f"took over the stale lock of process {pid} on {host} (it is no longer "
-                                      f"running), started {holder.get('started')}")
-                    self.path.unlink(missing_ok=True)
+                    if self._remove_stale(pid):
+                        self.notes.append(f"took over the stale lock of process {pid} on {host} (it is no longer "
+                                          f"running), started {holder.get('started')}")
                     continue
                 raise RunLockedError(
                     f"run directory {self.path.parent} is in use by process {pid} on host {host} (since "
@@ -179,6 +179,27 @@ class RunLock:
             self._held = True
             return self
         raise RunLockedError(f"could not take the lock {self.path}: another process took it at the same time")
+
+    def _remove_stale(self, stale_pid: int) -> bool:
+        """Move the stale lock of ``stale_pid`` aside, atomically: of two processes taking it over at once,
+        one moves it and the other finds it gone. A lock that turns out to be another's (taken over
+        between our read and the move) is put back. True when this process removed the stale lock."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False  # another process moved it first
+        try:
+            moved_pid = json.loads(aside.read_text()).get("pid")
+        except (OSError, ValueError):
+            moved_pid = None
+        if moved_pid != stale_pid:
+            try:
+                os.link(aside, self.path)  # put the live lock back, unless yet another one appeared
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+        return moved_pid == stale_pid
 
     def release(self) -> None:
         if self._held and self._holder().get("pid") == os.getpid():

@@ -431,3 +431,15 @@ def test_a_checkpoint_written_before_the_record_still_loads(trained, tmp_path):
     old = tmp_path / "old.ckpt"
     torch.save(payload, old)
     assert load_model(old).variant == "vrn"
+
+
+def test_taking_over_a_stale_lock_never_removes_a_live_one(tmp_path, monkeypatch):
+    # Another process took the stale lock over between our read and our move: ours must put its lock back.
+    lock = runs.RunLock(tmp_path)
+    tmp_path.joinpath(runs.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                              "started": "now", "command": "the live holder"}))
+    assert lock._remove_stale(stale_pid=999_999_999) is False
+    assert json.loads(tmp_path.joinpath(runs.LOCK_NAME).read_text())["command"] == "the live holder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [runs.LOCK_NAME]  # nothing left aside
+    with pytest.raises(runs.RunLockedError, match=f"in use by process {os.getpid()}"):
+        lock.acquire()
