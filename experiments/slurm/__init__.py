@@ -1,0 +1,1 @@
+"""SLURM jobs for experiments.train (``python -m experiments.slurm.submit``)."""
