@@ -47,11 +47,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoggerSettings:
-    """Weights & Biases logging (CSV metrics are always written)."""
+    """Weights & Biases logging (CSV metrics are always written). ``group``: null means the model's
+    name, so a dashboard puts variants side by side; ``job_type``: train or eval. The run is offline
+    (synced later with ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise."""
 
     wandb: bool = False
     project: str = "lightning-vrn"
     entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: str = "train"
+    tags: list = field(default_factory=list)
 
 
 @dataclass

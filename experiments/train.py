@@ -23,7 +23,9 @@ the same command resumes from it. Exit codes: docs/failures.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -84,22 +86,26 @@ def build_model_from_config(cfg: DictConfig) -> VRNModule:
     return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
 
 
+def wandb_logger(cfg: DictConfig, run_dir: Path):
+    """A W&B logger for ``run_dir``: the run id is derived from the run directory's path, so a resumed or
+    requeued run logs into the same W&B run; offline without an API key; grouped by the model's name."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    run_id = f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+    mode = os.environ.get("WANDB_MODE")
+    offline = mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
+    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, id=run_id,
+                       resume="allow", group=cfg.logger.group or cfg.model.name, job_type=cfg.logger.job_type,
+                       tags=list(cfg.logger.tags), save_dir=str(run_dir), offline=offline,
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``."""
     # One CSV per attempt (csv/version_N/metrics.csv), so a resumed run never overwrites the last one.
     loggers = [CSVLogger(save_dir=str(run_dir), name="csv")]
     if cfg.logger.wandb:
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                name=cfg.name,
-                save_dir=str(run_dir),
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+        loggers.append(wandb_logger(cfg, run_dir))
     callbacks = [
         RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint)),
         LearningRateMonitor(logging_interval="epoch"),
@@ -158,7 +164,15 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
         metrics["run_dir"] = str(run_dir)
         if trainer.is_global_zero:
             write_text(run_dir / "metrics.json", json.dumps(_plain_json(metrics), indent=2, sort_keys=True))
+        _finish_wandb(trainer)
     return metrics
+
+
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the W&B run (its files are complete only then; the next run in this process starts a new one)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, trust: bool):

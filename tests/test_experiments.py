@@ -233,3 +233,20 @@ def test_the_checkpoint_can_monitor_the_validation_nme(tiny_synthetic, tmp_path)
     metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
     assert torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == 1  # the NME epoch
     assert metrics["val/nme_best"] == pytest.approx(metrics["val/nme"])
+
+
+@pytest.mark.slow
+def test_an_offline_wandb_run_holds_the_config_and_metrics(tiny_synthetic, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = _config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=1", "nme.every_n_epochs=0",
+                  "logger.wandb=true", "logger.tags=[ablation]")
+    train.train(cfg)
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))  # offline: no API key, no network
+    (log,) = list(offline.glob("run-*.wandb"))  # what `wandb sync` uploads: config, metrics, tags
+    data = log.read_bytes()  # protobuf records keep strings as they are
+    for text in (b"vrn-quickstart", b"hourglass_depth", b"train/loss",
+                 b"val/loss", b"ablation"):
+        assert text in data, text
+    assert train.wandb_logger(cfg, run_dir).version == train.wandb_logger(cfg, run_dir).version  # one id per run
