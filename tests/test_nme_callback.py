@@ -187,6 +187,12 @@ def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path
     assert metrics["test/nme_failed"] == 1
     assert metrics["test/nme"] < 0.01
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "test_summary.json"]  # no temporary left
+    # Exactly what one process writes: the same rows, values and summary, the repeat counted once.
+    single = tmp_path / "single"
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[NMECallback(out_dir=single)]).test(GroundTruthModel(), datamodule=TinyFaces(), verbose=False)
+    assert (single / "test.csv").read_text() == (tmp_path / "test.csv").read_text()
+    assert (single / "test_summary.json").read_text() == (tmp_path / "test_summary.json").read_text()
 
 
 class TargetVolumeModel(pl.LightningModule):
