@@ -34,6 +34,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -48,7 +49,14 @@ from experiments.runs import (
     resolve_run,
 )
 from lightning_vrn.atomic import write_text
-from lightning_vrn.callbacks import CheckpointSettings, NMECallback, NMESettings, RunCheckpoint, summary_metrics
+from lightning_vrn.callbacks import (
+    CheckpointSettings,
+    NMECallback,
+    NMESettings,
+    RunCheckpoint,
+    SlurmRequeue,
+    summary_metrics,
+)
 from lightning_vrn.cli import EXIT_SIGTERM, run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.models import VRNModule, build_model
@@ -106,14 +114,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     loggers = [CSVLogger(save_dir=str(run_dir), name="csv")]
     if cfg.logger.wandb:
         loggers.append(wandb_logger(cfg, run_dir))
-    callbacks = [
-        RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint)),
-        LearningRateMonitor(logging_interval="epoch"),
-    ]
+    checkpoint = RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint))
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    plugins = []
+    if os.environ.get("SLURM_JOB_ID"):  # requeue on SIGUSR1 with the checkpoint saved outside the handler
+        callbacks.append(SlurmRequeue(os.environ["SLURM_JOB_ID"], checkpoint))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     if cfg.nme.every_n_epochs:
         callbacks.append(NMECallback(NMESettings(**cfg.nme), out_dir=run_dir / "nme"))
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
-    return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **trainer_args)
+    return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, plugins=plugins,
+                      **trainer_args)
 
 
 def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: bool) -> None:
@@ -157,6 +168,10 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                         weights_only=not trust_checkpoint)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            if any(getattr(c, "requeued", False) for c in trainer.callbacks):
+                rank_zero_info(f"SLURM job {os.environ['SLURM_JOB_ID']} requeued; the next start resumes from "
+                               f"{run_dir / 'checkpoints' / 'last.ckpt'}")
+                return {**metrics, "requeued": True, "run_dir": str(run_dir)}
             if not trainer.fast_dev_run:
                 metrics.update(_test(trainer, model, datamodule, run_dir))
         except SystemExit as stop:

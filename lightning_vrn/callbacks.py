@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -299,3 +301,34 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not trainer.sanity_checking and not self._should_save_on_train_epoch_end(trainer):
             self._after_epoch_save(trainer)
+
+
+class SlurmRequeue(pl.Callback):
+    """Requeue a SLURM job before its time limit, with a checkpoint saved outside the signal handler.
+
+    SLURM sends SIGUSR1 ahead of the limit (``#SBATCH --signal=SIGUSR1@90``). The handler only sets a
+    flag; at the end of the next training step every process agrees to stop, ``checkpoint`` writes
+    ``last.ckpt`` from the training loop, rank 0 runs ``scontrol requeue JOB_ID`` and training stops.
+    The requeued job reruns the same command, which resumes from the run directory's ``last.ckpt``.
+    (Lightning's own requeue saves inside the handler, which users report failing now and then.)
+    """
+
+    def __init__(self, job_id: str, checkpoint: "RunCheckpoint"):
+        self.job_id, self.checkpoint = str(job_id), checkpoint
+        self.signalled = self.requeued = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        self.checkpoint._save_last_checkpoint(trainer, self.checkpoint._monitor_candidates(trainer))
+        if trainer.is_global_zero:
+            subprocess.run(["scontrol", "requeue", self.job_id], check=True)
+        self.requeued = True
+        trainer.should_stop = True

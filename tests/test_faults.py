@@ -443,3 +443,33 @@ def test_taking_over_a_stale_lock_never_removes_a_live_one(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == [runs.LOCK_NAME]  # nothing left aside
     with pytest.raises(runs.RunLockedError, match=f"in use by process {os.getpid()}"):
         lock.acquire()
+
+
+@pytest.mark.slow
+def test_slurm_sigusr1_saves_a_checkpoint_requeues_the_job_and_the_next_start_resumes(tiny_synthetic, tmp_path):
+    run_dir, calls = tmp_path / "run", tmp_path / "scontrol.calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")  # records the requeue instead of asking SLURM
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "4321",
+           "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vrn-test", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    command = [sys.executable, "-m", "experiments.train", "--config", str(CONFIG_DIR / "quickstart.yaml"),
+               f"data.dir={tiny_synthetic}", f"run_dir={run_dir}", *TINY, "trainer.max_epochs=500",
+               "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=3"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    time.sleep(1.0)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert calls.read_text().split() == ["requeue", "4321"]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] >= first
+    assert not (run_dir / "metrics.json").exists()  # stopped for the requeue, not finished
+    # The requeued job reruns the same command: it resumes from that checkpoint.
+    metrics = train.train(config(tiny_synthetic, run_dir, f"trainer.max_epochs={saved['epoch'] + 2}"))
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] > saved["global_step"] and "test/loss" in metrics
