@@ -51,10 +51,7 @@ class VRNMultitask(LandmarkScoring, VolumeRegressionModule):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"volume_logits": (B, D, S, S), "heatmaps": (B, 68, S, S)}``."""
         self.check_batch(batch)
-        inputs = self.network_inputs(batch)
-        if self.settings.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        volume_logits, heatmaps = self.run_network(inputs)
+        volume_logits, heatmaps = self.run_network(self.network_inputs(batch))
         return {"volume_logits": volume_logits, "heatmaps": heatmaps}
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

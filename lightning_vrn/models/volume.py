@@ -90,13 +90,12 @@ class VolumeRegressionModule(VRNModule):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"volume_logits": (B, D, H, W)}``; variants predicting more add keys."""
         self.check_batch(batch)
-        inputs = self.network_inputs(batch)
-        if self.settings.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return {"volume_logits": self.run_network(inputs)}
+        return {"volume_logits": self.run_network(self.network_inputs(batch))}
 
     def run_network(self, inputs: torch.Tensor):
-        """``self.net(inputs)``, through ``torch.compile`` when the settings ask for it."""
+        """``self.net(inputs)``, in channels_last layout and through ``torch.compile`` when the settings ask."""
+        if self.settings.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return (self._compiled_network or self.net)(inputs)
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
