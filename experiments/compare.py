@@ -155,24 +155,20 @@ def test_data(settings: CompareSettings, data_dir: Path, model) -> FaceVolumeDat
                                 target_volume=getattr(model, "target_frame", None) or "aligned")
 
 
-def evaluated(out: Path, name: str, build: Callable[[], pl.LightningModule], data: Callable) -> dict:
-    """The per-sample table of method ``name`` in ``out/eval``, scoring it unless its report exists."""
+def scored(out: Path, name: str, build: Callable[[], pl.LightningModule], data: Callable,
+           volume: bool = True) -> tuple[dict | None, dict]:
+    """Method ``name``'s per-sample NME table (None with ``volume=False``: a landmark detector) and its
+    landmark NMEs (``landmark_nme*``, empty for a model without landmarks), from one test pass whose
+    report ``out/eval/NAME`` is reused when it exists."""
     folder = out / "eval" / evaluate.slug(name)
-    if not (folder / "test.csv").is_file():
+    landmarks_file = folder / "landmarks.json"
+    if not landmarks_file.is_file():
         module = build()
-        evaluate.test_report(module, data(module), folder)
-    return read_per_sample_csv(folder / "test.csv")
-
-
-def landmark_scores(out: Path, name: str, build: Callable[[], pl.LightningModule], data: Callable) -> dict:
-    """A landmark-capable module's logged test landmark NMEs (``test/landmark_nme*``), cached in ``out/eval``."""
-    path = out / "eval" / evaluate.slug(name) / "landmarks.json"
-    if not path.is_file():
-        module = build()
-        _, _, logged = evaluate.test_report(module, data(module), None)
+        _, _, logged = evaluate.test_report(module, data(module), folder if volume else None)
         scores = {key.split("/", 1)[1]: float(value) for key, value in logged.items() if "landmark_nme" in key}
-        write_text(path, json.dumps(scores, indent=2) + "\n")
-    return json.loads(path.read_text())
+        write_text(landmarks_file, json.dumps(scores, indent=2) + "\n")
+    table = read_per_sample_csv(folder / "test.csv") if volume else None
+    return table, json.loads(landmarks_file.read_text())
 
 
 def run_compare(settings: CompareSettings) -> dict:
@@ -205,16 +201,16 @@ def run_compare(settings: CompareSettings) -> dict:
     tables, landmarks = {}, {}
     for name in settings.methods:
         label = f"{name} (ground-truth landmarks)" if name in settings.guidance else name
-        tables[label] = evaluated(out, label, lambda name=name: model(name), data)
-        if callable(getattr(model(name), "landmarks", None)):  # VRN-Multitask predicts landmarks too
-            landmarks[label] = landmark_scores(out, label, lambda name=name: model(name), data)
+        tables[label], scores = scored(out, label, lambda name=name: model(name), data)
+        if scores:  # VRN-Multitask predicts landmarks too
+            landmarks[label] = scores
         progress(f"evaluated {label}")
     for name, detector in guided_detected.items():
         method = name.split(" (")[0]
-        tables[name] = evaluated(out, name, lambda m=method, d=detector: DetectedGuidance(model(m), model(d)), data)
+        tables[name], _ = scored(out, name, lambda m=method, d=detector: DetectedGuidance(model(m), model(d)), data)
         progress(f"evaluated {name} (detector {detector})")
     for detector in settings.detectors:
-        landmarks[detector] = landmark_scores(out, detector, lambda d=detector: model(d), data)
+        landmarks[detector] = scored(out, detector, lambda d=detector: model(d), data, volume=False)[1]
         progress(f"landmark NME of {detector}: {landmarks[detector].get('landmark_nme_balanced', float('nan')):.4f}")
     for name in guided_detected:
         landmarks[name] = landmarks[guided_detected[name]]
@@ -230,7 +226,7 @@ def run_compare(settings: CompareSettings) -> dict:
         baselines[2]: lambda: MeanShapeBaseline.for_file(test_file, grid),
     }
     for name in baselines:
-        tables[name] = evaluated(out, name, builders[name], data)
+        tables[name], _ = scored(out, name, builders[name], data)
         progress(f"evaluated baseline {name}")
     landmarks[baselines[0]] = landmarks[settings.fit_detector]
 

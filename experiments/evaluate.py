@@ -37,7 +37,6 @@ from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
-from lightning_vrn.metrics.report import read_per_sample_csv
 from lightning_vrn.models import load_model
 from lightning_vrn.visualise import save_ced, save_comparison, shade_mesh, vertex_colours_from_image
 
@@ -64,7 +63,7 @@ def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, ou
     logged = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
     if out_dir is None:
         return None, None, logged
-    return callbacks[0].summaries["test"], read_per_sample_csv(out_dir / "test.csv"), logged
+    return callbacks[0].summaries["test"], callbacks[0].tables["test"], logged
 
 
 def main(argv: list[str] | None = None) -> int:

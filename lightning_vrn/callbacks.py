@@ -78,7 +78,7 @@ class NMECallback(pl.Callback):
     index counts once (a distributed sampler's padding repeats are dropped), so the values equal a
     single process's. Rank 0 writes the report (:func:`lightning_vrn.metrics.report.write_report`):
     ``val_epoch{e:04d}.csv`` / ``test.csv`` and their ``_summary.json`` into ``out_dir`` (default:
-    the trainer's log directory). :attr:`summaries` keeps the last summary of each stage. The
+    the trainer's log directory). :attr:`summaries` and :attr:`tables` keep each stage's last summary and table. The
     iso-surface and ICP run on the CPU (about 0.2 s per sample at the paper grid), only on these
     epochs, never in training steps.
     """
@@ -97,6 +97,7 @@ class NMECallback(pl.Callback):
         self.max_test_samples = max_test_samples
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.summaries: dict[str, dict] = {}
+        self.tables: dict[str, dict] = {}
         self._metric = None
         self._face_region: np.ndarray | None = None
         self._frame = "aligned"
@@ -205,7 +206,7 @@ class NMECallback(pl.Callback):
         metric, self._metric = self._metric, None
         table = metric.per_sample()  # collective under DDP: every process gets the whole table
         summary = summarise(table)
-        self.summaries[stage] = summary
+        self.summaries[stage], self.tables[stage] = summary, table
         for logged_name, value in summary_metrics(stage, summary).items():
             value = float("nan") if value is None else value
             # Equal on every process already: sync_dist only averages equal numbers.
