@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,9 @@ def test_an_offline_wandb_run_holds_the_config_and_metrics(tiny_synthetic, tmp_p
     train.train(cfg)
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))  # offline: no API key, no network
     (log,) = list(offline.glob("run-*.wandb"))  # what `wandb sync` uploads: config, metrics, tags
+    deadline = time.time() + 60  # W&B's service process writes the log after the run is closed
+    while b"val/loss" not in log.read_bytes() and time.time() < deadline:
+        time.sleep(0.5)
     data = log.read_bytes()  # protobuf records keep strings as they are
     for text in (b"vrn-quickstart", b"hourglass_depth", b"train/loss",
                  b"val/loss", b"ablation"):
