@@ -473,3 +473,25 @@ def test_slurm_sigusr1_saves_a_checkpoint_requeues_the_job_and_the_next_start_re
     metrics = train.train(config(tiny_synthetic, run_dir, f"trainer.max_epochs={saved['epoch'] + 2}"))
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] > saved["global_step"] and "test/loss" in metrics
+
+
+WITHOUT_OPEN3D = ("import runpy, sys\n"
+                  "sys.modules['open3d'] = None\n"  # a None entry makes `import open3d` raise ImportError
+                  "sys.argv[0] = 'train'\n"
+                  "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n")
+
+
+def test_training_without_open3d_is_refused_before_writing_unless_the_nme_is_off(tiny_synthetic, tmp_path):
+    """GPU clusters often lack Open3D: the NME's ICP needs it, training does not."""
+    def train_without_open3d(run_dir, *overrides):
+        command = [sys.executable, "-c", WITHOUT_OPEN3D, "--config", str(CONFIG_DIR / "quickstart.yaml"),
+                   f"data.dir={tiny_synthetic}", f"run_dir={run_dir}", *TINY, "trainer.fast_dev_run=true", *overrides]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    refused = train_without_open3d(tmp_path / "refused", "nme.every_n_epochs=1")
+    assert refused.returncode == EXIT_USAGE, refused.stderr
+    assert "the NME needs Open3D" in refused.stderr and "nme.every_n_epochs=0" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    trained = train_without_open3d(tmp_path / "trained")  # TINY has nme.every_n_epochs=0
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert np.isfinite(json.loads((tmp_path / "trained" / "metrics.json").read_text())["train/loss"])

@@ -19,6 +19,10 @@ Per sample (docs/evaluation.md):
    predicted surface to ``v_i`` itself (no ICP: a lower bound of the NME that does not depend on the
    ICP's details).
 
+Ground truth with its own topology (real scans, whose face region shares no vertex order with the
+prediction or with other samples) is scored the same way: step 2 needs only the ground-truth vertices,
+so each sample may have its own number of them (:meth:`NME.update` takes a list).
+
 A prediction with no surface (nothing above 0.5) raises :class:`EmptyPredictionError`;
 :class:`NME` counts such samples as ``failed`` and leaves them out of the means.
 """
@@ -29,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-import open3d as o3d
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -52,6 +55,18 @@ the floor of ground truth against itself at |yaw| >= 60 degrees from 0.043 to 0.
 ICP_TRANSFORM_DECIMALS = 8
 """Decimals the ICP transform is rounded to (1e-8 px of shift): far below any error that matters, far
 above Open3D's run-to-run noise, so evaluation is repeatable to the last digit."""
+
+
+def open3d():
+    """The ``open3d`` module, imported on first use so that training imports without it (GPU clusters
+    often lack it); an ImportError that says how to install it or train without the NME."""
+    try:
+        import open3d as o3d
+    except ImportError as error:
+        raise ImportError(f"the NME needs Open3D ({error}): pip install open3d (on Debian also apt-get install "
+                          "libusb-1.0-0), or train without it (nme.every_n_epochs=0: no NME callback) and score the "
+                          "checkpoint with experiments.evaluate where Open3D is installed") from None
+    return o3d
 
 
 class EmptyPredictionError(ValueError):
@@ -141,6 +156,7 @@ def _icp(
     few correspondences the point-to-plane system is degenerate and ICP can run off; a result
     with a lower fitness than the identity is discarded for the identity.
     """
+    o3d = open3d()
     registration = o3d.pipelines.registration
     source_cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(source, dtype=np.float64)))
     target = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(vertices, dtype=np.float64)))
@@ -163,6 +179,7 @@ def _icp(
 
 def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:
     """For each ``(Q, 3)`` array of query points, the closest points ``(Q, 3)`` on the triangle mesh ``(N, 3)``/``(T, 3)``."""
+    o3d = open3d()
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),
