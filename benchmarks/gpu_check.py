@@ -14,6 +14,9 @@ The last thing printed is one markdown table of all results (also ``DIR/gpu_chec
    augmentation path for 4, 8 and 15 workers against the GPU step, and device against CPU decoding.
 4. ``paper_run``: a short bf16-mixed ``pytorch_lightning.Trainer`` run of the paper config on that
    data; ``DIR/paper_run.ckpt`` (bf16 weights, readable by ``lightning_vrn.models.load_model``).
+5. ``compile`` (not in the default ``--phases``): what the first session had no time for: cuDNN
+   benchmark mode off against on, the whole network + loss under ``torch.compile`` (default mode) at
+   batch 32 and the largest batch, and CUDA graphs (``mode="reduce-overhead"``) at the paper's batch 4.
 
 Imports nothing that needs OmegaConf, Open3D or W&B (the GPU machine has none of them).
 ``--tiny`` runs every phase at a tiny size on the CPU (tests/test_gpu_check.py).
@@ -51,7 +54,8 @@ from benchmarks.common import median_ms  # noqa: E402
 from lightning_vrn.atomic import write_text  # noqa: E402
 from lightning_vrn.geometry.grid import VoxelGrid  # noqa: E402
 
-PHASES = ("device", "train_step", "data", "paper_run")
+PHASES = ("device", "train_step", "data", "paper_run", "compile")
+DEFAULT_PHASES = PHASES[:4]
 OPTIM = {"lr": 1e-4, "lr_after": 1e-5, "drop_epoch": 40}
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # fallback if the module has no image_mean/std
 # tests/test_datamodule.py::test_device_path_on_cuda_matches_cpu_path: rare float64 rounding ties only.
@@ -88,7 +92,8 @@ class Sizes:
     run_max_s: float = 240.0
     run_max_steps: int = -1
     run_after_s: float = 25.0        # Trainer set-up, test pass, checkpoint and reload after max_time
-    reserves: tuple = (("device", 10), ("train_step", 170), ("data", 75), ("paper_run", 145))
+    reserves: tuple = (("device", 10), ("train_step", 170), ("data", 75), ("paper_run", 145), ("compile", 300))
+    compile_batches: tuple = (32, 256)  # whole-network compile; CUDA graphs run at batches[0]
     margin_s: float = 10.0
 
 
@@ -97,7 +102,8 @@ TINY = Sizes(grid="50,48,48", net=(("features", 16), ("stacks", 2), ("hourglass_
              max_batch_cap=16, warmup=1, steps=2, step_cap_s=0.5, config_min_s=0.0, compile_min_s=0.0,
              autotune=False, compile_backend="aot_eager", loss_chunks=4, matmul_n=256, matmul_reps=2,
              matmul_trials=2, copy_mib=16, test_samples=4, train_samples=(12, 12), loader_workers=(0, 2),
-             loader_s=1.0, loader_reserve_s=0.0, run_batch=2, run_max_s=8.0, run_max_steps=6, run_after_s=0.0)
+             loader_s=1.0, loader_reserve_s=0.0, run_batch=2, run_max_s=8.0, run_max_steps=6, run_after_s=0.0,
+             compile_batches=(2, 4))
 
 
 class PhaseTimeout(BaseException):
@@ -236,7 +242,7 @@ class Context:
 
     def deadline(self, phase: str) -> float:
         """End of ``phase``: the session's end less the margin and the time reserved for the later phases."""
-        later = PHASES[PHASES.index(phase) + 1:]
+        later = [p for p in PHASES[PHASES.index(phase) + 1:] if p in self.reserves]
         return self.end - self.sizes.margin_s - sum(self.reserves[p] for p in later)
 
     def left(self, phase: str) -> float:
@@ -396,12 +402,14 @@ def time_setting(ctx: Context, net, variant: Variant, batch: int, warmup: int, s
         torch.cuda.reset_peak_memory_stats(ctx.device)
 
     def step():
+        if variant.mode == "reduce-overhead":  # a new CUDA-graph step: the last step's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=variant.bf16):
             loss = loss_fn(image, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.detach()
+        return loss.detach().clone()
 
     first = timed(ctx, step, 1)
     for _ in range(warmup - 1):
@@ -425,23 +433,23 @@ def is_oom(error: BaseException) -> bool:
 
 
 def measure_setting(ctx: Context, net, variant: Variant, batch: int, label: str = "step",
-                    warmup: int | None = None, steps: int | None = None) -> dict | None:
+                    warmup: int | None = None, steps: int | None = None, phase: str = "train_step") -> dict | None:
     """:func:`time_setting` and a result row (samples/s, ms/step, MFU, peak memory); None if skipped."""
     name = f"{label} {variant.name} b{batch}"
-    if ctx.left("train_step") < ctx.sizes.config_min_s:
-        ctx.rec.skip("train_step", name, "out of phase time")
+    if ctx.left(phase) < ctx.sizes.config_min_s:
+        ctx.rec.skip(phase, name, "out of phase time")
         return None
     result, oom = None, False
     try:
         result = time_setting(ctx, net, variant, batch, ctx.sizes.warmup if warmup is None else warmup,
                               ctx.sizes.steps if steps is None else steps)
     except TypeError as error:  # e.g. RMSprop(fused=True) where torch has no fused RMSprop
-        ctx.rec.skip("train_step", name, f"unsupported: {error}")
+        ctx.rec.skip(phase, name, f"unsupported: {error}")
     except Exception as error:  # noqa: BLE001
         oom = is_oom(error)
         if not oom:
             print("".join(traceback.format_exception(type(error), error, error.__traceback__)[-4:]), end="")
-        ctx.rec.skip("train_step", name, "out of memory" if oom else f"{type(error).__name__}: {str(error)[:300]}")
+        ctx.rec.skip(phase, name, "out of memory" if oom else f"{type(error).__name__}: {str(error)[:300]}")
     ctx.free()
     if result is None:
         return {"oom": True} if oom else None
@@ -456,7 +464,7 @@ def measure_setting(ctx: Context, net, variant: Variant, batch: int, label: str 
         note += f", peak {result['peak_gib']:.2f} GiB"
     if variant.tail.startswith("compiled"):
         note += f", first step (compile) {result['first_s']:.1f} s"
-    ctx.rec.add("train_step", name, rate, "samples/s", note, **extra)
+    ctx.rec.add(phase, name, rate, "samples/s", note, **extra)
     if label == "step":
         ctx.rates[(variant.name, batch)] = rate
         ctx.peaks[(variant.name, batch)] = result["peak_gib"]
@@ -483,6 +491,21 @@ def check_tail(ctx: Context, variant: Variant, batch: int) -> None:
                 grad_error=grad_error)
 
 
+def count_flops(ctx: Context, net, phase: str) -> None:
+    """Record the forward FLOPs per sample (and set ``ctx.train_flops_per_sample`` = 3x, for the MFU)."""
+    x = torch.rand(2, 3, ctx.grid.height, ctx.grid.width, device=ctx.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+        logits_dtype = str(net(x).dtype).replace("torch.", "")
+    forward = counter.get_total_flops() / 2
+    ctx.train_flops_per_sample = 3 * forward
+    params = sum(p.numel() for p in net.parameters())
+    ctx.rec.add(phase, "forward FLOPs per sample", forward / 1e9, "GFLOP",
+                f"{params / 1e6:.2f} M parameters; training ~3x = {3 * forward / 1e9:.1f} GFLOP; "
+                f"bf16-autocast logits are {logits_dtype}", parameters=params, autocast_logits_dtype=logits_dtype)
+
+
 def phase_train_step(ctx: Context) -> None:
     rec, s = ctx.rec, ctx.sizes
     if ctx.cuda:
@@ -491,17 +514,7 @@ def phase_train_step(ctx: Context) -> None:
     ctx.module = model.to(ctx.device)
     net = model.net.train()
     with rec.attempt("train_step", "forward FLOPs"):
-        x = torch.rand(2, 3, ctx.grid.height, ctx.grid.width, device=ctx.device)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(x)
-        with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16):
-            logits_dtype = str(net(x).dtype).replace("torch.", "")
-        forward = counter.get_total_flops() / 2
-        ctx.train_flops_per_sample = 3 * forward
-        params = sum(p.numel() for p in net.parameters())
-        rec.add("train_step", "forward FLOPs per sample", forward / 1e9, "GFLOP",
-                f"{params / 1e6:.2f} M parameters; training ~3x = {3 * forward / 1e9:.1f} GFLOP; "
-                f"bf16-autocast logits are {logits_dtype}", parameters=params, autocast_logits_dtype=logits_dtype)
+        count_flops(ctx, net, "train_step")
     for variant in EAGER_VARIANTS:
         for batch in s.batches:
             measure_setting(ctx, net, variant, batch)
@@ -839,9 +852,48 @@ def check_reload(ctx: Context, model, path: Path, batch: dict) -> None:
                 f"{float((predicted - reference).abs().max()):.3f}")
 
 
+# ----- phase 5: compile ---------------------------------------------------------------------------
+
+BF16 = Variant("bf16", channels_last=False)
+COMPILED_NET_NCHW = Variant("bf16, compiled net+loss", channels_last=False, tail="compiled_net")
+CUDA_GRAPHS_FP32 = Variant("fp32, compiled net+loss, CUDA graphs", bf16=False, channels_last=False,
+                           tail="compiled_net", mode="reduce-overhead")
+
+
+def phase_compile(ctx: Context) -> None:
+    """cuDNN benchmark off/on (eager bf16), the whole network + loss compiled (bf16, NCHW: channels_last
+    was slower eager) at ``compile_batches``, and CUDA graphs in fp32 at the paper's batch (launch-bound)."""
+    rec, s = ctx.rec, ctx.sizes
+    model = ctx.build_model()
+    ctx.module = model.to(ctx.device)
+    net = model.net.train()
+    with rec.attempt("compile", "forward FLOPs"):
+        count_flops(ctx, net, "compile")
+    small, large = s.compile_batches
+    if ctx.cuda:
+        for benchmark in (False, True):
+            torch.backends.cudnn.benchmark = benchmark
+            measure_setting(ctx, net, BF16, small, label=f"step cudnn.benchmark={benchmark}", phase="compile")
+    for variant, batch in ((COMPILED_NET_NCHW, small), (CUDA_GRAPHS_FP32, s.batches[0]), (COMPILED_NET_NCHW, large)):
+        if ctx.left("compile") < s.compile_min_s:
+            rec.skip("compile", f"step {variant.name} b{batch}",
+                     f"{ctx.left('compile'):.0f} s of phase time left, compiling needs ~{s.compile_min_s:.0f}")
+            continue
+        if ctx.sizes.compile_backend != "inductor" and variant.mode != "default":
+            rec.skip("compile", f"step {variant.name} b{batch}", f"mode {variant.mode} needs inductor")
+            continue
+        torch._dynamo.reset()  # a fresh compile per batch size and mode (dynamic=False)
+        ctx.compiled.clear()
+        measure_setting(ctx, net, variant, batch, phase="compile")
+    ctx.module = None
+    del model, net
+    ctx.free()
+
+
 # ----- driver ------------------------------------------------------------------------------------------
 
-RUNNERS = {"device": phase_device, "train_step": phase_train_step, "data": phase_data, "paper_run": phase_paper_run}
+RUNNERS = {"device": phase_device, "train_step": phase_train_step, "data": phase_data, "paper_run": phase_paper_run,
+           "compile": phase_compile}
 
 
 def run_phase(ctx: Context, phase: str) -> None:
@@ -850,7 +902,7 @@ def run_phase(ctx: Context, phase: str) -> None:
     print(f"\n== {phase}: {left:.0f} s until its deadline ({time.perf_counter() - START:.0f} s elapsed) ==",
           flush=True)
     status, error = "ok", None
-    last = phase == PHASES[-1]  # the last phase must end by the budget; the others may borrow from it
+    last = phase == list(ctx.reserves)[-1]  # the last phase must end by the budget; the others may borrow from it
     try:
         with hard_limit(None if ctx.args.tiny else max(left + 2.0, 5.0) if last else max(left + 10.0, 30.0)):
             RUNNERS[phase](ctx)
@@ -874,7 +926,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(OUT/data with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="every phase at a tiny size on the CPU (tests)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock seconds for the whole run")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)} (default: all but compile)")
     parser.add_argument("--run-batch", type=int, default=None, help="batch of the Trainer run (default 4, the paper's)")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     args = parser.parse_args(argv)
@@ -890,8 +943,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = TINY if args.tiny else PAPER
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    scale = args.budget_s / 420.0
-    reserves = {phase: seconds * scale for phase, seconds in sizes.reserves}
+    selected = args.phases.split(",")
+    reserves = {phase: seconds for phase, seconds in sizes.reserves if phase in selected}
+    scale = args.budget_s / (sum(reserves.values()) + sizes.margin_s + 10.0)  # 420 s for the default phases
+    reserves = {phase: seconds * scale for phase, seconds in reserves.items()}
     if args.tiny and device.type == "cpu":  # tiny ops: one thread is as fast, and immune to busy cores
         torch.set_num_threads(1)
         torch.backends.mkldnn.enabled = False  # oneDNN's first steps per shape take seconds; tiny convs need no JIT
@@ -911,7 +966,7 @@ def main(argv=None) -> int:
     print(f"gpu_check: device {device}, grid {sizes.grid}, net {dict(sizes.net)}, budget {args.budget_s:.0f} s "
           f"(phase reserves {', '.join(f'{p} {r:.0f} s' for p, r in reserves.items())}), out {args.out}", flush=True)
     for phase in PHASES:
-        if phase in args.phases.split(","):
+        if phase in selected:
             run_phase(ctx, phase)
     meta["finished"] = True
     ctx.rec.save()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.gpu_check import PAPER, PHASES, Context, PhaseTimeout, hard_limit
+from benchmarks.gpu_check import DEFAULT_PHASES, PAPER, Context, PhaseTimeout, hard_limit
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.models import load_model
 
@@ -54,7 +54,8 @@ def numbers(value):
 def test_every_phase_reports_finite_numbers(tiny_run):
     _, result, _ = tiny_run
     assert result["meta"]["finished"]
-    for phase in PHASES:
+    assert set(result["phases"]) == set(DEFAULT_PHASES)  # compile runs only when asked for
+    for phase in DEFAULT_PHASES:
         assert result["phases"][phase]["status"] == "ok", result["phases"][phase]
         assert len([row for row in result["rows"] if row["phase"] == phase]) >= 3, phase
     for row in result["rows"]:
@@ -107,12 +108,29 @@ def test_hard_limit_interrupts_and_disarms():
     time.sleep(1.2)  # no alarm left behind
 
 
-def test_phase_deadlines_keep_the_later_phases_reserves():
-    reserves = dict(PAPER.reserves)
+@pytest.mark.parametrize("phases", [DEFAULT_PHASES, ("device", "compile")])
+def test_phase_deadlines_keep_the_later_selected_phases_reserves(phases):
+    reserves = {phase: seconds for phase, seconds in PAPER.reserves if phase in phases}  # as main() selects them
+    end = sum(reserves.values()) + PAPER.margin_s + 10.0
     ctx = Context(args=None, sizes=PAPER, device=torch.device("cpu"), grid=VoxelGrid.parse(PAPER.grid), rec=None,
-                  reserves=reserves, end=420.0)
-    deadlines = [ctx.deadline(phase) for phase in PHASES]
-    assert deadlines == sorted(deadlines) and deadlines[-1] == 420.0 - PAPER.margin_s
-    for earlier, later, phase in zip(deadlines, deadlines[1:], PHASES[1:]):
+                  reserves=reserves, end=end)
+    deadlines = [ctx.deadline(phase) for phase in phases]
+    assert deadlines == sorted(deadlines) and deadlines[-1] == end - PAPER.margin_s
+    for earlier, later, phase in zip(deadlines, deadlines[1:], phases[1:]):
         assert later - earlier == reserves[phase]
     assert deadlines[0] - reserves["device"] >= 5  # Python and torch start-up fit before the first phase
+
+
+@pytest.mark.slow
+def test_compile_phase_measures_the_compiled_network(tmp_path):
+    command = [sys.executable, "-c", RUN_WITHOUT.format(names=ABSENT_ON_GPU_MACHINE), "--tiny", "--out", str(tmp_path),
+               "--phases", "device,compile"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["phases"]["compile"]["status"] == "ok" and set(result["phases"]) == {"device", "compile"}
+    rates = {row["name"]: row for row in result["rows"] if row["unit"] == "samples/s"}
+    assert sorted(rates) == ["step bf16, compiled net+loss b2", "step bf16, compiled net+loss b4"]
+    for row in rates.values():  # a real step: positive rate, a finite BCE of random targets near log(2)
+        assert row["value"] > 0 and 0.5 < row["extra"]["loss"] < 1.0
+    assert [s["reason"] for s in result["skipped"]] == ["mode reduce-overhead needs inductor"]  # CUDA graphs: GPU only
