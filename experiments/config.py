@@ -49,7 +49,10 @@ class ConfigError(ValueError):
 class LoggerSettings:
     """Weights & Biases logging (CSV metrics are always written). ``group``: null means the model's
     name, so a dashboard puts variants side by side; ``job_type``: train or eval. The run is offline
-    (synced later with ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise."""
+    (synced later with ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise.
+    ``media_samples``: samples whose reconstruction (point cloud) and volume slices are logged on each NME
+    epoch (0: only the error curve); ``log_checkpoints``: upload ``best.ckpt`` and ``last.ckpt`` as W&B
+    artifacts at the end of training, online only (offline they would only copy the run's files)."""
 
     wandb: bool = False
     project: str = "lightning-vrn"
@@ -57,6 +60,12 @@ class LoggerSettings:
     group: Optional[str] = None
     job_type: str = "train"
     tags: list = field(default_factory=list)
+    media_samples: int = 4
+    log_checkpoints: bool = True
+
+    def __post_init__(self):
+        if self.media_samples < 0:
+            raise ValueError(f"logger.media_samples must be >= 0 (0: no reconstructions), got {self.media_samples}")
 
 
 @dataclass

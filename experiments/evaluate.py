@@ -13,12 +13,15 @@ the checkpoint file):
 - ``{method}/test.csv`` and ``{method}/test_summary.json``: the per-sample table and its summary;
 - ``ced.png``: cumulative error curves of all methods (the paper's Figure 7);
 - ``reconstruction.obj`` (the median-error sample's iso-surface, vertex colours from the image) and
-  ``reconstruction.png`` (input, prediction and ground truth side by side).
+  ``reconstruction.png`` (input, prediction and ground truth side by side);
+- with ``--wandb`` (default: when the checkpoint's training had ``logger.wandb=true``), a W&B run with
+  ``job_type=eval`` in ``OUT/wandb``, linked to the training run (see :func:`log_eval_run`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -31,6 +34,7 @@ import torch
 from datamodules import FaceVolumeDataModule
 from experiments.baselines import MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
 from lightning_vrn.atomic import write_text
+from experiments.config import LoggerSettings, load_config
 from experiments.runs import check_writable, run_dir_of
 from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.cli import run_command
@@ -66,6 +70,56 @@ def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, ou
     return callbacks[0].summaries["test"], callbacks[0].tables["test"], logged
 
 
+def landmark_scores(logged: dict) -> dict[str, float]:
+    """The landmark NMEs among a test's logged metrics, without the stage: ``{"landmark_nme": ..., ...}``."""
+    return {key.split("/", 1)[1]: float(value) for key, value in logged.items() if "landmark_nme" in key}
+
+
+def wandb_wanted(flag: bool | None, run_dir: Path | None) -> bool:
+    """``--wandb`` / ``--no-wandb`` when given, else whether the training config of ``run_dir`` had logger.wandb."""
+    if flag is not None:
+        return flag
+    return run_dir is not None and bool(load_config(run_dir / "config.yaml").logger.wandb)
+
+
+def log_eval_run(out: Path, run_dir: Path | None, results: dict[str, tuple[dict, dict, dict]], config: dict,
+                 group: str, name: str | None = None) -> str:
+    """Log an evaluation into a new W&B run with ``job_type=eval`` in ``out/wandb``; returns its id.
+
+    The run is linked to the training of ``run_dir``: the same project, entity, group and tags, and the
+    config field ``training_run_id`` naming its W&B run (None when it logged none, or without a run
+    directory: then the default project and ``group``). ``results``: key prefix (``eval``,
+    ``eval/{method}``) -> (NME summary, per-sample table, landmark NMEs); logged as summary values
+    ``{prefix}/{key}`` (NME mean, median, per yaw bucket, ...; the same numbers as ``metrics.json``),
+    ``{prefix}/per_sample`` (a ``wandb.Table``) and one cumulative error plot ``ced`` of every prefix.
+    Offline like training (no ``WANDB_API_KEY``, or ``WANDB_MODE=offline``); the run id is derived from
+    ``out``, so evaluating into the same folder again resumes that run.
+    """
+    import wandb
+
+    from experiments.train import wandb_offline, wandb_run_id
+    from lightning_vrn.wandb_media import ced_plot, per_sample_table
+
+    training = load_config(run_dir / "config.yaml") if run_dir is not None else None
+    logger = training.logger if training is not None else LoggerSettings()
+    training_run_id = wandb_run_id(training, run_dir) if training is not None and training.logger.wandb else None
+    run_id = f"eval-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}"
+    out.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=logger.project, entity=logger.entity, id=run_id, resume="allow", dir=str(out),
+                     name=name or f"{training.name if training is not None else group}-eval", job_type="eval",
+                     group=(logger.group or training.model.name) if training is not None else group,
+                     tags=list(logger.tags), mode="offline" if wandb_offline() else None,
+                     config={**config, "training_run_id": training_run_id,
+                             "training_run_dir": None if run_dir is None else str(run_dir)})
+    with run:
+        for prefix, (summary, table, landmarks) in results.items():
+            run.summary.update({f"{prefix}/{key}": value for key, value in {**summary, **landmarks}.items()})
+            run.log({f"{prefix}/per_sample": per_sample_table(table)})
+        run.log({"ced": ced_plot({prefix: table for prefix, (_, table, _) in results.items()},
+                                 "NME cumulative error curve")})
+    return run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
@@ -77,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that holds more than tensors and plain values (runs its code)")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="log into a W&B eval run linked to the training run (default: when the training "
+                             "config had logger.wandb=true)")
     args = parser.parse_args(argv)
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
@@ -99,14 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         methods["mean training volume"] = MeanVolumeBaseline(grid, mean_training_volume(args.train_data, grid))
         methods["mean shape at GT pose"] = MeanShapeBaseline.for_file(datamodule.datasets["test"].file, grid)
 
-    metrics, tables = {}, {}
+    metrics, tables, landmarks = {}, {}, {}
     for name, module in methods.items():
         print(f"NME ({name})", file=sys.stderr)
-        metrics[name], tables[name], _ = test_report(module, datamodule, out / slug(name), args.max_samples)
+        metrics[name], tables[name], logged = test_report(module, datamodule, out / slug(name), args.max_samples)
+        landmarks[name] = landmark_scores(logged)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), grid=grid.describe())
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     save_ced(out / "ced.png", {name: table["nme"][~table["failed"]] for name, table in tables.items()})
     _write_reconstruction(out, model, args.data, tables[MODEL])
+    if wandb_wanted(args.wandb, run_dir):
+        results = {("eval" if name == MODEL else f"eval/{slug(name)}"): (metrics[name], tables[name], landmarks[name])
+                   for name in methods}
+        log_eval_run(out, run_dir, results, {"checkpoint": str(args.checkpoint), "data": str(args.data),
+                                             "grid": grid.describe()}, group=model.variant)
 
     print(json.dumps(metrics, indent=2))
     print(f"metrics:        {out / 'metrics.json'}")
@@ -124,7 +187,8 @@ def _write_reconstruction(out: Path, model, data: Path, table: dict) -> None:
     row = int(ok[np.argsort(table["nme"][ok])[len(ok) // 2]]) if len(ok) else 0
     index, nme = int(table["index"][row]), float(table["nme"][row])
     test_file = open_dataset(data, grid, grid_source="the checkpoint")
-    sample = test_file.read(index, ["images", "vertices"])
+    scan = test_file.per_sample_topology  # scans: each sample has its own triangles
+    sample = test_file.read(index, ["images", "vertices"] + (["triangles"] if scan else []))
     image = sample["images"]
     batch = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
     with torch.no_grad():
@@ -133,7 +197,8 @@ def _write_reconstruction(out: Path, model, data: Path, table: dict) -> None:
     write_obj(out / "reconstruction.obj", vertices, triangles, vertex_colours_from_image(vertices, image))
     panels = {
         "prediction": shade_mesh(vertices, triangles, grid.crop_size),
-        "ground truth": shade_mesh(sample["vertices"], test_file.triangles, grid.crop_size),
+        "ground truth": shade_mesh(sample["vertices"], sample["triangles"] if scan else test_file.triangles,
+                                   grid.crop_size),
     }
     save_comparison(out / "reconstruction.png", image, panels, title=f"sample {index}: NME {nme:.4f}")
 

@@ -62,6 +62,7 @@ from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.nme import open3d
 from lightning_vrn.models import VRNModule, build_model
 from lightning_vrn.safe_load import load_checkpoint
+from lightning_vrn.wandb_media import WandbMedia
 
 
 class Interrupted(RuntimeError):
@@ -95,17 +96,28 @@ def build_model_from_config(cfg: DictConfig) -> VRNModule:
     return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
 
 
+def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
+    """The W&B run id of the training in ``run_dir``: ``{name}-{8 hex digits of the run directory's path}``."""
+    return f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
+def wandb_offline() -> bool:
+    """Whether W&B runs offline: ``WANDB_MODE=offline``, or no ``WANDB_MODE`` and no ``WANDB_API_KEY``."""
+    mode = os.environ.get("WANDB_MODE")
+    return mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
+
+
 def wandb_logger(cfg: DictConfig, run_dir: Path):
     """A W&B logger for ``run_dir``: the run id is derived from the run directory's path, so a resumed or
-    requeued run logs into the same W&B run; offline without an API key; grouped by the model's name."""
+    requeued run logs into the same W&B run; offline without an API key; grouped by the model's name;
+    checkpoints uploaded as artifacts at the end of training when online and ``logger.log_checkpoints``."""
     from pytorch_lightning.loggers import WandbLogger
 
-    run_id = f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
-    mode = os.environ.get("WANDB_MODE")
-    offline = mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
-    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, id=run_id,
-                       resume="allow", group=cfg.logger.group or cfg.model.name, job_type=cfg.logger.job_type,
+    offline = wandb_offline()
+    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name,
+                       id=wandb_run_id(cfg, run_dir), resume="allow", group=cfg.logger.group or cfg.model.name, job_type=cfg.logger.job_type,
                        tags=list(cfg.logger.tags), save_dir=str(run_dir), offline=offline,
+                       log_model=cfg.logger.log_checkpoints and not offline,
                        config=OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -122,7 +134,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         callbacks.append(SlurmRequeue(os.environ["SLURM_JOB_ID"], checkpoint))
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if cfg.nme.every_n_epochs:
-        callbacks.append(NMECallback(NMESettings(**cfg.nme), out_dir=run_dir / "nme"))
+        nme = NMECallback(NMESettings(**cfg.nme), out_dir=run_dir / "nme")
+        callbacks.append(nme)
+        if cfg.logger.wandb:  # after the NME callback, whose epochs and tables it follows
+            callbacks.append(WandbMedia(nme, samples=cfg.logger.media_samples))
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, plugins=plugins,
                       **trainer_args)

@@ -6,7 +6,9 @@ volumes) and ``target_frame`` (``aligned`` or ``frontal``); from each step's out
 ``"volume"`` (soft occupancy in [0, 1]) or ``"volume_logits"``, ``(B, D, H, W)``; from the batch
 ``vertices`` (B, V, 3) ground-truth mesh in crop pixels, ``landmarks_3d`` (B, 68, 3), ``pose``
 (B, 3) radians, ``index`` (B,) and optionally ``expression`` (B,) label ids; and from the
-DataModule's ``topology(split)["face_region"]``, the face-region vertex ids the NME is measured on.
+DataModule's ``topology(split)["face_region"]``, the face-region vertex ids the NME is measured on
+(None for a file with per-sample topology, scans: ``vertices`` is then a list of each sample's own
+face-region mesh, every vertex scored).
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ class NMECallback(pl.Callback):
         self._sample_limit: int | None = None
         self._samples_seen = 0
 
+    @property
+    def scoring(self) -> bool:
+        """True from the start to the end of an epoch whose predictions this callback scores (what
+        :class:`lightning_vrn.wandb_media.WandbMedia` follows)."""
+        return self._metric is not None
+
     # ----- validation -----
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,11 +160,14 @@ class NMECallback(pl.Callback):
                 "NMECallback needs trainer.datamodule.topology(split)['face_region'] (face-region vertex ids of "
                 "the ground-truth mesh); fit/validate/test with a datamodule that provides it"
             )
-        face_region = np.asarray(topology(split)["face_region"])
-        if face_region.dtype == bool or not np.issubdtype(face_region.dtype, np.integer):
-            raise TypeError(f"face_region of the {split} split must be vertex ids (integers), got dtype "
-                            f"{face_region.dtype}; convert a boolean mask with np.flatnonzero(mask)")
-        self._face_region = face_region.astype(np.int64)
+        face_region = topology(split)["face_region"]
+        if face_region is not None:  # None: per-sample topology (scans), every stored vertex is the face
+            face_region = np.asarray(face_region)
+            if face_region.dtype == bool or not np.issubdtype(face_region.dtype, np.integer):
+                raise TypeError(f"face_region of the {split} split must be vertex ids (integers), got dtype "
+                                f"{face_region.dtype}; convert a boolean mask with np.flatnonzero(mask)")
+            face_region = face_region.astype(np.int64)
+        self._face_region = face_region
         self._frame = getattr(pl_module, "target_frame", None) or "aligned"
         options = {} if self.icp_distance_ratio is None else {"icp_distance_ratio": self.icp_distance_ratio}
         self._metric = NME(grid, **options).to(pl_module.device)
@@ -185,9 +196,11 @@ class NMECallback(pl.Callback):
             volume = outputs["volume"][:count].detach().float()
         else:
             volume = occupancy(outputs["volume_logits"][:count].detach())
-        vertices = batch["vertices"][:count].detach().cpu().numpy()
+        vertices = [v.detach().cpu().numpy() for v in batch["vertices"][:count]]  # (B, V, 3) or B scans' (V_i, 3)
         poses = batch["pose"][:count].detach().cpu().numpy()
-        gt = [scoring_vertices(v, pose, self._frame)[self._face_region] for v, pose in zip(vertices, poses)]
+        gt = [scoring_vertices(v, pose, self._frame) for v, pose in zip(vertices, poses)]
+        if self._face_region is not None:
+            gt = [v[self._face_region] for v in gt]
         expression = batch["expression"][:count].detach().cpu() if "expression" in batch else None
         self._metric.update(
             volume.cpu(),
