@@ -31,9 +31,10 @@ from typing import Callable
 
 import numpy as np
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules import FaceVolumeDataModule
+from datamodules.datamodule import split_path
 from experiments import evaluate, train
 from experiments.baselines import (
     DEFAULT_REGULARISATION,
@@ -47,6 +48,8 @@ from lightning_vrn.atomic import atomic_path, write_text
 from lightning_vrn.cli import run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.bootstrap import bootstrap_mean, paired_difference
+from lightning_vrn.dataset_file import open_dataset
+from lightning_vrn.metrics.bootstrap import DEFAULT_RESAMPLES
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv, summarise
 from lightning_vrn.models import load_model
 from lightning_vrn.models.guided import DetectedGuidance
@@ -171,8 +174,9 @@ def scored(out: Path, name: str, build: Callable[[], pl.LightningModule], data: 
     return table, json.loads(landmarks_file.read_text())
 
 
-def run_compare(settings: CompareSettings) -> dict:
-    """Every stage; returns ``{method: row of the table}``."""
+def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
+    """Every stage; returns ``{method: row of the table}``. ``wandb``: log each method's evaluation to W&B
+    (:func:`log_wandb_runs`; None: when the trainings had ``logger.wandb=true``)."""
     out = Path(settings.out)
     guided_detected = {f"{method} (detected landmarks)": detector for method, detector in settings.guidance.items()}
     baselines = ["3DMM fit to detected landmarks", "mean training volume", "mean shape at GT pose (oracle)"]
@@ -231,14 +235,38 @@ def run_compare(settings: CompareSettings) -> dict:
     landmarks[baselines[0]] = landmarks[settings.fit_detector]
 
     rows = table_rows(tables, landmarks, settings.reference, settings.bootstrap_resamples)
-    write_tables(out, rows, settings)
-    write_figures(out, tables, settings, test_file.attrs.get("expression_names"))
+    write_tables(out, rows, settings.reference, f"{settings.name}: NME on the synthetic test split "
+                 f"({settings.data.test} faces, grid {settings.data.grid})")
+    guided = [name for name in tables if name in settings.guidance or name.split(" (")[0] in settings.guidance]
+    write_figures(out, tables, [settings.reference, *guided], test_file.attrs.get("expression_names"),
+                  settings.bootstrap_resamples)
     progress(f"report: {out / 'table.md'}, {out / 'table.csv'}, ced.png, nme_vs_yaw.png, nme_per_expression.png")
+    log_wandb_runs(settings, tables, landmarks, wandb)
     return rows
 
 
+def log_wandb_runs(settings: CompareSettings, tables: dict, landmarks: dict, wanted: bool | None) -> None:
+    """One W&B eval run per method of ``tables`` in ``OUT/eval/NAME/wandb`` (:func:`experiments.evaluate.log_eval_run`:
+    summary ``eval/nme_mean``, ..., the per-sample table, the error curve), when ``wanted`` or, with None, when a
+    method's training had ``logger.wandb=true``. A trained method's runs (ground-truth and detected landmarks)
+    are linked to its training run; a baseline's run is grouped by its own name."""
+    out = Path(settings.out)
+    run_dirs = {name: out / "runs" / evaluate.slug(name) for name in settings.methods}
+    if not any(evaluate.wandb_wanted(wanted, run_dir) for run_dir in run_dirs.values()):
+        return
+    method_of = {label: name for name in settings.methods
+                 for label in (name, f"{name} (ground-truth landmarks)", f"{name} (detected landmarks)")}
+    for label, table in tables.items():
+        run_dir = run_dirs.get(method_of.get(label))
+        evaluate.log_eval_run(out / "eval" / evaluate.slug(label), run_dir,
+                              {"eval": (summarise(table), table, landmarks.get(label, {}))},
+                              {"compare": settings.name, "method": label}, group=evaluate.slug(label),
+                              name=f"{evaluate.slug(label)}-eval")
+
+
 def table_rows(tables: dict, landmarks: dict, reference: str, resamples: int) -> dict:
-    """One row per method: summary, bootstrap intervals and the paired difference from ``reference``."""
+    """One row per method: summary, bootstrap intervals and the paired difference from ``reference`` over
+    the test samples both were scored on (``paired``: how many)."""
     rows = {}
     for name, table in tables.items():
         summary = summarise(table)
@@ -246,11 +274,21 @@ def table_rows(tables: dict, landmarks: dict, reference: str, resamples: int) ->
         row = {**summary, "nme": bootstrap_mean(table["nme"][ok], resamples),
                "landmark_nme_balanced": landmarks.get(name, {}).get("landmark_nme_balanced")}
         if name != reference:
-            if not np.array_equal(table["index"], tables[reference]["index"]):
-                raise ValueError(f"{name} and {reference} were scored on different test samples")
-            row["difference"] = paired_difference(table["nme"], tables[reference]["nme"], resamples)
+            mine, theirs = shared_positions(table["index"], tables[reference]["index"])
+            if not len(mine):
+                raise ValueError(f"{name} and {reference} share no test sample: there is no paired difference")
+            row["difference"] = paired_difference(table["nme"][mine], tables[reference]["nme"][theirs], resamples)
+            row["paired"] = len(mine)
         rows[name] = row
     return rows
+
+
+def shared_positions(indices: np.ndarray, other_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (K,) in two per-sample tables of the K test samples (by dataset index) both hold, in the
+    order of the first table."""
+    position = {int(index): k for k, index in enumerate(other_indices)}
+    mine = np.array([k for k, index in enumerate(indices) if int(index) in position], dtype=np.int64)
+    return mine, np.array([position[int(indices[k])] for k in mine], dtype=np.int64)
 
 
 def _number(value, digits: int = 4) -> str:
@@ -261,20 +299,34 @@ COLUMNS = ("method", "NME mean [95% CI]", "median", "yaw 0-30", "yaw 30-60", "ya
            "closest-point error", "landmark NME (balanced)", "difference from {reference} [95% CI]", "failed")
 
 
-def write_tables(out: Path, rows: dict, settings: CompareSettings) -> None:
-    """``table.md`` (Table 1's layout, with intervals) and ``table.csv`` (the same numbers, one per column)."""
-    header = [c.format(reference=settings.reference) for c in COLUMNS]
-    lines = [f"# {settings.name}: NME on the synthetic test split ({settings.data.test} faces, grid "
-             f"{settings.data.grid})", "",
+RUNS_COLUMN = "runs: their NME range"
+
+
+def _runs_text(run_means: list[float]) -> str:
+    """``"3: 0.2410-0.2533"`` (the number of runs and the range of their own mean NMEs)."""
+    return f"{len(run_means)}: {_number(min(run_means))}" + ("" if len(run_means) == 1 else f"-{_number(max(run_means))}")
+
+
+def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[str] = ()) -> None:
+    """``table.md`` (Table 1's layout, with intervals, under ``title`` and ``notes`` paragraphs) and
+    ``table.csv`` (the same numbers, one per column). Rows with ``runs`` (each run's own NME mean: several
+    runs of one variant) get a runs column, and ``num_runs``, ``run_nme_min``, ``run_nme_max`` in the CSV."""
+    with_runs = any("runs" in row for row in rows.values())
+    header = [c.format(reference=reference) for c in COLUMNS]
+    if with_runs:
+        header.insert(1, RUNS_COLUMN)
+    lines = [f"# {title}", "",
              "Bootstrap 95% intervals over the test faces; the difference is each method's paired per-face "
-             f"difference from {settings.reference} (negative: better), marked *within noise* when its "
-             "interval contains 0.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             f"difference from {reference} (negative: better), marked *within noise* when its "
+             "interval contains 0.", *(line for note in notes for line in ("", note)), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
     for name, row in rows.items():
         difference = row.get("difference")
         diff_text = "reference" if difference is None else (
-            difference.text(4) + ("" if difference.excludes_zero else " *within noise*"))
-        cells = [name, row["nme"].text(4), _number(row["nme_median"]),
+            difference.text(4) + ("" if difference.excludes_zero else " *within noise*")
+            + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
+        cells = [name, *([_runs_text(row["runs"])] if with_runs else []), row["nme"].text(4), _number(row["nme_median"]),
                  *(_number(row[f"nme_yaw_{lo}_{hi}"]) for lo, hi in YAW_BUCKETS_DEG),
                  _number(row["nme_aligned_mean"]), _number(row["nme_closest_mean"]),
                  _number(row["landmark_nme_balanced"]), diff_text, f"{row['num_failed']}/{row['num_samples']}"]
@@ -287,7 +339,9 @@ def write_tables(out: Path, rows: dict, settings: CompareSettings) -> None:
                          "difference": None if difference is None else difference.estimate,
                          "difference_low": None if difference is None else difference.low,
                          "difference_high": None if difference is None else difference.high,
-                         "num_failed": row["num_failed"], "num_samples": row["num_samples"]})
+                         "num_failed": row["num_failed"], "num_samples": row["num_samples"],
+                         **({"num_runs": len(row["runs"]), "run_nme_min": min(row["runs"]),
+                             "run_nme_max": max(row["runs"])} if with_runs else {})})
     write_text(out / "table.md", "\n".join(lines) + "\n")
     with atomic_path(out / "table.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(csv_rows[0]))
@@ -295,13 +349,12 @@ def write_tables(out: Path, rows: dict, settings: CompareSettings) -> None:
         writer.writerows(csv_rows)
 
 
-def write_figures(out: Path, tables: dict, settings: CompareSettings, expression_names) -> None:
-    """Figure 7 (CED of every method), Figure 10 (NME against yaw of the guided methods and the reference)
-    and Figure 11 (NME per dominant expression of each method, with intervals)."""
+def write_figures(out: Path, tables: dict, yaw_methods: list[str], expression_names, resamples: int) -> None:
+    """Figure 7 (CED of every method), Figure 10 (NME against yaw of ``yaw_methods``) and Figure 11 (NME
+    per dominant expression of each method, with ``resamples``-bootstrap intervals)."""
     save_ced(out / "ced.png", {name: t["nme"][~t["failed"]] for name, t in tables.items()})
-    guided = [name for name in tables if name in settings.guidance or name.split(" (")[0] in settings.guidance]
     save_nme_vs_yaw(out / "nme_vs_yaw.png", {name: (tables[name]["yaw_deg"], tables[name]["nme"])
-                                             for name in [settings.reference, *guided]})
+                                             for name in yaw_methods})
     labels = sorted({int(label) for t in tables.values() for label in t["expression"] if label >= 0})
     names = list(expression_names or [])
     groups = [names[label] if label < len(names) else f"expression {label}" for label in labels] or ["unknown"]
@@ -309,20 +362,195 @@ def write_figures(out: Path, tables: dict, settings: CompareSettings, expression
     for name, table in tables.items():
         values = []
         for label in labels or [-1]:
-            interval = bootstrap_mean(table["nme"][table["expression"] == label], settings.bootstrap_resamples)
+            interval = bootstrap_mean(table["nme"][table["expression"] == label], resamples)
             values.append((interval.estimate, interval.low, interval.high))
         means[name] = values
     save_grouped_means(out / "nme_per_expression.png", groups, means)
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run: its directory, resolved ``config`` (config.yaml), ``metrics`` (metrics.json),
+    ``table`` (the test stage's per-sample NME table, nme/test.csv) and ``test_file`` (absolute path)."""
+
+    dir: Path
+    config: DictConfig
+    metrics: dict
+    table: dict
+    test_file: Path
+
+
+def collect_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """The run directories ``paths`` name: each a run directory (it holds config.yaml) or a folder of them,
+    such as a sweep's ``runs/sweeps/NAME`` (its unfinished trials, without metrics.json, are left out with a
+    note on stderr)."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "config.yaml").is_file():
+            found.append(path)
+            continue
+        trials = sorted(config.parent for config in path.glob("*/config.yaml"))
+        if not trials:
+            raise ConfigError(f"{path} is neither a run directory (no config.yaml) nor a folder of run directories "
+                              f"(such as runs/sweeps/NAME)")
+        for trial in trials:
+            if (trial / "metrics.json").is_file():
+                found.append(trial)
+            else:
+                print(f"[compare] {trial}: not finished (no metrics.json), left out", file=sys.stderr, flush=True)
+    unique = {path.resolve(): path for path in found}
+    return list(unique.values())
+
+
+def read_run(run_dir: Path) -> FinishedRun:
+    """The finished run in ``run_dir``, checked: its per-sample table must be the test metrics.json reports."""
+    missing = {"metrics.json": "it has not finished: rerun its training command to resume it",
+               "nme/test.csv": "its test ran without the NME (nme.every_n_epochs=0); train with nme.every_n_epochs "
+                               "of 1 or more to compare it here"}
+    for name, fix in missing.items():
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"run {run_dir} has no {name}: {fix}")
+    config = OmegaConf.load(run_dir / "config.yaml")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    table = read_per_sample_csv(run_dir / "nme" / "test.csv")
+    nme, reported = summarise(table)["nme_mean"], metrics.get("test/nme")
+    if reported is None or nme is None or not np.isclose(nme, reported, rtol=1e-9, atol=0):
+        raise ConfigError(f"run {run_dir}: nme/test.csv (mean NME {nme}) is not the test metrics.json reports "
+                          f"(test/nme={reported}); rerun the run's test or leave the run out")
+    test = split_path(config.data, "test")
+    if test is None:
+        raise ConfigError(f"run {run_dir} has no test split (data.test={config.data.test})")
+    return FinishedRun(run_dir, config, metrics, table, Path(test).resolve())
+
+
+def seed_mean_table(tables: list[dict]) -> dict:
+    """Per-face mean of several runs' per-sample tables (one variant, e.g. several seeds) over the faces every
+    run was scored on, in the first table's order; a face that failed in any run is failed (NaN NMEs)."""
+    order = tables[0]["index"][np.all([np.isin(tables[0]["index"], t["index"]) for t in tables], axis=0)]
+    picked = [{column: values[shared_positions(order, t["index"])[1]] for column, values in t.items()} for t in tables]
+    failed = np.any([p["failed"] for p in picked], axis=0)
+    mean = {"index": order, "yaw_deg": picked[0]["yaw_deg"], "expression": picked[0]["expression"], "failed": failed}
+    for column in ("nme", "nme_aligned", "nme_closest"):
+        mean[column] = np.where(failed, np.nan, np.mean([p[column] for p in picked], axis=0))
+    return mean
+
+
+def differing_settings(configs: list[DictConfig], same_by_design: set[str]) -> list[str]:
+    """The dotted config keys whose values differ between ``configs``, other than ``same_by_design``."""
+    flat = [_flatten(OmegaConf.to_container(config, resolve=True)) for config in configs]
+    keys = sorted(set().union(*flat) - same_by_design)
+    return [key for key in keys if len({repr(f.get(key)) for f in flat}) > 1]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name", reference: str | None = None,
+                 resamples: int = DEFAULT_RESAMPLES) -> dict:
+    """The compare command's table and figures for finished runs, one row per value of ``group_by``;
+    returns ``{group: row}`` (each row's ``runs``: its runs' own mean NMEs).
+
+    Every run must have been tested on the same test file (by absolute path), else a ConfigError names two
+    runs that differ. The runs of one group are averaged per face (:func:`seed_mean_table`) before the
+    bootstrap over faces; ``reference`` (default ``vrn`` when present, else the first group) is the row every
+    other is paired with. Writes ``table.md``, ``table.csv``, ``runs.csv`` (one row per run) and the figures
+    into ``out``.
+    """
+    runs = [read_run(run_dir) for run_dir in collect_run_dirs(paths)]
+    for run in runs[1:]:
+        if run.test_file != runs[0].test_file:
+            raise ConfigError(f"runs {runs[0].dir} and {run.dir} were tested on different files ({runs[0].test_file} "
+                              f"and {run.test_file}): their faces cannot be paired; compare them in separate --runs "
+                              f"calls")
+    groups: dict[str, list[FinishedRun]] = {}
+    for run in runs:
+        value = OmegaConf.select(run.config, group_by, default=None)
+        if value is None:
+            raise ConfigError(f"run {run.dir}: its config has no {group_by} to group by (--group-by)")
+        groups.setdefault(str(value), []).append(run)
+    reference = reference or ("vrn" if "vrn" in groups else next(iter(groups)))
+    if reference not in groups:
+        raise ConfigError(f"--reference {reference} is none of the {group_by} values of the runs: {sorted(groups)}")
+    tables = {label: seed_mean_table([run.table for run in group]) for label, group in groups.items()}
+    for label, table in tables.items():
+        if not len(table["index"]):
+            raise ConfigError(f"the {label} runs share no test face: {', '.join(str(run.dir) for run in groups[label])}")
+    landmarks = {}
+    for label, group in groups.items():
+        scores = [run.metrics["test/landmark_nme_balanced"] for run in group
+                  if run.metrics.get("test/landmark_nme_balanced") is not None]
+        if scores:
+            landmarks[label] = {"landmark_nme_balanced": float(np.mean(scores))}
+    rows = table_rows(tables, landmarks, reference, resamples)
+    for label, group in groups.items():
+        rows[label]["runs"] = [summarise(run.table)["nme_mean"] for run in group]
+    same_by_design = {"seed", "run_dir", "name", "resume", group_by}
+    notes = [f"One row per {group_by} ({len(runs)} runs). Where several runs (seeds) share a row, each face's "
+             "NME is averaged over them first (a face that failed in any run counts as failed), so the interval is "
+             "over test faces and leaves out seed-to-seed variation: the runs column gives the number of runs and "
+             "the range of their own mean NMEs, the seed spread; the landmark NME is their mean."]
+    notes += [f"{label} averages runs that also differ in {', '.join(keys)} (separate them with --group-by)."
+              for label, group in groups.items()
+              if (keys := differing_settings([run.config for run in group], same_by_design))]
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(out, rows, reference, f"runs: NME on {runs[0].test_file}", notes)
+    write_figures(out, tables, list(tables), _expression_names(runs[0].test_file), resamples)
+    write_run_list(out / "runs.csv", groups)
+    return rows
+
+
+def _expression_names(test_file: Path):
+    """The test file's expression names (label id -> name), None when the file is gone or has none."""
+    if not test_file.is_file():
+        return None
+    return open_dataset(test_file).expression_names or None
+
+
+def write_run_list(path: Path, groups: dict[str, list[FinishedRun]]) -> None:
+    """``runs.csv``: each run's group, directory, seed and own test NME (mean over its faces, as metrics.json)."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "run_dir", "seed", "nme_mean", "num_samples", "num_failed"])
+        for label, group in groups.items():
+            for run in group:
+                summary = summarise(run.table)
+                writer.writerow([label, run.dir, run.config.get("seed"), repr(summary["nme_mean"]),
+                                 summary["num_samples"], summary["num_failed"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="e.g. experiments/configs/compare_quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the compare settings")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="train and evaluate: e.g. experiments/configs/compare_quickstart.yaml")
+    source.add_argument("--runs", nargs="+", type=Path,
+                        help="collect finished runs: run directories or folders of them (runs/sweeps/NAME)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the compare settings (--config)")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare-runs"), help="--runs: the report's folder")
+    parser.add_argument("--group-by", default="model.name", help="--runs: config key of the rows (default model.name)")
+    parser.add_argument("--reference", default=None, help="--runs: the row others are paired with (default vrn)")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="--runs: bootstrap resamples")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="--config: log each method's evaluation into a W&B eval run linked to its training run "
+                             "(default: when the trainings had logger.wandb=true)")
     args = parser.parse_args(argv)
+    if args.runs:
+        if args.overrides:
+            parser.error(f"key=value overrides are for --config, not --runs: {args.overrides}")
+        compare_runs(args.runs, args.out, args.group_by, args.reference, args.resamples)
+        print((args.out / "table.md").read_text())
+        print(f"outputs in {args.out}: table.md, table.csv, runs.csv, ced.png, nme_vs_yaw.png, nme_per_expression.png")
+        return 0
     settings = load_compare_settings(args.config, args.overrides)
     start = time.time()
-    run_compare(settings)
+    run_compare(settings, wandb=args.wandb)
     print((Path(settings.out) / "table.md").read_text())
     print(f"compare finished in {(time.time() - start) / 60:.1f} min; outputs in {settings.out}")
     return 0

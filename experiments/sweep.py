@@ -71,10 +71,24 @@ def load_sweep(path: str | Path) -> dict:
     return sweep
 
 
-def base_command(sweep: dict) -> list[str]:
-    """The command before the trial's arguments, with ``${env}`` dropped and ``python`` this interpreter."""
+def base_command(sweep: dict, interpreter: str = sys.executable) -> list[str]:
+    """The command before the trial's arguments, with ``${env}`` dropped and ``python`` as ``interpreter``."""
     words = [w for w in sweep["command"] if w not in ("${env}", ARGS_PLACEHOLDER)]
-    return [sys.executable if w in ("python", "python3", "${interpreter}") else w for w in words]
+    return [interpreter if w in ("python", "python3", "${interpreter}") else w for w in words]
+
+
+def train_config(sweep: dict, path: str | Path) -> str:
+    """The experiment config the sweep's command trains (the word after ``--config``)."""
+    words = list(sweep["command"])
+    if "--config" not in words[:-1]:
+        raise ConfigError(f"sweep file {path}: the command has no '--config CONFIG' (python -m experiments.train "
+                          f"--config experiments/configs/NAME.yaml {ARGS_PLACEHOLDER})")
+    return words[words.index("--config") + 1]
+
+
+def sweep_folder(sweep: dict, path: str | Path, root: Path) -> Path:
+    """``root/{name}``: the folder of the sweep's trials (``name`` from the file, else its stem)."""
+    return Path(root) / (sweep.get("name") or Path(path).stem)
 
 
 def _draw(spec: dict, rng: np.random.Generator):
@@ -116,17 +130,18 @@ def _text(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def trial_command(sweep: dict, trial: Trial, run_dir: Path, extra: list[str]) -> list[str]:
-    """``python -m experiments.train --config ... run_dir=... overrides...`` for one trial."""
-    return [*base_command(sweep), *extra, *trial.overrides, f"run_dir={run_dir}"]
+def trial_command(sweep: dict, trial: Trial, run_dir: Path, extra: list[str],
+                  interpreter: str = sys.executable) -> list[str]:
+    """``python -m experiments.train --config ... extra... overrides... run_dir=...`` for one trial."""
+    return [*base_command(sweep, interpreter), *extra, *trial.overrides, f"run_dir={run_dir}"]
 
 
 def run_sweep(path: str | Path, max_trials: int | None = None, parallel: int = 1, extra: list[str] = (),
               root: Path = Path("runs/sweeps"), seed: int = 0) -> list[dict]:
     """Run (or finish) the sweep's trials; returns one summary row per trial, sorted by the metric."""
     sweep = load_sweep(path)
-    name = sweep.get("name") or Path(path).stem
-    folder = root / name
+    folder = sweep_folder(sweep, path, root)
+    name = folder.name
     trials = expand(sweep, max_trials, seed)
     pending = [t for t in trials if not (folder / t.id / "metrics.json").is_file()]
     print(f"[sweep {name}] {len(trials)} trials, {len(trials) - len(pending)} finished before, "
@@ -193,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--parallel and --max-trials must be at least 1")
     if args.dry_run:
         sweep = load_sweep(args.sweep)
-        name = sweep.get("name") or Path(args.sweep).stem
+        folder = sweep_folder(sweep, args.sweep, args.root)
         for trial in expand(sweep, args.max_trials, args.seed):
-            print(" ".join(trial_command(sweep, trial, args.root / name / trial.id, args.overrides)))
+            print(" ".join(trial_command(sweep, trial, folder / trial.id, args.overrides)))
         return 0
     run_sweep(args.sweep, args.max_trials, args.parallel, args.overrides, args.root, args.seed)
     return 0

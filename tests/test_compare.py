@@ -1,11 +1,19 @@
-"""The comparison command end to end on tiny runs: every table and figure, and a rerun that reuses everything."""
+"""The comparison command end to end on tiny runs: every table and figure, and a rerun that reuses everything;
+``--runs``: finished training runs (and a sweep's folder) collected into the same table and figures."""
 
 import csv
+import json
+import shutil
 
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments import compare
+from experiments import compare, sweep, train
+from experiments.config import CONFIG_DIR, ConfigError, load_config
+from lightning_vrn.cli import run_command
+from lightning_vrn.metrics.report import read_per_sample_csv
 
 METHODS = ["VRN", "VRN-Multitask", "VRN-Guided (ground-truth landmarks)", "VRN (no alignment)",
            "VRN-Guided (sigma 2) (ground-truth landmarks)", "VRN-Guided (detected landmarks)",
@@ -73,3 +81,113 @@ def test_a_rerun_reuses_every_run_and_report(tiny_comparison, capsys):
     assert {name: row["nme"].estimate for name, row in again.items()} == \
         {name: row["nme"].estimate for name, row in rows.items()}
     assert "trained VRN" in capsys.readouterr().err  # the progress lines
+
+
+TINY_RUN = ["data.num_workers=0", "data.batch_size=2", "model.net.features=16", "model.net.hourglass_depth=2",
+            "trainer.max_epochs=1", "nme.every_n_epochs=1", "nme.max_val_samples=2", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tiny_synthetic, tmp_path_factory):
+    """A sweep of two VRN seeds (runs/sweeps/tiny-seeds) and a VRN-Multitask run, each trained for real on
+    the same tiny test file; returns (sweep folder, the multitask run's directory)."""
+    root = tmp_path_factory.mktemp("runs")
+    grid = root / "seeds.yaml"
+    grid.write_text(f"""
+name: tiny-seeds
+method: grid
+parameters:
+  model.name: {{values: [vrn]}}
+  seed: {{values: [0, 1]}}
+command: [python, -m, experiments.train, --config, {CONFIG_DIR / 'quickstart.yaml'}, "${{args_no_hyphens}}"]
+""")
+    extra = [f"data.dir={tiny_synthetic}", "model.net.stacks=1", *TINY_RUN]
+    sweep.run_sweep(grid, parallel=2, extra=extra, root=root / "sweeps")
+    multitask = root / "multitask"
+    train.train(load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", f"run_dir={multitask}",
+                                                             "model.name=vrn_multitask", *TINY_RUN]))
+    return root / "sweeps" / "tiny-seeds", multitask
+
+
+def _test_nme(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())["test/nme"]
+
+
+@pytest.mark.slow
+def test_finished_runs_make_the_same_table_with_seeds_averaged(finished_runs, tmp_path):
+    seeds, multitask = finished_runs
+    seed_dirs = sorted(path.parent for path in seeds.glob("*/metrics.json"))
+    assert len(seed_dirs) == 2
+    rows = compare.compare_runs([seeds, multitask], tmp_path, resamples=200)
+    assert list(rows) == ["vrn", "vrn_multitask"]
+    with open(tmp_path / "runs.csv", newline="") as handle:
+        listed = {row["run_dir"]: row for row in csv.DictReader(handle)}
+    for run_dir in [*seed_dirs, multitask]:  # each run's NME exactly as its metrics.json has it
+        assert float(listed[str(run_dir)]["nme_mean"]) == _test_nme(run_dir)
+    assert rows["vrn_multitask"]["nme"].estimate == _test_nme(multitask)
+    assert rows["vrn"]["runs"] == [_test_nme(d) for d in seed_dirs] and rows["vrn"]["num_failed"] == 0
+    assert rows["vrn"]["nme"].estimate == pytest.approx(np.mean([_test_nme(d) for d in seed_dirs]), rel=1e-12)
+    # the paired difference: per face, multitask minus the seeds' mean, on the faces both were tested on
+    vrn = [read_per_sample_csv(d / "nme" / "test.csv") for d in seed_dirs]
+    mine = read_per_sample_csv(multitask / "nme" / "test.csv")
+    assert all(np.array_equal(t["index"], mine["index"]) for t in vrn)
+    expected = np.mean(mine["nme"] - (vrn[0]["nme"] + vrn[1]["nme"]) / 2)
+    difference = rows["vrn_multitask"]["difference"]
+    assert difference.estimate == pytest.approx(expected, rel=1e-12) and rows["vrn_multitask"]["paired"] == 4
+    assert difference.low <= difference.estimate <= difference.high
+    with open(tmp_path / "table.csv", newline="") as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert table["vrn"]["num_runs"] == "2" and table["vrn_multitask"]["num_runs"] == "1"
+    landmarks = json.loads((multitask / "metrics.json").read_text())["test/landmark_nme_balanced"]
+    assert float(table["vrn_multitask"]["landmark_nme_balanced"]) == landmarks and table["vrn"]["landmark_nme_balanced"] == ""
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| vrn | 2: " in markdown and "| vrn_multitask | 1: " in markdown and "[95% CI]" in markdown
+    for figure in ("ced.png", "nme_vs_yaw.png", "nme_per_expression.png"):
+        with Image.open(tmp_path / figure) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+
+
+@pytest.mark.slow
+def test_runs_tested_on_different_files_are_refused_naming_both(finished_runs, tmp_path, capsys):
+    seeds, multitask = finished_runs
+    moved = tmp_path / "other-test-file"
+    shutil.copytree(multitask, moved)
+    config = OmegaConf.load(moved / "config.yaml")
+    shutil.copy(f"{config.data.dir}/test.h5", tmp_path / "test.h5")
+    config.data.test = str(tmp_path / "test.h5")  # the same faces, another file: not provably the same
+    OmegaConf.save(config, moved / "config.yaml")
+    code = run_command(compare.main, ["--runs", str(multitask), str(moved), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and f"runs {multitask} and {moved} were tested on different files" in err
+    assert str(tmp_path / "test.h5") in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_is_named_and_a_sweeps_unfinished_trial_left_out(finished_runs, tmp_path):
+    seeds, multitask = finished_runs
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(multitask, unfinished)
+    (unfinished / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match=f"run {unfinished} has no metrics.json: it has not finished"):
+        compare.compare_runs([unfinished], tmp_path / "out")
+    folder = tmp_path / "sweep"
+    shutil.copytree(seeds, folder)
+    shutil.copytree(unfinished, folder / "trial-still-running")
+    assert len(compare.collect_run_dirs([folder])) == 2
+
+
+def test_paired_differences_use_the_faces_both_methods_were_tested_on():
+    def table(indices, nme):
+        count = len(indices)
+        return {"index": np.array(indices), "yaw_deg": np.zeros(count), "expression": np.full(count, -1),
+                "nme": np.array(nme, dtype=float), "nme_aligned": np.array(nme, dtype=float),
+                "nme_closest": np.array(nme, dtype=float), "failed": np.zeros(count, dtype=bool)}
+
+    tables = {"A": table([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4]), "B": table([3, 1, 5], [0.5, 0.1, 9.0])}
+    rows = compare.table_rows(tables, {}, "A", resamples=100)
+    assert rows["B"]["paired"] == 2  # faces 3 and 1
+    assert rows["B"]["difference"].estimate == pytest.approx(((0.5 - 0.4) + (0.1 - 0.2)) / 2)
+    with pytest.raises(ValueError, match="C and A share no test sample"):
+        compare.table_rows({**tables, "C": table([7], [0.1])}, {}, "A", resamples=100)
+    mean = compare.seed_mean_table([tables["A"], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])])
+    assert mean["index"].tolist() == [0, 1, 2, 3] and mean["nme"] == pytest.approx([0.2, 0.1, 0.2, 0.3])

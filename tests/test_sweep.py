@@ -63,3 +63,12 @@ command: [python, -m, experiments.train, --config, {CONFIG_DIR / 'quickstart.yam
     again = sweep.run_sweep(grid, parallel=2, extra=extra, root=tmp_path / "sweeps")  # nothing left to run
     assert again == rows and {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert "| 1 |" in (tmp_path / "sweeps" / "tiny-grid" / "summary.md").read_text()
+
+
+def test_the_trained_config_and_trial_folder_are_read_from_the_sweep_file(tmp_path):
+    spec = sweep.load_sweep(SWEEPS / "ablations.yaml")
+    assert sweep.train_config(spec, "ablations.yaml") == "experiments/configs/quickstart.yaml"
+    assert sweep.sweep_folder(spec, "x.yaml", Path("runs/sweeps")) == Path("runs/sweeps/ablations")
+    assert sweep.sweep_folder({**spec, "name": None}, "sweeps/mine.yaml", tmp_path) == tmp_path / "mine"
+    with pytest.raises(ConfigError, match=r"x.yaml: the command has no '--config CONFIG'"):
+        sweep.train_config({**spec, "command": ["python", "-m", "experiments.train", "${args_no_hyphens}"]}, "x.yaml")

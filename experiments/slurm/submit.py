@@ -8,6 +8,17 @@ agree on a new one), so a requeued job resumes from that directory's ``last.ckpt
 cannot run are refused before anything is written, naming both sides: a global batch that does not
 divide by nodes x devices, a device count that is not a number, more devices than GPUs requested.
 ``--dry-run`` prints the script; otherwise it is written to ``RUN_DIR/job.sbatch`` and given to ``sbatch``.
+
+A sweep as one array job: ``python -m experiments.slurm.submit --sweep SWEEP.yaml [--max-trials N]
+[--parallel K] [--dry-run] [key=value ...]``. The sweep expands to trials exactly as the local runner
+(:mod:`experiments.sweep`) expands it, with the same trial ids and run directories
+(``--root``/``{sweep}``/``{trial}``); the script has ``#SBATCH --array=0-(T-1)`` (``%K``: at most K at a
+time) and a ``case`` on ``$SLURM_ARRAY_TASK_ID`` that runs that trial's ``srun python -m experiments.train
+--config CONFIG key=value... run_dir=TRIAL_DIR``. Every trial is loaded and checked first (a refusal
+names the trial), and all must share one job shape (nodes, devices, GPUs and CPUs per task), since an
+array job has one set of ``#SBATCH`` lines. A requeued array task keeps its ``SLURM_ARRAY_TASK_ID``, so
+it reruns its own trial's command and resumes that run directory. The script is written to
+``--root/{sweep}/array.sbatch``; task logs go to ``slurm-{job}_{task}.out`` beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from omegaconf import DictConfig
 
 from experiments.config import ConfigError, load_config
 from experiments.runs import config_hash
+from experiments.sweep import expand, load_sweep, sweep_folder, train_config, trial_command
 from lightning_vrn.atomic import write_text
 from lightning_vrn.cli import run_command
 
@@ -51,49 +63,119 @@ def job_shape(cfg: DictConfig, gpus_per_node: int | None) -> tuple[int, int, int
     return nodes, devices, gpus
 
 
+def header(job_name: str, nodes: int, devices: int, gpus: int, cpus: int, time_limit: str, output: Path,
+           partition: str | None, array: str | None = None) -> list[str]:
+    """The ``#SBATCH`` lines (``devices`` tasks per node, ``gpus`` GPUs and ``cpus`` CPUs per task) and the
+    environment set-up every job script starts with."""
+    return [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={devices}",
+        f"#SBATCH --gres=gpu:{gpus}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --time={time_limit}",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={output}",
+        *([f"#SBATCH --array={array}"] if array else []),
+        *([f"#SBATCH --partition={partition}"] if partition else []),
+        "set -euo pipefail",
+        activation(),
+        f"cd {shlex.quote(str(Path.cwd()))}",
+    ]
+
+
 def render(cfg: DictConfig, config_path: str, overrides: list[str], run_dir: Path, time_limit: str,
            gpus_per_node: int | None = None, partition: str | None = None) -> str:
     """The sbatch script of one training."""
     nodes, devices, gpus = job_shape(cfg, gpus_per_node)
     train = ["srun", "python", "-m", "experiments.train", "--config", config_path, *overrides, f"run_dir={run_dir}"]
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={cfg.name}",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={devices}",
-        f"#SBATCH --gres=gpu:{gpus}",
-        f"#SBATCH --cpus-per-task={cfg.data.num_workers + 1}",
-        f"#SBATCH --time={time_limit}",
-        "#SBATCH --signal=SIGUSR1@90",
-        "#SBATCH --requeue",
-        f"#SBATCH --output={run_dir}/slurm-%j.out",
-        *([f"#SBATCH --partition={partition}"] if partition else []),
-        "set -euo pipefail",
-        activation(),
-        f"cd {shlex.quote(str(Path.cwd()))}",
-        " ".join(shlex.quote(word) for word in train),
-    ]
+    lines = header(cfg.name, nodes, devices, gpus, cfg.data.num_workers + 1, time_limit, run_dir / "slurm-%j.out",
+                   partition)
+    return "\n".join([*lines, shlex.join(train)]) + "\n"
+
+
+def render_array(sweep_path: str | Path, extra: list[str], root: Path, time_limit: str,
+                 gpus_per_node: int | None = None, partition: str | None = None, max_trials: int | None = None,
+                 seed: int = 0, parallel: int | None = None) -> str:
+    """The sbatch array script of a sweep: task i runs trial i of ``experiments.sweep.expand``, in that
+    trial's run directory. Every trial is checked first; a ConfigError names the trial that cannot run
+    or whose job shape differs from trial 0's."""
+    if any(item.startswith("run_dir=") for item in extra):
+        raise ConfigError(f"run_dir= cannot be set for a sweep: each trial runs in --root/{{sweep}}/{{trial}} "
+                          f"(here {root}); choose --root instead")
+    sweep = load_sweep(sweep_path)
+    config = train_config(sweep, sweep_path)
+    folder = sweep_folder(sweep, sweep_path, root)
+    trials = expand(sweep, max_trials, seed)
+    shapes = []
+    for index, trial in enumerate(trials):
+        where = f"sweep {sweep_path}, trial {index} ({trial.id}: {' '.join(trial.overrides)})"
+        try:
+            cfg = load_config(config, [*extra, *trial.overrides, f"run_dir={folder / trial.id}"])
+            shapes.append((*job_shape(cfg, gpus_per_node), cfg.data.num_workers + 1))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if shapes[index] != shapes[0]:
+            raise ConfigError(f"{where} needs {_shape_text(shapes[index])} but trial 0 ({trials[0].id}) needs "
+                              f"{_shape_text(shapes[0])}: an array job has one shape; fix these settings for "
+                              f"every trial (key=value after --sweep) or split the sweep")
+    nodes, devices, gpus, cpus = shapes[0]
+    array = f"0-{len(trials) - 1}" + (f"%{parallel}" if parallel else "")
+    lines = header(folder.name, nodes, devices, gpus, cpus, time_limit, folder / "slurm-%A_%a.out", partition, array)
+    lines += [': "${SLURM_ARRAY_TASK_ID:?run this script with sbatch: an array job sets SLURM_ARRAY_TASK_ID}"',
+              'case "$SLURM_ARRAY_TASK_ID" in']
+    for index, trial in enumerate(trials):
+        command = ["srun", *trial_command(sweep, trial, folder / trial.id, list(extra), interpreter="python")]
+        lines += [f"  {index})  # trial {trial.id}", f"    {shlex.join(command)} ;;"]
+    lines += [f'  *) echo "array task $SLURM_ARRAY_TASK_ID: this sweep has tasks {array.split("%")[0]}" >&2; '
+              f'exit 2 ;;', "esac"]
     return "\n".join(lines) + "\n"
+
+
+def _shape_text(shape: tuple[int, int, int, int]) -> str:
+    nodes, devices, gpus, cpus = shape
+    return (f"trainer.num_nodes={nodes}, trainer.devices={devices}, {gpus} GPUs per node and "
+            f"{cpus} CPUs per task (data.num_workers + 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    job = parser.add_mutually_exclusive_group(required=True)
+    job.add_argument("--config", help="one training, e.g. experiments/configs/paper.yaml")
+    job.add_argument("--sweep", help="one array task per trial, e.g. experiments/sweeps/ablations.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config (every trial's)")
     parser.add_argument("--time", default="24:00:00", help="the job's time limit (default 24:00:00)")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: trainer.devices")
     parser.add_argument("--partition", default=None)
+    parser.add_argument("--max-trials", type=int, default=None, help="--sweep: as experiments.sweep")
+    parser.add_argument("--seed", type=int, default=0, help="--sweep: seed of the random draws, as experiments.sweep")
+    parser.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="--sweep: as experiments.sweep")
+    parser.add_argument("--parallel", type=int, default=None, help="--sweep: at most K array tasks at a time")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.name}/slurm-{config_hash(cfg)}")
-    script = render(cfg, args.config, [o for o in args.overrides if not o.startswith("run_dir=")], run_dir,
-                    args.time, args.gpus_per_node, args.partition)
+    for flag, value in (("--parallel", args.parallel), ("--max-trials", args.max_trials)):
+        if value is not None and not args.sweep:
+            parser.error(f"{flag} is for --sweep (an array job), not --config")
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.sweep:
+        folder = sweep_folder(load_sweep(args.sweep), args.sweep, args.root)
+        path = folder / "array.sbatch"
+        script = render_array(args.sweep, args.overrides, args.root, args.time, args.gpus_per_node, args.partition,
+                              args.max_trials, args.seed, args.parallel)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(cfg.run_dir or f"runs/{cfg.name}/slurm-{config_hash(cfg)}")
+        path = run_dir / "job.sbatch"
+        script = render(cfg, args.config, [o for o in args.overrides if not o.startswith("run_dir=")], run_dir,
+                        args.time, args.gpus_per_node, args.partition)
     if args.dry_run:
         print(script, end="")
         return 0
-    write_text(run_dir / "job.sbatch", script)
-    subprocess.run(["sbatch", str(run_dir / "job.sbatch")], check=True)
+    write_text(path, script)
+    subprocess.run(["sbatch", str(path)], check=True)
     return 0
 
 
