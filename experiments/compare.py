@@ -168,7 +168,7 @@ def scored(out: Path, name: str, build: Callable[[], pl.LightningModule], data: 
     if not landmarks_file.is_file():
         module = build()
         _, _, logged = evaluate.test_report(module, data(module), folder if volume else None)
-        scores = {key.split("/", 1)[1]: float(value) for key, value in logged.items() if "landmark_nme" in key}
+        scores = evaluate.landmark_scores(logged)
         write_text(landmarks_file, json.dumps(scores, indent=2) + "\n")
     table = read_per_sample_csv(folder / "test.csv") if volume else None
     return table, json.loads(landmarks_file.read_text())
