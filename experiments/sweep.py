@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,17 @@ def trial_command(sweep: dict, trial: Trial, run_dir: Path, extra: list[str],
     return [*base_command(sweep, interpreter), *extra, *trial.overrides, f"run_dir={run_dir}"]
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def trial_environment(parallel: int) -> dict[str, str]:
+    """This environment with the CPU cores shared among ``parallel`` trials: ``OMP_NUM_THREADS`` (torch's
+    intra-op threads) = cores // parallel, at least 1, unless already set. Without it each trial takes
+    every core and ``parallel`` trials oversubscribe them."""
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    return {**{name: threads for name in THREAD_VARIABLES}, **os.environ}
+
+
 def run_sweep(path: str | Path, max_trials: int | None = None, parallel: int = 1, extra: list[str] = (),
               root: Path = Path("runs/sweeps"), seed: int = 0) -> list[dict]:
     """Run (or finish) the sweep's trials; returns one summary row per trial, sorted by the metric."""
@@ -163,7 +175,8 @@ def run_sweep(path: str | Path, max_trials: int | None = None, parallel: int = 1
             (folder / trial.id).mkdir(parents=True, exist_ok=True)
             log = open(folder / trial.id / "sweep.log", "w")
             command = trial_command(sweep, trial, folder / trial.id, list(extra))
-            running.append((trial, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+            running.append((trial, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                    env=trial_environment(parallel))))
     rows = summary_rows(sweep, trials, folder)
     write_text(folder / "summary.md", summary_table(sweep, rows) + "\n")
     print(summary_table(sweep, rows))

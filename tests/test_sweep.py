@@ -72,3 +72,13 @@ def test_the_trained_config_and_trial_folder_are_read_from_the_sweep_file(tmp_pa
     assert sweep.sweep_folder({**spec, "name": None}, "sweeps/mine.yaml", tmp_path) == tmp_path / "mine"
     with pytest.raises(ConfigError, match=r"x.yaml: the command has no '--config CONFIG'"):
         sweep.train_config({**spec, "command": ["python", "-m", "experiments.train", "${args_no_hyphens}"]}, "x.yaml")
+
+
+def test_parallel_trials_share_the_cores(monkeypatch):
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    for name in sweep.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert sweep.trial_environment(2)["OMP_NUM_THREADS"] == "4"
+    assert sweep.trial_environment(16)["MKL_NUM_THREADS"] == "1"  # never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert sweep.trial_environment(2)["OMP_NUM_THREADS"] == "3"
