@@ -133,9 +133,10 @@ class FaceModel:
 
 
 def load_face_model(spec: str) -> FaceModel:
-    """Load a face model by spec: ``"builtin"`` or ``"sfm:/path/to/dir"`` (Surrey Face Model files).
+    """Load a face model by spec: ``"builtin"``, ``"sfm:/path/to/dir"`` (Surrey Face Model files) or
+    ``"bfm:/path"`` (a Basel Face Model file or folder, :mod:`data_prep.bfm`; micrometres, not mm).
 
-    Raises ValueError for an unknown spec and FileNotFoundError for a missing SFM directory or file.
+    Raises ValueError for an unknown spec and FileNotFoundError for a missing directory or file.
     """
     if spec == "builtin":
         from data_prep.builtin_face import builtin_face_model
@@ -148,4 +149,12 @@ def load_face_model(spec: str) -> FaceModel:
         if not directory:
             raise ValueError("face model spec 'sfm:' needs a directory, e.g. 'sfm:/path/to/sfm'")
         return load_sfm(Path(directory).expanduser())
-    raise ValueError(f"unknown face model spec {spec!r}: use 'builtin' or 'sfm:/path/to/sfm_dir'")
+    if spec.startswith("bfm:"):
+        from data_prep.bfm import load_bfm
+
+        location = spec[len("bfm:"):]
+        if not location:
+            raise ValueError("face model spec 'bfm:' needs a file or folder, e.g. 'bfm:/path/to/Model_Shape.mat'")
+        return load_bfm(location)
+    raise ValueError(f"unknown face model spec {spec!r}: use 'builtin', 'sfm:/path/to/sfm_dir' or "
+                     f"'bfm:/path/to/bfm_file_or_dir'")

@@ -29,10 +29,12 @@ One sample, as the authors built theirs from 300W-LP:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import warnings
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -57,6 +59,8 @@ FRONT_MARGIN_FRACTION = 0.03
 """Depth of the mesh's nearest point behind the front of the grid, as a fraction of the grid's depth range."""
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
+FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "split")
+"""File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
 def split_code(split: str) -> int:
@@ -92,6 +96,12 @@ def front_z(grid: VoxelGrid) -> float:
     return z_front + FRONT_MARGIN_FRACTION * (z_back - z_front)
 
 
+def front_z_shift(grid: VoxelGrid, z_values: np.ndarray, scale: float = 1.0) -> float:
+    """Crop z shift (px) that puts the nearest of ``z_values`` (source units, scaled by ``scale`` px per unit) at
+    :func:`front_z`: ``crop_z = scale * z + shift``. Every producer places its meshes' depth with it."""
+    return front_z(grid) - scale * np.asarray(z_values).min()
+
+
 def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.ndarray, grid: VoxelGrid,
                    rng: np.random.Generator) -> tuple[float, np.ndarray]:
     """Scale (px/mm) and translation (crop px) placing the posed mesh in the crop as the authors did.
@@ -105,7 +115,7 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
     scale_jitter = rng.uniform(*SCALE_JITTER)
     centre_shift = rng.uniform(-TRANSLATION_JITTER_FRACTION, TRANSLATION_JITTER_FRACTION, size=2) * size
     crop = landmark_crop(posed[landmark_vertices, :2], size, scale_jitter, centre_shift)
-    z_shift = front_z(grid) - crop.scale * posed[:, 2].min()
+    z_shift = front_z_shift(grid, posed[:, 2], crop.scale)
     return crop.scale, np.append(crop.translation, z_shift)
 
 
@@ -130,19 +140,28 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     settings = RenderSettings.sample(rng, occluders=with_occluders)
     albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices)
     image, _ = render(vertices, model.triangles, albedo, grid.crop_size, settings)
-    landmarks_3d = vertices[model.landmark_vertices]
+    return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
+                        with_frontal, expression=expression,
+                        expression_label=np.uint8(expression_label(expression)))
+
+
+def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, rotation: np.ndarray, grid: VoxelGrid,
+                 landmarks_3d: np.ndarray, pose: np.ndarray, with_frontal: bool, /, **extra) -> dict[str, np.ndarray]:
+    """A :meth:`DatasetWriter.write` sample of a posed mesh in crop coordinates: ``volume`` (and, with
+    ``with_frontal``, ``volume_frontal``) voxelised with the frontal->posed crop ``rotation``, 2D landmarks the
+    x, y of ``landmarks_3d``, float32 arrays, then the ``extra`` keys (synthetic faces and scans alike; a scan's
+    own ``triangles`` is one: the parameters are positional only)."""
     sample = {
         "image": image,
-        "volume": voxelise(vertices, model.triangles, rotation, grid),
+        "volume": voxelise(vertices, triangles, rotation, grid),
         "landmarks_2d": landmarks_3d[:, :2].astype(np.float32),
         "landmarks_3d": landmarks_3d.astype(np.float32),
         "pose": pose.astype(np.float32),
         "vertices": vertices.astype(np.float32),
-        "expression": expression,
-        "expression_label": np.uint8(expression_label(expression)),
+        **extra,
     }
     if with_frontal:
-        sample["volume_frontal"] = voxelise_frontal(vertices, model.triangles, rotation, grid)
+        sample["volume_frontal"] = voxelise_frontal(vertices, triangles, rotation, grid)
     return sample
 
 
@@ -151,6 +170,22 @@ def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
     (z_lo, z_hi), last = grid.z_range, grid.crop_size - 1
     return bool((vertices[:, :2].min() < 0) or (vertices[:, :2].max() > last)
                 or vertices[:, 2].min() < z_lo or vertices[:, 2].max() > z_hi)
+
+
+def parallel_map(function, jobs: Sequence, workers: int, initializer, initargs: tuple = (), chunksize: int = 1):
+    """Yield ``function(job)`` for each of ``jobs``, in order: in this process after ``initializer(*initargs)``
+    when ``workers <= 1`` (or one job), else in ``workers`` spawned processes each set up by the initializer
+    (terminated when the caller stops). ``function`` and ``initializer`` must be module-level functions."""
+    if workers <= 1 or len(jobs) <= 1:
+        initializer(*initargs)
+        yield from map(function, jobs)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
+    try:
+        yield from pool.imap(function, jobs, chunksize=chunksize)
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -200,7 +235,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     model = load_face_model(model_spec)
     attrs = _file_attrs(model, model_spec, seed, split, occluder_prob)
     if out_path.exists() and not restart:
-        _check_finished(out_path, grid, num_samples, with_frontal, attrs)
+        check_finished(out_path, grid, num_samples, attrs, FINISHED_KEYS, with_frontal, need_expression=True)
         if progress:
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
         return out_path
@@ -218,21 +253,29 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     return out_path
 
 
-def _check_finished(path: Path, grid: VoxelGrid, num_samples: int, with_frontal: bool, attrs: dict) -> None:
-    """Raise if the finished file at ``path`` was made with other arguments."""
+def check_finished(path: Path, grid: VoxelGrid, num_samples: int, attrs: dict, keys, with_frontal: bool | None = None,
+                   need_expression: bool = False, made_from: str = "with other arguments") -> None:
+    """Raise :class:`FileExistsError` if the finished dataset file at ``path`` differs from what a rerun would write:
+    grid, number of samples, the ``attrs`` named by ``keys``, frontal volumes (unless ``with_frontal`` is None)
+    and, with ``need_expression``, expression labels.
+
+    The rerun rule of every producer (synthetic, AFLW2000-3D, 300W-LP, Florence, BU-4DFE): a finished file made
+    with the same arguments is left as it is; one made otherwise is refused unless ``--restart``.
+    """
     dataset = open_dataset(path)
     differences = [f"grid {dataset.grid.describe()} vs {grid.describe()}"] if dataset.grid != grid else []
     if dataset.num_samples != num_samples:
         differences.append(f"{dataset.num_samples} samples vs {num_samples}")
-    if dataset.has_frontal != with_frontal:
+    if with_frontal is not None and dataset.has_frontal != with_frontal:
         differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
-    if not dataset.has_expression:
+    if need_expression and not dataset.has_expression:
         differences.append("no expression labels (made by older code)")
-    for key in ("face_model", "face_model_spec", "seed", "occluder_prob", "split"):
-        if dataset.attrs.get(key) != attrs[key]:
-            differences.append(f"{key} {dataset.attrs.get(key)!r} vs {attrs[key]!r}")
+    for key in keys:
+        stored, wanted = dataset.attrs.get(key), attrs[key]
+        if not np.array_equal(np.asarray(stored), np.asarray(wanted)):  # scalars, strings and arrays alike
+            differences.append(f"{key} {stored!r} vs {wanted!r}")
     if differences:
-        raise FileExistsError(f"{path} exists but was made with other arguments ({'; '.join(differences)}); "
+        raise FileExistsError(f"{path} exists but was made {made_from} ({'; '.join(differences)}); "
                               f"pass --restart to replace it, or choose another --out")
 
 
@@ -245,7 +288,8 @@ def _parse_split(text: str) -> tuple[str, int]:
     return name.strip(), int(count)
 
 
-def _parse_grid(text: str) -> VoxelGrid:
+def grid_argument(text: str) -> VoxelGrid:
+    """argparse type of ``--grid D,H,W`` (:meth:`VoxelGrid.parse`), for every data_prep command."""
     try:
         return VoxelGrid.parse(text)
     except ValueError as err:
@@ -267,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder; writes OUT/NAME.h5 per split")
     parser.add_argument("--split", type=_parse_split, action="append", required=True, metavar="NAME=COUNT",
                         help="a split and its number of samples; repeat for several (train=4000 val=200 test=500)")
-    parser.add_argument("--grid", type=_parse_grid, default=_parse_grid("200,192,192"), metavar="D,H,W",
+    parser.add_argument("--grid", type=grid_argument, default=grid_argument("200,192,192"), metavar="D,H,W",
                         help="volume depth, height, width; the crop is H x W pixels (default 200,192,192)")
     parser.add_argument("--face-model", default="builtin", help="'builtin' or 'sfm:PATH' (default builtin)")
     parser.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.geometry.pose import euler_to_matrix_torch, matrix_to_euler_torch
+from lightning_vrn.geometry.pose import FLIP_YZ, MIRROR_X, euler_to_matrix_torch, matrix_to_euler_torch, mirror_pose
 from lightning_vrn.landmarks import FLIP
 
 PARAM_KEYS = ("angle", "scale", "tx", "ty", "flip", "colour")
@@ -216,23 +216,30 @@ def frontal_params(params: Mapping[str, torch.Tensor], pivot_xy: torch.Tensor,
     return {**params, "angle": torch.zeros_like(scale), "tx": shift[:, 0], "ty": shift[:, 1]}
 
 
+def _in_plane_rotation(params: Mapping[str, torch.Tensor], device) -> torch.Tensor:
+    """``(B, 3, 3)`` float64 crop rotations by each sample's ``angle`` about the viewing axis."""
+    angle = params["angle"].to(device, torch.float64)
+    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle), torch.ones_like(angle)
+    return torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+
+
 def _compose_rotation(rotation_crop: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``(B, 3, 3)`` frontal->posed crop rotations -> those of the augmented meshes: ``Rz (M R M if flip else R)``."""
     device = rotation_crop.device
-    mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64, device=device))
+    mirror = torch.as_tensor(MIRROR_X, dtype=torch.float64, device=device)
     flip = params["flip"].to(device)[:, None, None]
     rotation = torch.where(flip, mirror @ rotation_crop @ mirror, rotation_crop)
-    angle = params["angle"].to(device, torch.float64)
-    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle), torch.ones_like(angle)
-    in_plane = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).reshape(-1, 3, 3)
-    return in_plane @ rotation
+    return _in_plane_rotation(params, device) @ rotation
 
 
 def augment_pose(pose: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, 3)`` (pitch, yaw, roll) radians -> the pose of the augmented faces (same dtype)."""
-    flip_yz = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64, device=pose.device))
-    crop = flip_yz @ euler_to_matrix_torch(pose.to(torch.float64)) @ flip_yz
-    return matrix_to_euler_torch(flip_yz @ _compose_rotation(crop, params) @ flip_yz).to(pose.dtype)
+    """``(B, 3)`` (pitch, yaw, roll) radians -> the pose of the augmented faces (same dtype): flipped samples'
+    pose mirrored (:func:`~lightning_vrn.geometry.pose.mirror_pose`), then the in-plane rotation composed."""
+    pose64 = pose.to(torch.float64)
+    pose64 = torch.where(params["flip"].to(pose.device)[:, None], mirror_pose(pose64), pose64)
+    flip_yz = torch.as_tensor(FLIP_YZ, dtype=torch.float64, device=pose.device)
+    crop = flip_yz @ euler_to_matrix_torch(pose64) @ flip_yz
+    return matrix_to_euler_torch(flip_yz @ _in_plane_rotation(params, pose.device) @ crop @ flip_yz).to(pose.dtype)
 
 
 def augment_batch(batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], grid: VoxelGrid,

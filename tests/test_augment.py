@@ -26,6 +26,7 @@ from lightning_vrn.geometry.pose import (
     euler_to_matrix_torch,
     matrix_to_euler,
     matrix_to_euler_torch,
+    mirror_pose,
 )
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 from lightning_vrn.heatmaps import gaussian_heatmaps
@@ -200,6 +201,27 @@ def test_pose_and_rotation_follow_the_mesh():
         np.testing.assert_allclose(moved - moved.mean(0), expected, atol=1e-9)
         new_pose = augment_batch({"pose": torch.tensor(pose)[None]}, stack([params]), grid)["pose"][0].numpy()
         np.testing.assert_allclose(crop_rotation(new_pose), composed, atol=1e-9)
+
+
+def test_mirror_pose_is_the_rotation_conjugated_by_the_x_mirror():
+    """``mirror_pose`` = (pitch, -yaw, -roll) is exactly ``M R M`` (M = diag(-1, 1, 1)) in model and crop frames,
+    for numpy and torch, and is what a flip with no other change does to the pose."""
+    mirror = np.diag([-1.0, 1.0, 1.0])
+    rng = np.random.default_rng(3)
+    poses = rng.uniform([-np.pi, -np.pi / 2, -np.pi], [np.pi, np.pi / 2, np.pi], size=(50, 3))
+    for pose in poses:
+        mirrored = mirror_pose(pose)
+        np.testing.assert_array_equal(mirrored, pose * [1, -1, -1])
+        np.testing.assert_allclose(euler_to_matrix(*mirrored), mirror @ euler_to_matrix(*pose) @ mirror, atol=1e-12)
+        np.testing.assert_allclose(crop_rotation(mirrored), mirror @ crop_rotation(pose) @ mirror, atol=1e-12)
+    pose32 = poses[:4].astype(np.float32)
+    assert mirror_pose(pose32).dtype == np.float32 and np.array_equal(pose32, poses[:4].astype(np.float32))
+    tensor = torch.tensor(poses)
+    np.testing.assert_array_equal(mirror_pose(tensor).numpy(), mirror_pose(poses))
+    assert torch.equal(tensor, torch.tensor(poses))  # a new tensor: the input is not changed
+    flipped = augment_batch({"pose": tensor}, stack([one(0, 1.0, 0.0, 0.0, True)] * len(poses)),
+                            VoxelGrid.centred(100, 96, 96))["pose"]
+    np.testing.assert_allclose(flipped.numpy(), mirror_pose(poses), atol=1e-9)
 
 
 def test_torch_euler_helpers_match_pose_module():

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 FLIP_YZ = np.diag([1.0, -1.0, -1.0])
+MIRROR_X = np.diag([-1.0, 1.0, 1.0])
+"""The horizontal mirror ``x -> -x`` (in model and in crop coordinates alike: it commutes with ``FLIP_YZ``)."""
 
 
 def euler_to_matrix(pitch: float, yaw: float, roll: float) -> np.ndarray:
@@ -69,6 +71,20 @@ def matrix_to_euler_torch(rotation: torch.Tensor) -> torch.Tensor:
     roll = torch.atan2(rotation[:, 0, 1], rotation[:, 0, 0])
     pitch = torch.atan2(rotation[:, 1, 2], rotation[:, 2, 2])
     return torch.stack([pitch, yaw, roll], dim=-1)
+
+
+def mirror_pose(pose):
+    """The pose of the horizontally mirrored face: ``(pitch, -yaw, -roll)``, for ``(..., 3)`` numpy arrays or
+    torch tensors (same type and dtype, a new array).
+
+    Exact: ``euler_to_matrix(*mirror_pose(p)) == MIRROR_X @ euler_to_matrix(*p) @ MIRROR_X`` (the x mirror
+    commutes with ``Rx`` and flips the sign of the ``Ry`` and ``Rz`` angles), and the same holds for the crop
+    rotation, since ``MIRROR_X`` commutes with ``FLIP_YZ``. The one place the suite mirrors a pose (300W-LP
+    ``--flip`` copies, flip augmentation).
+    """
+    mirrored = pose.clone() if hasattr(pose, "clone") else np.array(pose, copy=True)
+    mirrored[..., 1:] = -mirrored[..., 1:]
+    return mirrored
 
 
 def crop_rotation(pose) -> np.ndarray:

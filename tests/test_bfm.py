@@ -1,0 +1,208 @@
+"""Basel Face Model readers (data_prep.bfm): four layouts of fake files, the face-region cut, bad files."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import scipy.io
+
+from data_prep.bfm import load_bfm
+from data_prep.face_model import load_face_model
+from lightning_vrn.safe_load import UnsafeFileError
+
+MICROMETRES_PER_MM = 1000.0
+NUM_SHAPE, NUM_EXP = 5, 3
+
+
+def fake_bfm_content(seed: int = 0) -> dict[str, np.ndarray]:
+    """A small BFM-like model in micrometres: the built-in face plus a neck and an ear vertex (cut away).
+
+    Flat xyz-interleaved ``mean_shape``, ``mean_exp`` (3V,), ``w`` (3V, 5), ``w_exp`` (3V, 3),
+    ``tri`` (T, 3) and ``keypoints`` (68,) 0-based; ``neck`` and ``ear`` are the extra vertex ids.
+    """
+    model = load_face_model("builtin")
+    rng = np.random.default_rng(seed)
+    vertices = model.mean.astype(np.float64) * MICROMETRES_PER_MM
+    chin = vertices[model.landmark_vertices[8]]
+    jaw_top = vertices[model.landmark_vertices[0]]
+    neck = chin + [0.0, -30e3, -40e3]
+    ear = jaw_top + [-15e3, 0.0, -20e3]
+    vertices = np.vstack([vertices, neck, ear])
+    num = len(vertices)
+    triangles = np.vstack([model.triangles, [[model.landmark_vertices[7], model.landmark_vertices[8], num - 2],
+                                             [model.landmark_vertices[0], model.landmark_vertices[1], num - 1]]])
+    mean_exp = rng.normal(0, 500.0, size=3 * num)
+    return {
+        "mean_shape": (vertices.reshape(-1) - mean_exp).astype(np.float32),
+        "mean_exp": mean_exp.astype(np.float32),
+        "w": rng.normal(0, 1.0, size=(3 * num, NUM_SHAPE)).astype(np.float32),
+        "w_exp": rng.normal(0, 1000.0, size=(3 * num, NUM_EXP)).astype(np.float32),
+        "tri": triangles.astype(np.int64),
+        "keypoints": model.landmark_vertices.astype(np.int64),
+        "neck": num - 2,
+        "ear": num - 1,
+    }
+
+
+def write_3ddfa(folder, content) -> None:
+    """``Model_Shape.mat`` + ``Model_Exp.mat`` (MATLAB 1-based ids, column vectors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(folder / "Model_Shape.mat", {
+        "mu_shape": content["mean_shape"][:, None], "w": content["w"], "sigma": np.ones((NUM_SHAPE, 1)),
+        "tri": (content["tri"].T + 1).astype(np.uint16), "keypoints": (content["keypoints"][None] + 1).astype(np.uint16)})
+    scipy.io.savemat(folder / "Model_Exp.mat", {"mu_exp": content["mean_exp"][:, None], "w_exp": content["w_exp"]})
+
+
+def write_face3d(folder, content) -> None:
+    """face3d's ``BFM.mat``: a struct ``model``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(folder / "BFM.mat", {"model": {
+        "shapeMU": content["mean_shape"][:, None], "shapePC": content["w"], "shapeEV": np.ones((NUM_SHAPE, 1)),
+        "expMU": content["mean_exp"][:, None], "expPC": content["w_exp"], "expEV": np.ones((NUM_EXP, 1)),
+        "texMU": np.zeros((content["mean_shape"].size, 1)), "tri": content["tri"].T + 1,
+        "kpt_ind": content["keypoints"][None] + 1, "tri_mouth": np.ones((3, 1))}})
+
+
+def write_noneck_pickle(folder, content) -> None:
+    """3DDFA_V2's ``bfm_noneck_v3.pkl``: 0-based, keypoints as flat xyz indices."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flat_keypoints = (3 * content["keypoints"][:, None] + np.arange(3)).reshape(-1)
+    with open(folder / "bfm_noneck_v3.pkl", "wb") as handle:
+        pickle.dump({"u": (content["mean_shape"] + content["mean_exp"])[:, None], "w_shp": content["w"],
+                     "w_exp": content["w_exp"], "tri": content["tri"].T, "keypoints": flat_keypoints}, handle)
+
+
+def write_mean_only(folder, content) -> None:
+    """``Model_Shape_Sim.mat`` + ``u_exp.npy`` (no bases), as ../shared/data/bfm_meta."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(folder / "Model_Shape_Sim.mat", {
+        "mu_shape": content["mean_shape"][:, None], "tri": content["tri"].T + 1, "keypoints": content["keypoints"][None] + 1})
+    np.save(folder / "u_exp.npy", content["mean_exp"][:, None])
+
+
+WRITERS = {"3ddfa": write_3ddfa, "face3d": write_face3d, "noneck": write_noneck_pickle, "mean": write_mean_only}
+
+
+@pytest.fixture(scope="module")
+def content():
+    return fake_bfm_content()
+
+
+@pytest.mark.parametrize("layout", sorted(WRITERS))
+def test_layouts_read_the_same_model(tmp_path, content, layout):
+    WRITERS[layout](tmp_path / layout, content)
+    model = load_face_model(f"bfm:{tmp_path / layout}")
+    reference = load_bfm(_written(tmp_path / "ref", content, "3ddfa"))
+    np.testing.assert_allclose(model.mean, reference.mean, rtol=1e-6, atol=1e-2)
+    np.testing.assert_array_equal(model.triangles, reference.triangles)
+    np.testing.assert_array_equal(model.landmark_vertices, reference.landmark_vertices)
+    expected_bases = (0, 0) if layout == "mean" else (NUM_SHAPE, NUM_EXP)
+    assert (len(model.identity_basis), len(model.expression_basis)) == expected_bases
+    if layout != "mean":
+        np.testing.assert_array_equal(model.identity_basis, reference.identity_basis)
+
+
+def _written(folder, content, layout):
+    WRITERS[layout](folder, content)
+    return folder
+
+
+def test_model_applies_parameters_unscaled_in_micrometres(tmp_path, content):
+    model = load_bfm(_written(tmp_path, content, "3ddfa"))
+    full = (content["mean_shape"] + content["mean_exp"]).reshape(-1, 3)
+    kept = _kept_ids(model, full)
+    shape, expression = np.arange(1.0, NUM_SHAPE + 1), np.array([0.5, -1.0, 2.0])
+    expected = (full + (content["w"] @ shape).reshape(-1, 3) + (content["w_exp"] @ expression).reshape(-1, 3))[kept]
+    np.testing.assert_allclose(model.shape(shape, expression), expected, rtol=1e-5, atol=0.5)
+
+
+def _kept_ids(model, full_mean):
+    """Original vertex id of each model vertex (the cut keeps their order)."""
+    lookup = {tuple(np.round(v, 1)): i for i, v in enumerate(full_mean)}
+    return np.array([lookup[tuple(np.round(v, 1))] for v in model.mean])
+
+
+def test_face_region_cuts_neck_and_ear_keeps_face(tmp_path, content):
+    model = load_bfm(_written(tmp_path, content, "3ddfa"))
+    full = (content["mean_shape"] + content["mean_exp"]).reshape(-1, 3)
+    kept = _kept_ids(model, full)
+    assert content["neck"] not in kept and content["ear"] not in kept
+    assert len(kept) > 0.7 * len(full)
+    np.testing.assert_array_equal(kept[model.landmark_vertices], content["keypoints"])
+    np.testing.assert_array_equal(model.face_region, np.arange(model.num_vertices))
+    a, b, c = (model.mean[model.triangles[:, k]] for k in range(3))
+    assert np.cross(b - a, c - a)[:, 2].sum() > 0  # counter-clockwise seen from the front
+
+
+def test_shared_mean_bfm_keeps_the_face(shared_data):
+    model = load_face_model(f"bfm:{shared_data / 'bfm_meta'}")
+    assert model.name == "bfm-mean" and len(model.identity_basis) == 0
+    assert 25_000 < model.num_vertices < 45_000  # of 53,215: ears, neck and the back of the jaw cut
+    width = np.ptp(model.mean[:, 0])
+    assert 130e3 < width < 160e3  # micrometres: the face is about 15 cm wide
+
+
+@pytest.mark.parametrize("layout, breakage, message", [
+    ("3ddfa", "no_w", r"Model_Shape.mat has no 'w'"),
+    ("3ddfa", "short_basis", r"w has shape \(\d+, 5\), expected \(\d+, K\)"),
+    ("3ddfa", "exp_other_version", r"Model_Exp.mat: mu_exp has \d+ vertices .* different BFM versions"),
+    ("3ddfa", "no_exp_file", r"needs Model_Exp.mat beside it"),
+    ("3ddfa", "corrupt", r"Model_Shape.mat is not a readable .mat file"),
+    ("3ddfa", "keypoints_out_of_range", r"keypoints hold vertex ids .* outside"),
+    ("face3d", "not_struct", r"'model' is not a MATLAB struct"),
+    ("noneck", "bad_keypoints", r"'keypoints' must be 204 flat xyz indices"),
+    ("noneck", "truncated_tri", r"tri.pkl is not a readable pickle .*triangles of bfm_noneck_v3.pkl.*download it"),
+    ("mean", "no_u_exp", r"needs u_exp.npy"),
+])
+def test_bad_bfm_files_fail_clearly(tmp_path, content, layout, breakage, message):
+    folder = _written(tmp_path / "bfm", content, layout)
+    if breakage == "no_w":
+        data = scipy.io.loadmat(folder / "Model_Shape.mat")
+        scipy.io.savemat(folder / "Model_Shape.mat", {k: v for k, v in data.items() if k in ("mu_shape", "tri", "keypoints")})
+    elif breakage == "short_basis":
+        scipy.io.savemat(folder / "Model_Shape.mat", {**_mat(folder / "Model_Shape.mat"), "w": content["w"][:-3]})
+    elif breakage == "exp_other_version":
+        scipy.io.savemat(folder / "Model_Exp.mat", {"mu_exp": content["mean_exp"][:-3, None], "w_exp": content["w_exp"][:-3]})
+    elif breakage == "no_exp_file":
+        (folder / "Model_Exp.mat").unlink()
+    elif breakage == "corrupt":
+        (folder / "Model_Shape.mat").write_bytes(b"MATLAB 5.0 MAT-file" + bytes(range(256)) * 4)
+    elif breakage == "keypoints_out_of_range":
+        scipy.io.savemat(folder / "Model_Shape.mat", {**_mat(folder / "Model_Shape.mat"),
+                                                      "keypoints": np.full((1, 68), 10**6)})
+    elif breakage == "not_struct":
+        scipy.io.savemat(folder / "BFM.mat", {"model": np.zeros((3, 3))})
+    elif breakage == "bad_keypoints":
+        data = pickle.loads((folder / "bfm_noneck_v3.pkl").read_bytes())
+        (folder / "bfm_noneck_v3.pkl").write_bytes(pickle.dumps({**data, "keypoints": np.arange(68)}))
+    elif breakage == "truncated_tri":
+        (folder / "tri.pkl").write_bytes(pickle.dumps(content["tri"].T)[:40])
+    elif breakage == "no_u_exp":
+        (folder / "u_exp.npy").unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_face_model(f"bfm:{folder}")
+
+
+def _mat(path):
+    return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    (tmp_path / "bfm_noneck_v3.pkl").write_bytes(pickle.dumps({"u": Payload()}))
+    with pytest.raises(UnsafeFileError, match="could run code"):
+        load_face_model(f"bfm:{tmp_path}")
+
+
+def test_bfm_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs a file or folder"):
+        load_face_model("bfm:")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_face_model(f"bfm:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="no BFM files in folder"):
+        load_face_model(f"bfm:{tmp_path}")
