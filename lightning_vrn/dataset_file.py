@@ -14,6 +14,9 @@ One file per split. Per-sample datasets (first axis N, one chunk per sample):
 ``expression_label``      (N,) uint8             optional: dominant expression, an id into ``expression_names``
 ========================  =====================  ==========================================
 
+Optional ``landmarks_2d_reannotated`` (N, 68, 2) float32: a second ground truth of ``landmarks_2d`` in crop
+pixels (AFLW2000-3D's re-annotation, scored beside the original); files without it read as before.
+
 Shared datasets: ``triangles`` (T, 3), ``face_region`` (F,), ``landmark_vertices`` (68,).
 File attributes: ``schema_version``, the grid (:meth:`VoxelGrid.to_attrs`), ``num_samples``,
 ``face_model``, ``source``, ``seed``, ``created_by``, ``expression_names`` (label id -> name, id 0
@@ -21,6 +24,22 @@ File attributes: ``schema_version``, the grid (:meth:`VoxelGrid.to_attrs`), ``nu
 
 Version 2 added the two expression datasets and ``expression_names``; version-1 files (without
 them) are still read.
+
+Version 3 added files WITHOUT a shared topology (real scans, attribute ``per_sample_topology``): each
+sample's ground-truth mesh has its own vertices and triangles, stored variable-length with an
+offsets index instead of ``vertices`` and the shared datasets:
+
+========================  =====================  ==========================================
+``vertices_flat``         (sum V_i, 3) float32   every sample's vertices (crop coordinates), one after another
+``vertex_ranges``         (N, 2) int64           sample i's vertices: ``vertices_flat[start:start + count]``
+``triangles_flat``        (sum T_i, 3) int32     every sample's triangles, ids into the sample's own vertices
+``triangle_ranges``       (N, 2) int64           sample i's triangles: ``triangles_flat[start:start + count]``
+========================  =====================  ==========================================
+
+There, every stored vertex is a face-region vertex (the NME is measured on all of them) and
+:meth:`FaceDatasetFile.read` returns each sample's own ``vertices`` (V_i, 3) and ``triangles`` (T_i, 3);
+the file's ``triangles``, ``face_region`` and ``landmark_vertices`` are None. Version 1 and 2 files are
+still read.
 
 :class:`DatasetWriter` writes ``<path>.partial`` with a per-sample ``written`` flag, so a killed
 run resumes where it stopped, and renames it to ``<path>`` only when every sample is in.
@@ -41,17 +60,23 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.topology import as_vertex_ids
 from lightning_vrn.landmarks import NUM_LANDMARKS
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
-"""Versions :class:`FaceDatasetFile` opens: version 1 is version 2 without the expression fields."""
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+"""Versions :class:`FaceDatasetFile` opens: version 1 is version 2 without the expression fields, version 2 is
+version 3 without per-sample topology files."""
 
 PER_SAMPLE_FIELDS = ("images", "volumes", "volumes_frontal", "landmarks_2d", "landmarks_3d", "pose", "vertices",
                      "expression", "expression_label")
 """Names of the per-sample datasets (those of :data:`OPTIONAL_FIELDS` only in some files)."""
+TEST_FIELDS = ("landmarks_2d_reannotated",)
+"""Optional per-sample datasets beyond :data:`PER_SAMPLE_FIELDS` that only test sets carry: a second landmark
+ground truth, scored beside ``landmarks_2d``."""
 OPTIONAL_FIELDS = {
     "volumes_frontal": "regenerate it with --frontal",
     "expression": "its producer did not record expression coefficients (or it is a version-1 file)",
     "expression_label": "its producer did not record expressions (or it is a version-1 file)",
+    "landmarks_2d_reannotated": "it has no second landmark annotation (AFLW2000-3D: convert with "
+                                "--reannotated FILE.npy)",
 }
 """Per-sample datasets a file may lack -> why it lacks them, for the error on reading one."""
 NEUTRAL = "neutral"
@@ -60,7 +85,13 @@ SHARED_FIELDS = ("triangles", "face_region", "landmark_vertices")
 """Names of the shared (topology) datasets: vertex ids."""
 UNIQUE_ID_FIELDS = ("face_region",)
 """Shared datasets whose ids must be distinct (a landmark may reuse a vertex: the SFM's inner mouth corners)."""
-FLOAT_FIELDS = ("landmarks_2d", "landmarks_3d", "pose", "vertices", "expression")
+FLOAT_FIELDS = ("landmarks_2d", "landmarks_3d", "pose", "vertices", "expression", "landmarks_2d_reannotated")
+PER_SAMPLE_TOPOLOGY_FIELDS = ("vertices_flat", "vertex_ranges", "triangles_flat", "triangle_ranges")
+"""Datasets of a per-sample topology file (schema version 3) in place of ``vertices`` and the shared ones."""
+MESH_FIELDS = ("vertices", "triangles")
+"""What :meth:`FaceDatasetFile.read` returns of a per-sample topology file's meshes (each sample's own)."""
+FLAT_CHUNK_ROWS = 16384
+"""Rows per chunk of ``vertices_flat`` / ``triangles_flat`` (192 KiB of vertices): a 20k-vertex face reads 2-3 chunks."""
 
 SAMPLE_KEYS = {
     "image": "images",
@@ -72,8 +103,10 @@ SAMPLE_KEYS = {
     "vertices": "vertices",
     "expression": "expression",
     "expression_label": "expression_label",
+    "landmarks_2d_reannotated": "landmarks_2d_reannotated",
+    "triangles": "triangles",
 }
-"""Key of :meth:`DatasetWriter.write`'s sample dict -> dataset name."""
+"""Key of :meth:`DatasetWriter.write`'s sample dict -> dataset name (``triangles``: per-sample topology only)."""
 
 REQUIRED_ATTRS = ("face_model", "source", "created_by")
 """Attributes a producer must pass to :class:`DatasetWriter` (``seed`` too when the data is random)."""
@@ -133,6 +166,7 @@ def sample_shapes(grid: VoxelGrid, num_vertices: int, num_expression: int = 0) -
         "vertices": (num_vertices, 3),
         "expression": (num_expression,),
         "expression_label": (),
+        "landmarks_2d_reannotated": (NUM_LANDMARKS, 2),
     }
 
 
@@ -166,7 +200,8 @@ class DatasetWriter:
     (68,) are the shared topology; ``attrs`` the file attributes (must hold :data:`REQUIRED_ATTRS`).
     ``expression_names`` (label id -> name, the first :data:`NEUTRAL`) adds the per-sample
     ``expression_label`` and the attribute ``expression_names``; ``num_expression_coefficients`` E > 0
-    adds the per-sample ``expression`` (E,). Each sample must then carry them, and only then.
+    adds the per-sample ``expression`` (E,); ``with_reannotated`` the per-sample ``landmarks_2d_reannotated``
+    (68, 2). Each sample must then carry them, and only then.
 
     If ``<path>.partial`` exists with the same parameters, writing continues: :meth:`pending`
     lists the samples still missing. Different parameters or a damaged partial file raise
@@ -174,27 +209,44 @@ class DatasetWriter:
     ``path`` raises :class:`FileExistsError` unless ``restart=True`` (it is replaced on finish).
     The written flags are flushed every ``flush_every`` samples (and on :meth:`close`), so a
     kill loses at most that many samples of work.
+
+    ``per_sample_topology=True`` (scans, :meth:`for_scans`) writes a file without a shared topology:
+    ``num_vertices``, ``triangles``, ``face_region`` and ``landmark_vertices`` must be None and each
+    sample carries its own ``vertices`` (V_i, 3) and ``triangles`` (T_i, 3), stored variable-length.
     """
 
-    def __init__(self, path, grid: VoxelGrid, num_samples: int, num_vertices: int, triangles, face_region,
+    def __init__(self, path, grid: VoxelGrid, num_samples: int, num_vertices: int | None, triangles, face_region,
                  landmark_vertices, attrs: Mapping[str, Any], with_frontal: bool = False, restart: bool = False,
                  flush_every: int = 32, flags: Sequence[str] = (), expression_names: Sequence[str] | None = None,
-                 num_expression_coefficients: int = 0):
+                 num_expression_coefficients: int = 0, per_sample_topology: bool = False,
+                 with_reannotated: bool = False):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.grid = grid
         self.num_samples = int(num_samples)
-        self.num_vertices = int(num_vertices)
+        self.per_sample_topology = bool(per_sample_topology)
         self.with_frontal = bool(with_frontal)
         self.flush_every = int(flush_every)
         self.flags = tuple(flags)
         missing = [key for key in REQUIRED_ATTRS if key not in attrs]
         if missing:
             raise ValueError(f"DatasetWriter for {self.path}: attrs lack {missing}; pass them in attrs")
-        if self.num_samples <= 0 or self.num_vertices <= 0:
-            raise ValueError(f"DatasetWriter for {self.path}: num_samples ({num_samples}) and num_vertices "
-                             f"({num_vertices}) must be positive")
-        self._shared = self._checked_shared(triangles, face_region, landmark_vertices)
+        if self.per_sample_topology:
+            given = [name for name, value in zip(("num_vertices", *SHARED_FIELDS),
+                                                 (num_vertices, triangles, face_region, landmark_vertices))
+                     if value is not None]
+            if given:
+                raise ValueError(f"DatasetWriter for {self.path}: a per-sample topology file has no shared "
+                                 f"{given}; pass None (each sample carries its own vertices and triangles)")
+            self.num_vertices = None
+            self._shared = {}
+        else:
+            self.num_vertices = int(num_vertices)
+            if self.num_vertices <= 0:
+                raise ValueError(f"DatasetWriter for {self.path}: num_vertices ({num_vertices}) must be positive")
+            self._shared = self._checked_shared(triangles, face_region, landmark_vertices)
+        if self.num_samples <= 0:
+            raise ValueError(f"DatasetWriter for {self.path}: num_samples ({num_samples}) must be positive")
         self.expression_names = None if expression_names is None else self._checked_names(expression_names)
         if num_expression_coefficients < 0:
             raise ValueError(f"DatasetWriter for {self.path}: num_expression_coefficients must be >= 0, "
@@ -206,11 +258,14 @@ class DatasetWriter:
             "num_samples": self.num_samples,
             "has_frontal": self.with_frontal,
             **({} if self.expression_names is None else {"expression_names": list(self.expression_names)}),
+            **({"per_sample_topology": True} if self.per_sample_topology else {}),
         }
-        self._shapes = sample_shapes(grid, self.num_vertices, num_expression_coefficients)
+        self._shapes = sample_shapes(grid, self.num_vertices or 0, num_expression_coefficients)
         present = {"volumes_frontal": self.with_frontal, "expression": num_expression_coefficients > 0,
-                   "expression_label": self.expression_names is not None}
-        self._fields = [f for f in PER_SAMPLE_FIELDS if present.get(f, True)]
+                   "expression_label": self.expression_names is not None, "vertices": not self.per_sample_topology,
+                   "landmarks_2d_reannotated": bool(with_reannotated)}
+        self._fields = [f for f in PER_SAMPLE_FIELDS + TEST_FIELDS if present.get(f, True)]
+        self._flat_ends = {"vertices_flat": 0, "triangles_flat": 0}
 
         if self.path.exists() and not restart:
             raise FileExistsError(f"{self.path} already exists; delete it or pass restart=True (--restart) to replace it")
@@ -219,6 +274,11 @@ class DatasetWriter:
         else:
             self._file, self._written = self._create()
         self._unflushed = 0
+
+    @classmethod
+    def for_scans(cls, path, grid: VoxelGrid, num_samples: int, attrs: Mapping[str, Any], **options) -> "DatasetWriter":
+        """A writer of a per-sample topology file (``per_sample_topology=True``); ``options`` as for the constructor."""
+        return cls(path, grid, num_samples, None, None, None, None, attrs, per_sample_topology=True, **options)
 
     def _checked_shared(self, triangles, face_region, landmark_vertices) -> dict[str, np.ndarray]:
         """The shared topology as stored (int32), after checking shapes and vertex ids."""
@@ -255,6 +315,12 @@ class DatasetWriter:
             shape = self._shapes[field]
             f.create_dataset(field, shape=(self.num_samples, *shape), dtype=_dtype(field), chunks=(1, *shape),
                              **COMPRESSION.get(field, {}), **CHECKSUM)
+        if self.per_sample_topology:
+            for name, dtype in (("vertices_flat", np.float32), ("triangles_flat", np.int32)):
+                f.create_dataset(name, shape=(0, 3), maxshape=(None, 3), dtype=dtype, chunks=(FLAT_CHUNK_ROWS, 3),
+                                 **COMPRESSION["vertices"], **CHECKSUM)
+            for name in ("vertex_ranges", "triangle_ranges"):
+                f.create_dataset(name, data=np.zeros((self.num_samples, 2), dtype=np.int64))
         written = np.zeros(self.num_samples, dtype=bool)
         f.create_dataset(_WRITTEN, data=written.astype(np.uint8))
         for flag in self.flags:
@@ -283,7 +349,19 @@ class DatasetWriter:
             raise DatasetError(f"unfinished {self.partial_path} was written with other parameters "
                                f"({'; '.join(differences)}); rerun with the original parameters to resume, "
                                f"or {restart_hint}")
-        return f, f[_WRITTEN][()].astype(bool)
+        written = f[_WRITTEN][()].astype(bool)
+        if self.per_sample_topology:
+            self._drop_unflagged_meshes(f, written)
+        return f, written
+
+    def _drop_unflagged_meshes(self, f: h5py.File, written: np.ndarray) -> None:
+        """Cut the flat mesh datasets after the last flagged sample's rows: meshes appended after the last
+        flush belong to samples that are not flagged as written (they are made again)."""
+        for name, ranges in (("vertices_flat", "vertex_ranges"), ("triangles_flat", "triangle_ranges")):
+            rows = f[ranges][()][written]
+            end = int((rows[:, 0] + rows[:, 1]).max()) if len(rows) else 0
+            f[name].resize(end, axis=0)
+            self._flat_ends[name] = end
 
     def _differences(self, f: h5py.File) -> list[str]:
         """What differs between the open partial file and this writer's parameters (empty when resumable)."""
@@ -294,9 +372,13 @@ class DatasetWriter:
         for name, values in self._shared.items():
             if not np.array_equal(f[name][()], values):
                 differences.append(f"{name} differ")
-        stored_fields = [field for field in PER_SAMPLE_FIELDS if field in f]
+        stored_fields = [field for field in PER_SAMPLE_FIELDS + TEST_FIELDS if field in f]
         if stored_fields != self._fields:
             differences.append(f"per-sample datasets {stored_fields} vs now {self._fields}")
+        if self.per_sample_topology:
+            missing = [name for name in PER_SAMPLE_TOPOLOGY_FIELDS if name not in f]
+            if missing:
+                differences.append(f"per-sample topology datasets {missing} missing")
         for field in (field for field in self._fields if field in f):
             expected = (self.num_samples, *self._shapes[field])
             if f[field].shape != expected:
@@ -324,34 +406,42 @@ class DatasetWriter:
 
         ``image`` (H, W, 3) uint8; ``volume`` / ``volume_frontal`` (D, H, W) bool, or already packed
         uint8 (D, H, W/8) (:func:`pack_volume`); ``landmarks_2d`` (68, 2), ``landmarks_3d`` (68, 3),
-        ``pose`` (3,), ``vertices`` (V, 3), ``expression`` (E,) floats, all finite; ``expression_label``
-        an integer id into ``expression_names``.
+        ``pose`` (3,), ``vertices`` (V, 3), ``expression`` (E,), ``landmarks_2d_reannotated`` (68, 2) floats,
+        all finite; ``expression_label``
+        an integer id into ``expression_names``. A per-sample topology writer takes ``vertices`` (V_i, 3)
+        of any V_i >= 3 and the sample's ``triangles`` (T_i, 3) integer ids into them (T_i >= 1).
         """
         if self._file is None:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} outside 0..{self.num_samples - 1} for {self.path}")
-        expected_keys = {key for key, field in SAMPLE_KEYS.items() if field in self._fields}
+        expected_keys = {key for key, field in SAMPLE_KEYS.items()
+                         if field in self._fields or (self.per_sample_topology and field in MESH_FIELDS)}
         if set(sample) != expected_keys:
             raise ValueError(f"sample {index} for {self.path}: keys {sorted(sample)} but expected {sorted(expected_keys)}")
+        if self.per_sample_topology:
+            self._write_mesh(index, sample["vertices"], sample["triangles"])
         for key, value in sample.items():
             field = SAMPLE_KEYS[key]
+            if field not in self._fields:
+                continue
             value = np.asarray(value)
             if field.startswith("volumes") and value.shape == self.grid.shape and value.dtype == bool:
                 value = pack_volume(value)
             elif field.startswith("volumes") and (value.shape, value.dtype) != (self._shapes[field], np.uint8):
-                raise ValueError(f"sample {index} {key}: {value.dtype} {value.shape}, expected bool {self.grid.shape} "
-                                 f"or packed uint8 {self._shapes[field]}")
+                raise ValueError(f"{self.path}: sample {index} {key}: {value.dtype} {value.shape}, expected bool "
+                                 f"{self.grid.shape} or packed uint8 {self._shapes[field]}")
             elif value.shape != self._shapes[field]:
-                raise ValueError(f"sample {index} {key}: shape {value.shape}, expected {self._shapes[field]}")
+                raise ValueError(f"{self.path}: sample {index} {key}: shape {value.shape}, "
+                                 f"expected {self._shapes[field]}")
             if field == "images" and value.dtype != np.uint8:
-                raise ValueError(f"sample {index} {key}: dtype {value.dtype}, expected uint8")
+                raise ValueError(f"{self.path}: sample {index} {key}: dtype {value.dtype}, expected uint8")
             if field == "expression_label" and not (np.issubdtype(value.dtype, np.integer)
                                                     and 0 <= value < len(self.expression_names)):
-                raise ValueError(f"sample {index} {key}: {value!r} is not an integer id into expression_names "
-                                 f"{list(self.expression_names)}")
+                raise ValueError(f"{self.path}: sample {index} {key}: {value!r} is not an integer id into "
+                                 f"expression_names {list(self.expression_names)}")
             if field in FLOAT_FIELDS and not np.isfinite(value).all():
-                raise ValueError(f"sample {index} {key}: contains NaN or inf")
+                raise ValueError(f"{self.path}: sample {index} {key}: contains NaN or inf")
             self._file[field][index] = value.astype(_dtype(field), copy=False)
         unknown = set(flags or {}) - set(self.flags)
         if unknown:
@@ -362,6 +452,29 @@ class DatasetWriter:
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self.flush()
+
+    def _write_mesh(self, index: int, vertices, triangles) -> None:
+        """Append sample ``index``'s own ``(V_i, 3)`` vertices and ``(T_i, 3)`` triangles and record their ranges."""
+        vertices, triangles = np.asarray(vertices), np.asarray(triangles)
+        if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) < 3:
+            raise ValueError(f"{self.path}: sample {index} vertices: shape {vertices.shape}, "
+                             f"expected (V, 3) with V >= 3")
+        if not np.isfinite(vertices).all():
+            raise ValueError(f"{self.path}: sample {index} vertices: contains NaN or inf")
+        if (triangles.ndim != 2 or triangles.shape[1] != 3 or len(triangles) == 0
+                or not np.issubdtype(triangles.dtype, np.integer)):
+            raise ValueError(f"{self.path}: sample {index} triangles: {triangles.dtype} {triangles.shape}, "
+                             f"expected integer (T, 3), T >= 1")
+        if triangles.min() < 0 or triangles.max() >= len(vertices):
+            raise ValueError(f"{self.path}: sample {index} triangles: ids in [{triangles.min()}, {triangles.max()}], "
+                             f"outside the sample's {len(vertices)} vertices")
+        for name, ranges, values, dtype in (("vertices_flat", "vertex_ranges", vertices, np.float32),
+                                            ("triangles_flat", "triangle_ranges", triangles, np.int32)):
+            start = self._flat_ends[name]
+            self._file[name].resize(start + len(values), axis=0)
+            self._file[name][start:] = values.astype(dtype, copy=False)
+            self._file[ranges][index] = (start, len(values))
+            self._flat_ends[name] = start + len(values)
 
     def flush(self) -> None:
         """Put written samples on disk, then their flags, so a kill never flags a sample that is not there."""
@@ -406,7 +519,9 @@ class FaceDatasetFile:
     What it found: ``fields`` (the per-sample datasets present), ``has_frontal``, ``has_expression``
     (``expression_label`` present) with ``expression_names`` (label id -> name; empty without labels),
     ``num_expression_coefficients`` (E; 0 without ``expression``), ``grid``, ``num_samples``,
-    ``num_vertices``, the topology and ``attrs``.
+    ``num_vertices``, the topology and ``attrs``. ``per_sample_topology``: each sample has its own mesh
+    (scans; ``num_vertices``, ``triangles``, ``face_region`` and ``landmark_vertices`` are None, and
+    :meth:`read` gives each sample's ``vertices`` and ``triangles``).
     Samples are read with :meth:`read`; the HDF5 handle is opened in the process that reads, so the
     object can be handed to forked or spawned DataLoader workers. Each read checks that the file is
     still the one validated (same inode, size and modification time): a file replaced while a run
@@ -463,18 +578,27 @@ class FaceDatasetFile:
             self.grid = VoxelGrid.from_attrs(f.attrs)
         except (KeyError, ValueError, TypeError) as err:
             raise self._error(f"bad or missing grid attributes grid_shape/grid_z_scale/grid_z_offset ({err})") from None
-        required = [name for name in (*PER_SAMPLE_FIELDS, *SHARED_FIELDS) if name not in OPTIONAL_FIELDS]
+        self.per_sample_topology = bool(f.attrs.get("per_sample_topology", False))
+        if self.per_sample_topology:
+            required = [name for name in (*PER_SAMPLE_FIELDS, *PER_SAMPLE_TOPOLOGY_FIELDS)
+                        if name not in OPTIONAL_FIELDS and name != "vertices"]
+        else:
+            required = [name for name in (*PER_SAMPLE_FIELDS, *SHARED_FIELDS) if name not in OPTIONAL_FIELDS]
         missing = [name for name in required if name not in f]
         if missing:
             raise self._error(f"missing datasets {missing}")
-        self.fields = tuple(field for field in PER_SAMPLE_FIELDS if field in f)
+        self.fields = tuple(field for field in PER_SAMPLE_FIELDS + TEST_FIELDS
+                            if field in f or (field == "vertices" and self.per_sample_topology))
         self.num_samples = int(f["images"].shape[0])
-        self.num_vertices = int(f["vertices"].shape[1]) if f["vertices"].ndim == 3 else -1
+        self.num_vertices = (None if self.per_sample_topology else
+                             int(f["vertices"].shape[1]) if f["vertices"].ndim == 3 else -1)
         self.num_expression_coefficients = (0 if "expression" not in f else
                                             int(f["expression"].shape[1]) if f["expression"].ndim == 2 else -1)
         self.has_frontal = "volumes_frontal" in f
         self.has_expression = "expression_label" in f
-        for field, shape in sample_shapes(self.grid, self.num_vertices, self.num_expression_coefficients).items():
+        for field, shape in sample_shapes(self.grid, self.num_vertices or 0, self.num_expression_coefficients).items():
+            if field == "vertices" and self.per_sample_topology:
+                continue
             if field in f and f[field].shape != (self.num_samples, *shape):
                 raise self._error(f"dataset {field} has shape {f[field].shape}, expected {(self.num_samples, *shape)} "
                                   f"for N={self.num_samples}, grid {self.grid.describe()}, V={self.num_vertices} "
@@ -482,23 +606,13 @@ class FaceDatasetFile:
             if field in f and f[field].dtype != _dtype(field):
                 raise self._error(f"dataset {field} has dtype {f[field].dtype}, the schema's is "
                                   f"{np.dtype(_dtype(field))} (float images would train on near-black inputs)")
-        for name in SHARED_FIELDS:
-            if not np.issubdtype(f[name].dtype, np.integer):
-                raise self._error(f"dataset {name} has dtype {f[name].dtype}; vertex ids must be integers")
         if "num_samples" in f.attrs and int(f.attrs["num_samples"]) != self.num_samples:
             raise self._error(f"attr num_samples={int(f.attrs['num_samples'])} but datasets hold {self.num_samples}")
-        self.triangles = f["triangles"][()].astype(np.int64)
-        self.face_region = f["face_region"][()].astype(np.int64)
-        self.landmark_vertices = f["landmark_vertices"][()].astype(np.int64)
-        if self.triangles.ndim != 2 or self.triangles.shape[1] != 3:
-            raise self._error(f"triangles have shape {self.triangles.shape}, expected (T, 3)")
-        if self.landmark_vertices.shape != (NUM_LANDMARKS,):
-            raise self._error(f"landmark_vertices have shape {self.landmark_vertices.shape}, expected ({NUM_LANDMARKS},)")
-        for name in SHARED_FIELDS:
-            try:
-                as_vertex_ids(getattr(self, name), self.num_vertices, name, unique=name in UNIQUE_ID_FIELDS)
-            except ValueError as err:
-                raise self._error(str(err)) from None
+        if self.per_sample_topology:
+            self._validate_meshes(f)
+            self.triangles = self.face_region = self.landmark_vertices = None
+        else:
+            self._validate_shared(f)
         self.attrs = {key: _plain(value) for key, value in f.attrs.items()}
         self.expression_names = tuple(self.attrs.get("expression_names", ()))
         if self.has_expression and self.expression_names[:1] != (NEUTRAL,):
@@ -512,6 +626,43 @@ class FaceDatasetFile:
                 f"{expected_grid.describe()}: regenerate with --grid "
                 f"{expected_grid.depth},{expected_grid.height},{expected_grid.width} or {fix}")
 
+    def _validate_shared(self, f: h5py.File) -> None:
+        """Read and check the shared topology (``triangles``, ``face_region``, ``landmark_vertices``)."""
+        for name in SHARED_FIELDS:
+            if not np.issubdtype(f[name].dtype, np.integer):
+                raise self._error(f"dataset {name} has dtype {f[name].dtype}; vertex ids must be integers")
+        self.triangles = f["triangles"][()].astype(np.int64)
+        self.face_region = f["face_region"][()].astype(np.int64)
+        self.landmark_vertices = f["landmark_vertices"][()].astype(np.int64)
+        if self.triangles.ndim != 2 or self.triangles.shape[1] != 3:
+            raise self._error(f"triangles have shape {self.triangles.shape}, expected (T, 3)")
+        if self.landmark_vertices.shape != (NUM_LANDMARKS,):
+            raise self._error(f"landmark_vertices have shape {self.landmark_vertices.shape}, expected ({NUM_LANDMARKS},)")
+        for name in SHARED_FIELDS:
+            try:
+                as_vertex_ids(getattr(self, name), self.num_vertices, name, unique=name in UNIQUE_ID_FIELDS)
+            except ValueError as err:
+                raise self._error(str(err)) from None
+
+    def _validate_meshes(self, f: h5py.File) -> None:
+        """Check the per-sample topology datasets and keep the ranges (the offsets index) in memory."""
+        self._ranges = {}
+        for flat, ranges, kind, least in (("vertices_flat", "vertex_ranges", "f", 3),
+                                          ("triangles_flat", "triangle_ranges", "i", 1)):
+            if f[flat].ndim != 2 or f[flat].shape[1] != 3 or f[flat].dtype.kind != kind:
+                raise self._error(f"dataset {flat} is {f[flat].dtype} {f[flat].shape}, expected "
+                                  f"{'float' if kind == 'f' else 'integer'} (M, 3)")
+            rows = f[ranges][()]
+            if rows.shape != (self.num_samples, 2) or rows.dtype.kind not in "iu":
+                raise self._error(f"dataset {ranges} is {rows.dtype} {rows.shape}, expected integer "
+                                  f"({self.num_samples}, 2) rows of start, count")
+            rows = rows.astype(np.int64)
+            bad = np.flatnonzero((rows[:, 0] < 0) | (rows[:, 1] < least) | (rows.sum(1) > len(f[flat])))
+            if len(bad):
+                raise self._error(f"dataset {ranges} row {bad[0]} ({rows[bad[0]].tolist()}) is not a range of at "
+                                  f"least {least} rows inside {flat}'s {len(f[flat])}")
+            self._ranges[flat] = rows
+
     def __len__(self) -> int:
         return self.num_samples
 
@@ -523,14 +674,18 @@ class FaceDatasetFile:
         return self._handle
 
     def read(self, index: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
-        """Sample ``index`` as ``{field: array}`` for dataset names in ``fields`` (see :data:`PER_SAMPLE_FIELDS`).
+        """Sample ``index`` as ``{field: array}`` for dataset names in ``fields`` (:data:`PER_SAMPLE_FIELDS`,
+        :data:`TEST_FIELDS`).
 
-        Volumes come back packed, uint8 ``(D, H, W/8)``: unpack with :func:`unpack_volume`.
-        Raises :class:`DatasetError` if a float field holds NaN or inf.
+        Volumes come back packed, uint8 ``(D, H, W/8)``: unpack with :func:`unpack_volume`. Of a
+        per-sample topology file, ``vertices`` is the sample's own (V_i, 3) and ``triangles`` (T_i, 3)
+        int64 may be asked for too. Raises :class:`DatasetError` if a float field holds NaN or inf.
         """
-        unknown = [field for field in fields if field not in PER_SAMPLE_FIELDS]
+        known = PER_SAMPLE_FIELDS + TEST_FIELDS + (("triangles",) if self.per_sample_topology else ())
+        unknown = [field for field in fields if field not in known]
         if unknown:
-            raise KeyError(f"unknown fields {unknown}; a dataset file has {list(PER_SAMPLE_FIELDS)}")
+            shared = " (triangles are shared here: the file's .triangles)" if "triangles" in unknown else ""
+            raise KeyError(f"unknown fields {unknown}; a dataset file has {list(known)}{shared}")
         for field in fields:
             if field in OPTIONAL_FIELDS and field not in self.fields:
                 raise DatasetError(f"dataset file {self.path} has no {field}: {OPTIONAL_FIELDS[field]}")
@@ -541,7 +696,10 @@ class FaceDatasetFile:
         out = {}
         for field in fields:
             try:
-                out[field] = f[field][index]
+                if self.per_sample_topology and field in MESH_FIELDS:
+                    out[field] = self._read_mesh_part(f, field, index % self.num_samples)
+                else:
+                    out[field] = f[field][index]
             except OSError as error:  # a failed checksum or a chunk that does not decompress
                 raise DatasetError(f"dataset file {self.path}: dataset {field}, sample {index} cannot be read "
                                    f"({' '.join(str(error).split())}); the file is damaged: regenerate it") from None
@@ -550,6 +708,19 @@ class FaceDatasetFile:
                 raise DatasetError(f"dataset file {self.path}: sample {index} has NaN or inf in {field}; "
                                    f"the file is damaged, regenerate it")
         return out
+
+    def _read_mesh_part(self, f: h5py.File, field: str, index: int) -> np.ndarray:
+        """Sample ``index``'s own ``vertices`` (V_i, 3) float32 or ``triangles`` (T_i, 3) int64 (ids checked)."""
+        flat = f"{field}_flat"
+        start, count = self._ranges[flat][index]
+        values = f[flat][start:start + count]
+        if field == "vertices":
+            return values
+        num_vertices = self._ranges["vertices_flat"][index, 1]
+        if values.min() < 0 or values.max() >= num_vertices:
+            raise DatasetError(f"dataset file {self.path}: sample {index}'s triangles use vertex ids outside its "
+                               f"{num_vertices} vertices; the file is damaged, regenerate it")
+        return values.astype(np.int64)
 
     def close(self) -> None:
         """Close this process's HDF5 handle (a later :meth:`read` reopens it)."""
