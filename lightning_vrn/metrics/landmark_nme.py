@@ -3,7 +3,11 @@
 Per image: the mean 2D distance over the 68 points divided by ``sqrt(w * h)`` of the ground-truth
 landmarks' bounding box. Over a set: the mean, the mean per |yaw| bucket (0-30, 30-60, 60-90
 degrees; :data:`lightning_vrn.metrics.report.YAW_BUCKETS_DEG`) and the balanced NME, the mean of
-the bucket means (3DDFA's headline).
+the bucket means (3DDFA's headline). 3DDFA's buckets are ``|yaw| <= 30``, ``30 < |yaw| <= 60`` and
+``|yaw| > 60``: a yaw of exactly 30 or 60 degrees falls in the upper bucket here, the lower one there.
+
+AFLW2000-3D has two ground truths: the original ``pt3d_68`` (``landmarks_2d``) and 3DDFA's
+re-annotation (``landmarks_2d_reannotated``); a :class:`LandmarkNME` scores one, named by its ``prefix``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ def landmark_nme(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 class LandmarkNME(Metric):
     """Landmark NME over samples, exact under DDP: per-sample states, each dataset index counted once.
 
-    ``compute()`` gives float64 scalars: ``landmark_nme`` (the mean over samples),
-    ``landmark_nme_yaw_{lo}_{hi}`` per |yaw| bucket (NaN when empty) and ``landmark_nme_balanced``
-    (the mean of the non-empty bucket means; NaN when none).
+    ``compute()`` gives float64 scalars: ``{prefix}`` (the mean over samples), ``{prefix}_yaw_{lo}_{hi}``
+    per |yaw| bucket (NaN when empty) and ``{prefix}_balanced`` (the mean of the non-empty bucket means;
+    NaN when none). ``prefix``: ``landmark_nme`` (against the original landmarks) or
+    ``landmark_nme_reannotated`` (against AFLW2000-3D's re-annotated ones).
     """
 
     is_differentiable = False
@@ -40,8 +45,9 @@ class LandmarkNME(Metric):
     full_state_update = False
     PER_SAMPLE = ("sample_index", "sample_yaw", "sample_nme")
 
-    def __init__(self, **kwargs):
+    def __init__(self, prefix: str = "landmark_nme", **kwargs):
         super().__init__(**kwargs)
+        self.prefix = prefix
         # float64 per-sample values; set_dtype so an empty state of a process that saw nothing has it too.
         for name in self.PER_SAMPLE:
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -64,11 +70,11 @@ class LandmarkNME(Metric):
         columns = [dim_zero_cat(state).cpu().numpy() if len(state) else np.zeros(0) for state in states]
         _, first = np.unique(columns[0].astype(np.int64), return_index=True)
         yaw_deg, nme = columns[1][first], columns[2][first]
-        values = {"landmark_nme": nme.mean() if len(nme) else np.nan}
+        values = {self.prefix: nme.mean() if len(nme) else np.nan}
         for lo, hi in YAW_BUCKETS_DEG:
             inside = in_yaw_bucket(yaw_deg, lo, hi)
-            values[f"landmark_nme_yaw_{lo}_{hi}"] = nme[inside].mean() if inside.any() else np.nan
-        bucket_means = np.array([values[f"landmark_nme_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG])
+            values[f"{self.prefix}_yaw_{lo}_{hi}"] = nme[inside].mean() if inside.any() else np.nan
+        bucket_means = np.array([values[f"{self.prefix}_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG])
         finite = bucket_means[~np.isnan(bucket_means)]
-        values["landmark_nme_balanced"] = finite.mean() if len(finite) else np.nan
+        values[f"{self.prefix}_balanced"] = finite.mean() if len(finite) else np.nan
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}

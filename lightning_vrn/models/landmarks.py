@@ -21,20 +21,30 @@ from lightning_vrn.models.volume import NetSettings
 from lightning_vrn.nets.landmarks import LandmarkNet
 
 
+REANNOTATED = "landmarks_2d_reannotated"
+"""Batch key of the second landmark ground truth (AFLW2000-3D's re-annotation), when the file has one."""
+
+
 class LandmarkScoring:
     """For a model whose outputs hold ``"heatmaps"`` (B, 68, S, S): the landmark NME of the decoded maps in
     validation and test (logged at the epoch end as ``{stage}/landmark_nme``, ``_yaw_{lo}_{hi}`` and
-    ``_balanced``) and :meth:`landmarks`. Put it before the LightningModule base class."""
+    ``_balanced``; against ``batch["landmarks_2d_reannotated"]`` too when the batches carry it, as
+    ``{stage}/landmark_nme_reannotated``, ...) and :meth:`landmarks`. Put it before the LightningModule base class."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.val_landmark_nme, self.test_landmark_nme = LandmarkNME(), LandmarkNME()
+        self.val_landmark_nme_reannotated = LandmarkNME("landmark_nme_reannotated")
+        self.test_landmark_nme_reannotated = LandmarkNME("landmark_nme_reannotated")
 
     def update_landmark_nme(self, stage: str, heatmaps: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
-        """Validation and test: add the decoded ``heatmaps`` against the batch's ground-truth landmarks."""
+        """Validation and test: add the decoded ``heatmaps`` against the batch's ground-truth landmarks (both sets)."""
         if stage in ("val", "test"):
-            metric = getattr(self, f"{stage}_landmark_nme")
-            metric.update(decode_heatmaps(heatmaps), batch["landmarks_2d"], batch["pose"][:, 1], batch["index"])
+            landmarks = decode_heatmaps(heatmaps)
+            yaw, index = batch["pose"][:, 1], batch["index"]
+            getattr(self, f"{stage}_landmark_nme").update(landmarks, batch["landmarks_2d"], yaw, index)
+            if REANNOTATED in batch:
+                getattr(self, f"{stage}_landmark_nme_reannotated").update(landmarks, batch[REANNOTATED], yaw, index)
 
     def on_validation_epoch_end(self) -> None:
         self._log_landmark_nme("val")
@@ -43,12 +53,13 @@ class LandmarkScoring:
         self._log_landmark_nme("test")
 
     def _log_landmark_nme(self, stage: str) -> None:
-        """Log ``{stage}/landmark_nme``, ``_yaw_{lo}_{hi}`` and ``_balanced``, then reset the metric."""
-        metric = getattr(self, f"{stage}_landmark_nme")
-        if metric.update_count:
-            for name, value in metric.compute().items():  # already gathered over processes
-                self.log(f"{stage}/{name}", value, prog_bar=name == "landmark_nme")
-        metric.reset()
+        """Log ``{stage}/landmark_nme``, ``_yaw_{lo}_{hi}`` and ``_balanced`` (and the ``_reannotated`` ones),
+        then reset the metrics."""
+        for metric in (getattr(self, f"{stage}_landmark_nme"), getattr(self, f"{stage}_landmark_nme_reannotated")):
+            if metric.update_count:
+                for name, value in metric.compute().items():  # already gathered over processes
+                    self.log(f"{stage}/{name}", value, prog_bar=name == "landmark_nme")
+            metric.reset()
 
     @torch.no_grad()
     def landmarks(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
