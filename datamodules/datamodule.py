@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -12,9 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.augment import AugmentConfig
-from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch
+from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, collate_samples, decode_batch, finish_batch
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+
+# Lightning warns that a plain DataLoader cannot resume mid-epoch; this one's sampler does (train_dataloader).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
 
 @dataclass
 class DataSettings:
@@ -90,6 +95,9 @@ class FaceVolumeDataModule(pl.LightningDataModule):
         self.augment = AugmentConfig.from_any(augment)
         self.hparams["grid"] = self.grid.to_dict()
         self.hparams["augment"] = self.augment.to_dict()
+        for split in ("train", "val", "test"):  # plain strings: checkpoints load with PyTorch's safe loader
+            if isinstance(self.hparams[f"{split}_path"], Path):
+                self.hparams[f"{split}_path"] = str(self.hparams[f"{split}_path"])
         if batch_size <= 0 or num_workers < 0:
             raise ValueError(f"batch_size ({batch_size}) must be positive and num_workers ({num_workers}) >= 0")
         self.batch_size_per_device = batch_size
@@ -138,7 +146,9 @@ class FaceVolumeDataModule(pl.LightningDataModule):
 
     def topology(self, split: str = "test") -> dict[str, np.ndarray]:
         """Shared mesh topology of ``split``'s file: ``triangles`` (T, 3), ``face_region`` (F,),
-        ``landmark_vertices`` (68,), int64. Each split may come from another mesh (e.g. a real test set)."""
+        ``landmark_vertices`` (68,), int64. Each split may come from another mesh (e.g. a real test set).
+        A file with per-sample topology (scans) has none: all three are None, and every vertex of a
+        sample's own mesh is a face-region vertex."""
         if split in self.datasets:
             file = self.datasets[split].file
         elif self._path(split) is not None:
@@ -156,14 +166,22 @@ class FaceVolumeDataModule(pl.LightningDataModule):
     def _loader(self, split: str, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(self._dataset(split), batch_size=self.batch_size_per_device, sampler=sampler,
-                          num_workers=workers, drop_last=split == "train",
+                          num_workers=workers, drop_last=split == "train", collate_fn=collate_samples,
                           pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.hparams.persistent_workers and workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        """Seeded shuffle; each index carries the epoch for the augmentation seeds (Lightning sets it)."""
-        sampler = EpochShuffleSampler(len(self._dataset("train")), seed=self.hparams.seed)
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        """Seeded shuffle, this process's share under DDP; each index carries the epoch for the augmentation
+        seeds (Lightning sets it). Resumed from a checkpoint saved mid-epoch, the epoch goes on with the
+        samples its completed steps had not reached, as if never interrupted."""
+        trainer = self.trainer
+        sampler = EpochShuffleSampler(len(self._dataset("train")), seed=self.hparams.seed,
+                                      num_replicas=trainer.world_size if trainer else 1,
+                                      rank=trainer.global_rank if trainer else 0)
+        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        progress = trainer.fit_loop.epoch_loop.batch_progress if trainer else None  # restored from a checkpoint
+        if progress is not None and not progress.is_last_batch:  # a checkpoint from the middle of an epoch
+            sampler.resume_at(trainer.current_epoch, progress.current.processed * self.batch_size_per_device)
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader | list:

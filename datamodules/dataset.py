@@ -16,9 +16,12 @@ Two paths give identical samples (see :mod:`datamodules.augment`):
 Finished batch: ``image`` (B, 3, H, W) float32 in [0, 1]; ``volume`` (B, D, H, W) float32 in {0, 1}
 (aligned, or frontal with ``target_volume="frontal"``); ``landmarks_2d`` (B, 68, 2),
 ``landmarks_3d`` (B, 68, 3), ``pose`` (B, 3) float32; ``heatmaps`` (B, 68, H, W) float32 when a
-heatmap sigma is set; ``vertices`` (B, V, 3) float32 when loaded; ``index`` (B,) int64;
+heatmap sigma is set; ``vertices`` (B, V, 3) float32 when loaded (a file with per-sample topology, scans:
+a list of B (V_i, 3) tensors when the sizes differ, :func:`collate_samples`); ``index`` (B,) int64;
 ``expression`` (B,) int64, the dominant-expression label (an id into the file's ``expression_names``;
--1 when the file records none), on both paths, never changed by augmentation.
+-1 when the file records none), on both paths, never changed by augmentation;
+``landmarks_2d_reannotated`` (B, 68, 2) float32, a second landmark ground truth (crop pixels), when the
+file has it and augmentation is off (a test set's field: augmentation does not move it).
 
 Augmentation parameters are drawn from a generator seeded by ``(seed, epoch, index)``: a sample
 is augmented the same way in any worker, on either path, in any order. The epoch comes from
@@ -32,7 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from datamodules.augment import AugmentConfig, augment_batch, sample_params
 from lightning_vrn.dataset_file import DatasetError, open_dataset, unpack_volume
@@ -43,6 +46,8 @@ TARGET_VOLUMES = ("aligned", "frontal")
 NO_EXPRESSION = -1
 """The batch's ``expression`` label for a file that records no expressions."""
 _BIT_SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)  # np.packbits' big bit order: the first voxel is the high bit
+VARIABLE_LENGTH_KEYS = ("vertices",)
+"""Sample keys whose size may differ between samples (scans' own meshes): :func:`collate_samples` lists them."""
 
 
 def mix_seed(*values: int) -> int:
@@ -68,6 +73,17 @@ def unpack_bits_torch(packed: torch.Tensor) -> torch.Tensor:
     """:func:`unpack_bits` with torch bit operations (shift and mask), for any device."""
     shifts = torch.tensor(_BIT_SHIFTS, dtype=torch.uint8, device=packed.device)
     return ((packed[..., None] >> shifts) & 1).flatten(-2)
+
+
+def collate_samples(samples: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, except that a :data:`VARIABLE_LENGTH_KEYS` entry whose shapes differ between the
+    samples becomes a list of the B tensors (a scan file's ground-truth meshes) instead of failing to stack."""
+    ragged = [key for key in VARIABLE_LENGTH_KEYS
+              if key in samples[0] and len({tuple(sample[key].shape) for sample in samples}) > 1]
+    batch = default_collate([{key: value for key, value in sample.items() if key not in ragged} for sample in samples])
+    for key in ragged:
+        batch[key] = [sample[key] for sample in samples]
+    return batch
 
 
 def decode_batch(raw: Mapping[str, Any], grid: VoxelGrid) -> dict[str, torch.Tensor]:
@@ -131,14 +147,21 @@ class FaceVolumeDataset(Dataset):
         self.load_vertices = bool(load_vertices)
         self.finish = bool(finish)
         self.epoch = 0
+        if self.augment is not None and self.file.per_sample_topology:
+            raise DatasetError(f"dataset file {self.file.path} has per-sample topology (real scans: each sample has "
+                               f"its own ground-truth mesh), which augmentation cannot transform (augment_batch takes "
+                               f"one (B, V, 3) vertex batch); such files are test sets: load them with augmentation "
+                               f"off (augment=None, or enabled: false in the config)")
         if target_volume == "frontal" and not self.file.has_frontal:
             raise DatasetError(f"dataset file {self.file.path} has no volumes_frontal, needed for "
                                f"target_volume='frontal'; regenerate it with --frontal")
         # Frontal targets move about the mesh's mean vertex, so augmenting them needs the vertices.
         self._read_vertices = self.load_vertices or (self.augment is not None and target_volume == "frontal")
+        self._reannotated = self.augment is None and "landmarks_2d_reannotated" in self.file.fields
         self._fields = ["images", "volumes_frontal" if target_volume == "frontal" else "volumes",
                         "landmarks_2d", "landmarks_3d", "pose"] + (["vertices"] if self._read_vertices else []) \
-            + (["expression_label"] if self.file.has_expression else [])
+            + (["expression_label"] if self.file.has_expression else []) \
+            + (["landmarks_2d_reannotated"] if self._reannotated else [])
 
     def __len__(self) -> int:
         return len(self.file)
@@ -167,6 +190,8 @@ class FaceVolumeDataset(Dataset):
         }
         if self.load_vertices:
             raw["vertices"] = torch.from_numpy(data["vertices"])
+        if self._reannotated:
+            raw["landmarks_2d_reannotated"] = torch.from_numpy(data["landmarks_2d_reannotated"])
         if self.augment is not None:
             raw["augment"] = self.augment_params(index, self.epoch if epoch is None else epoch)
             if self.target_volume == "frontal":
@@ -182,32 +207,41 @@ class FaceVolumeDataset(Dataset):
         raw = self.raw_sample(index, epoch)
         if self.on_device:
             return raw
-        one = decode_batch(default_collate([raw]), self.grid)
+        one = decode_batch(collate_samples([raw]), self.grid)
         if self.finish:
             one = finish_batch(one, self.grid, self.heatmap_sigma)
         return {key: value[0] for key, value in one.items()}
 
 
-class EpochShuffleSampler(Sampler):
-    """Yields ``(epoch, index)`` for a permutation of ``range(num_samples)`` seeded by ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """Yields ``(epoch, index)`` for this process's share of a permutation of ``range(num_samples)``
+    seeded by ``(seed, epoch)``, and can start an epoch part-way, so a resumed run sees the same data
+    in the same order as one that was never interrupted.
 
     The epoch travels with every index, so augmentation seeds follow the epoch even in persistent
-    DataLoader workers. Lightning calls :meth:`set_epoch` at each epoch start (also through its
-    distributed wrapper).
+    DataLoader workers. Lightning calls :meth:`set_epoch` at each epoch start. With ``num_replicas``
+    processes (DDP), the permutation is padded with its own first indices to a multiple of
+    ``num_replicas`` and process ``rank`` takes every ``num_replicas``-th from position ``rank``, as
+    ``DistributedSampler`` does; being one, Lightning does not wrap it again. :meth:`resume_at` skips
+    the first samples of one epoch's share (those a checkpoint's steps already trained on); the
+    length stays the whole share, so the epoch still ends after the same number of steps.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(int(num_samples)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed))
+        self.skip_epoch, self.skip = None, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """In epoch ``epoch`` only, leave out the first ``samples_done`` samples of this process's share."""
+        if not 0 <= samples_done <= self.num_samples:
+            raise ValueError(f"samples_done must be in [0, {self.num_samples}] (this process's share of an epoch), "
+                             f"got {samples_done}")
+        self.skip_epoch, self.skip = int(epoch), int(samples_done)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        return iter([(self.epoch, index) for index in order])
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order += order[: self.total_size - len(order)]  # pad to a multiple of num_replicas (total_size >= len)
+        share = order[self.rank : self.total_size : self.num_replicas]
+        skip = self.skip if self.epoch == self.skip_epoch else 0
+        return iter([(self.epoch, index) for index in share[skip:]])

@@ -136,16 +136,81 @@ def test_frontal_targets(files):
         make_dm(files, train_path=files.val, target_volume="frontal").setup("fit")
 
 
+def fake_trainer(world_size=1, rank=0, epoch=0, steps_done=0, last_batch=False):
+    """What train_dataloader reads of a Trainer: processes, rank, epoch and the (restored) step count in it."""
+    progress = SimpleNamespace(is_last_batch=last_batch, current=SimpleNamespace(processed=steps_done))
+    return SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=epoch,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
 def test_global_batch_is_split_over_processes(files):
     dm = make_dm(files, batch_size=4)
-    dm.trainer = SimpleNamespace(world_size=2, current_epoch=0)
+    dm.trainer = fake_trainer(world_size=2)
     dm.setup("fit")
     assert dm.batch_size_per_device == 2
     assert next(iter(dm.train_dataloader()))["image"].shape[0] == 2
     dm = make_dm(files, batch_size=3)
-    dm.trainer = SimpleNamespace(world_size=2, current_epoch=0)
+    dm.trainer = fake_trainer(world_size=2)
     with pytest.raises(ValueError, match="batch_size 3 .* world size 2"):
         dm.setup("fit")
+
+
+def test_each_process_takes_its_share_of_one_permutation_and_can_start_part_way(files):
+    def epoch_indices(world_size, rank, epoch=1, steps_done=0):
+        dm = make_dm(files, batch_size=2 * world_size)
+        dm.trainer = fake_trainer(world_size, rank, epoch, steps_done)
+        dm.setup("fit")
+        return [i for batch in dm.train_dataloader() for i in batch["index"].tolist()]
+
+    whole = epoch_indices(1, 0)
+    assert sorted(whole) == list(range(8))
+    shares = [epoch_indices(3, rank) for rank in range(3)]  # 8 samples pad to 9: 3 each, 1 batch of 2 (drop_last)
+    padded = whole + whole[:1]
+    assert shares == [padded[rank::3][:2] for rank in range(3)]  # DistributedSampler's sharding of one permutation
+    assert epoch_indices(1, 0, steps_done=3) == whole[6:]  # resumed after 3 steps of 2: the rest of the epoch
+    dm = make_dm(files, batch_size=2)
+    dm.trainer = fake_trainer(epoch=1, steps_done=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == 4  # the epoch still counts its 4 steps: Lightning continues at step 3
+    loader.sampler.set_epoch(2)  # the next epoch is whole again
+    assert len([batch for batch in loader]) == 4
+
+
+class IndexRecorder(pl.LightningModule):
+    """Records the sample indices of every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("stop", [{"max_steps": 6}, {"max_steps": 4}, {"max_epochs": 1}],
+                         ids=["mid-epoch", "last-step-of-an-epoch", "epoch-end"])
+def test_a_resumed_run_trains_on_the_same_samples_in_the_same_order(files, tmp_path, stop):
+    def fit(model, callbacks=(), ckpt_path=None, **limits):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                             **{"max_epochs": 3, **limits})
+        trainer.fit(model, make_dm(files, batch_size=2), ckpt_path=ckpt_path)
+
+    uninterrupted = IndexRecorder()
+    fit(uninterrupted)
+    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
+                                          every_n_train_steps=stop.get("max_steps", 0))
+    first, resumed = IndexRecorder(), IndexRecorder()
+    fit(first, [saving], **stop)
+    fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    assert len(uninterrupted.seen) == 12  # 3 epochs of 4 steps
+    assert first.seen + resumed.seen == uninterrupted.seen
 
 
 def test_seeded_and_epoch_dependent(files):
