@@ -178,11 +178,23 @@ class FaceVolumeDataModule(pl.LightningDataModule):
         sampler = EpochShuffleSampler(len(self._dataset("train")), seed=self.hparams.seed,
                                       num_replicas=trainer.world_size if trainer else 1,
                                       rank=trainer.global_rank if trainer else 0)
-        sampler.set_epoch(trainer.current_epoch if trainer else 0)
+        sampler.set_epoch(self._next_epoch())
         progress = trainer.fit_loop.epoch_loop.batch_progress if trainer else None  # restored from a checkpoint
         if progress is not None and not progress.is_last_batch:  # a checkpoint from the middle of an epoch
             sampler.resume_at(trainer.current_epoch, progress.current.processed * self.batch_size_per_device)
         return self._loader("train", sampler)
+
+    def _next_epoch(self) -> int:
+        """The epoch the Trainer's next training batch belongs to. DataLoader workers draw from the sampler
+        when the loader's iterator is made, before Lightning sets the epoch, so it must be right here: after
+        a checkpoint saved once an epoch's batches were all done (``is_last_batch``), whether or not the
+        epoch was counted complete, the next is the number of epochs started; otherwise the current one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return trainer.fit_loop.epoch_progress.current.started
+        return trainer.current_epoch
 
     def val_dataloader(self) -> DataLoader | list:
         """In order; an empty list (no validation) when no ``val_path`` is set."""

@@ -241,7 +241,7 @@ class EpochShuffleSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        order += order[: self.total_size - len(order)]  # pad to a multiple of num_replicas (total_size >= len)
+        order = (order * -(-self.total_size // len(order)))[: self.total_size]  # pad to a multiple of num_replicas
         share = order[self.rank : self.total_size : self.num_replicas]
         skip = self.skip if self.epoch == self.skip_epoch else 0
         return iter([(self.epoch, index) for index in share[skip:]])

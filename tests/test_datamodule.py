@@ -168,6 +168,9 @@ def test_each_process_takes_its_share_of_one_permutation_and_can_start_part_way(
     padded = whole + whole[:1]
     assert shares == [padded[rank::3][:2] for rank in range(3)]  # DistributedSampler's sharding of one permutation
     assert epoch_indices(1, 0, steps_done=3) == whole[6:]  # resumed after 3 steps of 2: the rest of the epoch
+    from datamodules.dataset import EpochShuffleSampler
+    few = [list(EpochShuffleSampler(2, num_replicas=5, rank=rank)) for rank in range(5)]  # fewer samples than processes
+    assert [len(share) for share in few] == [1] * 5 and {index for share in few for _, index in share} == {0, 1}
     dm = make_dm(files, batch_size=2)
     dm.trainer = fake_trainer(epoch=1, steps_done=3)
     dm.setup("fit")
@@ -193,21 +196,40 @@ class IndexRecorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("stop", [{"max_steps": 6}, {"max_steps": 4}, {"max_epochs": 1}],
-                         ids=["mid-epoch", "last-step-of-an-epoch", "epoch-end"])
-def test_a_resumed_run_trains_on_the_same_samples_in_the_same_order(files, tmp_path, stop):
+class SaveAtFirstEpochEnd(pl.Callback):
+    """Saves ``last.ckpt`` in ``on_train_epoch_end`` (as RunCheckpoint does without validation), before the
+    epoch is counted complete."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.folder / "last.ckpt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", ["mid-epoch", "last-step-of-an-epoch", "epoch-end", "in-on_train_epoch_end"])
+def test_a_resumed_run_trains_on_the_same_samples_in_the_same_order(files, tmp_path, stop, workers):
+    # Loader workers draw indices when the loader's iterator is made, before Lightning sets the epoch:
+    # the epoch-end cases replayed the finished epoch with workers until the DataModule chose it itself.
     def fit(model, callbacks=(), ckpt_path=None, **limits):
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                              limit_val_batches=0, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
                              **{"max_epochs": 3, **limits})
-        trainer.fit(model, make_dm(files, batch_size=2), ckpt_path=ckpt_path)
+        trainer.fit(model, make_dm(files, batch_size=2, num_workers=workers, persistent_workers=workers > 0),
+                    ckpt_path=ckpt_path)
 
     uninterrupted = IndexRecorder()
     fit(uninterrupted)
-    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
-                                          every_n_train_steps=stop.get("max_steps", 0))
+    every_step = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
+                                              every_n_train_steps={"mid-epoch": 6, "last-step-of-an-epoch": 4}.get(stop, 0))
+    saving, limits = {"mid-epoch": (every_step, {"max_steps": 6}),
+                      "last-step-of-an-epoch": (every_step, {"max_steps": 4}),
+                      "epoch-end": (every_step, {"max_epochs": 1}),
+                      "in-on_train_epoch_end": (SaveAtFirstEpochEnd(tmp_path), {"max_epochs": 1})}[stop]
     first, resumed = IndexRecorder(), IndexRecorder()
-    fit(first, [saving], **stop)
+    fit(first, [saving], **limits)
     fit(resumed, ckpt_path=tmp_path / "last.ckpt")
     assert len(uninterrupted.seen) == 12  # 3 epochs of 4 steps
     assert first.seen + resumed.seen == uninterrupted.seen
