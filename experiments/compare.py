@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="--config: log each method's evaluation into a W&B eval run linked to its training run "
                              "(default: when the trainings had logger.wandb=true)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after --options
     if args.runs:
         if args.overrides:
             parser.error(f"key=value overrides are for --config, not --runs: {args.overrides}")

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     parser.add_argument("--root", type=Path, default=Path("runs/sweeps"))
     parser.add_argument("--dry-run", action="store_true", help="print the trials' commands and stop")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after --options
     if args.parallel < 1 or (args.max_trials is not None and args.max_trials < 1):
         raise ConfigError("--parallel and --max-trials must be at least 1")
     if args.dry_run:

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="resume from a checkpoint that holds more than tensors and plain values (runs its code)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after --options
     cfg = load_config(args.config, args.overrides)
     command = shlex.join(redact([sys.executable, "-m", "experiments.train", *(sys.argv[1:] if argv is None else argv)]))
     metrics = train(cfg, command, trust_checkpoint=args.trust_checkpoint)

@@ -82,3 +82,10 @@ def test_parallel_trials_share_the_cores(monkeypatch):
     assert sweep.trial_environment(16)["MKL_NUM_THREADS"] == "1"  # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     assert sweep.trial_environment(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_overrides_may_come_before_and_after_options(capsys):
+    path = str(CONFIG_DIR.parent / "sweeps" / "lr.yaml")
+    assert sweep.main([path, "data.dir=somewhere", "--max-trials", "2", "seed=3", "--dry-run"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "experiments.train" in line]
+    assert len(commands) == 2 and all("data.dir=somewhere" in c and "seed=3" in c for c in commands)

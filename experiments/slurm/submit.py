@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="--sweep: as experiments.sweep")
     parser.add_argument("--parallel", type=int, default=None, help="--sweep: at most K array tasks at a time")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after --options
     for flag, value in (("--parallel", args.parallel), ("--max-trials", args.max_trials)):
         if value is not None and not args.sweep:
             parser.error(f"{flag} is for --sweep (an array job), not --config")
