@@ -27,7 +27,7 @@ def test_the_script_asks_for_what_the_config_trains_on(tmp_path):
         assert line in script.splitlines()
     command = script.splitlines()[-1]
     assert command.startswith("srun python -m experiments.train --config") and f"run_dir={tmp_path / 'run'}" in command
-    assert "trainer.devices=4" in command and ("source " in script or "conda activate" in script)
+    assert "trainer.devices=4" in command and submit.activation() in script.splitlines()
 
 
 @pytest.mark.parametrize("overrides, gpus, expected", [
@@ -67,7 +67,8 @@ def test_a_sweep_renders_one_array_task_per_trial_as_the_local_runner_runs_it(tm
     script = submit.render_array(path, extra, root, "2:00:00", parallel=2)
     lines = script.splitlines()
     assert "#SBATCH --array=0-3%2" in lines and "#SBATCH --cpus-per-task=1" in lines
-    assert f"#SBATCH --output={root / 'tiny grid'}/slurm-%A_%a.out" in lines
+    log = root / "tiny grid" / "slurm-%A_%a.out"
+    assert f'#SBATCH --output="{log}"' in lines  # quoted: the path has spaces
     spec = sweep.load_sweep(path)
     trials = sweep.expand(spec)
     local = [sweep.trial_command(spec, t, root / "tiny grid" / t.id, extra) for t in trials]
@@ -117,3 +118,24 @@ def test_an_array_task_runs_exactly_its_own_trial(tmp_path):
     unset = subprocess.run(["bash", str(script)], env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"},
                            capture_output=True, text=True)
     assert unset.returncode != 0 and "run this script with sbatch" in unset.stderr
+
+
+def test_the_script_activates_the_environment_it_was_rendered_from(tmp_path, monkeypatch):
+    venv, conda_env, conda_base = tmp_path / "venv", tmp_path / "envs" / "vrn", tmp_path / "miniconda"
+    (conda_env / "conda-meta").mkdir(parents=True)
+    (conda_base / "etc" / "profile.d").mkdir(parents=True)
+    (conda_base / "etc" / "profile.d" / "conda.sh").write_text("")
+    monkeypatch.setenv("CONDA_EXE", str(conda_base / "bin" / "conda"))
+    monkeypatch.setenv("CONDA_DEFAULT_ENV", "base")  # conda's base active in the shell does not matter
+    monkeypatch.setattr(submit.sys, "prefix", str(venv))
+    assert submit.activation() == f"source {venv}/bin/activate"
+    monkeypatch.setattr(submit.sys, "prefix", str(conda_env))
+    assert submit.activation() == (f"set +u; source {conda_base}/etc/profile.d/conda.sh; conda activate {conda_env}; "
+                                   f"set -u")
+    monkeypatch.delenv("CONDA_EXE")
+    assert submit.activation().startswith(f"export PATH={conda_env}/bin:")
+
+
+def test_sbatch_values_with_spaces_are_quoted():
+    assert submit.directive("vrn") == "vrn"
+    assert submit.directive("tiny sweep's run") == '"tiny sweep\'s run"'

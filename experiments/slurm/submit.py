@@ -40,10 +40,24 @@ from lightning_vrn.cli import run_command
 
 
 def activation() -> str:
-    """The shell line that activates this Python environment (conda or a virtualenv)."""
-    if os.environ.get("CONDA_DEFAULT_ENV"):
-        return f"conda activate {shlex.quote(os.environ['CONDA_DEFAULT_ENV'])}"
-    return f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}"
+    """The shell line that activates the Python environment this runs in: decided by ``sys.prefix`` (a conda
+    environment has ``conda-meta/``), not by which conda environment happens to be active, since a venv
+    user's shell may have conda's ``base`` active too. conda needs its shell functions in a batch script
+    and its activation scripts read unset variables, hence ``conda.sh`` and ``set +u``."""
+    prefix = Path(sys.prefix)
+    if not (prefix / "conda-meta").is_dir():
+        return f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"
+    conda_exe = os.environ.get("CONDA_EXE")  # BASE/bin/conda, set by conda's shell set-up
+    conda_sh = Path(conda_exe).parent.parent / "etc" / "profile.d" / "conda.sh" if conda_exe else None
+    if conda_sh is not None and conda_sh.is_file():
+        return f"set +u; source {shlex.quote(str(conda_sh))}; conda activate {shlex.quote(str(prefix))}; set -u"
+    return f"export PATH={shlex.quote(str(prefix / 'bin'))}:\"$PATH\"  # conda environment {prefix}: conda.sh not found"
+
+
+def directive(value: object) -> str:
+    """An ``#SBATCH`` option's value, double-quoted when it holds spaces or quotes (sbatch splits it there)."""
+    text = str(value)
+    return f'"{text}"' if any(c in text for c in ' \t"\'') else text
 
 
 def job_shape(cfg: DictConfig, gpus_per_node: int | None) -> tuple[int, int, int]:
@@ -69,7 +83,7 @@ def header(job_name: str, nodes: int, devices: int, gpus: int, cpus: int, time_l
     environment set-up every job script starts with."""
     return [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --job-name={directive(job_name)}",
         f"#SBATCH --nodes={nodes}",
         f"#SBATCH --ntasks-per-node={devices}",
         f"#SBATCH --gres=gpu:{gpus}",
@@ -77,9 +91,9 @@ def header(job_name: str, nodes: int, devices: int, gpus: int, cpus: int, time_l
         f"#SBATCH --time={time_limit}",
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
-        f"#SBATCH --output={output}",
+        f"#SBATCH --output={directive(output)}",
         *([f"#SBATCH --array={array}"] if array else []),
-        *([f"#SBATCH --partition={partition}"] if partition else []),
+        *([f"#SBATCH --partition={directive(partition)}"] if partition else []),
         "set -euo pipefail",
         activation(),
         f"cd {shlex.quote(str(Path.cwd()))}",
