@@ -214,9 +214,10 @@ def test_a_resumed_run_trains_on_the_same_samples_in_the_same_order(files, tmp_p
     # Loader workers draw indices when the loader's iterator is made, before Lightning sets the epoch:
     # the epoch-end cases replayed the finished epoch with workers until the DataModule chose it itself.
     def fit(model, callbacks=(), ckpt_path=None, **limits):
+        checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                             **{"max_epochs": 3, **limits})
+                             limit_val_batches=0, enable_checkpointing=checkpointing, callbacks=list(callbacks),
+                             default_root_dir=tmp_path, **{"max_epochs": 3, **limits})
         trainer.fit(model, make_dm(files, batch_size=2, num_workers=workers, persistent_workers=workers > 0),
                     ckpt_path=ckpt_path)
 
