@@ -51,6 +51,7 @@ from experiments.runs import (
 from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import (
     CheckpointSettings,
+    JobRequeued,
     NMECallback,
     NMESettings,
     RunCheckpoint,
@@ -181,13 +182,14 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
         if resume_from:
             rank_zero_info(f"resuming from {resume_from}")
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                        weights_only=not trust_checkpoint)
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            if any(getattr(c, "requeued", False) for c in trainer.callbacks):
-                rank_zero_info(f"SLURM job {os.environ['SLURM_JOB_ID']} requeued; the next start resumes from "
-                               f"{run_dir / 'checkpoints' / 'last.ckpt'}")
+            try:
+                trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                            weights_only=not trust_checkpoint)
+            except JobRequeued as requeued:
+                rank_zero_info(f"{requeued}: {run_dir / 'checkpoints' / 'last.ckpt'}")
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
                 return {**metrics, "requeued": True, "run_dir": str(run_dir)}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
             if not trainer.fast_dev_run:
                 metrics.update(_test(trainer, model, datamodule, run_dir))
         except SystemExit as stop:

@@ -317,12 +317,17 @@ class RunCheckpoint(ModelCheckpoint):
             self._after_epoch_save(trainer)
 
 
+class JobRequeued(Exception):
+    """Training stopped after saving ``last.ckpt`` because the SLURM job was requeued (not a failure)."""
+
+
 class SlurmRequeue(pl.Callback):
     """Requeue a SLURM job before its time limit, with a checkpoint saved outside the signal handler.
 
     SLURM sends SIGUSR1 ahead of the limit (``#SBATCH --signal=SIGUSR1@90``). The handler only sets a
     flag; at the end of the next training step every process agrees to stop, ``checkpoint`` writes
-    ``last.ckpt`` from the training loop, rank 0 runs ``scontrol requeue JOB_ID`` and training stops.
+    ``last.ckpt`` from the training loop, rank 0 runs ``scontrol requeue JOB_ID`` and every process raises
+    :class:`JobRequeued` (no validation pass first).
     The requeued job reruns the same command, which resumes from the run directory's ``last.ckpt``.
     (Lightning's own requeue saves inside the handler, which users report failing now and then.)
     """
@@ -341,8 +346,14 @@ class SlurmRequeue(pl.Callback):
                            batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
+        self.signalled = False
         self.checkpoint._save_last_checkpoint(trainer, self.checkpoint._monitor_candidates(trainer))
-        if trainer.is_global_zero:
-            subprocess.run(["scontrol", "requeue", self.job_id], check=True)
         self.requeued = True
-        trainer.should_stop = True
+        if trainer.is_global_zero:
+            done = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"scontrol requeue {self.job_id} failed ({done.stderr.strip() or done.returncode}); "
+                                   f"last.ckpt is saved: submit the job again to resume")
+        # Stop at once, on every process: should_stop would first run a validation pass (and the NME) in the
+        # 90 s before the time limit, and is ignored before trainer.min_epochs.
+        raise JobRequeued(f"SLURM job {self.job_id} requeued; the next start resumes from last.ckpt")

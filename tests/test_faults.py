@@ -469,6 +469,11 @@ def test_slurm_sigusr1_saves_a_checkpoint_requeues_the_job_and_the_next_start_re
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] >= first
     assert not (run_dir / "metrics.json").exists()  # stopped for the requeue, not finished
+    rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    validated = {int(row.split(",")[header.index("epoch")]) for row in rows[1:]
+                 if row.split(",")[header.index("val/loss")]}
+    assert saved["epoch"] not in validated  # stopped at once: no validation pass of the interrupted epoch
     # The requeued job reruns the same command: it resumes from that checkpoint.
     metrics = train.train(config(tiny_synthetic, run_dir, f"trainer.max_epochs={saved['epoch'] + 2}"))
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
