@@ -263,10 +263,11 @@ def _ddp_samples():
     return volumes, gt, torch.tensor([20.0, 21.0, 22.0]), torch.tensor([0.0, 0.5, -0.5]), torch.tensor([4, 2, 9])
 
 
-# A spawned gloo child once aborted at interpreter exit in a fresh-clone run ("terminate called without
-# an active exception", after its work was done). Not reproduced since: 0 of 40 spawned pairs of this
-# test's kind and 0 of 50 subprocess pairs. The children start with faulthandler on, so a recurrence
-# prints where the exit aborted; a crash is rerun at most twice meanwhile.
+# A spawned gloo child sometimes aborts at interpreter exit in fresh-clone runs of the whole suite
+# ("terminate called without an active exception", after its work is done; 1 rerun in 2 such runs on
+# 2026-11-27), never in isolation (0 of 40 spawned runs of these tests, 0 of 50 subprocess pairs). The
+# children start with faulthandler on and the summary lists reruns (-rR), so a recurrence shows where
+# it aborted; a crash is rerun at most twice meanwhile.
 @pytest.mark.slow
 @pytest.mark.flaky(reruns=2)
 def test_two_process_reduction_matches_one_process(tmp_path, monkeypatch):
