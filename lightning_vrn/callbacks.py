@@ -68,6 +68,14 @@ class CheckpointSettings:
                              f"got {self.every_n_train_steps}")
 
 
+def predicted_occupancy(outputs: Mapping[str, torch.Tensor], count: int) -> torch.Tensor:
+    """``(count, D, H, W)`` soft occupancy of a step's first ``count`` predictions, from its ``"volume"``
+    or its ``"volume_logits"``, detached."""
+    if "volume" in outputs:
+        return outputs["volume"][:count].detach().float()
+    return occupancy(outputs["volume_logits"][:count].detach())
+
+
 class NMECallback(pl.Callback):
     """Log ``{stage}/nme``, ``/nme_median``, ``/nme_aligned``, ``/nme_failed``, ``/nme_yaw_{lo}_{hi}``; write reports.
 
@@ -192,10 +200,7 @@ class NMECallback(pl.Callback):
             count = min(count, self._sample_limit - self._samples_seen)
         if count <= 0:
             return
-        if "volume" in outputs:
-            volume = outputs["volume"][:count].detach().float()
-        else:
-            volume = occupancy(outputs["volume_logits"][:count].detach())
+        volume = predicted_occupancy(outputs, count)
         vertices = [v.detach().cpu().numpy() for v in batch["vertices"][:count]]  # (B, V, 3) or B scans' (V_i, 3)
         poses = batch["pose"][:count].detach().cpu().numpy()
         gt = [scoring_vertices(v, pose, self._frame) for v, pose in zip(vertices, poses)]

@@ -26,7 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_vrn.callbacks import NMECallback
+from lightning_vrn.callbacks import NMECallback, predicted_occupancy
 from lightning_vrn.metrics.report import COLUMNS
 
 MAX_POINTS = 20_000
@@ -134,13 +134,9 @@ class WandbMedia(pl.Callback):
             return
         from lightning_vrn.geometry.isosurface import volume_to_mesh
         from lightning_vrn.metrics.nme import scoring_vertices
-        from lightning_vrn.models.volume import occupancy
 
         count = min(len(batch["index"]), self.samples - len(self.captured))
-        if "volume" in outputs:
-            volumes = outputs["volume"][:count].detach().float().cpu().numpy()
-        else:
-            volumes = occupancy(outputs["volume_logits"][:count].detach()).cpu().numpy()
+        volumes = predicted_occupancy(outputs, count).cpu().numpy()
         frame = getattr(pl_module, "target_frame", None) or "aligned"
         for k in range(count):
             predicted, _ = volume_to_mesh(volumes[k], pl_module.grid)
