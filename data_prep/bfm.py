@@ -43,7 +43,6 @@ from the front.
 
 from __future__ import annotations
 
-import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,25 +192,10 @@ def _load_pickle_file(path: Path, what: str):
     try:
         return load_pickle(path)
     except UnsafeFileError:
-        damage = _pickle_damage(path)  # safe_load reports a truncated pickle as unsafe too
-        if damage is None:
-            raise
-        error = damage
-    except Exception as failure:  # a truncated or foreign pickle fails in many ways
-        error = failure
-    raise ValueError(f"{path} is not a readable pickle ({_first_line(error)}); it should be {what}: "
-                     f"download it again")
-
-
-def _pickle_damage(path: Path) -> Exception | None:
-    """Why the pickle at ``path`` is damaged (truncated, not a pickle), or None if its opcodes read to the end.
-    Reads the opcodes only (:func:`pickletools.genops`): nothing is built or run."""
-    try:
-        for _ in pickletools.genops(path.read_bytes()):
-            pass
-    except Exception as error:
-        return error
-    return None
+        raise
+    except Exception as error:  # damaged (load_pickle's ValueError) or unreadable
+        raise ValueError(f"{path} is not a readable pickle ({_first_line(error)}); it should be {what}: "
+                         f"download it again") from None
 
 
 def _read_pickle(path: Path) -> RawBFM:

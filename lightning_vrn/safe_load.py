@@ -75,7 +75,11 @@ class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY_GLOBALS or (module in _NUMPY_DTYPE_MODULES and name.endswith("DType")):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _RefusedGlobal(f"global '{module}.{name}' is not allowed")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global :class:`_PlainUnpickler` does not build (unlike a damaged pickle)."""
 
 
 def load_pickle(path: str | Path, trust: bool = False) -> Any:
@@ -86,6 +90,9 @@ def load_pickle(path: str | Path, trust: bool = False) -> Any:
             return pickle.load(handle)
         try:
             return _PlainUnpickler(handle, encoding="latin1").load()
-        except pickle.UnpicklingError as error:
+        except _RefusedGlobal as error:
             raise UnsafeFileError(f"{path} needs {_first_line(error)} to load, which could run code; it was not "
                                   f"loaded. If you trust its source, load it with trust=True") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(f"{path} is damaged, truncated or not a pickle ({_first_line(error)}); write or "
+                             f"download it again") from None

@@ -350,6 +350,11 @@ def test_a_pickle_file_loads_plain_arrays_and_refuses_code(tmp_path):
     with pytest.raises(UnsafeFileError, match="crafted.pkl needs global 'posix.system'"):
         load_pickle(crafted)
     assert not (tmp_path / "pwned").exists()
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(plain.read_bytes()[:-20])  # damaged, not unsafe: said so, not "could run code"
+    with pytest.raises(ValueError, match="truncated.pkl is damaged, truncated or not a pickle") as refused:
+        load_pickle(truncated)
+    assert not isinstance(refused.value, UnsafeFileError)
 
 
 def test_secrets_never_land_in_a_runs_records(tiny_synthetic, tmp_path, monkeypatch):
