@@ -44,6 +44,7 @@ from experiments.baselines import (
     mean_training_volume,
 )
 from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.wandb_project import fetch_runs
 from lightning_vrn.atomic import atomic_path, write_text
 from lightning_vrn.cli import run_command
 from lightning_vrn.geometry import VoxelGrid
@@ -532,25 +533,35 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", help="train and evaluate: e.g. experiments/configs/compare_quickstart.yaml")
     source.add_argument("--runs", nargs="+", type=Path,
                         help="collect finished runs: run directories or folders of them (runs/sweeps/NAME)")
+    source.add_argument("--wandb", metavar="ENTITY/PROJECT",
+                        help="collect the finished training runs of a W&B project (needs the network and an API key)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the compare settings (--config)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare-runs"), help="--runs: the report's folder")
-    parser.add_argument("--group-by", default="model.name", help="--runs: config key of the rows (default model.name)")
-    parser.add_argument("--reference", default=None, help="--runs: the row others are paired with (default vrn)")
-    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="--runs: bootstrap resamples")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--out", type=Path, default=Path("runs/compare-runs"),
+                        help="--runs, --wandb: the report's folder")
+    parser.add_argument("--wandb-tag", action="append", default=[], metavar="TAG",
+                        help="--wandb: only runs with this tag (repeat for several: runs with all of them)")
+    parser.add_argument("--group-by", default="model.name",
+                        help="--runs, --wandb: config key of the rows (default model.name)")
+    parser.add_argument("--reference", default=None,
+                        help="--runs, --wandb: the row others are paired with (default vrn)")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="--runs, --wandb: bootstrap resamples")
+    parser.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="--config: log each method's evaluation into a W&B eval run linked to its training run "
                              "(default: when the trainings had logger.wandb=true)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after --options
-    if args.runs:
+    if args.wandb_tag and not args.wandb:
+        parser.error("--wandb-tag selects runs of --wandb ENTITY/PROJECT")
+    if args.runs or args.wandb:
         if args.overrides:
-            parser.error(f"key=value overrides are for --config, not --runs: {args.overrides}")
-        compare_runs(args.runs, args.out, args.group_by, args.reference, args.resamples)
+            parser.error(f"key=value overrides are for --config, not --runs or --wandb: {args.overrides}")
+        runs = args.runs or fetch_runs(args.wandb, args.out / "wandb-runs", args.wandb_tag)
+        compare_runs(runs, args.out, args.group_by, args.reference, args.resamples)
         print((args.out / "table.md").read_text())
         print(f"outputs in {args.out}: table.md, table.csv, runs.csv, ced.png, nme_vs_yaw.png, nme_per_expression.png")
         return 0
     settings = load_compare_settings(args.config, args.overrides)
     start = time.time()
-    run_compare(settings, wandb=args.wandb)
+    run_compare(settings, wandb=args.log_wandb)
     print((Path(settings.out) / "table.md").read_text())
     print(f"compare finished in {(time.time() - start) / 60:.1f} min; outputs in {settings.out}")
     return 0

@@ -18,7 +18,7 @@ the checkpoint file):
 - ``ced.png``: cumulative error curves of all methods (the paper's Figure 7);
 - ``reconstruction.obj`` (the median-error sample's iso-surface, vertex colours from the image) and
   ``reconstruction.png`` (input, prediction and ground truth side by side);
-- with ``--wandb`` (default: when the checkpoint's training had ``logger.wandb=true``), a W&B run with
+- with ``--log-wandb`` (default: when the checkpoint's training had ``logger.wandb=true``), a W&B run with
   ``job_type=eval`` in ``OUT/wandb``, linked to the training run (see :func:`log_eval_run`).
 
 ``--landmarks-model``: a trained ``landmark_hourglass`` checkpoint. A VRN-Guided model is then guided by
@@ -117,7 +117,7 @@ def landmark_sources(methods: dict[str, pl.LightningModule], detector_path: Path
 
 
 def wandb_wanted(flag: bool | None, run_dir: Path | None) -> bool:
-    """``--wandb`` / ``--no-wandb`` when given, else whether the training config of ``run_dir`` had logger.wandb."""
+    """``--log-wandb`` / ``--no-log-wandb`` when given, else whether the training config of ``run_dir`` had logger.wandb."""
     if flag is not None:
         return flag
     return run_dir is not None and bool(load_config(run_dir / "config.yaml").logger.wandb)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that holds more than tensors and plain values (runs its code)")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log into a W&B eval run linked to the training run (default: when the training "
                              "config had logger.wandb=true)")
     args = parser.parse_args(argv)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     save_ced(out / "ced.png", {name: table["nme"][~table["failed"]] for name, table in tables.items()})
     _write_reconstruction(out, methods[MODEL], args.data, tables[MODEL])
-    if wandb_wanted(args.wandb, run_dir):
+    if wandb_wanted(args.log_wandb, run_dir):
         results = {("eval" if name == MODEL else f"eval/{slug(name)}"):
                    (metrics.get(name), tables.get(name), landmarks[name]) for name in sources}
         log_eval_run(out, run_dir, results, {"checkpoint": str(args.checkpoint), "data": str(args.data),

@@ -48,6 +48,7 @@ from experiments.runs import (
     record_attempt,
     resolve_run,
 )
+from experiments.wandb_project import upload_run_files
 from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import (
     CheckpointSettings,
@@ -197,14 +198,17 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
         metrics["run_dir"] = str(run_dir)
         if trainer.is_global_zero:
             write_text(run_dir / "metrics.json", json.dumps(_plain_json(metrics), indent=2, sort_keys=True))
-        _finish_wandb(trainer)
+        _finish_wandb(trainer, run_dir)
     return metrics
 
 
-def _finish_wandb(trainer: pl.Trainer) -> None:
-    """Close the W&B run (its files are complete only then; the next run in this process starts a new one)."""
+def _finish_wandb(trainer: pl.Trainer, run_dir: Path) -> None:
+    """Save the run's config, metrics and test NME table into its W&B run (for ``compare --wandb``), then close
+    the W&B run (its files are complete only then; the next run in this process starts a new one)."""
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            if trainer.is_global_zero:
+                upload_run_files(logger.experiment, run_dir)
             logger.experiment.finish()
 
 

@@ -85,7 +85,7 @@ def nme_3ddfa(pred, gt, yaw_deg):
 
 def run_evaluate(checkpoint, data, out, *extra):
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--batch-size", "4",
-                          "--no-wandb", *extra]) == 0
+                          "--no-log-wandb", *extra]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -184,12 +184,12 @@ def test_the_reannotated_field_is_optional_and_passes_through_unaugmented_batche
 
 def test_the_wandb_eval_run_logs_every_methods_landmark_nme_and_source(checkpoints, tiny_synthetic, tmp_path,
                                                                        monkeypatch):
-    from tests.test_wandb import offline_run
+    from tests.offline_wandb import offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "eval"
     evaluate.main(["--checkpoint", str(checkpoints["vrn"]), "--data", str(tiny_synthetic / "test.h5"), "--out",
-                   str(out), "--batch-size", "4", "--wandb", "--landmarks-model", str(checkpoints["detector"])])
+                   str(out), "--batch-size", "4", "--log-wandb", "--landmarks-model", str(checkpoints["detector"])])
     metrics = json.loads((out / "metrics.json").read_text())
     _, logged = offline_run(out)
     assert logged["summary"]["eval/nme_mean"] == metrics["model"]["nme_mean"]

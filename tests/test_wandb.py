@@ -1,67 +1,20 @@
 """W&B logging without a network: media of the NME epochs, checkpoint artifacts, linked eval runs (offline runs)."""
 
 import json
-import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import compare, evaluate, train
-from experiments.config import load_config
+from experiments import compare, dashboard, evaluate, train, wandb_project
+from experiments.config import ConfigError, load_config
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv
 from lightning_vrn.wandb_media import GROUND_TRUTH_RGB, PREDICTION_RGB, WandbMedia, ced_points
+from tests.offline_wandb import OfflineApi, offline_run
 from tests.test_experiments import TINY_NET, _config
-
-BLOCK = 32768  # a W&B run log (.wandb) is a LevelDB log: 32 KiB blocks of records with 7-byte headers
-
-
-def _records(data: bytes):
-    """The protobuf records of a .wandb file's bytes (a record still being written is left out)."""
-    from wandb.proto import wandb_internal_pb2
-
-    assert data[:4] == b":W&B", data[:7]
-    pos, pending = 7, b""  # after the file header (":W&B", magic, version)
-    while pos + 7 <= len(data):
-        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 or pos + 7 + length > len(data):
-            break
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def offline_run(parent: Path) -> tuple[Path, dict]:
-    """The one offline W&B run under ``parent/wandb``: its folder, and its run record, config and summary
-    once W&B's service has written the run's exit (it writes after the run is closed)."""
-    (folder,) = (parent / "wandb").glob("offline-run-*")
-    (log,) = folder.glob("run-*.wandb")
-    deadline = time.time() + 60
-    while True:
-        records = list(_records(log.read_bytes()))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
-            break
-        time.sleep(0.5)
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    summary = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "summary":
-            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.summary.update})
-    return folder, {"run": run, "config": config, "summary": summary}
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
@@ -114,7 +67,7 @@ def test_an_offline_training_run_holds_the_error_curve_and_media(wandb_run):
 def test_evaluate_logs_into_a_linked_eval_run(wandb_run, tiny_synthetic, tmp_path):
     out = tmp_path / "eval"
     evaluate.main(["--checkpoint", str(wandb_run / "checkpoints" / "best.ckpt"), "--data",
-                   str(tiny_synthetic / "test.h5"), "--batch-size", "2", "--out", str(out)])  # no --wandb: as trained
+                   str(tiny_synthetic / "test.h5"), "--batch-size", "2", "--out", str(out)])  # no --log-wandb: as trained
     metrics = json.loads((out / "metrics.json").read_text())["model"]
     _, training = offline_run(wandb_run)
     folder, logged = offline_run(out)
@@ -190,3 +143,125 @@ def test_checkpoints_are_artifacts_only_online(environment, overrides, uploads, 
     cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true", *overrides)
     logger = train.wandb_logger(cfg, tmp_path / "run")  # the W&B run starts only when first used: no network here
     assert logger._log_model is uploads
+
+
+# ----- compare --wandb ENTITY/PROJECT: W&B's API stood in for by the offline runs that `wandb sync` would upload -----
+
+
+@pytest.fixture(scope="module")
+def second_wandb_run(tiny_synthetic, tmp_path_factory):
+    """Like ``wandb_run``, a VRN-Multitask training with seed 1 and the tag ``second``, without media, logging the
+    training loss at every step."""
+    run_dir = tmp_path_factory.mktemp("wandb-run-multitask")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.delenv("WANDB_API_KEY", raising=False)
+        train.train(_config("quickstart", tiny_synthetic, run_dir, "model.name=vrn_multitask", *TINY_NET[:2],
+                            "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "seed=1", "nme.every_n_epochs=1",
+                            "nme.max_val_samples=2", "logger.wandb=true", "logger.media_samples=0",
+                            "logger.tags=[second]"))
+    return run_dir
+
+
+def test_a_training_run_saves_what_compare_reads_into_its_wandb_run(wandb_run):
+    folder, logged = offline_run(wandb_run)
+    for name in wandb_project.RUN_FILES:  # saved (so `wandb sync` uploads them) with the run directory's bytes
+        assert f"{wandb_project.FOLDER}/{name}" in logged["files"]
+        assert (folder / "files" / wandb_project.FOLDER / name).read_bytes() == (wandb_run / name).read_bytes()
+
+
+def test_compare_wandb_gives_the_report_compare_runs_gives(wandb_run, second_wandb_run, tmp_path, monkeypatch, capsys):
+    evaluation = tmp_path / "eval"  # an eval run in the same project: not a training, left out
+    evaluate.log_eval_run(evaluation, wandb_run, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    api = OfflineApi({"team/vrn": [wandb_run, second_wandb_run, evaluation]})
+    monkeypatch.setattr("wandb.Api", lambda: api)
+    for group_by in ("model.name", "logger.project"):  # two rows of one run each; one row averaging both runs
+        local, remote = tmp_path / f"local-{group_by}", tmp_path / f"wandb-{group_by}"
+        common = ["--group-by", group_by, "--resamples", "200"]
+        assert compare.main(["--runs", str(wandb_run), str(second_wandb_run), "--out", str(local), *common]) == 0
+        assert compare.main(["--wandb", "team/vrn", "--out", str(remote), *common]) == 0
+        for name in ("table.csv", "table.md"):
+            assert (remote / name).read_text() == (local / name).read_text()
+    fetched = sorted((tmp_path / "wandb-model.name" / "wandb-runs").iterdir())
+    ids = sorted(offline_run(run)[1]["run"].run_id for run in (wandb_run, second_wandb_run))
+    assert [path.name for path in fetched] == ids  # one folder per training run, no partial download left
+    assert len((tmp_path / "wandb-model.name" / "table.csv").read_text().splitlines()) == 3  # vrn, vrn_multitask
+    assert len((tmp_path / "wandb-logger.project" / "table.csv").read_text().splitlines()) == 2
+    # --wandb-tag picks the runs with every tag given
+    assert compare.main(["--wandb", "team/vrn", "--wandb-tag", "second", "--out", str(tmp_path / "tagged"),
+                         "--resamples", "200"]) == 0
+    assert [path.name for path in (tmp_path / "tagged" / "wandb-runs").iterdir()] == \
+        [offline_run(second_wandb_run)[1]["run"].run_id]
+    assert len((tmp_path / "tagged" / "table.csv").read_text().splitlines()) == 2
+
+
+def test_compare_wandb_leaves_out_unfinished_runs_and_says_why(wandb_run, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    def run(id, state="finished", job_type="train", tags=()):
+        return SimpleNamespace(id=id, name=f"name-{id}", state=state, job_type=job_type, tags=list(tags))
+
+    chosen, notes = wandb_project.select_runs(
+        [run("a"), run("b", state="running"), run("c", state="crashed"), run("d", job_type="eval"),
+         run("e", tags=["x"]), run("f", tags=["x", "y"])], tags=["x"])
+    assert [r.id for r in chosen] == ["e", "f"]
+    assert notes == []  # b and c lack the tag
+    chosen, notes = wandb_project.select_runs([run("a"), run("b", state="running"), run("c", state="crashed"),
+                                               run("d", job_type="eval")])
+    assert [r.id for r in chosen] == ["a"]
+    assert notes == ["b (name-b): running, not finished, left out", "c (name-c): crashed, not finished, left out"]
+    # A finished run without the files (trained before runs saved them) is left out, named, on stderr.
+    bare = SimpleNamespace(id="old", name="old-run", state="finished", job_type="train", tags=[],
+                           files=lambda names=None: [])
+    api = SimpleNamespace(runs=lambda path: [bare, *OfflineApi({"p": [wandb_run]}).runs("p")])
+    (folder,) = wandb_project.fetch_runs("team/vrn", tmp_path / "fetched", api=api)
+    assert (folder / "nme" / "test.csv").read_bytes() == (wandb_run / "nme" / "test.csv").read_bytes()
+    assert "W&B run old (old-run): has no lightning_vrn/config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("project, api, message", [
+    ("vrn", None, "--wandb takes ENTITY/PROJECT"),
+    ("team/vrn/extra", None, "--wandb takes ENTITY/PROJECT"),
+    ("team/unknown", OfflineApi({}), "cannot list the runs of W&B project team/unknown: Could not find project"),
+    ("team/evals-only", OfflineApi({"team/evals-only": []}), "W&B project team/evals-only has no finished training"),
+])
+def test_compare_wandb_refuses_what_it_cannot_read(project, api, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        wandb_project.fetch_runs(project, tmp_path, api=api)
+
+
+def test_compare_wandb_without_an_api_key_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no-login"))  # no stored login either
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(ConfigError, match="WANDB_API_KEY or `wandb login`"):
+        wandb_project.fetch_runs("team/vrn", tmp_path)
+    with pytest.raises(SystemExit):
+        compare.main(["--runs", str(tmp_path), "--wandb-tag", "x"])  # a tag is for --wandb only
+
+
+def test_the_dashboard_report_groups_finished_trainings_and_plots_what_training_logs(wandb_run, second_wandb_run,
+                                                                                  tmp_path):
+    out = tmp_path / "report.json"
+    assert dashboard.main(["team/vrn", "--wandb-tag", "ablations", "--out", str(out)]) == 0  # no network needed
+    spec = json.loads(out.read_text())
+    assert spec["project"] == {"name": "vrn", "entityName": "team"}
+    grids = [block["metadata"] for block in spec["spec"]["blocks"] if block["type"] == "panel-grid"]
+    assert len(grids) == 3
+    for grid in grids:
+        (runs,) = grid["runSets"]
+        assert runs["grouping"] == [{"section": "config", "name": "model.value.name"}]  # W&B's key of model.name
+        assert [(f["key"]["name"], f["op"], f["value"]) for f in runs["filters"]["filters"]] == [
+            ("jobType", "!=", "eval"), ("state", "=", "finished"), ("tags", "IN", ["ablations"])]
+    panels = [panel for grid in grids for panel in grid["panelBankSectionConfig"]["panels"]]
+    plotted = {metric for panel in panels for metric in panel["config"].get("metrics", [])}
+    assert plotted == dashboard.report_metrics()
+    logged = set()
+    for run in (wandb_run, second_wandb_run):  # a plain VRN and a VRN-Multitask (landmarks) training
+        _, record = offline_run(run)
+        logged |= set(record["summary"])
+    assert plotted <= logged  # every panel shows a metric that training logs under that very name
+    bars = [panel["config"] for panel in panels if panel["viewType"] == "Bar Chart"]
+    assert all((bar["groupAgg"], bar["groupArea"]) == ("mean", "stderr") for bar in bars)
+    assert "compare --wandb team/vrn" in json.dumps(spec)  # the note pointing to the per-face intervals
