@@ -55,6 +55,7 @@ from lightning_vrn.callbacks import (
     JobRequeued,
     NMECallback,
     NMESettings,
+    ProcessGroupExit,
     RunCheckpoint,
     SlurmRequeue,
     summary_metrics,
@@ -130,7 +131,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     if cfg.logger.wandb:
         loggers.append(wandb_logger(cfg, run_dir))
     checkpoint = RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint))
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch"), ProcessGroupExit()]
     plugins = []
     if os.environ.get("SLURM_JOB_ID"):  # requeue on SIGUSR1 with the checkpoint saved outside the handler
         callbacks.append(SlurmRequeue(os.environ["SLURM_JOB_ID"], checkpoint))

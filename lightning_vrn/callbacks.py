@@ -1,4 +1,5 @@
-"""Lightning callbacks: the paper's NME on validation and test, and run checkpoints with a best-so-far score.
+"""Lightning callbacks: the paper's NME on validation and test, run checkpoints with a best-so-far score, the
+SLURM requeue, and the distributed process group's end at exit.
 
 :class:`NMECallback` scores the predictions that the validation and test steps already made (no
 second forward pass). It needs from the LightningModule ``grid`` (the :class:`VoxelGrid` of its
@@ -29,6 +30,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lightning_vrn.distributed import destroy_process_group_at_exit
 from lightning_vrn.landmarks import outer_interocular
 from lightning_vrn.metrics.report import write_report
 from lightning_vrn.models.volume import occupancy
@@ -362,3 +364,12 @@ class SlurmRequeue(pl.Callback):
         # Stop at once, on every process: should_stop would first run a validation pass (and the NME) in the
         # 90 s before the time limit, and is ignored before trainer.min_epochs.
         raise JobRequeued(f"SLURM job {self.job_id} requeued; the next start resumes from last.ckpt")
+
+
+class ProcessGroupExit(pl.Callback):
+    """Destroy the ``torch.distributed`` process group when each process exits, before Python finalises
+    (:mod:`lightning_vrn.distributed`: without it a gloo process can abort at exit). ``setup`` runs in every
+    process once the group exists."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_process_group_at_exit()
