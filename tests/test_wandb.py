@@ -265,3 +265,18 @@ def test_the_dashboard_report_groups_finished_trainings_and_plots_what_training_
     bars = [panel["config"] for panel in panels if panel["viewType"] == "Bar Chart"]
     assert all((bar["groupAgg"], bar["groupArea"]) == ("mean", "stderr") for bar in bars)
     assert "compare --wandb team/vrn" in json.dumps(spec)  # the note pointing to the per-face intervals
+
+
+def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
+    import shutil
+
+    cfg = load_config(wandb_run / "config.yaml")
+    original = offline_run(wandb_run)[1]["run"].run_id
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(wandb_run, moved, symlinks=True)
+    assert train.wandb_run_id(cfg, moved) == original  # read from its wandb folder, not from its new path
+    evaluate.log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    assert offline_run(tmp_path / "eval")[1]["config"]["training_run_id"] == original
+    # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
+    fresh = [train.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]
+    assert fresh[0] == fresh[2] != fresh[1] and fresh[0].startswith(f"{cfg.name}-")
