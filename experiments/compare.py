@@ -16,6 +16,10 @@ Stages (a progress line each; everything resumable, so rerunning the command con
 
 The settings are :class:`CompareSettings`; ``experiments/configs/compare_quickstart.yaml`` (CPU, under
 an hour on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
+
+``--runs DIR...`` makes the same report from finished runs (:func:`compare_runs`), and ``--wandb
+ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`);
+docs/dashboards.md says how runs are grouped and what the intervals cover.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from experiments.config import ConfigError
 from experiments.wandb_project import parse_project
@@ -49,7 +50,7 @@ def report_metrics() -> set[str]:
     return {m for metrics in TEST_BARS.values() for m in metrics} | {m for _, metrics in CURVES.values() for m in metrics}
 
 
-def build_report(project: str, group_by: str = "model.name", tags: list[str] = (), title: str | None = None):
+def build_report(project: str, group_by: str = "model.name", tags: Sequence[str] = (), title: str | None = None):
     """The report (a ``wandb_workspaces.reports.v2.Report``) on the W&B ``project`` (``ENTITY/PROJECT``): its
     finished non-evaluation runs with every tag in ``tags``, grouped by the config key ``group_by``."""
     import wandb_workspaces.reports.v2 as wr
@@ -82,7 +83,8 @@ def build_report(project: str, group_by: str = "model.name", tags: list[str] = (
 
 
 def report_json(report) -> dict:
-    """The report's definition in W&B's format (built without a network: its run sets name no other project)."""
+    """The report's definition in W&B's format (built without a network: its run sets name no other project).
+    ``_to_model`` is the library's own serialisation, the one ``save`` sends; it has no public name."""
     return json.loads(report._to_model().model_dump_json(by_alias=True, exclude_none=True))
 
 

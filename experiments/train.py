@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -100,18 +99,14 @@ def build_model_from_config(cfg: DictConfig) -> VRNModule:
     return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
 
 
-WANDB_RUN_FOLDER = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>.+)$")
-"""W&B's folder of one run in ``RUN_DIR/wandb``: ``[offline-]run-YYYYMMDD_HHMMSS-{run id}``."""
-
-
 def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
     """The W&B run id of the training in ``run_dir``: the id of the newest run W&B has written into
     ``run_dir/wandb`` (so a moved run directory resumes its W&B run and evaluations link to it), else, for a
     run that has not logged to W&B yet, ``{name}-{8 hex digits of the run directory's path}``."""
-    folders = sorted((run_dir / "wandb").glob("*run-*"), key=lambda folder: folder.name.removeprefix("offline-"))
-    ids = [match["id"] for folder in folders if (match := WANDB_RUN_FOLDER.match(folder.name))]
-    if ids:
-        return ids[-1]
+    # W&B's folder of a run is [offline-]run-YYYYMMDD_HHMMSS-{id}[-N] and holds run-{id}.wandb, its log
+    logs = sorted((run_dir / "wandb").glob("*run-*/run-*.wandb"), key=lambda log: log.parent.name.removeprefix("offline-"))
+    if logs:
+        return logs[-1].stem.removeprefix("run-")
     return f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
 
 

@@ -36,8 +36,8 @@ def upload_run_files(experiment: Any, run_dir: Path) -> list[str]:
         copy = Path(experiment.dir) / FOLDER / name
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / name, copy)
-        experiment.save(str(copy), base_path=experiment.dir, policy="now")
-        saved.append(f"{FOLDER}/{name}")
+        if experiment.save(str(copy), base_path=experiment.dir, policy="now", glob=False):  # a path, not a pattern
+            saved.append(f"{FOLDER}/{name}")
     return saved
 
 
@@ -88,13 +88,18 @@ def fetch_runs(project: str, dest: Path, tags: Iterable[str] = (), api: Any = No
     fetched = []
     for run in tqdm(runs, desc=f"fetching {project}", unit="run", file=sys.stderr, disable=not runs):
         names = [f"{FOLDER}/{name}" for name in RUN_FILES]
-        files = {file.name: file for file in run.files(names=names)}
-        missing = [name for name in names if name not in files]
-        if missing:
-            notes.append(f"{run.id} ({run.name}): has no {', '.join(missing)} (trained before runs uploaded them, or "
-                         f"without the test NME), left out")
-            continue
-        fetched.append(_download(run.id, files, dest))
+        try:
+            # W&B answers a name the run lacks with a placeholder whose md5 is "0" (as wandb.restore checks)
+            files = {file.name: file for file in run.files(names=names) if file.md5 != "0"}
+            missing = [name for name in names if name not in files]
+            if missing:
+                notes.append(f"{run.id} ({run.name}): has no {', '.join(missing)} (trained before runs uploaded "
+                             f"them, or without the test NME), left out")
+                continue
+            fetched.append(_download(run.id, files, dest))
+        except Exception as error:  # the network, the server or the disk
+            raise ConfigError(f"cannot download the files of W&B run {project}/{run.id} into {dest}: {error}. "
+                              f"Check the network and the disk, then rerun (finished downloads are redone)") from None
     for note in notes:
         print(f"[compare] W&B run {note}", file=sys.stderr, flush=True)
     if not fetched:

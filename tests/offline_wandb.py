@@ -3,6 +3,8 @@ for ``wandb.Api`` that answers with what a W&B server would hold after ``wandb s
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import struct
@@ -68,12 +70,16 @@ def offline_run(parent: Path) -> tuple[Path, dict]:
 
 
 class OfflineFile:
-    """A saved file of an offline run, as ``wandb.apis.public.File``: ``name``, ``download``."""
+    """A saved file of an offline run, as ``wandb.apis.public.File``: ``name``, ``md5`` (base64, as W&B gives it;
+    ``"0"`` for the placeholder W&B returns for a requested name the run does not have), ``download``."""
 
-    def __init__(self, name: str, path: Path):
+    def __init__(self, name: str, path: Path | None):
         self.name, self._path = name, path
+        self.md5 = "0" if path is None else base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 
     def download(self, root: str = ".", replace: bool = False, exist_ok: bool = False, api=None):
+        if self._path is None:
+            raise ValueError(f"{self.name} is a placeholder (md5 0): the run has no such file")
         target = Path(root) / self.name
         if target.exists() and not replace:
             raise ValueError(f"{target} exists (W&B's File.download refuses it without replace=True)")
@@ -94,9 +100,12 @@ class OfflineRun:
         self._folder, self._saved = folder, logged["files"]
 
     def files(self, names: list[str] | None = None, pattern: str | None = None, per_page: int = 50):
-        """The files the run saved (those ``wandb sync`` uploads), only ``names`` when given."""
-        return [OfflineFile(name, self._folder / "files" / name) for name in dict.fromkeys(self._saved)
-                if names is None or name in names]
+        """The files the run saved (those ``wandb sync`` uploads); with ``names``, one file per name, a placeholder
+        (md5 ``"0"``) for a name the run did not save, as W&B's server answers."""
+        saved = dict.fromkeys(self._saved)
+        if names is None:
+            return [OfflineFile(name, self._folder / "files" / name) for name in saved]
+        return [OfflineFile(name, self._folder / "files" / name if name in saved else None) for name in names]
 
 
 class OfflineApi:

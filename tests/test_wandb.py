@@ -13,7 +13,7 @@ from experiments import compare, dashboard, evaluate, train, wandb_project
 from experiments.config import ConfigError, load_config
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv
 from lightning_vrn.wandb_media import GROUND_TRUTH_RGB, PREDICTION_RGB, WandbMedia, ced_points
-from tests.offline_wandb import OfflineApi, offline_run
+from tests.offline_wandb import OfflineApi, OfflineFile, offline_run
 from tests.test_experiments import TINY_NET, _config
 
 @pytest.fixture(autouse=True)
@@ -212,7 +212,7 @@ def test_compare_wandb_leaves_out_unfinished_runs_and_says_why(wandb_run, tmp_pa
     assert notes == ["b (name-b): running, not finished, left out", "c (name-c): crashed, not finished, left out"]
     # A finished run without the files (trained before runs saved them) is left out, named, on stderr.
     bare = SimpleNamespace(id="old", name="old-run", state="finished", job_type="train", tags=[],
-                           files=lambda names=None: [])
+                           files=lambda names=None: [OfflineFile(name, None) for name in names])  # W&B's placeholders
     api = SimpleNamespace(runs=lambda path: [bare, *OfflineApi({"p": [wandb_run]}).runs("p")])
     (folder,) = wandb_project.fetch_runs("team/vrn", tmp_path / "fetched", api=api)
     assert (folder / "nme" / "test.csv").read_bytes() == (wandb_run / "nme" / "test.csv").read_bytes()
@@ -275,6 +275,11 @@ def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
     moved = tmp_path / "elsewhere" / "run"
     shutil.copytree(wandb_run, moved, symlinks=True)
     assert train.wandb_run_id(cfg, moved) == original  # read from its wandb folder, not from its new path
+    # W&B names a second folder of the same run and second ...-{id}-1: the id is still the log's
+    clash = moved / "wandb" / f"offline-run-20991231_235959-{original}-1"
+    clash.mkdir()
+    (clash / f"run-{original}.wandb").touch()
+    assert train.wandb_run_id(cfg, moved) == original
     evaluate.log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
     assert offline_run(tmp_path / "eval")[1]["config"]["training_run_id"] == original
     # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
