@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
@@ -49,7 +49,7 @@ def parse_project(project: str) -> str:
     return project
 
 
-def select_runs(runs: Iterable[Any], tags: Iterable[str] = ()) -> tuple[list[Any], list[str]]:
+def select_runs(runs: Iterable[Any], tags: Sequence[str] = ()) -> tuple[list[Any], list[str]]:
     """The finished training runs among ``runs`` (W&B public-API runs) that carry every tag in ``tags``, and a
     note for each one left out because it has not finished (its state is not ``finished``). Evaluation runs
     (``job_type`` eval) and runs without every tag are left out silently."""
@@ -64,7 +64,7 @@ def select_runs(runs: Iterable[Any], tags: Iterable[str] = ()) -> tuple[list[Any
     return chosen, notes
 
 
-def fetch_runs(project: str, dest: Path, tags: Iterable[str] = (), api: Any = None) -> list[Path]:
+def fetch_runs(project: str, dest: Path, tags: Sequence[str] = (), api: Any = None) -> list[Path]:
     """Download the :data:`RUN_FILES` of every finished training run of the W&B ``project`` (``ENTITY/PROJECT``)
     with all of ``tags`` into ``dest/{run id}`` (each laid out as a run directory; a run fetched before is
     replaced, so a rerun picks up resumed runs); returns those folders.
