@@ -25,20 +25,15 @@ RUN_FILES = ("config.yaml", "metrics.json", "nme/test.csv")
 """A run directory's files that the compare command reads (paths relative to the run directory)."""
 
 
-def upload_run_files(experiment: Any, run_dir: Path) -> list[str]:
+def upload_run_files(experiment: Any, run_dir: Path) -> None:
     """Copy the :data:`RUN_FILES` that ``run_dir`` holds into the W&B run ``experiment`` (a ``wandb`` Run),
-    under :data:`FOLDER`, and save them: uploaded now when online, by ``wandb sync`` when offline. Returns the
-    W&B names saved (``lightning_vrn/config.yaml``, ...)."""
-    saved = []
+    under :data:`FOLDER`, and save them: uploaded now when online, by ``wandb sync`` when offline."""
     for name in RUN_FILES:
-        if not (run_dir / name).is_file():
-            continue
-        copy = Path(experiment.dir) / FOLDER / name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / name, copy)
-        if experiment.save(str(copy), base_path=experiment.dir, policy="now", glob=False):  # a path, not a pattern
-            saved.append(f"{FOLDER}/{name}")
-    return saved
+        if (run_dir / name).is_file():
+            copy = Path(experiment.dir) / FOLDER / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, copy)
+            experiment.save(str(copy), base_path=experiment.dir, policy="now", glob=False)  # a path, not a pattern
 
 
 def parse_project(project: str) -> str:

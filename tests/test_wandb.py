@@ -22,17 +22,21 @@ def offline(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-@pytest.fixture(scope="module")
-def wandb_run(tiny_synthetic, tmp_path_factory):
-    """A tiny training logged to an offline W&B run: 1 epoch, validation NME on 2 samples, media of 2."""
-    run_dir = tmp_path_factory.mktemp("wandb-run")
+def _offline_training(data_dir: Path, run_dir: Path, *overrides: str) -> Path:
+    """Train 1 epoch of the quickstart config into ``run_dir``, logged to an offline W&B run, with the validation
+    NME on 2 samples; ``overrides`` after those."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.delenv("WANDB_API_KEY", raising=False)
-        train.train(_config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=1",
-                            "nme.every_n_epochs=1", "nme.max_val_samples=2", "logger.wandb=true",
-                            "logger.media_samples=2"))
+        train.train(_config("quickstart", data_dir, run_dir, "trainer.max_epochs=1", "nme.every_n_epochs=1",
+                            "nme.max_val_samples=2", "logger.wandb=true", *overrides))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tiny_synthetic, tmp_path_factory):
+    """A tiny VRN training logged to an offline W&B run, with the media of 2 samples."""
+    return _offline_training(tiny_synthetic, tmp_path_factory.mktemp("wandb-run"), *TINY_NET, "logger.media_samples=2")
 
 
 def test_an_offline_training_run_holds_the_error_curve_and_media(wandb_run):
@@ -152,15 +156,9 @@ def test_checkpoints_are_artifacts_only_online(environment, overrides, uploads, 
 def second_wandb_run(tiny_synthetic, tmp_path_factory):
     """Like ``wandb_run``, a VRN-Multitask training with seed 1 and the tag ``second``, without media, logging the
     training loss at every step."""
-    run_dir = tmp_path_factory.mktemp("wandb-run-multitask")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        patch.delenv("WANDB_API_KEY", raising=False)
-        train.train(_config("quickstart", tiny_synthetic, run_dir, "model.name=vrn_multitask", *TINY_NET[:2],
-                            "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "seed=1", "nme.every_n_epochs=1",
-                            "nme.max_val_samples=2", "logger.wandb=true", "logger.media_samples=0",
-                            "logger.tags=[second]"))
-    return run_dir
+    return _offline_training(tiny_synthetic, tmp_path_factory.mktemp("wandb-run-multitask"), "model.name=vrn_multitask",
+                             *TINY_NET[:2], "trainer.log_every_n_steps=1", "seed=1", "logger.media_samples=0",
+                             "logger.tags=[second]")
 
 
 def test_a_training_run_saves_what_compare_reads_into_its_wandb_run(wandb_run):
