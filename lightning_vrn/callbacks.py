@@ -117,6 +117,11 @@ class NMECallback(pl.Callback):
         self._samples_seen = 0
 
     @property
+    def frame(self) -> str:
+        """The frame the ground truth is scored in this epoch: ``aligned`` or ``frontal`` (the model's target)."""
+        return self._frame
+
+    @property
     def scoring(self) -> bool:
         """True from the start to the end of an epoch whose predictions this callback scores (what
         :class:`lightning_vrn.wandb_media.WandbMedia` follows)."""
@@ -203,7 +208,9 @@ class NMECallback(pl.Callback):
         if count <= 0:
             return
         volume = predicted_occupancy(outputs, count)
-        vertices = [v.detach().cpu().numpy() for v in batch["vertices"][:count]]  # (B, V, 3) or B scans' (V_i, 3)
+        vertices = batch["vertices"][:count]  # (B, V, 3), or a list of B scans' (V_i, 3)
+        vertices = vertices.detach().cpu().numpy() if torch.is_tensor(vertices) else [v.detach().cpu().numpy()
+                                                                                     for v in vertices]
         poses = batch["pose"][:count].detach().cpu().numpy()
         gt = [scoring_vertices(v, pose, self._frame) for v, pose in zip(vertices, poses)]
         if self._face_region is not None:
@@ -341,7 +348,7 @@ class SlurmRequeue(pl.Callback):
 
     def __init__(self, job_id: str, checkpoint: "RunCheckpoint"):
         self.job_id, self.checkpoint = str(job_id), checkpoint
-        self.signalled = self.requeued = False
+        self.signalled = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         signal.signal(signal.SIGUSR1, self._on_signal)
@@ -355,7 +362,6 @@ class SlurmRequeue(pl.Callback):
             return
         self.signalled = False
         self.checkpoint._save_last_checkpoint(trainer, self.checkpoint._monitor_candidates(trainer))
-        self.requeued = True
         if trainer.is_global_zero:
             done = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True, text=True)
             if done.returncode:

@@ -111,16 +111,12 @@ class WandbMedia(pl.Callback):
         self._capture(pl_module, outputs, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, "val")
+        self._log(trainer, "test" if trainer.testing else "val")
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._begin(trainer)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._capture(pl_module, outputs, batch)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, "test")
+    # the test epoch is followed the same way
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     def _begin(self, trainer: pl.Trainer) -> None:
         """Follow this epoch on rank 0 when the NME scores it and a WandbLogger is there."""
@@ -137,11 +133,10 @@ class WandbMedia(pl.Callback):
 
         count = min(len(batch["index"]), self.samples - len(self.captured))
         volumes = predicted_occupancy(outputs, count).cpu().numpy()
-        frame = getattr(pl_module, "target_frame", None) or "aligned"
         for k in range(count):
             predicted, _ = volume_to_mesh(volumes[k], pl_module.grid)
             truth = scoring_vertices(np.asarray(batch["vertices"][k].detach().cpu()), batch["pose"][k].detach().cpu()
-                                     .numpy(), frame)
+                                     .numpy(), self.nme.frame)
             self.captured.append({
                 "index": int(batch["index"][k]),
                 "cloud": point_cloud(predicted, truth),
