@@ -52,7 +52,7 @@ import scipy.io
 from data_prep.face_model import FaceModel
 from lightning_vrn.geometry.mesh_io import front_facing
 from lightning_vrn.landmarks import GROUPS, NUM_LANDMARKS
-from lightning_vrn.safe_load import UnsafeFileError, load_pickle
+from lightning_vrn.safe_load import UnsafeFileError, first_line, load_pickle
 
 SHAPE_FILE_3DDFA = "Model_Shape.mat"
 EXP_FILE_3DDFA = "Model_Exp.mat"
@@ -124,7 +124,7 @@ def _whosmat(path: Path) -> list:
         raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file, which scipy cannot read; re-save it in MATLAB "
                          f"with save(..., '-v7')") from None
     except Exception as error:  # scipy raises several kinds for a damaged file
-        raise ValueError(f"{path} is not a readable .mat file ({_first_line(error)}); download it again") from None
+        raise ValueError(f"{path} is not a readable .mat file ({first_line(error)}); download it again") from None
 
 
 def _loadmat(path: Path) -> dict:
@@ -132,12 +132,7 @@ def _loadmat(path: Path) -> dict:
     try:
         return scipy.io.loadmat(str(path))
     except Exception as error:
-        raise ValueError(f"{path} is not a readable .mat file ({_first_line(error)}); download it again") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise ValueError(f"{path} is not a readable .mat file ({first_line(error)}); download it again") from None
 
 
 def _field(container, key: str, path: Path, what: str = "") -> np.ndarray:
@@ -194,7 +189,7 @@ def _load_pickle_file(path: Path, what: str):
     except UnsafeFileError:
         raise
     except Exception as error:  # damaged (load_pickle's ValueError) or unreadable
-        raise ValueError(f"{path} is not a readable pickle ({_first_line(error)}); it should be {what}: "
+        raise ValueError(f"{path} is not a readable pickle ({first_line(error)}); it should be {what}: "
                          f"download it again") from None
 
 
@@ -232,7 +227,7 @@ def _read_mean_only(shape_path: Path) -> RawBFM:
     try:
         mean_exp = np.load(exp_path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{exp_path} is not a readable .npy array ({_first_line(error)})") from None
+        raise ValueError(f"{exp_path} is not a readable .npy array ({first_line(error)})") from None
     _check_same_length(mean_shape, shape_path, "mu_shape", mean_exp, exp_path, "the array")
     size = mean_shape.size
     return RawBFM(

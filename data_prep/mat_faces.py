@@ -47,7 +47,7 @@ import hashlib
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -375,17 +375,20 @@ def _scan_job(job) -> tuple[int, str, str]:
 
 
 def scan(conversion: Conversion, workers: int, progress: bool, desc: str) -> list[tuple[str, str]]:
-    """``(reason, detail)`` per source (empty strings: it converts), checked in ``workers`` processes."""
+    """``(reason, detail)`` per source (empty strings: it converts), checked in ``workers`` processes. A mirrored
+    source shares its original's outcome (mirroring cannot make a sample fail), so each file is read once."""
+    originals = list(dict.fromkeys(replace(source, flip=False) for source in conversion.sources))
     jobs = [(i, source, conversion.landmark_field, conversion.grid, conversion.mean_only)
-            for i, source in enumerate(conversion.sources)]
-    results: list[tuple[str, str]] = [("", "")] * len(jobs)
+            for i, source in enumerate(originals)]
+    outcome: list[tuple[str, str]] = [("", "")] * len(jobs)
     with tqdm(total=len(jobs), desc=f"{desc}: checking", unit="sample", disable=not progress) as bar:
         outcomes = parallel_map(_scan_job, jobs, workers, _scan_init, (conversion.model_spec, conversion.mean_only),
                                 chunksize=max(1, min(64, len(jobs) // (8 * workers))))
         for index, reason, detail in outcomes:
-            results[index] = (reason, detail)
+            outcome[index] = (reason, detail)
             bar.update(1)
-    return results
+    position = {source: i for i, source in enumerate(originals)}
+    return [outcome[position[replace(source, flip=False)]] for source in conversion.sources]
 
 
 def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:

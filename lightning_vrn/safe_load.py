@@ -49,14 +49,15 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
         raise ValueError(f"checkpoint {path} is damaged, truncated or not a checkpoint (unreadable pickle); "
                          f"delete it or train again") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} is damaged, truncated or not a checkpoint ({_first_line(error)}); "
+        raise ValueError(f"checkpoint {path} is damaged, truncated or not a checkpoint ({first_line(error)}); "
                          f"delete it or train again") from None
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, not a checkpoint dict")
     return payload
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -91,8 +92,8 @@ def load_pickle(path: str | Path, trust: bool = False) -> Any:
         try:
             return _PlainUnpickler(handle, encoding="latin1").load()
         except _RefusedGlobal as error:
-            raise UnsafeFileError(f"{path} needs {_first_line(error)} to load, which could run code; it was not "
+            raise UnsafeFileError(f"{path} needs {first_line(error)} to load, which could run code; it was not "
                                   f"loaded. If you trust its source, load it with trust=True") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
-            raise ValueError(f"{path} is damaged, truncated or not a pickle ({_first_line(error)}); write or "
+            raise ValueError(f"{path} is damaged, truncated or not a pickle ({first_line(error)}); write or "
                              f"download it again") from None

@@ -289,6 +289,25 @@ def test_300wlp_sources_skip_flip_folders_and_split_by_subject(fake_300wlp):
     assert 0.17 < np.mean(hashed) < 0.23
 
 
+def test_a_mirrored_source_shares_its_originals_check_and_each_file_is_read_once(tmp_path, fake_300wlp, fake_bfm,
+                                                                                  monkeypatch):
+    root = tmp_path / "300wlp"
+    shutil.copytree(fake_300wlp, root)
+    sources = w300lp.w300lp_sources(root, flip=True)
+    sources[0].mat_path.write_bytes(sources[0].mat_path.read_bytes()[:100])  # a truncated .mat
+    checked = []
+    inspect = mat_faces.inspect_source
+    monkeypatch.setattr(mat_faces, "inspect_source", lambda model, source, *a: (checked.append(source),
+                                                                                inspect(model, source, *a))[1])
+    conversion = Conversion(sources=tuple(sources), model_spec=f"bfm:{fake_bfm}", grid=VoxelGrid.parse(GRID),
+                            landmark_field="pt2d", mean_only=False, attrs={})
+    outcomes = mat_faces.scan(conversion, workers=1, progress=False, desc="test")
+    assert [s.flip for s in sources[:2]] == [False, True] and sources[1].mat_path == sources[0].mat_path
+    assert outcomes[0][0] and outcomes[1] == outcomes[0]  # the damaged original and its mirror: one reason
+    assert all(reason == "" for reason, _ in outcomes[2:])
+    assert sorted(s.name for s in checked) == sorted(s.name for s in sources if not s.flip)  # once per file
+
+
 def test_300wlp_flip_adds_exact_mirrors(tmp_path, fake_300wlp, fake_bfm):
     out = tmp_path / "out"
     assert w300lp.main(["--root", str(fake_300wlp), "--bfm", str(fake_bfm), "--out", str(out), "--grid", GRID,
