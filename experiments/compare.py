@@ -52,9 +52,8 @@ from experiments.wandb_project import fetch_runs
 from lightning_vrn.atomic import atomic_path, write_text
 from lightning_vrn.cli import run_command
 from lightning_vrn.geometry import VoxelGrid
-from lightning_vrn.metrics.bootstrap import bootstrap_mean, paired_difference
 from lightning_vrn.dataset_file import open_dataset
-from lightning_vrn.metrics.bootstrap import DEFAULT_RESAMPLES
+from lightning_vrn.metrics.bootstrap import DEFAULT_RESAMPLES, bootstrap_mean, paired_difference
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv, summarise
 from lightning_vrn.models import load_model
 from lightning_vrn.models.guided import DetectedGuidance
@@ -376,12 +375,14 @@ def write_figures(out: Path, tables: dict, yaw_methods: list[str], expression_na
 @dataclass(frozen=True)
 class FinishedRun:
     """A finished training run: its directory, resolved ``config`` (config.yaml), ``metrics`` (metrics.json),
-    ``table`` (the test stage's per-sample NME table, nme/test.csv) and ``test_file`` (absolute path)."""
+    ``table`` (the test stage's per-sample NME table, nme/test.csv), its ``summary`` (:func:`summarise` of the
+    table) and ``test_file`` (absolute path)."""
 
     dir: Path
     config: DictConfig
     metrics: dict
     table: dict
+    summary: dict
     test_file: Path
 
 
@@ -418,14 +419,15 @@ def read_run(run_dir: Path) -> FinishedRun:
     config = OmegaConf.load(run_dir / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     table = read_per_sample_csv(run_dir / "nme" / "test.csv")
-    nme, reported = summarise(table)["nme_mean"], metrics.get("test/nme")
+    summary = summarise(table)
+    nme, reported = summary["nme_mean"], metrics.get("test/nme")
     if reported is None or nme is None or not np.isclose(nme, reported, rtol=1e-9, atol=0):
         raise ConfigError(f"run {run_dir}: nme/test.csv (mean NME {nme}) is not the test metrics.json reports "
                           f"(test/nme={reported}); rerun the run's test or leave the run out")
     test = split_path(config.data, "test")
     if test is None:
         raise ConfigError(f"run {run_dir} has no test split (data.test={config.data.test})")
-    return FinishedRun(run_dir, config, metrics, table, Path(test).resolve())
+    return FinishedRun(run_dir, config, metrics, table, summary, Path(test).resolve())
 
 
 def seed_mean_table(tables: list[dict]) -> dict:
@@ -496,7 +498,7 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
             landmarks[label] = {"landmark_nme_balanced": float(np.mean(scores))}
     rows = table_rows(tables, landmarks, reference, resamples)
     for label, group in groups.items():
-        rows[label]["runs"] = [summarise(run.table)["nme_mean"] for run in group]
+        rows[label]["runs"] = [run.summary["nme_mean"] for run in group]
     same_by_design = {"seed", "run_dir", "name", "resume", group_by}
     notes = [f"One row per {group_by} ({len(runs)} runs). Where several runs (seeds) share a row, each face's "
              "NME is averaged over them first (a face that failed in any run counts as failed), so the interval is "
@@ -526,9 +528,8 @@ def write_run_list(path: Path, groups: dict[str, list[FinishedRun]]) -> None:
         writer.writerow(["group", "run_dir", "seed", "nme_mean", "num_samples", "num_failed"])
         for label, group in groups.items():
             for run in group:
-                summary = summarise(run.table)
-                writer.writerow([label, run.dir, run.config.get("seed"), repr(summary["nme_mean"]),
-                                 summary["num_samples"], summary["num_failed"]])
+                writer.writerow([label, run.dir, run.config.get("seed"), repr(run.summary["nme_mean"]),
+                                 run.summary["num_samples"], run.summary["num_failed"]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,9 @@ def test_an_offline_training_run_holds_the_error_curve_and_media(wandb_run):
         (curve,) = (media / "table" / stage).glob("ced_table_*.table.json")  # the data of the W&B line plot
         table = json.loads(curve.read_text())
         assert table["columns"] == ["method", "nme", "fraction"]
-        expected = ced_points(read_per_sample_csv(wandb_run / "nme" / f"{report}.csv"))
+        rows = read_per_sample_csv(wandb_run / "nme" / f"{report}.csv")
+        scored = np.sort(rows["nme"][~rows["failed"]])  # the curve, computed here: (NME, fraction with NME <= it)
+        expected = [(float(value), (rank + 1) / len(scored)) for rank, value in enumerate(scored)]
         assert [row[1:] for row in table["data"]] == [list(point) for point in expected] and expected[-1][1] == 1
         clouds = sorted((media / "object3D" / stage).glob("reconstructions_*.pts.json"))
         assert len(clouds) == 2  # logger.media_samples
@@ -283,3 +285,8 @@ def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
     # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
     fresh = [train.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]
     assert fresh[0] == fresh[2] != fresh[1] and fresh[0].startswith(f"{cfg.name}-")
+
+
+def test_the_error_curve_leaves_failed_samples_out_and_rises_to_one():
+    table = {"nme": np.array([0.3, np.nan, 0.1]), "failed": np.array([False, True, False])}
+    assert ced_points(table) == [(0.1, 0.5), (0.3, 1.0)]
