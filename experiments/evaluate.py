@@ -139,7 +139,7 @@ def log_eval_run(out: Path, run_dir: Path | None, results: dict[str, tuple[dict,
     """
     import wandb
 
-    from experiments.train import wandb_offline, wandb_run_id
+    from experiments.wandb_project import wandb_offline, wandb_run_id
     from lightning_vrn.wandb_media import ced_plot, per_sample_table
 
     training = load_config(run_dir / "config.yaml") if run_dir is not None else None

@@ -23,7 +23,6 @@ the same command resumes from it. Exit codes: docs/failures.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -48,7 +47,7 @@ from experiments.runs import (
     record_attempt,
     resolve_run,
 )
-from experiments.wandb_project import upload_run_files
+from experiments.wandb_project import upload_run_files, wandb_offline, wandb_run_id
 from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import (
     CheckpointSettings,
@@ -97,23 +96,6 @@ def build_model_from_config(cfg: DictConfig) -> VRNModule:
     """The model of ``cfg.model`` on ``cfg.grid``."""
     settings = OmegaConf.to_container(cfg.model)
     return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
-
-
-def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
-    """The W&B run id of the training in ``run_dir``: the id of the newest run W&B has written into
-    ``run_dir/wandb`` (so a moved run directory resumes its W&B run and evaluations link to it), else, for a
-    run that has not logged to W&B yet, ``{name}-{8 hex digits of the run directory's path}``."""
-    # W&B's folder of a run is [offline-]run-YYYYMMDD_HHMMSS-{id}[-N] and holds run-{id}.wandb, its log
-    logs = sorted((run_dir / "wandb").glob("*run-*/run-*.wandb"), key=lambda log: log.parent.name.removeprefix("offline-"))
-    if logs:
-        return logs[-1].stem.removeprefix("run-")
-    return f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
-
-
-def wandb_offline() -> bool:
-    """Whether W&B runs offline: ``WANDB_MODE=offline``, or no ``WANDB_MODE`` and no ``WANDB_API_KEY``."""
-    mode = os.environ.get("WANDB_MODE")
-    return mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
 
 
 def wandb_logger(cfg: DictConfig, run_dir: Path):

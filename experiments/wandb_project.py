@@ -1,4 +1,5 @@
-"""A W&B project's finished trainings as local run directories, for ``experiments.compare --wandb ENTITY/PROJECT``.
+"""The suite's W&B runs: their ids and mode (:func:`wandb_run_id`, :func:`wandb_offline`), and a W&B project's
+finished trainings as local run directories, for ``experiments.compare --wandb ENTITY/PROJECT``.
 
 At its end a training that logs to W&B saves :data:`RUN_FILES` (its resolved config, its final metrics and
 the test's per-face NME table) into its W&B run, under :data:`FOLDER` (W&B keeps its own ``config.yaml``
@@ -9,11 +10,14 @@ runs (the W&B summaries alone hold no per-face values, so they could not give th
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from experiments.config import ConfigError
@@ -23,6 +27,23 @@ FOLDER = "lightning_vrn"
 
 RUN_FILES = ("config.yaml", "metrics.json", "nme/test.csv")
 """A run directory's files that the compare command reads (paths relative to the run directory)."""
+
+
+def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
+    """The W&B run id of the training in ``run_dir``: the id of the newest run W&B has written into
+    ``run_dir/wandb`` (so a moved run directory resumes its W&B run and evaluations link to it), else, for a
+    run that has not logged to W&B yet, ``{name}-{8 hex digits of the run directory's path}``."""
+    # W&B's folder of a run is [offline-]run-YYYYMMDD_HHMMSS-{id}[-N] and holds run-{id}.wandb, its log
+    logs = sorted((run_dir / "wandb").glob("*run-*/run-*.wandb"), key=lambda log: log.parent.name.removeprefix("offline-"))
+    if logs:
+        return logs[-1].stem.removeprefix("run-")
+    return f"{cfg.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
+def wandb_offline() -> bool:
+    """Whether W&B runs offline: ``WANDB_MODE=offline``, or no ``WANDB_MODE`` and no ``WANDB_API_KEY``."""
+    mode = os.environ.get("WANDB_MODE")
+    return mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
 
 
 def upload_run_files(experiment: Any, run_dir: Path) -> None:

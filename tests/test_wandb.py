@@ -43,7 +43,7 @@ def test_an_offline_training_run_holds_the_error_curve_and_media(wandb_run):
     folder, logged = offline_run(wandb_run)
     media = folder / "files" / "media"
     cfg = load_config(wandb_run / "config.yaml")
-    assert logged["run"].run_id == train.wandb_run_id(cfg, wandb_run)
+    assert logged["run"].run_id == wandb_project.wandb_run_id(cfg, wandb_run)
     assert logged["config"]["logger"]["media_samples"] == 2
     for stage, report in (("val", "val_epoch0000"), ("test", "test")):
         (curve,) = (media / "table" / stage).glob("ced_table_*.table.json")  # the data of the W&B line plot
@@ -274,16 +274,16 @@ def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
     original = offline_run(wandb_run)[1]["run"].run_id
     moved = tmp_path / "elsewhere" / "run"
     shutil.copytree(wandb_run, moved, symlinks=True)
-    assert train.wandb_run_id(cfg, moved) == original  # read from its wandb folder, not from its new path
+    assert wandb_project.wandb_run_id(cfg, moved) == original  # read from its wandb folder, not from its new path
     # W&B names a second folder of the same run and second ...-{id}-1: the id is still the log's
     clash = moved / "wandb" / f"offline-run-20991231_235959-{original}-1"
     clash.mkdir()
     (clash / f"run-{original}.wandb").touch()
-    assert train.wandb_run_id(cfg, moved) == original
+    assert wandb_project.wandb_run_id(cfg, moved) == original
     evaluate.log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
     assert offline_run(tmp_path / "eval")[1]["config"]["training_run_id"] == original
     # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
-    fresh = [train.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]
+    fresh = [wandb_project.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]
     assert fresh[0] == fresh[2] != fresh[1] and fresh[0].startswith(f"{cfg.name}-")
 
 
