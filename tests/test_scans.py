@@ -20,6 +20,7 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.mesh_io import read_textured_mesh
 from lightning_vrn.landmarks import outer_interocular
 from lightning_vrn.metrics.nme import NME
+from tests.test_nme_callback import TargetVolumeModel
 
 MODEL = load_face_model("builtin")
 TRUTH = MODEL.mean[MODEL.landmark_vertices].astype(np.float64)  # (68, 3) mm: the fake scan's landmarks
@@ -677,18 +678,6 @@ def test_landmark_checkpoint_detector_and_its_refusal_of_a_volume_model(tmp_path
 # ----------------------------------------------------------------------------- evaluation on a scan file
 
 
-class FileVolumeModel(pl.LightningModule):
-    """Predicts the test file's own volumes: the scan NME then measures the voxelisation alone."""
-
-    def __init__(self):
-        super().__init__()
-        self.grid = GRID
-        self.target_frame = "aligned"
-
-    def test_step(self, batch, batch_idx):
-        return {"volume": batch["volume"]}
-
-
 def test_the_nme_callback_scores_a_scan_file_with_each_samples_own_mesh(florence_root, tmp_path):
     root, landmarks = florence_root
     out = tmp_path / "florence.h5"
@@ -699,7 +688,7 @@ def test_the_nme_callback_scores_a_scan_file_with_each_samples_own_mesh(florence
     callback = NMECallback(out_dir=tmp_path / "eval")
     trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(FileVolumeModel(), datamodule=datamodule, verbose=False)
+    trainer.test(TargetVolumeModel(GRID, "aligned"), datamodule=datamodule, verbose=False)  # the file's volumes
     table = callback.tables["test"]
     assert len(table["index"]) == 30 and not table["failed"].any()
     # The floor of a scan against its own voxelisation at the quickstart grid (measured 0.004-0.02 here).
