@@ -312,23 +312,26 @@ class RunCheckpoint(ModelCheckpoint):
         if self.monitor in monitor_candidates:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
-    def _after_epoch_save(self, trainer: pl.Trainer) -> None:
-        """Write ``last.ckpt`` if Lightning did not, and log the best score so far."""
-        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is already saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _epoch_end_save(self, trainer: pl.Trainer) -> None:
+        """After each validation (or each epoch without one): the monitor competes for ``best.ckpt``, ``last.ckpt``
+        is written, and the best score so far is logged. Lightning skips both when a checkpoint was already
+        saved at this step, so an epoch whose last step was a ``last.ckpt`` step never competed for the best."""
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)  # after best: it holds the new best score
         if self.best_model_score is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"{self.monitor}_best": float(self.best_model_score)}, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
-            self._after_epoch_save(trainer)
+            self._epoch_end_save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking and not self._should_save_on_train_epoch_end(trainer):
-            self._after_epoch_save(trainer)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._epoch_end_save(trainer)
 
 
 class JobRequeued(Exception):

@@ -227,6 +227,22 @@ def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_impr
     assert best_epoch == int(np.argmax(val_losses)) and metrics["val/loss_best"] == pytest.approx(max(val_losses))
 
 
+def test_every_epoch_competes_for_the_best_checkpoint_whatever_the_step_interval(tiny_synthetic, tmp_path):
+    # 8 training faces at batch 2: every epoch ends on step 4, 8, 12, each a last.ckpt step of every_n_train_steps=4.
+    # Before, an epoch ending on such a step never competed for best.ckpt: here none would have, and no best.ckpt.
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_NET, "nme.every_n_epochs=0", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=4"]
+    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as handle:
+        val_losses = [float(r["val/loss"]) for r in csv.DictReader(handle) if r["val/loss"]]
+    assert len(val_losses) == 3
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best["epoch"] == int(np.argmin(val_losses))
+    assert metrics["val/loss_best"] == pytest.approx(min(val_losses))
+    assert Path(metrics["best_checkpoint"]) == run_dir / "checkpoints" / "best.ckpt"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
 def test_the_checkpoint_can_monitor_the_validation_nme(tiny_synthetic, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY_NET, "nme.every_n_epochs=2", "nme.max_val_samples=2", "trainer.max_epochs=2",
