@@ -57,7 +57,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.face_model import FaceModel, load_face_model
-from data_prep.synthetic import check_finished, front_z_shift, grid_argument, leaves_grid, parallel_map
+from data_prep.synthetic import (check_finished, check_output, front_z_shift, grid_argument, leaves_grid,
+                                 parallel_map)
 from data_prep.writing import write_pending
 from lightning_vrn.atomic import atomic_path
 from lightning_vrn.dataset_file import DatasetWriter, open_dataset
@@ -426,51 +427,79 @@ def sidecar(out_path: Path, suffix: str) -> Path:
     return out_path.with_name(out_path.stem + suffix)
 
 
-def convert(conversion: Conversion, out_path, workers: int = 1, progress: bool = True, restart: bool = False,
-            desc: str | None = None) -> tuple[Path, int]:
-    """Check every source, write the skip report, convert the rest to ``out_path``; returns (path, skipped).
+@dataclass(frozen=True)
+class CheckedConversion:
+    """A :class:`Conversion` checked against its sources and its output (:func:`check_conversion`), nothing written
+    yet: the sources ``kept`` (the file's samples) and ``skipped`` (with reason and detail), the file ``attrs`` and
+    whether ``out_path`` is already ``complete`` (a finished file of these sources and arguments; never with
+    ``restart``)."""
 
-    Resumes an unfinished ``<out_path>.partial`` of the same sources and parameters; ``restart`` starts
-    over (and replaces a finished file). A finished file of the same sources and arguments is left as it
-is; one of other sources or arguments raises FileExistsError (:func:`data_prep.synthetic.check_finished`,
-the rule of every producer). Raises ValueError if no source converts
-    (naming the commonest reasons: a wrong BFM shows up here).
-    """
+    conversion: Conversion
+    out_path: Path
+    kept: tuple[Source, ...]
+    skipped: tuple[tuple[Source, str, str], ...]
+    attrs: dict
+    complete: bool
+    restart: bool
+
+
+def check_conversion(conversion: Conversion, out_path, workers: int = 1, progress: bool = True, restart: bool = False,
+                     desc: str | None = None) -> CheckedConversion:
+    """Everything :func:`convert` checks before it writes anything: the output path
+    (:func:`data_prep.synthetic.check_output`), every source (:func:`scan`), that some source converts (else
+    ValueError naming the commonest reasons: a wrong BFM shows up here) and, unless ``restart``, that a finished
+    ``out_path`` was made from these sources with these arguments (else FileExistsError,
+    :func:`data_prep.synthetic.check_finished`, the rule of every producer)."""
     out_path = Path(out_path)
     desc = desc or out_path.stem
+    check_output(out_path, restart=restart)
     model = _load_model(conversion.model_spec)
     _check_model(model, conversion.model_spec, conversion.mean_only)
     outcomes = scan(conversion, workers, progress, desc)
     kept = tuple(source for source, (reason, _) in zip(conversion.sources, outcomes) if not reason)
-    skipped = [(source, reason, detail) for source, (reason, detail) in zip(conversion.sources, outcomes) if reason]
-    _write_skip_report(sidecar(out_path, ".skipped.csv"), skipped)
-    if skipped:
-        counts = Counter(reason for _, reason, _ in skipped)
-        print(f"{desc}: skipped {len(skipped)} of {len(conversion.sources)} samples "
-              f"({', '.join(f'{reason} {count}' for reason, count in counts.most_common())}); "
-              f"see {sidecar(out_path, '.skipped.csv')}", file=sys.stderr)
+    skipped = tuple((source, reason, detail) for source, (reason, detail) in zip(conversion.sources, outcomes)
+                    if reason)
     if not kept:
         counts = Counter((reason, detail) for _, reason, detail in skipped)
         commonest = "; ".join(f"{count} x {reason}: {detail}" for (reason, detail), count in counts.most_common(3))
         raise ValueError(f"no sample of {len(conversion.sources)} can be converted to {out_path} ({commonest}); "
                          f"check --root and --bfm")
-    names = "\n".join(source.name for source in kept) + "\n"
     attrs = {**conversion.attrs, "face_model": model.name, "face_model_spec": conversion.model_spec,
              "mean_only": bool(conversion.mean_only), "num_skipped": len(skipped),
-             "sources_sha256": hashlib.sha256(names.encode()).hexdigest(),
+             "sources_sha256": hashlib.sha256(_source_names(kept).encode()).hexdigest(),
              "reannotated_sha256": reannotated_digest(conversion.reannotated),
              "landmark_box_fraction": LANDMARK_BOX_FRACTION}
-    if out_path.exists() and not restart:
+    complete = out_path.exists() and not restart
+    if complete:
         check_finished(out_path, conversion.grid, len(kept), attrs, FINISHED_KEYS,
                        made_from="from other sources or with other arguments")
+    return CheckedConversion(conversion, out_path, kept, skipped, attrs, complete, restart)
+
+
+def write_conversion(checked: CheckedConversion, workers: int = 1, progress: bool = True,
+                     desc: str | None = None) -> tuple[Path, int]:
+    """Write a checked conversion: the skip report, the source list and the converted samples of
+    ``checked.out_path``; returns (path, skipped). A complete output is left as it is; an unfinished
+    ``<out_path>.partial`` of the same sources and parameters is resumed, one of others refused before anything
+    is written (:class:`DatasetWriter`)."""
+    conversion, out_path, kept, skipped = checked.conversion, checked.out_path, checked.kept, checked.skipped
+    desc = desc or out_path.stem
+    if checked.complete:
         if progress:
             print(f"{out_path} is already complete; skipping (--restart converts it again)", file=sys.stderr)
         return out_path, len(skipped)
-    with atomic_path(sidecar(out_path, ".sources.txt")) as temp:
-        temp.write_text(names)
+    model = _load_model(conversion.model_spec)
     with DatasetWriter(out_path, conversion.grid, len(kept), model.num_vertices, model.triangles, model.face_region,
-                       model.landmark_vertices, attrs, with_frontal=True, restart=restart,
+                       model.landmark_vertices, checked.attrs, with_frontal=True, restart=checked.restart,
                        flags=("leaves_grid",), with_reannotated=conversion.reannotated is not None) as writer:
+        _write_skip_report(sidecar(out_path, ".skipped.csv"), skipped)
+        if skipped:
+            counts = Counter(reason for _, reason, _ in skipped)
+            print(f"{desc}: skipped {len(skipped)} of {len(conversion.sources)} samples "
+                  f"({', '.join(f'{reason} {count}' for reason, count in counts.most_common())}); "
+                  f"see {sidecar(out_path, '.skipped.csv')}", file=sys.stderr)
+        with atomic_path(sidecar(out_path, ".sources.txt")) as temp:
+            temp.write_text(_source_names(kept))
         write_pending(writer, _make_setup, (conversion.model_spec, conversion.mean_only, kept,
                                             conversion.landmark_field, conversion.grid, conversion.reannotated),
                       _make, workers, desc=desc, progress=progress)
@@ -480,6 +509,25 @@ the rule of every producer). Raises ValueError if no source converts
         warnings.warn(f"{out_path}: {clipped} of {len(kept)} meshes reach outside grid {conversion.grid.describe()} "
                       f"(their part outside is not in the volume)", stacklevel=2)
     return out_path, len(skipped)
+
+
+def convert(conversion: Conversion, out_path, workers: int = 1, progress: bool = True, restart: bool = False,
+            desc: str | None = None) -> tuple[Path, int]:
+    """Check every source and the output (:func:`check_conversion`), then write the skip report, the source list and
+    the rest converted to ``out_path`` (:func:`write_conversion`); returns (path, skipped). Every refusal comes
+    before anything is written.
+
+    Resumes an unfinished ``<out_path>.partial`` of the same sources and parameters; ``restart`` starts over (and
+    replaces a finished file). A finished file of the same sources and arguments is left as it is; one of other
+    sources or arguments raises FileExistsError.
+    """
+    checked = check_conversion(conversion, out_path, workers, progress, restart, desc)
+    return write_conversion(checked, workers, progress, desc)
+
+
+def _source_names(sources: Sequence[Source]) -> str:
+    """The ``.sources.txt`` text: one source name a line (the file's sample order)."""
+    return "\n".join(source.name for source in sources) + "\n"
 
 
 def _write_skip_report(path: Path, skipped: Sequence[tuple[Source, str, str]]) -> None:

@@ -39,10 +39,11 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.render import RenderSettings, TextureSettings, render
-from data_prep.synthetic import (check_finished, front_z_shift, grid_argument, leaves_grid, parallel_map, posed_sample,
-                                 sample_rng)
+from data_prep.synthetic import (check_finished, check_output, front_z_shift, grid_argument, leaves_grid, parallel_map,
+                                 posed_sample, sample_rng)
 from data_prep.writing import write_pending
 from lightning_vrn import __version__
+from lightning_vrn.atomic import file_sha256
 from lightning_vrn.dataset_file import DatasetWriter
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
 from lightning_vrn.geometry.grid import VoxelGrid
@@ -409,15 +410,6 @@ def _cache_file(cache_dir: Path, scan_id: str) -> Path:
     return cache_dir / f"{scan_id}.npz"
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_stamp(path: Path) -> list:
     """``[path, size, mtime_ns]`` of a file (``[path, None, None]`` when it is missing)."""
     try:
@@ -493,6 +485,22 @@ def convert(scans: ScanSet, out: Path, grid: VoxelGrid, landmark_dir: Path | Non
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
+    check_output(out, restart=restart)
+    poses_deg = np.asarray(scans.poses_deg, dtype=np.float64)
+    attrs = {
+        "face_model": "none (scans)",
+        "source": scans.name,
+        "seed": int(seed),
+        "created_by": f"lightning_vrn.data_prep.{scans.name} {__version__}",
+        "poses_deg": poses_deg,
+        "landmarks_from": f"detector {checkpoint}" if checkpoint is not None else f"files {landmark_dir}",
+        "face_radius_ratio": FACE_RADIUS_RATIO,
+        "landmark_box_fraction": LANDMARK_BOX_FRACTION,
+    }
+    made_from = "from other scans or with other arguments"
+    if out.exists() and not restart:  # the arguments first: their refusal prepares (and caches) nothing
+        check_finished(out, grid, None, attrs, [key for key in FINISHED_KEYS if key in attrs], with_frontal,
+                       made_from=made_from)
     cache_dir = out.with_name(out.name + ".scans")
     if restart and cache_dir.exists():
         shutil.rmtree(cache_dir)
@@ -505,25 +513,13 @@ def convert(scans: ScanSet, out: Path, grid: VoxelGrid, landmark_dir: Path | Non
                          f"fix the inputs and rerun")
     ids = [scans.ids[i] for i in used]
     labels = None if scans.labels is None else [int(scans.labels[i]) for i in used]
-    poses_deg = np.asarray(scans.poses_deg, dtype=np.float64)
-    attrs = {
-        "face_model": "none (scans)",
-        "source": scans.name,
-        "seed": int(seed),
-        "created_by": f"lightning_vrn.data_prep.{scans.name} {__version__}",
-        "scan_ids": json.dumps(ids),
-        "poses_deg": poses_deg,
-        "landmarks_from": f"detector {checkpoint}" if checkpoint is not None else f"files {landmark_dir}",
-        "face_radius_ratio": FACE_RADIUS_RATIO,
-        "landmark_box_fraction": LANDMARK_BOX_FRACTION,
-        "scans_sha256": hashlib.sha256(json.dumps([keys[scan_id] for scan_id in ids]).encode()).hexdigest(),
-    }
+    attrs.update(scan_ids=json.dumps(ids),
+                 scans_sha256=hashlib.sha256(json.dumps([keys[scan_id] for scan_id in ids]).encode()).hexdigest())
     num_samples = len(ids) * len(poses_deg)
     report = {"out": str(out), "samples": num_samples, "poses": len(poses_deg), "scans_found": len(scans.ids),
               "scans_used": len(ids), "skipped": skipped}
     if out.exists() and not restart:
-        check_finished(out, grid, num_samples, attrs, FINISHED_KEYS, with_frontal,
-                       made_from="from other scans or with other arguments")
+        check_finished(out, grid, num_samples, attrs, FINISHED_KEYS, with_frontal, made_from=made_from)
         log(f"{out} is already complete; skipping (--restart converts it again)")
         return report
     with DatasetWriter.for_scans(out, grid, num_samples, attrs, with_frontal=with_frontal, restart=restart,

@@ -36,6 +36,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 from data_prep.face_model import FaceModel, expression_label, load_face_model
@@ -43,7 +44,7 @@ from data_prep.render import RenderSettings, render, vertex_albedo
 from data_prep.writing import write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
-from lightning_vrn.dataset_file import DatasetWriter, open_dataset
+from lightning_vrn.dataset_file import DatasetError, DatasetWriter, FaceDatasetFile, open_dataset
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
@@ -234,8 +235,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     out_path = Path(out_path)
     model = load_face_model(model_spec)
     attrs = _file_attrs(model, model_spec, seed, split, occluder_prob)
-    if out_path.exists() and not restart:
-        check_finished(out_path, grid, num_samples, attrs, FINISHED_KEYS, with_frontal, need_expression=True)
+    if not restart and _finished_split(out_path, grid, num_samples, attrs, with_frontal):
         if progress:
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
         return out_path
@@ -253,18 +253,63 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     return out_path
 
 
-def check_finished(path: Path, grid: VoxelGrid, num_samples: int, attrs: dict, keys, with_frontal: bool | None = None,
-                   need_expression: bool = False, made_from: str = "with other arguments") -> None:
+def _finished_split(out_path: Path, grid: VoxelGrid, num_samples: int, attrs: dict, with_frontal: bool) -> bool:
+    """Whether ``out_path`` is a finished split made with these arguments (left as it is); FileExistsError when it was
+    made otherwise (:func:`check_finished`)."""
+    if out_path.exists():
+        check_finished(out_path, grid, num_samples, attrs, FINISHED_KEYS, with_frontal, need_expression=True)
+    return out_path.exists()
+
+
+def check_output(out: Path, files: Sequence[Path] | None = None, restart: bool = False) -> None:
+    """Refuse, before anything is made or written, an output path that holds something else than what the command
+    writes: one line naming the path, what it is and the fix. ``files`` None: ``out`` is the dataset file (aflw2000,
+    florence, bu4dfe); else ``out`` is the folder of the dataset ``files`` (synthetic, w300lp). A folder, or a file
+    that is not HDF5, where a dataset file goes is refused even with ``restart`` (which replaces dataset files only);
+    an HDF5 file that is not a dataset file this code reads, unless ``restart``.
+    """
+    folder = out if files is not None else out.parent
+    blocker = next(path for path in (folder, *folder.parents) if path.exists())
+    if blocker == out and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; delete it or choose another --out")
+    if not blocker.is_dir():
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+    for path in [out] if files is None else files:
+        name = f"--out {path}" if files is None else str(path)
+        if path.is_dir():
+            fix = ("delete it or choose another --out" if files is not None
+                   else f"give --out the path of a .h5 file (e.g. {path / 'test.h5'})")
+            raise IsADirectoryError(f"{name} is a folder, not a dataset file; {fix}")
+        if path.exists() and not h5py.is_hdf5(path):
+            raise FileExistsError(f"{name} is a file that is not HDF5, not a dataset file; delete it or choose "
+                                  f"another --out")
+        if path.exists() and not restart:
+            _open_finished(path)
+
+
+def _open_finished(path: Path) -> FaceDatasetFile:
+    """:func:`open_dataset` of an existing output; FileExistsError naming a producer's fix if it fails."""
+    try:
+        return open_dataset(path)
+    except DatasetError as error:
+        raise FileExistsError(f"{path} exists but is not a dataset file this code reads ({error.reason}); pass "
+                              f"--restart to replace it, or choose another --out") from None
+
+
+def check_finished(path: Path, grid: VoxelGrid, num_samples: int | None, attrs: dict, keys,
+                   with_frontal: bool | None = None, need_expression: bool = False,
+                   made_from: str = "with other arguments") -> None:
     """Raise :class:`FileExistsError` if the finished dataset file at ``path`` differs from what a rerun would write:
-    grid, number of samples, the ``attrs`` named by ``keys``, frontal volumes (unless ``with_frontal`` is None)
-    and, with ``need_expression``, expression labels.
+    grid, number of samples (unless None), the ``attrs`` named by ``keys``, frontal volumes (unless ``with_frontal``
+    is None) and, with ``need_expression``, expression labels; or if it is not a dataset file this code reads.
 
     The rerun rule of every producer (synthetic, AFLW2000-3D, 300W-LP, Florence, BU-4DFE): a finished file made
-    with the same arguments is left as it is; one made otherwise is refused unless ``--restart``.
+    with the same arguments is left as it is; one made otherwise is refused unless ``--restart``. The finished
+    file's ``.partial`` left by a kill between the final rename and its removal is removed.
     """
-    dataset = open_dataset(path)
+    dataset = _open_finished(path)
     differences = [f"grid {dataset.grid.describe()} vs {grid.describe()}"] if dataset.grid != grid else []
-    if dataset.num_samples != num_samples:
+    if num_samples is not None and dataset.num_samples != num_samples:
         differences.append(f"{dataset.num_samples} samples vs {num_samples}")
     if with_frontal is not None and dataset.has_frontal != with_frontal:
         differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
@@ -277,6 +322,10 @@ def check_finished(path: Path, grid: VoxelGrid, num_samples: int, attrs: dict, k
     if differences:
         raise FileExistsError(f"{path} exists but was made {made_from} ({'; '.join(differences)}); "
                               f"pass --restart to replace it, or choose another --out")
+    leftover = path.with_name(path.name + ".partial")
+    if leftover.exists():
+        leftover.unlink()
+        warnings.warn(f"removed {leftover}: {path} was finished from it (a kill had stopped its removal)", stacklevel=2)
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -332,9 +381,13 @@ def main(argv=None) -> int:
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
-        load_face_model(args.face_model)
+        model = load_face_model(args.face_model)
     except (ValueError, OSError, KeyError) as err:
         parser.error(f"--face-model {args.face_model!r}: {err}")
+    check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
+    for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
+        _finished_split(args.out / f"{name}.h5", args.grid, count,
+                        _file_attrs(model, args.face_model, args.seed, name, args.occluders), args.frontal)
     for name, count in args.split:
         path = generate_split(args.out / f"{name}.h5", args.face_model, args.grid, count, args.seed, name,
                               workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,

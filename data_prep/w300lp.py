@@ -35,7 +35,9 @@ import re
 import sys
 from pathlib import Path
 
-from data_prep.mat_faces import Conversion, Source, add_common_arguments, convert, find_image, parse_arguments
+from data_prep.mat_faces import (Conversion, Source, add_common_arguments, check_conversion, find_image,
+                                 parse_arguments, write_conversion)
+from data_prep.synthetic import check_output
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
 
@@ -112,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
-    for split, sources in split_sources(w300lp_sources(args.root, args.flip), args.val_fraction).items():
+    splits = split_sources(w300lp_sources(args.root, args.flip), args.val_fraction)
+    check_output(args.out, [args.out / f"{split}.h5" for split in splits], args.restart)
+    checked = []  # every split is checked before any is written: a refusal changes nothing
+    for split, sources in splits.items():
         if not sources:
             print(f"{split}: no samples (too few subjects for --val-fraction {args.val_fraction}); "
                   f"no {split}.h5 written", file=sys.stderr)
@@ -122,9 +127,11 @@ def main(argv=None) -> int:
                                 attrs={"source": "300W-LP", "source_root": str(args.root), "split": split,
                                        "created_by": CREATED_BY, "flip": bool(args.flip),
                                        "val_fraction": float(args.val_fraction)})
-        path, skipped = convert(conversion, args.out / f"{split}.h5", workers=args.workers, restart=args.restart,
-                                desc=split)
-        print(f"wrote {path} ({len(sources) - skipped} samples, {skipped} skipped)", file=sys.stderr)
+        checked.append(check_conversion(conversion, args.out / f"{split}.h5", workers=args.workers,
+                                        restart=args.restart, desc=split))
+    for split in checked:
+        path, skipped = write_conversion(split, workers=args.workers)  # desc: the split's name, the file's stem
+        print(f"wrote {path} ({len(split.kept)} samples, {skipped} skipped)", file=sys.stderr)
     return 0
 
 

@@ -42,7 +42,8 @@ the file's ``triangles``, ``face_region`` and ``landmark_vertices`` are None. Ve
 still read.
 
 :class:`DatasetWriter` writes ``<path>.partial`` with a per-sample ``written`` flag, so a killed
-run resumes where it stopped, and renames it to ``<path>`` only when every sample is in.
+run resumes where it stopped, and copies it to ``<path>`` only when every sample is in, laid out the
+same way however often it was resumed (byte-identical to an uninterrupted run's).
 :class:`FaceDatasetFile` (:func:`open_dataset`) validates a file on open and reads samples
 lazily, opening its HDF5 handle in whichever process reads (safe for forked DataLoader workers).
 """
@@ -132,7 +133,12 @@ _FLAG_PREFIX = "flag_"
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing pieces, damaged or does not match what the caller expects."""
+    """A dataset file is missing pieces, damaged or does not match what the caller expects; ``reason`` is what is
+    wrong without the fix (for a caller whose fix differs, e.g. a converter's ``--restart``)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def pack_volume(volume: np.ndarray) -> np.ndarray:
@@ -307,7 +313,18 @@ class DatasetWriter:
         self.partial_path.parent.mkdir(parents=True, exist_ok=True)
         self.partial_path.unlink(missing_ok=True)
         f = h5py.File(self.partial_path, "w")
-        for key, value in self._attrs.items():
+        self._lay_out(f, self._attrs)
+        written = np.zeros(self.num_samples, dtype=bool)
+        f.create_dataset(_WRITTEN, data=written.astype(np.uint8))
+        for flag in self.flags:
+            f.create_dataset(_FLAG_PREFIX + flag, data=np.zeros(self.num_samples, dtype=np.uint8))
+        f.flush()
+        return f, written
+
+    def _lay_out(self, f: h5py.File, attrs: Mapping[str, Any], partial: h5py.File | None = None) -> None:
+        """Give the new file ``f`` the ``attrs``, the shared datasets and the (empty) per-sample ones, in this
+        order; the flat mesh datasets get ``partial``'s length and the mesh ranges its values (none without it)."""
+        for key, value in attrs.items():
             f.attrs[key] = value
         for name, values in self._shared.items():
             f.create_dataset(name, data=values)
@@ -317,16 +334,12 @@ class DatasetWriter:
                              **COMPRESSION.get(field, {}), **CHECKSUM)
         if self.per_sample_topology:
             for name, dtype in (("vertices_flat", np.float32), ("triangles_flat", np.int32)):
-                f.create_dataset(name, shape=(0, 3), maxshape=(None, 3), dtype=dtype, chunks=(FLAT_CHUNK_ROWS, 3),
+                rows = 0 if partial is None else len(partial[name])
+                f.create_dataset(name, shape=(rows, 3), maxshape=(None, 3), dtype=dtype, chunks=(FLAT_CHUNK_ROWS, 3),
                                  **COMPRESSION["vertices"], **CHECKSUM)
             for name in ("vertex_ranges", "triangle_ranges"):
-                f.create_dataset(name, data=np.zeros((self.num_samples, 2), dtype=np.int64))
-        written = np.zeros(self.num_samples, dtype=bool)
-        f.create_dataset(_WRITTEN, data=written.astype(np.uint8))
-        for flag in self.flags:
-            f.create_dataset(_FLAG_PREFIX + flag, data=np.zeros(self.num_samples, dtype=np.uint8))
-        f.flush()
-        return f, written
+                f.create_dataset(name, data=np.zeros((self.num_samples, 2), dtype=np.int64) if partial is None
+                                 else partial[name][()])
 
     def _resume(self) -> tuple[h5py.File, np.ndarray]:
         restart_hint = "pass restart=True (--restart) to start over, or delete it"
@@ -491,23 +504,49 @@ class DatasetWriter:
             self._file = None
 
     def finish(self) -> Path:
-        """Check every sample is written, drop the flags and rename the partial file to ``path``."""
+        """Check every sample is written, copy the partial file to ``path`` (:meth:`_copy_chunks`; the per-sample
+        flags become ``num_{flag}`` attributes) and remove it.
+
+        The copy lays the file out the same way whatever the partial file went through (kills, resumes, flushes),
+        so a resumed run finishes byte-identical to an uninterrupted one. It is written as ``<path>.finishing``,
+        synced and renamed: for a moment the disk holds the partial file and its copy.
+        """
         pending = self.pending()
         if len(pending):
             raise ValueError(f"cannot finish {self.path}: {len(pending)} of {self.num_samples} samples not written "
                              f"(first missing: {pending[:5].tolist()})")
         if self._file is None:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
-        del self._file[_WRITTEN]
-        for flag in self.flags:
-            self._file.attrs[f"num_{flag}"] = int(self._file[_FLAG_PREFIX + flag][()].sum())
-            del self._file[_FLAG_PREFIX + flag]
+        self.flush()
+        counts = {f"num_{flag}": int(self._file[_FLAG_PREFIX + flag][()].sum()) for flag in self.flags}
+        finishing = self.path.with_name(self.path.name + ".finishing")
+        try:
+            with h5py.File(finishing, "w") as f:
+                self._lay_out(f, {**self._attrs, **counts}, self._file)
+                self._copy_chunks(f)
+        except BaseException:
+            finishing.unlink(missing_ok=True)
+            raise
         self._file.close()
         self._file = None
-        with open(self.partial_path, "rb+") as handle:
+        with open(finishing, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(self.partial_path, self.path)
+        os.replace(finishing, self.path)
+        self.partial_path.unlink()
         return self.path
+
+    def _copy_chunks(self, f: h5py.File) -> None:
+        """Copy every chunk of the partial file's per-sample datasets (sample by sample, in index order) and flat
+        mesh datasets into ``f`` as stored: compressed bytes and checksums, no recompression."""
+        flat = ("vertices_flat", "triangles_flat") if self.per_sample_topology else ()
+        ids = {name: (self._file[name].id, f[name].id) for name in (*self._fields, *flat)}
+        offsets = [(name, (index, *[0] * len(self._shapes[name])))
+                   for index in range(self.num_samples) for name in self._fields]
+        offsets += [(name, (start, 0)) for name in flat for start in range(0, len(self._file[name]), FLAT_CHUNK_ROWS)]
+        for name, offset in offsets:
+            source, target = ids[name]
+            filter_mask, chunk = source.read_direct_chunk(offset)
+            target.write_direct_chunk(offset, chunk, filter_mask)
 
 
 class FaceDatasetFile:
@@ -560,12 +599,13 @@ class FaceDatasetFile:
         try:
             return h5py.File(self.path, "r", rdcc_nbytes=0)  # no chunk cache: each sample's chunk is read once
         except OSError as err:
-            raise DatasetError(f"dataset file {self.path} is truncated or not an HDF5 file ({err}); "
-                               f"regenerate it (e.g. `{GENERATE_HINT}`)") from None
+            reason = f"truncated or not an HDF5 file ({err})"
+            raise DatasetError(f"dataset file {self.path} is {reason}; regenerate it (e.g. `{GENERATE_HINT}`)",
+                               reason) from None
 
     def _error(self, what: str) -> DatasetError:
         return DatasetError(f"dataset file {self.path}: {what}; regenerate it with the current code "
-                            f"(e.g. `{GENERATE_HINT}`)")
+                            f"(e.g. `{GENERATE_HINT}`)", what)
 
     def _validate(self, f: h5py.File, expected_grid: VoxelGrid | None, grid_source: str) -> None:
         version = f.attrs.get("schema_version")

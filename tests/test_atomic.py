@@ -1,5 +1,8 @@
 """Atomic writes leave either the old file or the complete new one, never a partial file."""
 
+import errno
+import os
+
 import pytest
 
 from lightning_vrn.atomic import atomic_path, write_text
@@ -33,3 +36,13 @@ def test_written_file_gets_the_permissions_a_plain_open_gives(tmp_path):
     write_text(tmp_path / "atomic.txt", "x")
     (tmp_path / "plain.txt").write_text("x")
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(OSError, match=rf"no space left to write {path} \(No space left on device\)"):
+        with atomic_path(path) as temp:
+            temp.write_text("new, half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write on a full disk fails
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]

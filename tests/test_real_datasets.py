@@ -1,4 +1,5 @@
-"""300W-LP / AFLW2000-3D conversion (data_prep.mat_faces, aflw2000, w300lp) on fake and real files."""
+"""300W-LP / AFLW2000-3D conversion (data_prep.mat_faces, aflw2000, w300lp) on fake and real files; resumes and
+refusals; what every dataset command does with an output path that is not a dataset file."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import scipy.io
 from scipy import ndimage
 from PIL import Image
 
-from data_prep import aflw2000, mat_faces, w300lp
+from data_prep import aflw2000, bu4dfe, florence, mat_faces, synthetic, w300lp
 from data_prep.bfm import load_bfm
 from data_prep.mat_faces import Conversion, convert, image_vertices, read_mat, resample_crop
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmarks import FLIP
+from tests.conftest import files_under, run_cli, run_killed
 from tests.test_bfm import fake_bfm_content, write_3ddfa, write_mean_only
 
 GRID = "100,96,96"
+SMALL_GRID = "32,32,32"
+"""For the tests of resumes, reruns and refusals: the grid does not matter to them."""
 IMAGE_SIZE = 450
 MEAN_FACE_COVERAGE = {"tolerance_px": 0.05 * 96, "min_inside": 0.7}
 """The mean face (no bases) covers real landmarks only roughly: on the 16 real samples at 96 px every
@@ -214,6 +218,49 @@ def test_aflw2000_resumes_after_a_kill(tmp_path, fake_aflw, fake_bfm, monkeypatc
             np.testing.assert_array_equal(value, b.read(i, [field])[field])
 
 
+@pytest.mark.filterwarnings("ignore:.*reach outside grid:UserWarning")  # at SMALL_GRID
+def test_a_killed_and_resumed_conversion_is_byte_identical_to_an_uninterrupted_one(tmp_path, fake_aflw, fake_bfm):
+    """SIGKILL part-way (4 samples flushed and flagged, 2 more written but not flagged), then the same command
+    again: the file, its skip report and its source list have the bytes of an uninterrupted conversion's."""
+    args = ["--root", str(fake_aflw), "--bfm", str(fake_bfm), "--grid", SMALL_GRID]
+    assert aflw2000.main([*args, "--out", str(tmp_path / "whole" / "aflw.h5")]) == 0
+    killed = tmp_path / "killed" / "aflw.h5"
+    run_killed("data_prep.aflw2000", [*args, "--out", killed], index=6)
+    with h5py.File(killed.with_name("aflw.h5.partial"), "r") as f:
+        assert f["written"][()].tolist() == [1] * 4 + [0] * 4
+    assert aflw2000.main([*args, "--out", str(killed)]) == 0
+    assert files_under(killed.parent) == files_under(tmp_path / "whole")  # and nothing else left beside them
+
+
+@pytest.fixture(scope="module")
+def finished_aflw(tmp_path_factory, fake_aflw, fake_bfm) -> Path:
+    """``aflw.h5`` converted from :func:`fake_aflw`, beside its skip report and source list."""
+    out = tmp_path_factory.mktemp("finished") / "aflw.h5"
+    assert aflw2000.main(["--root", str(fake_aflw), "--bfm", str(fake_bfm), "--out", str(out), "--grid",
+                          SMALL_GRID]) == 0
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:.*reach outside grid:UserWarning")  # at SMALL_GRID
+@pytest.mark.parametrize("refusal, expected", [
+    ("other sources", "exists but was made from other sources or with other arguments (8 samples vs 7; sources_sha"),
+    ("other grid", "exists but was made from other sources or with other arguments (grid 32x32x32"),
+    ("no source converts", "no sample of 7 can be converted"),
+])
+def test_a_refused_conversion_changes_nothing(tmp_path, fake_aflw, fake_bfm, finished_aflw, refusal, expected):
+    root, grid = tmp_path / "root", "40,32,32" if refusal == "other grid" else SMALL_GRID
+    root.mkdir()
+    numbers = {"other sources": range(1, 8), "other grid": range(15), "no source converts": range(8, 15)}[refusal]
+    for path in fake_aflw.iterdir():  # 0-7 are good, 8-14 broken
+        if int(path.stem.removeprefix("image")) in numbers:
+            (root / path.name).symlink_to(path)
+    before = files_under(finished_aflw.parent)
+    code, err = run_cli(aflw2000.main, ["--root", str(root), "--bfm", str(fake_bfm), "--out", str(finished_aflw),
+                                        "--grid", grid])
+    assert code == 1 and expected in err[-1], err
+    assert files_under(finished_aflw.parent) == before  # the .h5, .skipped.csv and .sources.txt
+
+
 def test_mean_only_bfm_needs_the_flag(tmp_path, fake_aflw, content):
     write_mean_only(tmp_path / "mean", content)
     args = ["--root", str(fake_aflw), "--bfm", str(tmp_path / "mean"), "--out", str(tmp_path / "a.h5"), "--grid", GRID]
@@ -337,6 +384,20 @@ def test_300wlp_flip_adds_exact_mirrors(tmp_path, fake_300wlp, fake_bfm):
         np.testing.assert_allclose(original["landmarks_3d"][:, :2], original["landmarks_2d"], atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:.*reach outside grid:UserWarning")  # at SMALL_GRID
+def test_300wlp_refuses_a_split_before_it_writes_any(tmp_path, fake_300wlp, fake_bfm):
+    out = tmp_path / "out"
+    args = ["--root", str(fake_300wlp), "--bfm", str(fake_bfm), "--out", str(out), "--grid", SMALL_GRID,
+            "--val-fraction", "0.7"]
+    assert w300lp.main(args) == 0 and open_dataset(out / "val.h5").num_samples == 2
+    for name in ("train.h5", "train.skipped.csv", "train.sources.txt"):
+        (out / name).unlink()
+    before = files_under(out)
+    code, err = run_cli(w300lp.main, [*args, "--flip"])  # val.h5 was made without mirrored copies
+    assert code == 1 and f"{out / 'val.h5'} exists but was made from other sources" in err[-1], err
+    assert files_under(out) == before  # train.h5 not written either
+
+
 # --- the real files in ../shared/data ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -446,3 +507,68 @@ def test_full_size_folder_fast_version(tmp_path, shared_data):
 @pytest.mark.slow
 def test_full_size_folder_of_2000_pairs(tmp_path, shared_data):
     _convert_full_folder(tmp_path, shared_data, 2000, break_every=25)
+
+
+# --- every dataset command: an output path that is not a dataset file ----------------------------
+
+NOT_DATASET_FILES = ("text file", "folder", "foreign HDF5", "text file, --restart", "a file where a folder goes")
+
+
+def put_not_a_dataset_file(path: Path, kind: str) -> None:
+    """Put at ``path`` something that is not a dataset file (a kind of :data:`NOT_DATASET_FILES`)."""
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "foreign HDF5":
+        with h5py.File(path, "w") as f:
+            f["weights"] = [1.0, 2.0]
+    else:
+        path.write_text("not a dataset\n")
+
+
+def output_command(command: str, tmp_path: Path, fake_aflw: Path, fake_300wlp: Path, fake_bfm: Path):
+    """``(main, argv without --out, the dataset file name if --out is its folder)`` of a dataset command whose
+    inputs are fine (the scan files exist, empty: the output is checked before they are read)."""
+    scans = {"florence": "subject_01/Model/frontal1/obj/scan.obj", "bu4dfe": "F001/Happy/000.wrl"}
+    if command in scans:
+        (tmp_path / "scans" / scans[command]).parent.mkdir(parents=True)
+        (tmp_path / "scans" / scans[command]).touch()
+        (tmp_path / "landmarks").mkdir()
+        main = {"florence": florence.main, "bu4dfe": bu4dfe.main}[command]
+        return main, ["--root", str(tmp_path / "scans"), "--landmarks", str(tmp_path / "landmarks")], None
+    return {"synthetic": (synthetic.main, ["--split", "test=1"], "test.h5"),
+            "aflw2000": (aflw2000.main, ["--root", str(fake_aflw), "--bfm", str(fake_bfm)], None),
+            "w300lp": (w300lp.main, ["--root", str(fake_300wlp), "--bfm", str(fake_bfm), "--val-fraction", "0"],
+                       "train.h5")}[command]
+
+
+@pytest.mark.parametrize("kind", NOT_DATASET_FILES)
+@pytest.mark.parametrize("command", ["synthetic", "aflw2000", "w300lp", "florence", "bu4dfe"])
+def test_an_output_that_is_not_a_dataset_file_is_refused_in_one_line(tmp_path, fake_aflw, fake_300wlp, fake_bfm,
+                                                                      command, kind):
+    main, argv, file_name = output_command(command, tmp_path, fake_aflw, fake_300wlp, fake_bfm)
+    work = tmp_path / "work"
+    work.mkdir()
+    if kind == "a file where a folder goes":
+        blocker = work / "notes"
+        put_not_a_dataset_file(blocker, kind)
+        out = blocker if file_name else blocker / "test.h5"
+        expected = (f"--out {out} is a file, not a folder; delete it or choose another --out" if file_name
+                    else f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+    else:
+        if file_name:  # --out is the folder of file_name
+            out = work / "out"
+            out.mkdir()
+            path, name, folder_fix = out / file_name, str(out / file_name), "delete it or choose another --out"
+        else:
+            out = path = work / "test.h5"
+            name, folder_fix = f"--out {path}", f"give --out the path of a .h5 file (e.g. {path / 'test.h5'})"
+        put_not_a_dataset_file(path, kind.removesuffix(", --restart"))
+        expected = {"folder": f"{name} is a folder, not a dataset file; {folder_fix}",
+                    "foreign HDF5": f"{path} exists but is not a dataset file this code reads (schema_version is None, "
+                                    f"this code reads versions 1, 2, 3); pass --restart to replace it, or choose "
+                                    f"another --out"}.get(
+            kind, f"{name} is a file that is not HDF5, not a dataset file; delete it or choose another --out")
+    before = files_under(work)
+    code, err = run_cli(main, [*argv, "--out", str(out), "--grid", SMALL_GRID, *["--restart"] * ("--restart" in kind)])
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {expected} [--debug"), err
+    assert files_under(work) == before

@@ -341,6 +341,11 @@ def test_variable_length_ground_truth_round_trips_and_resumes_after_a_kill(tmp_p
         for index in (1, 2):
             writer.write(index, samples[index])
         writer.finish()
+    with DatasetWriter.for_scans(tmp_path / "whole.h5", GRID, 3, ATTRS) as writer:
+        for index, sample in enumerate(samples):
+            writer.write(index, sample)
+        writer.finish()
+    assert path.read_bytes() == (tmp_path / "whole.h5").read_bytes()  # as if never killed
     dataset = open_dataset(path)
     assert dataset.per_sample_topology and dataset.attrs["schema_version"] == SCHEMA_VERSION == 3
     assert dataset.triangles is None and dataset.face_region is None and dataset.num_vertices is None

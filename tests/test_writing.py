@@ -1,5 +1,5 @@
 """The shared resumable writing loop: the file does not depend on the number of workers, and an
-interrupted run resumes to the same content."""
+interrupted run resumes to the same bytes."""
 
 from pathlib import Path
 
@@ -89,3 +89,19 @@ def test_interrupted_run_resumes_to_the_same_content(tmp_path, reference, worker
     assert 0 < pending[0] <= FAIL_AT and np.array_equal(pending, np.arange(pending[0], N))
     assert write(path, workers, marker) == len(pending)
     assert contents(path) == contents(reference)  # num_odd too: the flags of the first run's samples count
+    assert path.read_bytes() == reference.read_bytes()
+
+
+def test_a_failed_finish_keeps_the_partial_file_and_leaves_no_copy(tmp_path, reference, monkeypatch):
+    path = tmp_path / "full-disk.h5"
+
+    def disk_full(writer, f):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(DatasetWriter, "_copy_chunks", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write(path, workers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["full-disk.h5.partial"]
+    monkeypatch.undo()
+    assert write(path, workers=1) == 0  # every sample was in: the rerun only finishes
+    assert path.read_bytes() == reference.read_bytes() and [p.name for p in tmp_path.iterdir()] == ["full-disk.h5"]
