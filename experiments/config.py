@@ -25,7 +25,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import yaml
@@ -194,6 +194,17 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = OmegaConf.create(resolved)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

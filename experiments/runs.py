@@ -4,7 +4,8 @@
   (``run_dir=PATH``) or a run to continue (``resume=PATH``); docs/configs.md has the table.
 - :class:`RunLock`: ``run_dir/run.lock`` holds the process id, host and command of the training that
   owns the directory. A second training into it stops at once naming the holder; a lock whose
-  process is gone (same host) is taken over with a note.
+  process is gone (same host) is taken over with a note. :func:`lock_holder` says who holds a run
+  directory, if anyone (``compare --runs`` leaves out a run still training).
 - :func:`record_attempt`: each attempt's resolved config and command line go to
   ``attempts/NNN/``; the run's ``config.yaml`` and ``command.txt`` are the first attempt's and are
   never overwritten. Written only after the config, the data and any checkpoint to resume from
@@ -26,8 +27,8 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from experiments.config import ConfigError, save_config
-from lightning_vrn.atomic import write_text
+from experiments.config import ConfigError, flat_keys, save_config
+from lightning_vrn.atomic import open_mode, write_text
 
 RUN_DIR_ENV = "LIGHTNING_VRN_RUN_DIR"
 """Set by the first process to the run directory it chose, so that DDP processes it launches use the same one."""
@@ -135,24 +136,31 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive ownership of a run directory by one process (rank 0), held from validation to the end.
+    """Exclusive ownership of a folder by one process: a run directory by its training (rank 0), held from
+    validation to the end, or a sweep folder by its runner (``name="sweep.lock"``, ``fix``: what else to do).
 
-    ``acquire()`` creates ``run.lock`` atomically (``O_EXCL``). If it exists and its process is alive,
-    or lives on another host (which cannot be checked from here), :class:`RunLockedError` names the
-    holder; a dead process's lock on this host is stale and taken over, with a note in :attr:`notes`.
+    ``acquire()`` creates the lock file with its record (process id, host, start, command) whole, atomically.
+    If it exists and its process is alive, or lives on another host (which cannot be checked from here),
+    :class:`RunLockedError` names the holder; a dead process's lock on this host, or an unreadable one, is
+    stale and taken over, with a note in :attr:`notes`.
     """
 
-    def __init__(self, run_dir: Path, command: str = ""):
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, run_dir: Path, command: str = "", name: str = LOCK_NAME,
+                 fix: str = "train into another run_dir"):
+        self.path = Path(run_dir) / name
         self.command = command
+        self.fix = fix
         self.notes: list[str] = []
         self._held = False
 
     def _holder(self) -> dict[str, Any]:
+        """The lock's record; ``{}`` when there is none or it is empty or damaged. A lock this user may not read
+        (another user's) raises PermissionError: it is held, not stale."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            holder = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def acquire(self) -> "RunLock":
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -160,25 +168,50 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(record)
             except FileExistsError:
                 holder = self._holder()
                 pid, host = holder.get("pid"), holder.get("host")
-                if isinstance(pid, int) and host == socket.gethostname() and not _process_alive(pid):
+                if self.stale(holder):
                     if self._remove_stale(pid):
                         self.notes.append(f"took over the stale lock of process {pid} on {host} (it is no longer "
-                                          f"running), started {holder.get('started')}")
+                                          f"running), started {holder.get('started')}" if pid is not None else
+                                          f"took over the unreadable lock {self.path} (left by a write that failed, "
+                                          f"e.g. on a full disk)")
                     continue
                 raise RunLockedError(
-                    f"run directory {self.path.parent} is in use by process {pid} on host {host} (since "
-                    f"{holder.get('started')}: {holder.get('command') or 'no command recorded'}); wait for it, "
-                    f"stop it, or train into another run_dir. If that process is gone, delete {self.path}"
+                    f"{self.path.parent} is in use by process {pid} on host {host} (since {holder.get('started')}: "
+                    f"{holder.get('command') or 'no command recorded'}); wait for it, stop it, or {self.fix}. If "
+                    f"that process is gone, delete {self.path}"
                 ) from None
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(record, handle)
             self._held = True
             return self
         raise RunLockedError(f"could not take the lock {self.path}: another process took it at the same time")
+
+    def _create(self, record: dict[str, Any]) -> None:
+        """Create the lock file holding ``record``, whole or not at all: the record is written to a temporary file
+        that is then hard-linked to the lock's name (FileExistsError when taken). A write that fails (a full
+        disk) leaves no lock behind and names the folder."""
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=f".{self.path.name}.") as handle:
+                json.dump(record, handle)
+                handle.flush()
+                os.fchmod(handle.fileno(), open_mode())  # readable by others' trainings and compare
+                os.link(handle.name, self.path)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise OutputDirError(f"cannot write the lock {self.path} ({error.strerror or error}); free disk space or "
+                                 f"fix the folder's permissions, then rerun") from None
+
+    @staticmethod
+    def stale(holder: dict[str, Any]) -> bool:
+        """Whether a lock record holds nothing: unreadable (a write that failed), or its process is gone from this
+        host. A process on another host cannot be checked and is taken as alive."""
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return True
+        return holder.get("host") == socket.gethostname() and not _process_alive(pid)
 
     def _remove_stale(self, stale_pid: int) -> bool:
         """Move the stale lock of ``stale_pid`` aside, atomically: of two processes taking it over at once,
@@ -213,6 +246,14 @@ class RunLock:
         self.release()
 
 
+def lock_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The ``run.lock`` record (pid, host, started, command) of the training that holds ``run_dir``, None when
+    none does: no lock, or a stale one (:meth:`RunLock.stale`). A holder on another host counts as holding it."""
+    lock = RunLock(run_dir)
+    holder = lock._holder()
+    return None if not lock.path.exists() or RunLock.stale(holder) else holder
+
+
 @rank_zero_only
 def record_attempt(cfg: DictConfig, run_dir: Path, command: str) -> Path:
     """Write this attempt's config and command to ``run_dir/attempts/NNN/``; the first attempt's also to the run's top.
@@ -244,3 +285,62 @@ def incompatible_settings(checkpoint_hparams: Mapping[str, Any], cfg_model: Mapp
         if key in checkpoint_hparams and checkpoint_hparams[key] != cfg_model.get(key):
             differences.append(f"model.{key}: checkpoint {checkpoint_hparams[key]}, config {cfg_model.get(key)}")
     return differences
+
+
+LEARNING_SETTINGS = ("seed", "grid", "data.batch_size", "data.augment.", "model.", "trainer.precision",
+                     "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
+"""Config keys (``.``-ending: every key below) that decide what a run learns. A resumed run cannot take a new
+value: the optimiser, its learning rate and schedule, the data order and the weights come from the checkpoint."""
+RUNTIME_SETTINGS = ("data.augment.on_device", "model.channels_last", "model.compile")
+"""Keys under :data:`LEARNING_SETTINGS` that only say where or how fast it runs, so a resumed run may change them."""
+
+
+def newest_attempt(run_dir: Path) -> Path | None:
+    """The run's newest ``attempts/NNN`` folder (the last attempt that got past its checks), None before any."""
+    attempts = [p for p in (run_dir / "attempts").glob("[0-9]*") if p.name.isdigit()]
+    return max(attempts, key=lambda p: int(p.name)) if attempts else None
+
+
+def trained_config(run_dir: Path) -> dict | None:
+    """The config the run in ``run_dir`` was last trained with (its newest attempt's ``config.yaml``, else its
+    ``config.yaml``) as plain values, or None when it has neither."""
+    attempt = newest_attempt(run_dir)
+    path = attempt / "config.yaml" if attempt is not None else run_dir / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else None
+
+
+def finished_metrics(run_dir: Path) -> dict | None:
+    """The run's ``metrics.json`` when its last attempt finished (its ``attempts/NNN/metrics.json`` exists; for a run
+    recorded before attempts kept their metrics, the run's own), None when it did not or the file is damaged: an
+    attempt killed in its test left an earlier attempt's results there."""
+    attempt = newest_attempt(run_dir)
+    has_own = attempt is not None and any((run_dir / "attempts").glob("*/metrics.json"))
+    if has_own and not (attempt / "metrics.json").is_file():
+        return None
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def changed_learning_settings(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: run V, now W`` for each learning setting (:data:`LEARNING_SETTINGS`) that ``trained`` (the config the
+    run was trained with, or the part of it a checkpoint records) sets and ``now`` sets otherwise."""
+    before, after = flat_keys(trained), flat_keys(now)
+    keys = set(before) | (set(after) if "trainer" in trained else set())  # a whole config: a key set on one side
+    return [f"{key}: run {before.get(key)!r}, now {after.get(key)!r}" for key in sorted(keys)
+            if key.startswith(LEARNING_SETTINGS) and not key.startswith(RUNTIME_SETTINGS)
+            and before.get(key) != after.get(key)]
+
+
+def training_finished(checkpoint_payload: Mapping[str, Any], trainer: Mapping[str, Any]) -> bool:
+    """True when the checkpoint's training already reached a limit of ``trainer`` (a config's ``trainer``), as
+    Lightning stops at the first: ``max_steps`` optimiser steps, or ``max_epochs`` whole epochs (Lightning's loop
+    record; 1000 when neither is set, none when only ``max_steps`` is)."""
+    max_steps = trainer.get("max_steps") or -1
+    if 0 < max_steps <= checkpoint_payload.get("global_step", 0):
+        return True
+    max_epochs = trainer.get("max_epochs")
+    max_epochs = (1000 if max_steps == -1 else -1) if max_epochs is None else max_epochs
+    progress = checkpoint_payload.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return 0 <= max_epochs <= progress.get("processed", 0)

@@ -7,10 +7,13 @@ is explicit: ``run_dir=PATH`` always means exactly that directory (continued fro
 or checkpoint at PATH (see :mod:`experiments.runs`).
 
 Before anything is written, the config, the data files and any checkpoint to resume from are
-checked (a checkpoint whose grid or network the config would not load is refused, naming both), the
-run directory is locked against a second training and tested for writing. A run directory then
+checked (a checkpoint whose grid or network the config would not load is refused, naming both, and so
+is a learning setting other than the run's: :data:`experiments.runs.LEARNING_SETTINGS`), the
+run directory is locked against a second training and tested for writing. Rerunning a run that has
+finished (its checkpoint reached ``trainer.max_epochs`` and ``metrics.json`` exists) says so and
+changes nothing. A run directory then
 holds the resolved config and command line of its first attempt (``config.yaml``, ``command.txt``)
-and of every attempt (``attempts/NNN/``), checkpoints (``checkpoints/best.ckpt`` by
+and of every attempt (``attempts/NNN/``, with the attempt's ``metrics.json`` when it finished), checkpoints (``checkpoints/best.ckpt`` by
 ``checkpoint.monitor``, ``checkpoints/last.ckpt`` at every epoch and every
 ``checkpoint.every_n_train_steps`` steps), metrics per step and epoch (``csv/version_N/metrics.csv``,
 one per attempt), the final metrics (``metrics.json``, the test NME exactly as the test report has
@@ -43,12 +46,16 @@ from experiments.config import ConfigError, load_config
 from experiments.runs import (
     RunLock,
     check_writable,
+    changed_learning_settings,
+    finished_metrics,
     incompatible_settings,
     record_attempt,
     resolve_run,
+    trained_config,
+    training_finished,
 )
 from experiments.wandb_project import upload_run_files, wandb_offline, wandb_run_id
-from lightning_vrn.atomic import write_text
+from lightning_vrn.atomic import file_sha256, write_text
 from lightning_vrn.callbacks import (
     CheckpointSettings,
     JobRequeued,
@@ -134,20 +141,31 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
                       **trainer_args)
 
 
-def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: bool) -> None:
-    """Refuse, before anything is written, a checkpoint that cannot be read safely or that the config would not load."""
+def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: bool, run_dir: Path) -> dict:
+    """Refuse, before anything is written, a checkpoint that cannot be read safely, that the config would not load,
+    or whose run was trained with other learning settings (:func:`changed_learning_settings`: a resumed run keeps
+    its checkpoint's optimiser and schedule, so a new learning rate would be recorded but never used). Returns the
+    checkpoint's contents."""
     try:
         payload = load_checkpoint(checkpoint, trust=trust)
     except ValueError as error:  # damaged, or unsafe (UnsafeFileError is a ValueError)
         raise ConfigError(f"cannot resume from {checkpoint}: {error}. Start over with resume=false, or delete "
                           f"the checkpoint") from None
     record = payload.get("lightning_vrn") or {}
-    differences = incompatible_settings(payload.get("hyper_parameters") or {}, OmegaConf.to_container(cfg.model),
-                                        model.grid.to_dict(), model.variant, record.get("variant"))
+    hparams = payload.get("hyper_parameters") or {}
+    differences = incompatible_settings(hparams, OmegaConf.to_container(cfg.model), model.grid.to_dict(),
+                                        model.variant, record.get("variant"))
     if differences:
         raise ConfigError(f"the config does not match the checkpoint it would resume ({checkpoint}): "
                           f"{'; '.join(differences)}. Use the checkpoint's settings, start over with resume=false, "
                           f"or train into another run_dir")
+    trained = trained_config(run_dir) or {"model": {k: v for k, v in hparams.items() if k != "grid"}}
+    changed = changed_learning_settings(trained, OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise ConfigError(f"resuming {run_dir} would keep what it was trained with, not {'; '.join(changed)}: "
+                          f"resume with the run's values, or train these settings as a new run (another run_dir, "
+                          f"or resume=false to start this one over)")
+    return payload
 
 
 def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) -> dict:
@@ -160,15 +178,20 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
     run_dir, resume_from = resolve_run(cfg)
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
     try:
-        model, datamodule, trainer = _checked_setup(cfg, run_dir, resume_from, trust_checkpoint)
+        model, datamodule, trainer, finished = _checked_setup(cfg, run_dir, resume_from, trust_checkpoint)
     except BaseException:
         if fresh:
             _remove_empty_folders(run_dir)  # a refused start leaves no empty run directory behind
         raise
+    if finished and (final := finished_metrics(run_dir)) is not None:
+        rank_zero_info(f"{run_dir} has finished: its checkpoint reached trainer.max_epochs (or max_steps) and its "
+                       f"test is in metrics.json, so nothing is run and nothing in it changes. Raise "
+                       f"trainer.max_epochs to train on; score it on other data with experiments.evaluate")
+        return final
     with RunLock(run_dir, command) if rank_zero_only.rank == 0 else _NoLock() as lock:
         for note in lock.notes:
             rank_zero_info(note)
-        record_attempt(cfg, run_dir, command)
+        attempt = record_attempt(cfg, run_dir, command)
         if resume_from:
             rank_zero_info(f"resuming from {resume_from}")
         try:
@@ -185,8 +208,9 @@ def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) ->
         except SystemExit as stop:
             raise _interruption(stop, trainer, run_dir) from None
         metrics["run_dir"] = str(run_dir)
-        if trainer.is_global_zero:
-            write_text(run_dir / "metrics.json", json.dumps(_plain_json(metrics), indent=2, sort_keys=True))
+        if trainer.is_global_zero:  # the run's latest results, and this attempt's own (a later attempt replaces the first)
+            for folder in (attempt, run_dir):
+                write_text(folder / "metrics.json", json.dumps(_plain_json(metrics), indent=2, sort_keys=True))
         _finish_wandb(trainer, run_dir)
     return metrics
 
@@ -202,7 +226,8 @@ def _finish_wandb(trainer: pl.Trainer, run_dir: Path) -> None:
 
 
 def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, trust: bool):
-    """The model, DataModule and Trainer, after every check that can run before the run directory is written."""
+    """The model, DataModule and Trainer, after every check that can run before the run directory is written, and
+    whether the checkpoint to resume from already finished the training the config asks for."""
     if cfg.trainer.get("fast_dev_run") and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"trainer.fast_dev_run is a smoke test: run it in a fresh run_dir, not in {run_dir}, "
                           f"which holds a run's checkpoints")
@@ -218,10 +243,11 @@ def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, tru
     model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
     datamodule.check_files("fit")
+    finished = False
     if resume_from and not cfg.trainer.get("fast_dev_run"):
-        check_resumable(resume_from, model, cfg, trust)
+        finished = training_finished(check_resumable(resume_from, model, cfg, trust, run_dir), cfg.trainer)
     check_writable(run_dir / "checkpoints")
-    return model, datamodule, build_trainer(cfg, run_dir)
+    return model, datamodule, build_trainer(cfg, run_dir), finished
 
 
 def _interruption(stop: SystemExit, trainer: pl.Trainer, run_dir: Path) -> BaseException:
@@ -250,7 +276,8 @@ def _plain_json(metrics: dict) -> dict:
 
 
 def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModule, run_dir: Path) -> dict:
-    """Test the best checkpoint of this run directory; the test metrics, with the NME summary's exact values."""
+    """Test the best checkpoint of this run directory; the test metrics, with the NME summary's exact values and
+    ``test_file_sha256``, the test file's content identity (``compare --runs`` pairs runs' faces by it)."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path or None
     if best and Path(best).resolve().parent != (run_dir / "checkpoints").resolve():  # a moved or copied run
@@ -262,6 +289,7 @@ def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModul
     if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
         metrics.update(summary_metrics("test", nme.summaries["test"]))
     metrics["best_checkpoint"] = best
+    metrics["test_file_sha256"] = file_sha256(datamodule.hparams.test_path)
     if checkpoint.best_model_score is not None:
         metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
     return metrics

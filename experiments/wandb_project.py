@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -41,9 +44,37 @@ def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def wandb_offline() -> bool:
-    """Whether W&B runs offline: ``WANDB_MODE=offline``, or no ``WANDB_MODE`` and no ``WANDB_API_KEY``."""
+    """Whether W&B runs offline: ``WANDB_MODE=offline``, no ``WANDB_MODE`` and no ``WANDB_API_KEY``, or (no
+    ``WANDB_MODE``, no proxy, whose reach cannot be told from here) a W&B server (``WANDB_BASE_URL``, default
+    W&B's) that does not answer within :data:`SERVER_TIMEOUT_S`: then a warning says so and the run logs
+    offline, instead of W&B failing minutes later."""
     mode = os.environ.get("WANDB_MODE")
-    return mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY"))
+    if mode == "offline" or (mode is None and not os.environ.get("WANDB_API_KEY")):
+        return True
+    if mode is not None or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    problem = server_unreachable(url)
+    if problem:
+        warnings.warn(f"the W&B server {url} cannot be reached ({problem}): logging offline into the run's wandb/ "
+                      f"folder; upload it later with `wandb sync`, and set WANDB_MODE=offline to skip this check",
+                      stacklevel=2)
+    return problem is not None
+
+
+SERVER_TIMEOUT_S = 5.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def server_unreachable(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
+    """Why a TCP connection to ``url``'s host and port fails within ``timeout`` seconds, None when it opens."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return None
 
 
 def upload_run_files(experiment: Any, run_dir: Path) -> None:

@@ -36,6 +36,13 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or its legacy pickle
+        text = start and all(32 <= c < 127 or c in b"\t\r\n" for c in start)
+        kind = "empty" if not start else "a text file" if text else "not a zip or pickle"
+        raise ValueError(f"{path} is not a checkpoint ({kind}, {path.stat().st_size} bytes, starting {start!r}); "
+                         f"name a .ckpt file that training wrote (RUN/checkpoints/last.ckpt or best.ckpt)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as error:
@@ -48,7 +55,7 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
             ) from None
         raise ValueError(f"checkpoint {path} is damaged, truncated or not a checkpoint (unreadable pickle); "
                          f"delete it or train again") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise ValueError(f"checkpoint {path} is damaged, truncated or not a checkpoint ({first_line(error)}); "
                          f"delete it or train again") from None
     if not isinstance(payload, dict):

@@ -24,6 +24,7 @@ import torch
 
 from experiments import evaluate, runs, train
 from experiments.config import CONFIG_DIR, ConfigError, load_config
+from lightning_vrn.atomic import open_mode
 from lightning_vrn.callbacks import CheckpointWriteError
 from lightning_vrn.cli import EXIT_LOCKED, EXIT_SIGTERM, EXIT_USAGE, run_command
 from lightning_vrn.dataset_file import DatasetError, open_dataset
@@ -101,6 +102,32 @@ def test_a_stale_lock_is_taken_over_with_a_note(tiny_synthetic, tmp_path, caplog
     assert not (run_dir / runs.LOCK_NAME).exists()  # released at the end
 
 
+def test_a_lock_that_cannot_be_written_leaves_nothing_that_blocks_the_rerun(tiny_synthetic, tmp_path, monkeypatch):
+    # Before, a full disk left an empty run.lock behind, and the rerun after freeing space was refused as
+    # "in use by process None on host None".
+    run_dir = tmp_path / "run"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.json, "dump", disk_full)
+        with pytest.raises(runs.OutputDirError, match=rf"cannot write the lock {run_dir / runs.LOCK_NAME} \(No space"):
+            train.train(config(tiny_synthetic, run_dir, "trainer.fast_dev_run=true"))
+    assert not (run_dir / runs.LOCK_NAME).exists() and not list(run_dir.glob(f".{runs.LOCK_NAME}*"))
+    train.train(config(tiny_synthetic, run_dir, "trainer.fast_dev_run=true"))  # space freed: the rerun runs
+
+
+def test_an_empty_lock_left_by_an_older_version_is_taken_over(tmp_path):
+    (tmp_path / runs.LOCK_NAME).write_text("")
+    with runs.RunLock(tmp_path, "rerun") as lock:
+        assert json.loads((tmp_path / runs.LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert "took over the unreadable lock" in lock.notes[0]
+        # Other users' trainings and compare can read who holds it (a temporary file starts at 0o600).
+        assert (tmp_path / runs.LOCK_NAME).stat().st_mode & 0o777 == open_mode()
+    assert runs.lock_holder(tmp_path) is None
+
+
 # ----- 2. a failed attempt leaves the run's record alone -----
 
 def test_a_rerun_the_checkpoint_would_not_load_is_refused_before_anything_is_written(trained, tiny_synthetic):
@@ -114,12 +141,73 @@ def test_each_attempt_is_recorded_and_the_first_is_never_overwritten(trained, ti
     run_dir = tmp_path / "run"
     os.system(f"cp -r {trained} {run_dir}")
     first = (run_dir / "config.yaml").read_text()
+    first_metrics = json.loads((run_dir / "metrics.json").read_text())
     train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"), command="second attempt")
     assert (run_dir / "config.yaml").read_text() == first
     assert (run_dir / "command.txt").read_text() == "first attempt\n"
     assert (run_dir / "attempts" / "001" / "command.txt").read_text() == "first attempt\n"
     assert (run_dir / "attempts" / "002" / "command.txt").read_text() == "second attempt\n"
     assert load_config(run_dir / "attempts" / "002" / "config.yaml").trainer.max_epochs == 2
+    # The second attempt trained on: metrics.json is its own, complete, and its own copy sits beside its config.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads((run_dir / "attempts" / "002" / "metrics.json").read_text())
+    assert set(metrics) == set(first_metrics) and metrics["val/loss"] != first_metrics["val/loss"]
+
+
+def test_rerunning_a_finished_run_reports_it_and_changes_nothing(trained, tiny_synthetic, caplog):
+    # Before, the rerun tested again and replaced metrics.json with its 6 test keys (train/val metrics gone).
+    before = snapshot(trained)
+    caplog.set_level("INFO")
+    metrics = train.train(config(tiny_synthetic, trained, "trainer.max_epochs=1"), command="rerun")
+    assert f"{trained} has finished" in caplog.text
+    assert snapshot(trained) == before  # no new attempt, checkpoint, CSV version or metrics
+    assert metrics == json.loads(before["metrics.json"]) and {"train/loss", "val/loss", "test/loss"} <= set(metrics)
+
+
+def test_a_rerun_after_an_attempt_killed_in_its_test_tests_again(trained, tiny_synthetic, tmp_path, monkeypatch):
+    # The second attempt trained epoch 2 and died in its test: metrics.json is still the first attempt's, so the
+    # run has not finished although its checkpoint reached trainer.max_epochs.
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {trained} {run_dir}")
+    first = json.loads((run_dir / "metrics.json").read_text())
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed in the test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "_test", killed)
+        with pytest.raises(RuntimeError, match="killed in the test"):
+            train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"), command="second attempt")
+    assert json.loads((run_dir / "metrics.json").read_text()) == first
+    metrics = train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"), command="third attempt")
+    assert metrics["test/loss"] != first["test/loss"]  # the 2-epoch weights were tested
+    assert json.loads((run_dir / "attempts" / "003" / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("trainer, done", [
+    ({"max_epochs": 2}, True), ({"max_epochs": 3}, False), ({}, False),  # 1000 epochs without limits
+    ({"max_steps": 8}, True), ({"max_steps": 9}, False),  # only max_steps: no epoch limit
+    ({"max_steps": 100, "max_epochs": 2}, True), ({"max_steps": 8, "max_epochs": 5}, True),  # the first reached
+    ({"max_epochs": -1}, False)])
+def test_a_training_has_finished_at_the_first_limit_it_reached(trainer, done):
+    payload = {"global_step": 8, "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 2}}}}}
+    assert runs.training_finished(payload, trainer) is done
+
+
+@pytest.mark.parametrize("override, key", [("model.optim.lr=0.01", "model.optim.lr"), ("seed=3", "seed"),
+                                           ("data.batch_size=4", "data.batch_size"),
+                                           ("data.augment.enabled=true", "data.augment.enabled"),
+                                           ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches")])
+def test_a_learning_setting_changed_on_resume_is_refused_naming_it(trained, tiny_synthetic, override, key):
+    # Before, a new learning rate was recorded in attempts/NNN/config.yaml and the checkpoint but never used: the
+    # optimiser and its schedule were restored from the checkpoint.
+    before = snapshot(trained)
+    with pytest.raises(ConfigError, match=rf"not {key}: run .*, now .*: resume with the run's values"):
+        train.train(config(tiny_synthetic, trained, "trainer.max_epochs=2", override), command="changed")
+    assert snapshot(trained) == before
+    # How it runs may change: more epochs, other workers, no progress bar (checked, not trained, here).
+    allowed = load_config(trained / "config.yaml", ["trainer.max_epochs=9", "data.num_workers=3", "model.compile=true"])
+    assert runs.changed_learning_settings(runs.trained_config(trained), allowed) == []
 
 
 # ----- 3. checkpoints that cannot be written -----
@@ -245,6 +333,23 @@ def test_a_corrupt_last_checkpoint_names_its_path_and_the_way_out(trained, tiny_
     last.write_bytes(last.read_bytes()[:1000])  # truncated by a crash
     with pytest.raises(ConfigError, match=r"cannot resume from .*last.ckpt: .* damaged.*resume=false"):
         train.train(config(tiny_synthetic, run_dir, "trainer.max_epochs=2"))
+
+
+@pytest.mark.parametrize("content, kind", [(b"run_dir: runs/x\n" * 6 + b"epoch", "a text file, 101 bytes"),
+                                           (b"", "empty"), (bytes(range(7, 107)), "not a zip or pickle")])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_file_that_is_no_checkpoint_is_named_with_what_it_is(tiny_synthetic, tmp_path, capsys, content, kind,
+                                                                command):
+    # Before, a 101-byte text file given as resume= or --checkpoint ended with "error: 101" (a KeyError's message).
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(content)
+    argv = {"train": ["--config", str(CONFIG_DIR / "quickstart.yaml"), f"data.dir={tiny_synthetic}", *TINY,
+                      f"run_dir={tmp_path / 'run'}", f"resume={path}"],
+            "evaluate": ["--checkpoint", str(path), "--data", str(tiny_synthetic / "test.h5")]}[command]
+    assert run_command({"train": train.main, "evaluate": evaluate.main}[command], argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path} is not a checkpoint ({kind}" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluating_on_data_of_another_grid_names_the_checkpoint_grid(trained, tmp_path):
@@ -476,8 +581,8 @@ def test_slurm_sigusr1_saves_a_checkpoint_requeues_the_job_and_the_next_start_re
     assert not (run_dir / "metrics.json").exists()  # stopped for the requeue, not finished
     rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    validated = {int(row.split(",")[header.index("epoch")]) for row in rows[1:]
-                 if row.split(",")[header.index("val/loss")]}
+    validated = {int(row.split(",")[header.index("epoch")]) for row in rows[1:]  # none when stopped in epoch 0
+                 if "val/loss" in header and row.split(",")[header.index("val/loss")]}
     assert saved["epoch"] not in validated  # stopped at once: no validation pass of the interrupted epoch
     # The requeued job reruns the same command: it resumes from that checkpoint.
     metrics = train.train(config(tiny_synthetic, run_dir, f"trainer.max_epochs={saved['epoch'] + 2}"))

@@ -1,6 +1,7 @@
 """W&B logging without a network: media of the NME epochs, checkpoint artifacts, linked eval runs (offline runs)."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -136,19 +137,53 @@ def test_the_media_module_imports_without_wandb():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.fixture
+def wandb_server(monkeypatch):
+    """``WANDB_BASE_URL`` pointing at a port on this machine that accepts connections (a stand-in W&B server)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        for name in wandb_project.PROXY_VARIABLES:  # with a proxy the server's reach is not checked
+            monkeypatch.delenv(name, raising=False)
+        yield
+
+
 @pytest.mark.parametrize("environment, overrides, uploads", [
     ({"WANDB_API_KEY": "0" * 40}, [], True),  # online: checkpoints become artifacts
     ({}, [], False),  # no API key: offline, where artifacts would only copy the checkpoints
     ({"WANDB_API_KEY": "0" * 40, "WANDB_MODE": "offline"}, [], False),
     ({"WANDB_API_KEY": "0" * 40}, ["logger.log_checkpoints=false"], False),
 ])
-def test_checkpoints_are_artifacts_only_online(environment, overrides, uploads, tiny_synthetic, tmp_path, monkeypatch):
+def test_checkpoints_are_artifacts_only_online(environment, overrides, uploads, tiny_synthetic, tmp_path, monkeypatch,
+                                               wandb_server):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true", *overrides)
     logger = train.wandb_logger(cfg, tmp_path / "run")  # the W&B run starts only when first used: no network here
     assert logger._log_model is uploads
+
+
+def test_an_api_key_without_a_reachable_server_logs_offline_at_once(tiny_synthetic, tmp_path, monkeypatch):
+    # Before, W&B tried to reach its server and the training failed after 1 min 48 s.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: a connection is refused
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        for name in wandb_project.PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true")
+        with pytest.warns(UserWarning, match=r"cannot be reached \(.*\): logging offline.*WANDB_MODE=offline"):
+            logger = train.wandb_logger(cfg, tmp_path / "run")
+    assert logger._offline and logger._log_model is False
+    # An explicit WANDB_MODE, or a proxy whose reach cannot be told from here, is left to W&B.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert wandb_project.wandb_offline() is False
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_project.wandb_offline() is False
 
 
 # ----- compare --wandb ENTITY/PROJECT: W&B's API stood in for by the offline runs that `wandb sync` would upload -----
