@@ -70,7 +70,7 @@ def test_a_sweep_renders_one_array_task_per_trial_as_the_local_runner_runs_it(tm
     log = root / "tiny grid" / "slurm-%A_%a.out"
     assert f'#SBATCH --output="{log}"' in lines  # quoted: the path has spaces
     spec = sweep.load_sweep(path)
-    trials = sweep.expand(spec)
+    trials = sweep.resolve_trials(spec, path, extra)
     local = [sweep.trial_command(spec, t, root / "tiny grid" / t.id, extra) for t in trials]
     assert _task_commands(script) == [["srun", "python", *command[1:]] for command in local]
     assert [line.split("# trial ")[1] for line in lines if "# trial " in line] == [t.id for t in trials]
@@ -83,12 +83,18 @@ def test_a_sweep_renders_one_array_task_per_trial_as_the_local_runner_runs_it(tm
      r"trial 1 \(6-\w+: data.batch_size=6\): data.batch_size=6 .* does not divide by .* 1 x 4"),
     ("  data.num_workers: {values: [0, 2]}", [],
      r"trial 1 \(2-\w+: data.num_workers=2\) needs .* 3 CPUs per task .* but trial 0 \(0-\w+\) needs .* 1 CPUs"),
-    ("  model.no_such_key: {values: [1]}", [], r"trial 0 \(1-\w+: model.no_such_key=1\): .*no_such_key"),
+    ("  model.no_such_key: {values: [1]}", [], r"trial 0 \(model.no_such_key=1\): .*no_such_key"),
 ])
 def test_a_trial_that_cannot_run_in_the_array_is_refused_naming_it(parameters, extra, expected, tmp_path):
     with pytest.raises(ConfigError, match=expected):
         submit.render_array(_grid_sweep(tmp_path, parameters), extra, tmp_path / "sweeps", "1:00:00")
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_an_empty_sweep_grid_is_refused_naming_the_key(tmp_path):
+    path = _grid_sweep(tmp_path, "  seed: {values: []}")
+    with pytest.raises(ConfigError, match=rf"sweep file {path}: parameters.seed.values must be a non-empty list"):
+        submit.main(["--sweep", str(path), "--dry-run"])
 
 
 def test_an_array_task_runs_exactly_its_own_trial(tmp_path):
@@ -104,7 +110,7 @@ def test_an_array_task_runs_exactly_its_own_trial(tmp_path):
         (fake / program).chmod(0o755)
     script.write_text(submit.render_array(path, ["data.num_workers=0"], root, "1:00:00"))
     spec = sweep.load_sweep(path)
-    trials = sweep.expand(spec)
+    trials = sweep.resolve_trials(spec, path, ["data.num_workers=0"])
     for task in (2, 0):
         record = tmp_path / f"task{task}.argv"
         env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task),
@@ -136,6 +142,148 @@ def test_the_script_activates_the_environment_it_was_rendered_from(tmp_path, mon
     assert submit.activation().startswith(f"export PATH={conda_env}/bin:")
 
 
-def test_sbatch_values_with_spaces_are_quoted():
-    assert submit.directive("vrn") == "vrn"
-    assert submit.directive("tiny sweep's run") == '"tiny sweep\'s run"'
+def _sbatch_words(line: str) -> list[str]:
+    """The arguments sbatch reads from an ``#SBATCH`` line: ``_get_argument`` of SLURM's src/sbatch/opt.c in
+    Python (whitespace splits; ``"`` or ``'`` group; ``\\`` escapes the next character; ``#`` starts a comment)."""
+    rest, at, words = line.removeprefix("#SBATCH"), 0, []
+    while True:
+        while at < len(rest) and rest[at].isspace():
+            at += 1
+        word, quote, escaped = "", None, False
+        while at < len(rest) and (quote or not rest[at].isspace()):
+            char, at = rest[at], at + 1
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+                continue
+            elif quote:
+                if char == quote:
+                    quote = None
+                    continue
+            elif char in "\"'":
+                quote = char
+                continue
+            elif char == "#":
+                return words + [word] if word else words
+            word += char
+        assert quote is None, f"sbatch stops at the unmatched {quote} in {line}"
+        if not word:
+            return words
+        words.append(word)
+
+
+def test_sbatch_and_bash_read_back_exactly_the_values_given(tmp_path, capsys):
+    marker = tmp_path / "touched"
+    nasty = f'"q" $(touch {marker}) `touch {marker}` it\'s x#1 50%'
+    name, run_dir = f"we {nasty} a\\b", tmp_path / f"run {nasty}"
+    overrides = [f"name={name}", "data.num_workers=0", f"run_dir={run_dir}"]
+    assert run_command(submit.main, ["--config", PAPER, *overrides, "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    options = dict(word.split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH")
+                   for word in _sbatch_words(line) if "=" in word)
+    assert options["--job-name"] == name
+    assert options["--output"] == f"{str(run_dir).replace('%', '%%')}/slurm-%j.out"  # SLURM reads %% as %
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    ran = subprocess.run(["bash", "-c", 'srun() { printf "%s\\n" "$@"; }; source "$0"', str(path)],
+                         capture_output=True, text=True, check=True)
+    assert ran.stdout.splitlines() == ["python", "-m", "experiments.train", "--config", PAPER, *overrides]
+    assert not marker.exists()
+    for value in ("vrn", "tiny sweep's run", 'say "hi" #1', "a\\b"):
+        assert _sbatch_words(f"#SBATCH --job-name={submit.directive('name', value)}") == [f"--job-name={value}"]
+    assert submit.directive("name", "vrn") == "vrn"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0: a SLURM job needs at least 1 node"),
+    (["trainer.num_nodes=-1"], "trainer.num_nodes=-1: a SLURM job needs at least 1 node"),
+    (["--gpus-per-node", "0"], "--gpus-per-node=0: a job needs at least 1 GPU per node"),
+    (["--time", "1h"], "--time='1h' is not a SLURM time limit; use minutes, minutes:seconds, hours:minutes:seconds"),
+    (["--time", "1:00:00:00"], "--time='1:00:00:00' is not a SLURM time limit"),
+    (["--time", "1:00:00; touch x"], "--time='1:00:00; touch x' is not a SLURM time limit"),
+    (["--time", "\uff11:00"], "is not a SLURM time limit"),  # a full-width digit
+    (["--partition", "gpu long"], "--partition='gpu long' is not a SLURM name: use letters, digits"),
+    (["--partition", "gpu,"], "--partition='gpu,' is not a SLURM name"),
+    (["--partition", "$(id)"], "--partition='$(id)' is not a SLURM name"),
+    (["--account", "lab,other"], "--account='lab,other' is not a SLURM name"),
+    (["--account", 'lab"'], "--account='lab\"' is not a SLURM name"),
+    (["name=my-HetJob"], "name 'my-HetJob' holds 'hetjob' or 'packjob', which sbatch reads as a job separator"),
+    (["--partition", "packjobs"], "--partition 'packjobs' holds 'hetjob' or 'packjob'"),
+    (["run_dir=runs/a\\b"], "run_dir (or --root for --sweep) 'runs/a\\\\b' has a backslash"),
+])
+def test_values_slurm_cannot_take_are_refused_naming_them(extra, expected, capsys):
+    assert run_command(submit.main, ["--config", PAPER, *extra, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and expected in captured.err
+
+
+def test_slurm_times_and_names_are_rendered_as_given(tmp_path):
+    cfg = load_config(PAPER, ["trainer.num_nodes=null"])
+    for time in ("30", "30:00", "12:00:00", "2-0", "2-12:30", "2-12:30:00", "UNLIMITED", "infinite"):
+        script = submit.render(cfg, PAPER, [], tmp_path, time, partition="gpu,gpu-long.q_2", account="lab-1.x")
+        assert {f"#SBATCH --time={time}", "#SBATCH --nodes=1", "#SBATCH --partition=gpu,gpu-long.q_2",
+                "#SBATCH --account=lab-1.x"} <= set(script.splitlines())
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--time", "1:00:00\ntouch {tmp}/x"], "--time '1:00:00\\ntouch"),
+    (["--partition", "gpu\ntouch {tmp}/x"], "--partition 'gpu\\ntouch"),
+    (["--account", "lab\rx"], "--account 'lab\\rx'"),
+    (["data.num_workers=0\ntouch {tmp}/x"], "override 'data.num_workers=0\\ntouch"),
+    (["name=vrn\tx"], "override 'name=vrn\\tx'"),
+    (["name=vrn\x7f"], "override 'name=vrn\\x7f'"),
+])
+def test_a_control_character_in_any_value_is_refused_before_anything_is_written(argv, named, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(submit.subprocess, "run", lambda *args, **kwargs: pytest.fail("sbatch was run"))
+    argv = [item.replace("{tmp}", str(tmp_path)) for item in argv]
+    code = run_command(submit.main, ["--config", PAPER, f"run_dir={tmp_path / 'run'}", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "has a control character" in err and "remove it" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x").exists()
+    sweep = ["--sweep", str(_grid_sweep(tmp_path, "  seed: {values: [0]}")), "--root", str(tmp_path / "sweeps")]
+    assert run_command(submit.main, [*sweep, *argv, "--dry-run"]) == 2 and named in capsys.readouterr().err
+
+
+def test_an_array_job_carries_the_account_and_refuses_a_control_character_in_the_sweep_file(tmp_path, capsys):
+    root = ["--root", str(tmp_path / "sweeps"), "--dry-run"]
+    sweep = _grid_sweep(tmp_path, "  seed: {values: [0, 1]}")
+    assert run_command(submit.main, ["--sweep", str(sweep), "--account", "lab-1", *root]) == 0
+    assert "#SBATCH --account=lab-1" in capsys.readouterr().out.splitlines()
+    (tmp_path / "bad").mkdir()
+    bad = _grid_sweep(tmp_path / "bad", '  name: {values: ["vrn\\ntouch x"]}')  # a YAML string holding a newline
+    assert run_command(submit.main, ["--sweep", str(bad), *root]) == 2
+    err = capsys.readouterr().err
+    assert "command 'name=vrn\\ntouch x' has a control character" in err, err
+
+
+@pytest.mark.parametrize("override, named", [('name="vrn\\nx"', "name 'vrn\\nx'"),
+                                             ('run_dir="runs/a\\rb"', "run_dir (or --root for --sweep) 'runs/a\\rb'")])
+def test_a_control_character_from_a_config_file_is_refused(override, named, tmp_path):
+    cfg = load_config(PAPER, [override])  # a YAML string in a config file (or a quoted override) can hold one
+    with pytest.raises(ConfigError) as refusal:
+        submit.render(cfg, PAPER, [], Path(cfg.run_dir or tmp_path), "1:00:00")
+    assert named in str(refusal.value) and "has a control character" in str(refusal.value)
+
+
+def test_without_sbatch_the_error_names_the_written_script_and_the_fix(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    run_dir = tmp_path / "run"
+    script = run_dir / "job.sbatch"
+    assert run_command(submit.main, ["--config", PAPER, f"run_dir={run_dir}"]) == 1
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and script.is_file()
+    assert f"sbatch is not on PATH, so {script} was written but not submitted" in err
+    assert "cluster's login node" in err and "--dry-run" in err
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpu" >&2\nexit 1\n')
+    sbatch.chmod(0o755)
+    assert run_command(submit.main, ["--config", PAPER, f"run_dir={run_dir}", "--partition", "gpu"]) == 1
+    err = capfd.readouterr().err
+    assert f"sbatch {script} failed (exit 1): sbatch: error: invalid partition specified: gpu" in err
+    sbatch.write_text('#!/bin/sh\necho "Submitted batch job 42"\n')
+    assert run_command(submit.main, ["--config", PAPER, f"run_dir={run_dir}"]) == 0
+    assert capfd.readouterr().out == "Submitted batch job 42\n"
