@@ -7,7 +7,8 @@
 - 3DMM fit to 2D landmarks (the paper's EOS row): the face model's identity and expression
   coefficients and a scaled-orthographic camera fitted to the sample's 68 landmarks (ground truth or
   a detector's) with a Tikhonov regulariser (:func:`~lightning_vrn.geometry.fitting.fit_shape_to_landmarks`),
-  placed in depth by the synthetic data's convention, voxelised with the fitted rotation.
+  placed in depth by the synthetic data's convention, voxelised with the fitted rotation; a sample whose
+  landmarks have no face-like fit (a weak detector's collapsed output) gets an empty volume, scored as failed.
 
 Their test steps return ``{"volume": (B, D, H, W)}`` soft occupancy, which
 :class:`lightning_vrn.callbacks.NMECallback` scores exactly as it scores a model's predictions.
@@ -26,7 +27,14 @@ from tqdm import tqdm
 from data_prep.face_model import load_face_model
 from data_prep.synthetic import front_z
 from lightning_vrn.dataset_file import FaceDatasetFile, open_dataset, unpack_volume
-from lightning_vrn.geometry import ShapeFit, VoxelGrid, crop_rotation, fit_shape_to_landmarks, model_to_crop
+from lightning_vrn.geometry import (
+    LandmarksDoNotFit,
+    ShapeFit,
+    VoxelGrid,
+    crop_rotation,
+    fit_shape_to_landmarks,
+    model_to_crop,
+)
 from lightning_vrn.geometry.voxelise import voxelise
 
 DEFAULT_REGULARISATION = 3.0
@@ -149,7 +157,11 @@ class FittedShapeBaseline(FaceModelBaseline):
         landmarks = batch["landmarks_2d"] if self.landmark_source is None else self.landmark_source(batch)
         volumes = []
         for points in landmarks.detach().cpu().numpy():
-            fit = self.fit_landmarks(points)
+            try:
+                fit = self.fit_landmarks(points)
+            except LandmarksDoNotFit:  # a detector's degenerate landmarks: an empty volume, scored as failed
+                volumes.append(np.zeros(self.grid.shape, dtype=bool))
+                continue
             volumes.append(voxelise(fit.crop_vertices(front_z(self.grid)), self.model.triangles, fit.crop_rotation,
                                     self.grid))
         return torch.from_numpy(np.stack(volumes).astype(np.float32))

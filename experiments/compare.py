@@ -19,7 +19,12 @@ an hour on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) ar
 
 ``--runs DIR...`` makes the same report from finished runs (:func:`compare_runs`), and ``--wandb
 ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`);
-docs/dashboards.md says how runs are grouped and what the intervals cover.
+docs/dashboards.md says how runs are grouped and what the intervals cover. ``--runs`` refuses, in one line
+naming the run and the fix: a run still training (its ``run.lock`` held; in a folder of runs it is left out
+with a note, as an unfinished one is), runs tested on different test files (by content: the SHA-256 each
+test recorded in metrics.json), and a damaged (say truncated) config.yaml, metrics.json or nme/test.csv. A run
+tested before the SHA-256 was recorded is assumed to have been tested on the file now at its path, as a
+note on stderr and in the report says.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 import pytorch_lightning as pl
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules import FaceVolumeDataModule
@@ -47,9 +54,10 @@ from experiments.baselines import (
     MeanVolumeBaseline,
     mean_training_volume,
 )
-from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.config import CONFIG_DIR, ConfigError, flat_keys, load_config
+from experiments.runs import LOCK_NAME, lock_holder, newest_attempt
 from experiments.wandb_project import fetch_runs
-from lightning_vrn.atomic import atomic_path, write_text
+from lightning_vrn.atomic import atomic_path, file_sha256, write_text
 from lightning_vrn.cli import run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.dataset_file import open_dataset
@@ -376,7 +384,8 @@ def write_figures(out: Path, tables: dict, yaw_methods: list[str], expression_na
 class FinishedRun:
     """A finished training run: its directory, resolved ``config`` (config.yaml), ``metrics`` (metrics.json),
     ``table`` (the test stage's per-sample NME table, nme/test.csv), its ``summary`` (:func:`summarise` of the
-    table) and ``test_file`` (absolute path)."""
+    table), ``test_file`` (absolute path) and ``test_sha256``, that file's SHA-256 when its test recorded it
+    (metrics.json's ``test_file_sha256``; None for a run tested before it was recorded)."""
 
     dir: Path
     config: DictConfig
@@ -384,15 +393,20 @@ class FinishedRun:
     table: dict
     summary: dict
     test_file: Path
+    test_sha256: str | None
 
 
 def collect_run_dirs(paths: list[str | Path]) -> list[Path]:
     """The run directories ``paths`` name: each a run directory (it holds config.yaml) or a folder of them,
-    such as a sweep's ``runs/sweeps/NAME`` (its unfinished trials, without metrics.json, are left out with a
-    note on stderr)."""
+    such as a sweep's ``runs/sweeps/NAME``. A run still training (its ``run.lock`` held: :func:`_still_training`)
+    is refused when named, and a folder's trial still training or unfinished (without metrics.json) is left out
+    with a note on stderr."""
     found = []
     for path in map(Path, paths):
         if (path / "config.yaml").is_file():
+            training = _still_training(path)
+            if training:
+                raise ConfigError(f"run {path} is {training}; wait for it to finish, or leave it out of --runs")
             found.append(path)
             continue
         trials = sorted(config.parent for config in path.glob("*/config.yaml"))
@@ -400,7 +414,10 @@ def collect_run_dirs(paths: list[str | Path]) -> list[Path]:
             raise ConfigError(f"{path} is neither a run directory (no config.yaml) nor a folder of run directories "
                               f"(such as runs/sweeps/NAME)")
         for trial in trials:
-            if (trial / "metrics.json").is_file():
+            training = _still_training(trial)
+            if training:
+                print(f"[compare] {trial}: {training}, left out", file=sys.stderr, flush=True)
+            elif (trial / "metrics.json").is_file():
                 found.append(trial)
             else:
                 print(f"[compare] {trial}: not finished (no metrics.json), left out", file=sys.stderr, flush=True)
@@ -408,26 +425,78 @@ def collect_run_dirs(paths: list[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
+def _still_training(run_dir: Path) -> str | None:
+    """Who is still training ``run_dir`` (the holder of its ``run.lock``: a live process, or one on another host,
+    which cannot be checked), None when no one is: its metrics.json may be an earlier attempt's."""
+    holder = lock_holder(run_dir)
+    if holder is None:
+        return None
+    unchecked = "" if holder.get("host") == socket.gethostname() else \
+        f" (another host's: if it is gone, delete {run_dir / LOCK_NAME})"
+    return (f"still training: {LOCK_NAME} is held by process {holder.get('pid')} on host {holder.get('host')} "
+            f"since {holder.get('started')}{unchecked}")
+
+
+def _retest_fix(run_dir: Path) -> str:
+    """How to test a finished run again: its training resumed with its last attempt's config, which only tests."""
+    return (f"delete {run_dir / 'metrics.json'} and test the run again with `python -m experiments.train --config "
+            f"{_config_path(run_dir)} resume={run_dir}` (its finished training only tests), or leave the run out")
+
+
+def _config_path(run_dir: Path) -> Path:
+    """The config the run's results come from: its newest attempt's (a run may restart with resume=false), or, for
+    a run from before attempts were recorded, its config.yaml."""
+    attempt = newest_attempt(run_dir)
+    return attempt / "config.yaml" if attempt is not None else run_dir / "config.yaml"
+
+
 def read_run(run_dir: Path) -> FinishedRun:
-    """The finished run in ``run_dir``, checked: its per-sample table must be the test metrics.json reports."""
+    """The finished run in ``run_dir``, with the config of its newest attempt, checked: a damaged config
+    (:func:`_run_config`), metrics.json or nme/test.csv (truncated, say) is a ConfigError naming the file and the
+    fix, and so is a per-sample table that is not the test metrics.json reports."""
     missing = {"metrics.json": "it has not finished: rerun its training command to resume it",
                "nme/test.csv": "its test ran without the NME (nme.every_n_epochs=0); train with nme.every_n_epochs "
                                "of 1 or more to compare it here"}
     for name, fix in missing.items():
         if not (run_dir / name).is_file():
             raise ConfigError(f"run {run_dir} has no {name}: {fix}")
-    config = OmegaConf.load(run_dir / "config.yaml")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    table = read_per_sample_csv(run_dir / "nme" / "test.csv")
+    config, test = _run_config(run_dir)
+    if test is None:
+        raise ConfigError(f"run {run_dir} has no test split (data.test={config.data.test})")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ConfigError(f"run {run_dir}: metrics.json is damaged ({error}); {_retest_fix(run_dir)}") from None
+    try:
+        table = read_per_sample_csv(run_dir / "nme" / "test.csv")
+    except ValueError as error:
+        raise ConfigError(f"run {run_dir}: nme/test.csv is damaged ({error}); {_retest_fix(run_dir)}") from None
     summary = summarise(table)
     nme, reported = summary["nme_mean"], metrics.get("test/nme")
     if reported is None or nme is None or not np.isclose(nme, reported, rtol=1e-9, atol=0):
         raise ConfigError(f"run {run_dir}: nme/test.csv (mean NME {nme}) is not the test metrics.json reports "
-                          f"(test/nme={reported}); rerun the run's test or leave the run out")
-    test = split_path(config.data, "test")
-    if test is None:
-        raise ConfigError(f"run {run_dir} has no test split (data.test={config.data.test})")
-    return FinishedRun(run_dir, config, metrics, table, summary, Path(test).resolve())
+                          f"(test/nme={reported}); {_retest_fix(run_dir)}")
+    return FinishedRun(run_dir, config, metrics, table, summary, Path(test).resolve(), metrics.get("test_file_sha256"))
+
+
+def _run_config(run_dir: Path) -> tuple[DictConfig, str | None]:
+    """The config the run's results come from (:func:`_config_path`) and its test file (None: no test split),
+    checked: YAML with ``data``, and for a run of one attempt the same bytes as the run's ``config.yaml``, which
+    training writes with it (so a truncation that still parses is found)."""
+    path, top = _config_path(run_dir), run_dir / "config.yaml"
+    if path != top and path.parent.name == "001" and top.is_file() and path.read_bytes() != top.read_bytes():
+        raise ConfigError(f"run {run_dir}: {top} and {path} differ, though training writes them alike: one is damaged "
+                          f"(truncated, say); restore it from the other, or leave the run out")
+    try:
+        config = OmegaConf.load(path)
+        return config, split_path(config.data, "test")
+    except (ValueError, yaml.YAMLError) as error:
+        why = " ".join(str(error).split())
+    except (AttributeError, KeyError, TypeError):
+        why = "no data.test or data.dir"
+    raise ConfigError(f"run {run_dir}: {path} is damaged ({why}); restore it, or leave the run out")
 
 
 def seed_mean_table(tables: list[dict]) -> dict:
@@ -444,20 +513,9 @@ def seed_mean_table(tables: list[dict]) -> dict:
 
 def differing_settings(configs: list[DictConfig], same_by_design: set[str]) -> list[str]:
     """The dotted config keys whose values differ between ``configs``, other than ``same_by_design``."""
-    flat = [_flatten(OmegaConf.to_container(config, resolve=True)) for config in configs]
+    flat = [flat_keys(OmegaConf.to_container(config, resolve=True)) for config in configs]
     keys = sorted(set().union(*flat) - same_by_design)
     return [key for key in keys if len({repr(f.get(key)) for f in flat}) > 1]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name", reference: str | None = None,
@@ -465,18 +523,15 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
     """The compare command's table and figures for finished runs, one row per value of ``group_by``;
     returns ``{group: row}`` (each row's ``runs``: its runs' own mean NMEs).
 
-    Every run must have been tested on the same test file (by absolute path), else a ConfigError names two
-    runs that differ. The runs of one group are averaged per face (:func:`seed_mean_table`) before the
+    The runs are :func:`collect_run_dirs` (a run still training is refused) read by :func:`read_run` (a damaged
+    file is refused), all tested on the same test file, by content (:func:`common_test_file`: else a ConfigError
+    names two runs that differ). The runs of one group are averaged per face (:func:`seed_mean_table`) before the
     bootstrap over faces; ``reference`` (default ``vrn`` when present, else the first group) is the row every
-    other is paired with. Writes ``table.md``, ``table.csv``, ``runs.csv`` (one row per run) and the figures
-    into ``out``.
+    other is paired with. Writes ``table.md`` (titled with the test file's path and SHA-256 prefix), ``table.csv``,
+    ``runs.csv`` (one row per run) and the figures into ``out``.
     """
     runs = [read_run(run_dir) for run_dir in collect_run_dirs(paths)]
-    for run in runs[1:]:
-        if run.test_file != runs[0].test_file:
-            raise ConfigError(f"runs {runs[0].dir} and {run.dir} were tested on different files ({runs[0].test_file} "
-                              f"and {run.test_file}): their faces cannot be paired; compare them in separate --runs "
-                              f"calls")
+    digest, file_notes = common_test_file(runs)
     groups: dict[str, list[FinishedRun]] = {}
     for run in runs:
         value = OmegaConf.select(run.config, group_by, default=None)
@@ -508,10 +563,45 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
               for label, group in groups.items()
               if (keys := differing_settings([run.config for run in group], same_by_design))]
     out.mkdir(parents=True, exist_ok=True)
-    write_tables(out, rows, reference, f"runs: NME on {runs[0].test_file}", notes)
+    write_tables(out, rows, reference, f"runs: NME on {runs[0].test_file} (sha256 {digest[:12]})", notes + file_notes)
     write_figures(out, tables, list(tables), _expression_names(runs[0].test_file), resamples)
     write_run_list(out / "runs.csv", groups)
     return rows
+
+
+def common_test_file(runs: list[FinishedRun]) -> tuple[str, list[str]]:
+    """The SHA-256 of the one test file every run was tested on (metrics.json's ``test_file_sha256``), and the
+    report's notes about it. A run tested before the digest was recorded is assumed to have been tested on the
+    file now at its path, said in a note (on stderr too). A ConfigError names two runs tested on different files,
+    or a run without a recorded digest whose file is gone."""
+    now: dict[Path, str] = {}  # digests of unrecorded runs' files, each file read once
+    unrecorded: dict[Path, list[str]] = {}
+    for run in runs:
+        if run.test_sha256 is None:
+            if not run.test_file.is_file():
+                raise ConfigError(f"run {run.dir} did not record which test file it was tested on (test_file_sha256: "
+                                  f"it was tested before that was recorded) and {run.test_file} no longer exists: its "
+                                  f"faces cannot be matched with other runs'; leave it out")
+            if run.test_file not in now:
+                now[run.test_file] = file_sha256(run.test_file)
+            unrecorded.setdefault(run.test_file, []).append(str(run.dir))
+    notes = [f"The test file's identity was not recorded by {', '.join(dirs)} (tested before test_file_sha256 was "
+             f"recorded): it is assumed to be the file now at {path} (sha256 {now[path][:12]})."
+             for path, dirs in unrecorded.items()]
+    for note in notes:
+        print(f"[compare] {note}", file=sys.stderr, flush=True)
+    digests = [run.test_sha256 or now[run.test_file] for run in runs]
+    for run, digest in zip(runs, digests):
+        if digest != digests[0]:
+            same_path = run.test_file == runs[0].test_file
+            changed = " (the file at that path changed between their tests)" if same_path else ""
+            raise ConfigError(f"runs {runs[0].dir} and {run.dir} were tested on different files ({runs[0].test_file}, "
+                              f"sha256 {digests[0][:12]}, and {run.test_file}, sha256 {digest[:12]}){changed}: their "
+                              f"faces cannot be paired; compare them in separate --runs calls")
+    paths = sorted({str(run.test_file) for run in runs})
+    if len(paths) > 1:
+        notes.append(f"The runs' test files at {', '.join(paths)} are the same file (sha256 {digests[0][:12]}).")
+    return digests[0], notes
 
 
 def _expression_names(test_file: Path):

@@ -8,9 +8,10 @@ from torch.utils.data import default_collate
 
 from datamodules.dataset import FaceVolumeDataset
 from experiments.baselines import FittedShapeBaseline, MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
+from lightning_vrn.geometry import LandmarksDoNotFit
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmarks import outer_interocular
-from lightning_vrn.metrics.nme import sample_nme
+from lightning_vrn.metrics.nme import EmptyPredictionError, sample_nme
 
 GRID = VoxelGrid.parse("100,96,96")
 COUNT = 3
@@ -63,3 +64,35 @@ def test_landmarks_can_come_from_a_detector(test_data):
     # Landmarks 4 px to the right give the same face 4 voxels to the right.
     assert plain[..., -4:].sum() == 0 and plain.sum() > 0
     assert (shifted[..., 4:] != plain[..., :-4]).float().mean() < 1e-4
+
+
+class CollapsedDetector(torch.nn.Module):
+    """A weak detector's output for the first sample: all 68 landmarks within a pixel of one point (what a barely
+    trained hourglass gives), the first such draw that no face fits with a positive scale; the others are exact."""
+
+    def __init__(self, baseline, points):
+        super().__init__()
+        centre, rng = points.mean(axis=0), np.random.default_rng(0)
+        for _ in range(1000):
+            self.collapsed = (centre + rng.normal(0.0, 0.05, points.shape)).astype(np.float32)
+            try:
+                baseline.fit_landmarks(self.collapsed)
+            except LandmarksDoNotFit:
+                return
+        raise AssertionError("no collapsed draw without a face-like fit: the test needs another construction")
+
+    def landmarks(self, batch):
+        points = batch["landmarks_2d"].clone()
+        points[0] = torch.from_numpy(self.collapsed)
+        return points
+
+
+def test_landmarks_that_no_face_fits_give_a_failed_sample_not_a_crash(test_data):
+    # Before, one such sample stopped the whole comparison (a ValueError from the fit).
+    batch, test_file = test_data
+    plain = FittedShapeBaseline.for_file(test_file, GRID, 1.0)
+    detector = CollapsedDetector(plain, batch["landmarks_2d"][0].numpy())
+    volumes = FittedShapeBaseline.for_file(test_file, GRID, 1.0, landmarks=detector.landmarks).predict(batch)
+    assert volumes[0].sum() == 0 and torch.equal(volumes[1:], plain.predict(batch)[1:])
+    with pytest.raises(EmptyPredictionError):  # what the NME metric counts as a failed sample
+        nmes(volumes[:1], batch, test_file)

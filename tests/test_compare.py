@@ -1,9 +1,14 @@
 """The comparison command end to end on tiny runs: every table and figure, and a rerun that reuses everything;
-``--runs``: finished training runs (and a sweep's folder) collected into the same table and figures."""
+``--runs``: finished training runs (and a sweep's folder) collected into the same table and figures, and what it
+refuses: runs still training, runs tested on different test files (by content), damaged run files."""
 
 import csv
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from PIL import Image
 
 from experiments import compare, sweep, train
 from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.runs import RunLock
+from lightning_vrn.atomic import file_sha256
 from lightning_vrn.cli import run_command
 from lightning_vrn.metrics.report import read_per_sample_csv
 
@@ -147,19 +154,121 @@ def test_finished_runs_make_the_same_table_with_seeds_averaged(finished_runs, tm
             assert image.size[0] > 300 and image.size[1] > 200
 
 
+def _copy_run(run_dir, to, test_file=None, **metrics):
+    """A copy of a finished run, tested on ``test_file`` (its config's data.test) when given, with ``metrics``
+    set in its metrics.json (None: removed, as in a run made before they were recorded)."""
+    shutil.copytree(run_dir, to)
+    if test_file is not None:
+        for config_file in (to / "config.yaml", to / "attempts" / "001" / "config.yaml"):
+            config = OmegaConf.load(config_file)
+            config.data.test = str(test_file)
+            OmegaConf.save(config, config_file)
+    recorded = {**json.loads((to / "metrics.json").read_text()), **metrics}
+    (to / "metrics.json").write_text(json.dumps({k: v for k, v in recorded.items() if v is not None}))
+    return to
+
+
 @pytest.mark.slow
-def test_runs_tested_on_different_files_are_refused_naming_both(finished_runs, tmp_path, capsys):
+def test_a_test_file_regenerated_between_two_runs_is_refused_naming_both(finished_runs, tiny_synthetic, tmp_path,
+                                                                         capsys):
     seeds, multitask = finished_runs
-    moved = tmp_path / "other-test-file"
-    shutil.copytree(multitask, moved)
-    config = OmegaConf.load(moved / "config.yaml")
-    shutil.copy(f"{config.data.dir}/test.h5", tmp_path / "test.h5")
-    config.data.test = str(tmp_path / "test.h5")  # the same faces, another file: not provably the same
-    OmegaConf.save(config, moved / "config.yaml")
-    code = run_command(compare.main, ["--runs", str(multitask), str(moved), "--out", str(tmp_path / "out")])
+    test_file = tmp_path / "data" / "test.h5"
+    test_file.parent.mkdir()
+    shutil.copy(tiny_synthetic / "test.h5", test_file)
+    before = _copy_run(multitask, tmp_path / "before", test_file, test_file_sha256=file_sha256(test_file))
+    shutil.copy(tiny_synthetic / "val.h5", test_file)  # regenerated: other faces, the same path and indices
+    after = _copy_run(multitask, tmp_path / "after", test_file, test_file_sha256=file_sha256(test_file))
+    code = run_command(compare.main, ["--runs", str(before), str(after), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code != 0 and f"runs {multitask} and {moved} were tested on different files" in err
-    assert str(tmp_path / "test.h5") in err and not (tmp_path / "out").exists()
+    assert code != 0 and f"runs {before} and {after} were tested on different files ({test_file}, sha256 " \
+        f"{file_sha256(tiny_synthetic / 'test.h5')[:12]}, and {test_file}, sha256 {file_sha256(test_file)[:12]}) " \
+        "(the file at that path changed between their tests)" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_runs_are_paired_by_test_file_content_and_an_unrecorded_one_is_assumed_the_file_now_there(
+        finished_runs, tiny_synthetic, tmp_path, capsys):
+    seeds, multitask = finished_runs
+    recorded = {json.loads(path.read_text())["test_file_sha256"]  # each training's test recorded its file's digest
+                for path in [*seeds.glob("*/metrics.json"), multitask / "metrics.json"]}
+    assert recorded == {file_sha256(tiny_synthetic / "test.h5")}
+    copied = tmp_path / "copy" / "test.h5"  # the same bytes at another path: the same faces
+    copied.parent.mkdir()
+    shutil.copy(tiny_synthetic / "test.h5", copied)
+    moved = _copy_run(multitask, tmp_path / "moved", copied)
+    old = _copy_run(multitask, tmp_path / "old", test_file_sha256=None)  # tested before the digest was recorded
+    rows = compare.compare_runs([seeds, moved, old], tmp_path / "out", resamples=200)
+    assert list(rows) == ["vrn", "vrn_multitask"] and len(rows["vrn_multitask"]["runs"]) == 2
+    digest = file_sha256(tiny_synthetic / "test.h5")[:12]
+    note = (f"The test file's identity was not recorded by {old} (tested before test_file_sha256 was recorded): it "
+            f"is assumed to be the file now at {tiny_synthetic / 'test.h5'} (sha256 {digest}).")
+    assert f"[compare] {note}" in capsys.readouterr().err
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert f"# runs: NME on {tiny_synthetic / 'test.h5'} (sha256 {digest})" in markdown and note in markdown
+    paths = ", ".join(sorted([str(copied), str(tiny_synthetic / "test.h5")]))
+    assert f"test files at {paths} are the same file (sha256 {digest})" in markdown
+    # without a recorded digest and without the file, the run's faces cannot be identified
+    gone = _copy_run(multitask, tmp_path / "gone", tmp_path / "deleted.h5", test_file_sha256=None)
+    with pytest.raises(ConfigError, match=f"run {gone} did not record which test file .* and {tmp_path / 'deleted.h5'} "
+                                          "no longer exists"):
+        compare.compare_runs([seeds, gone], tmp_path / "out-gone")
+
+
+@pytest.mark.slow
+def test_a_run_still_training_is_refused_when_named_and_left_out_of_a_folder(finished_runs, tmp_path, capsys):
+    seeds, multitask = finished_runs
+    running = _copy_run(multitask, tmp_path / "running")  # resumed: its metrics.json is the last attempt's
+    with RunLock(running, "python -m experiments.train ..."):
+        started = json.loads((running / "run.lock").read_text())["started"]
+        code = run_command(compare.main, ["--runs", str(seeds), str(running), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code != 0 and f"run {running} is still training: run.lock is held by process {os.getpid()} on host " \
+            f"{socket.gethostname()} since {started}; wait for it to finish, or leave it out of --runs" in err
+        assert not (tmp_path / "out").exists()
+        folder = tmp_path / "sweep"
+        shutil.copytree(seeds, folder)
+        shutil.copytree(running, folder / "trial-running")
+        found = compare.collect_run_dirs([folder])
+        assert len(found) == 2 and folder / "trial-running" not in found
+        assert f"{folder / 'trial-running'}: still training: run.lock is held by process {os.getpid()}" in \
+            capsys.readouterr().err
+        lock = json.loads((running / "run.lock").read_text())
+    elsewhere = {**lock, "host": "another-host"}  # cannot be checked from here: held
+    (running / "run.lock").write_text(json.dumps(elsewhere))
+    with pytest.raises(ConfigError, match=f"on host another-host since {started} \\(another host's: if it is gone, "
+                                          f"delete {running / 'run.lock'}\\)"):
+        compare.collect_run_dirs([running])
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (running / "run.lock").write_text(json.dumps({**lock, "pid": int(ended.stdout)}))  # its process is gone: stale
+    assert compare.collect_run_dirs([running]) == [running]
+
+
+@pytest.mark.slow
+def test_a_damaged_run_file_is_refused_naming_it_and_the_fix(finished_runs, tmp_path, capsys):
+    seeds, multitask = finished_runs
+    run = _copy_run(multitask, tmp_path / "run")
+    first = run / "attempts" / "001" / "config.yaml"
+    retest = (f"delete {run / 'metrics.json'} and test the run again with `python -m experiments.train --config "
+              f"{first} resume={run}`")
+    named = {"config.yaml": f"run {run}: {run / 'config.yaml'} and {first} differ, though training writes them "
+                            f"alike: one is damaged (truncated, say); restore it from the other",
+             "metrics.json": f"run {run}: metrics.json is damaged", "nme/test.csv": f"run {run}: nme/test.csv is damaged"}
+    for name, expected in named.items():
+        intact = (run / name).read_bytes()
+        for size in (0, len(intact) // 3, len(intact) // 2, len(intact) - 3):  # truncated
+            (run / name).write_bytes(intact[:size])
+            assert run_command(compare.main, ["--runs", str(run), "--out", str(tmp_path / "out")]) != 0
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and expected in err, (name, size, err)
+            assert name == "config.yaml" or retest in err, err
+        (run / name).write_bytes(intact)
+    shutil.rmtree(run / "attempts")  # a run from before attempts were recorded
+    (run / "config.yaml").write_text("name: vrn-quickstart\nseed: 0\n")
+    with pytest.raises(ConfigError, match=f"run {run}: {run / 'config.yaml'} is damaged \\(no data.test or "
+                                          f"data.dir\\); restore it, or leave the run out"):
+        compare.read_run(run)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

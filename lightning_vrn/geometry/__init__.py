@@ -2,7 +2,7 @@
 iso-surface, mesh I/O, face-model fitting to landmarks."""
 
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, landmark_crop
-from lightning_vrn.geometry.fitting import ShapeFit, fit_shape_to_landmarks
+from lightning_vrn.geometry.fitting import LandmarksDoNotFit, ShapeFit, fit_shape_to_landmarks
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import read_mesh, write_mesh
@@ -21,6 +21,7 @@ from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 
 __all__ = [
     "LANDMARK_BOX_FRACTION",
+    "LandmarksDoNotFit",
     "PAPER_GRID",
     "CropTransform",
     "Raster",

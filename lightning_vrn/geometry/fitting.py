@@ -32,6 +32,10 @@ import numpy as np
 from lightning_vrn.geometry.pose import FLIP_YZ, matrix_to_euler
 
 
+class LandmarksDoNotFit(ValueError):
+    """A sample's landmarks have no face-like fit (a non-positive scale): a detector's degenerate output."""
+
+
 @dataclass(frozen=True, eq=False)
 class ShapeFit:
     """A fitted face: ``coefficients`` (K,), its shape ``model_vertices`` (V, 3) mm, and the camera:
@@ -99,7 +103,7 @@ def fit_shape_to_landmarks(landmarks_2d: np.ndarray, mean: np.ndarray, basis: np
         solution = np.linalg.solve(design.T @ design + damping, design.T @ landmarks_2d.reshape(-1))
         scale, translation = solution[0], solution[-2:]
         if not scale > 0:
-            raise ValueError(f"the landmarks do not fit the face model (fitted scale {scale}); are they a face's "
+            raise LandmarksDoNotFit(f"the landmarks do not fit the face model (fitted scale {scale}); are they a face's "
                              f"{num_landmarks} landmarks in the model's order?")
         coefficients = solution[1:-2] / scale
     model_vertices = mean.astype(np.float64) + basis.astype(np.float64) @ coefficients

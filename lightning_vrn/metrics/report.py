@@ -69,18 +69,25 @@ def write_per_sample_csv(path: str | Path, table: Mapping[str, np.ndarray]) -> N
 
 
 def read_per_sample_csv(path: str | Path) -> dict[str, np.ndarray]:
-    """A table written by :func:`write_per_sample_csv` (values exactly as written)."""
+    """A table written by :func:`write_per_sample_csv` (values exactly as written); a ValueError names the file
+    and line of a missing column or an incomplete or unreadable row (a damaged or truncated file)."""
+    columns = {column: [] for column in COLUMNS}
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {
-        "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
-        "yaw_deg": np.array([float(r["yaw_deg"]) for r in rows]),
-        "expression": np.array([int(r["expression"]) if r["expression"] else -1 for r in rows], dtype=np.int64),
-        "nme": np.array([float(r["nme"]) for r in rows]),
-        "nme_aligned": np.array([float(r["nme_aligned"]) for r in rows]),
-        "nme_closest": np.array([float(r["nme_closest"]) for r in rows]),
-        "failed": np.array([r["failed"] == "1" for r in rows], dtype=bool),
-    }
+        reader = csv.DictReader(handle)
+        missing = [column for column in COLUMNS if column not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)}")
+        for row in reader:
+            try:
+                values = (int(row["index"]), float(row["yaw_deg"]), int(row["expression"] or -1), float(row["nme"]),
+                          float(row["nme_aligned"]), float(row["nme_closest"]), {"0": False, "1": True}[row["failed"]])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}, line {reader.line_num}: an incomplete or unreadable row "
+                                 f"({','.join(map(str, row.values()))})") from None
+            for column, value in zip(COLUMNS, values):
+                columns[column].append(value)
+    dtypes = {"index": np.int64, "expression": np.int64, "failed": bool}
+    return {column: np.array(values, dtype=dtypes.get(column, np.float64)) for column, values in columns.items()}
 
 
 def write_report(out_dir: str | Path, name: str, table: Mapping[str, np.ndarray]) -> dict:
