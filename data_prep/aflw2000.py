@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.mat_faces import Conversion, Source, add_common_arguments, convert, find_image, parse_arguments
+from data_prep.mat_faces import Conversion, Source, add_common_arguments, convert, find_image
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parse_arguments(parser, argv)
+    args = parser.parse_args(argv)
     sources = aflw2000_sources(args.root)
     reannotated = None if args.reannotated is None else read_reannotated(args.reannotated, sources)
     conversion = Conversion(sources=sources, model_spec=f"bfm:{args.bfm}", grid=args.grid,

@@ -14,7 +14,7 @@ centres, z away from the camera) that is ``x - 1``, ``H - y_model``, ``-z``, i.e
 **Crop** (as the authors, and as the synthetic data): :func:`~lightning_vrn.geometry.crop.landmark_crop`
 of the 68 annotated landmarks (``pt3d_68``'s x, y or ``pt2d``), no jitter; the photo is resampled
 into the crop with an antialiased bilinear filter (black outside the photo); the mesh gets the same
-scale, and its nearest point goes to :func:`data_prep.synthetic.front_z` (:func:`~data_prep.synthetic.front_z_shift`),
+scale, and its nearest point goes to :func:`lightning_vrn.geometry.crop.front_z` (:func:`~lightning_vrn.geometry.crop.front_z_shift`),
 as in the synthetic data.
 
 **Sample**: ``volume`` (:func:`voxelise`) and ``volume_frontal`` (:func:`voxelise_frontal`) of the cut
@@ -56,13 +56,12 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from data_prep.arguments import add_grid_and_workers
 from data_prep.face_model import FaceModel, load_face_model
-from data_prep.synthetic import (check_finished, check_output, front_z_shift, grid_argument, leaves_grid,
-                                 parallel_map)
-from data_prep.writing import write_pending
+from data_prep.writing import check_finished, check_output, parallel_map, write_pending
 from lightning_vrn.atomic import atomic_path
 from lightning_vrn.dataset_file import DatasetWriter, open_dataset
-from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, landmark_crop
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, front_z_shift, landmark_crop, leaves_grid
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, mirror_pose, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
@@ -79,7 +78,7 @@ from its annotated landmarks, in the crop, is skipped as "mesh off the crop" (29
 face alone is 1-4 px off on the real samples)."""
 FINISHED_KEYS = ("face_model_spec", "mean_only", "sources_sha256", "reannotated_sha256")
 """File attributes a finished file must share with a rerun's to be left as it is
-(:func:`data_prep.synthetic.check_finished`)."""
+(:func:`data_prep.writing.check_finished`)."""
 SKIP_REASONS = ("unreadable_mat", "missing_field", "bad_shape", "not_finite", "parameter_count", "missing_image",
                 "unreadable_image", "mesh_off_crop")
 
@@ -126,22 +125,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> None
     describes ``--out``."""
     parser.add_argument("--bfm", required=True, help="Basel Face Model file or folder (see docs/datasets.md)")
     parser.add_argument("--out", type=Path, required=True, help=out_help)
-    parser.add_argument("--grid", type=grid_argument, default=grid_argument("200,192,192"), metavar="D,H,W",
-                        help="volume depth, height, width; the crop is H x W pixels (default 200,192,192)")
-    parser.add_argument("--workers", type=int, default=1, help="processes converting samples (default 1)")
+    add_grid_and_workers(parser, "processes converting samples")
     parser.add_argument("--mean-only", action="store_true",
                         help="use the BFM's mean face and ignore Shape_Para/Exp_Para (for a BFM without bases)")
     parser.add_argument("--restart", action="store_true",
                         help="discard unfinished or finished output and start over (a finished output made with "
                              "the same arguments is otherwise left as it is; one made otherwise is refused)")
-
-
-def parse_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, with ``--workers`` checked."""
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    return args
 
 
 def find_image(mat_path: Path) -> Path | None:
@@ -446,10 +435,10 @@ class CheckedConversion:
 def check_conversion(conversion: Conversion, out_path, workers: int = 1, progress: bool = True, restart: bool = False,
                      desc: str | None = None) -> CheckedConversion:
     """Everything :func:`convert` checks before it writes anything: the output path
-    (:func:`data_prep.synthetic.check_output`), every source (:func:`scan`), that some source converts (else
+    (:func:`data_prep.writing.check_output`), every source (:func:`scan`), that some source converts (else
     ValueError naming the commonest reasons: a wrong BFM shows up here) and, unless ``restart``, that a finished
     ``out_path`` was made from these sources with these arguments (else FileExistsError,
-    :func:`data_prep.synthetic.check_finished`, the rule of every producer)."""
+    :func:`data_prep.writing.check_finished`, the rule of every producer)."""
     out_path = Path(out_path)
     desc = desc or out_path.stem
     check_output(out_path, restart=restart)

@@ -14,8 +14,8 @@ Per scan (:func:`prepare_scan`, once, cached as ``.npz`` with its :func:`cache_k
 
 Per sample (:func:`make_scan_sample`: one scan at one pose): rotate the whole scan by the pose,
 crop it by its 68-landmark box as the synthetic data is (:func:`lightning_vrn.geometry.crop.landmark_crop`,
-no jitter), put the face region's nearest point at :func:`data_prep.synthetic.front_z`
-(:func:`~data_prep.synthetic.front_z_shift`), render the whole textured scan with a random light
+no jitter), put the face region's nearest point at :func:`lightning_vrn.geometry.crop.front_z`
+(:func:`~lightning_vrn.geometry.crop.front_z_shift`), render the whole textured scan with a random light
 direction and colour over a random background, and voxelise the face region aligned with the image.
 The sample's ``vertices`` / ``triangles`` are the face region in crop coordinates (its own topology),
 ``landmarks_3d`` the lifted landmarks (the NME's interocular distance).
@@ -38,14 +38,14 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.arguments import add_grid_and_workers
 from data_prep.render import RenderSettings, TextureSettings, render
-from data_prep.synthetic import (check_finished, check_output, front_z_shift, grid_argument, leaves_grid, parallel_map,
-                                 posed_sample, sample_rng)
-from data_prep.writing import write_pending
+from data_prep.synthetic import posed_sample, sample_rng
+from data_prep.writing import check_finished, check_output, parallel_map, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.atomic import file_sha256
 from lightning_vrn.dataset_file import DatasetWriter
-from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, front_z_shift, landmark_crop, leaves_grid
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.mesh_io import TexturedMesh, front_facing, read_textured_mesh
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
@@ -70,7 +70,7 @@ CACHE_VERSION = 1
 """Bump when :func:`prepare_scan` changes what it computes: every cached scan is prepared again."""
 FINISHED_KEYS = ("source", "seed", "scan_ids", "poses_deg", "landmarks_from", "face_radius_ratio", "scans_sha256")
 """File attributes a finished file must share with a rerun's to be left as it is
-(:func:`data_prep.synthetic.check_finished`)."""
+(:func:`data_prep.writing.check_finished`)."""
 
 
 class ScanError(ValueError):
@@ -480,7 +480,7 @@ def convert(scans: ScanSet, out: Path, grid: VoxelGrid, landmark_dir: Path | Non
     source, face radius or code changed is prepared again); a rerun resumes both passes. ``restart`` empties
     the cache and replaces an unfinished or finished ``out``. Without it, a finished ``out`` made with the same
     arguments and prepared scans is left as it is, and one made otherwise raises FileExistsError
-    (:func:`data_prep.synthetic.check_finished`, the rule of every producer). Returns the report (also written
+    (:func:`data_prep.writing.check_finished`, the rule of every producer). Returns the report (also written
     to ``<out>.report.json``): ``samples``, ``scans_used``, ``skipped`` {scan id: reason}.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -584,9 +584,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--save-frontal", type=Path, metavar="DIR",
                         help=f"only write each scan's {FRONTAL_SIZE} px frontal render as DIR/<scan id>.png "
                              "(to find landmarks with another detector), then stop")
-    parser.add_argument("--grid", type=grid_argument, default=grid_argument("200,192,192"), metavar="D,H,W",
-                        help="volume depth, height, width; the crop is H x W pixels (default 200,192,192)")
-    parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    add_grid_and_workers(parser, "processes")
     parser.add_argument("--seed", type=int, default=0, help="seeds the lighting and backgrounds (default 0)")
     parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
     parser.add_argument("--restart", action="store_true",
@@ -598,8 +596,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, scans: ScanSet) -> int:
     """Run a scan CLI's conversion (or ``--save-frontal``) after its own arguments made ``scans``."""
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.landmarks_model is not None and not args.landmarks_model.is_file():
         parser.error(f"--landmarks-model {args.landmarks_model} does not exist; train a landmark_hourglass first")
     if args.landmarks is not None and not args.landmarks.is_dir():

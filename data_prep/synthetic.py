@@ -14,7 +14,7 @@ One sample, as the authors built theirs from 300W-LP:
 - crop: scale and translate so the 68 projected landmarks' bounding box has
   ``sqrt(w * h) = 90/192 * crop`` pixels (times U(0.9, 1.1)) and is centred in the crop (plus up
   to +-3/192 of the crop of translation); depth: the mesh's nearest point is put at
-  :data:`FRONT_MARGIN_FRACTION` of the grid's depth range, so the visible face always sits at the
+  :data:`~lightning_vrn.geometry.crop.FRONT_MARGIN_FRACTION` of the grid's depth range, so the visible face always sits at the
   same depth and the network need not guess how deep the hidden back of the head goes (a
   convention that depends on the whole extent, like centring it, makes the absolute depth of the
   visible face a function of what the image does not show); the augmentation scales depth about
@@ -29,23 +29,21 @@ One sample, as the authors built theirs from 300W-LP:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import warnings
 import zlib
 from pathlib import Path
-from typing import Sequence
 
-import h5py
 import numpy as np
 
+from data_prep.arguments import add_grid_and_workers
 from data_prep.face_model import FaceModel, expression_label, load_face_model
 from data_prep.render import RenderSettings, render, vertex_albedo
-from data_prep.writing import write_pending
+from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
-from lightning_vrn.dataset_file import DatasetError, DatasetWriter, FaceDatasetFile, open_dataset
-from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, landmark_crop
+from lightning_vrn.dataset_file import DatasetWriter, open_dataset
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, front_z_shift, landmark_crop, leaves_grid
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
@@ -56,8 +54,6 @@ POSE_LIMITS_DEG = (30.0, 90.0, 25.0)
 PITCH_ROLL_STD_DEG = (10.0, 8.0)
 """Standard deviations of the truncated normal pitch and roll distributions (degrees)."""
 SCALE_JITTER = (0.9, 1.1)
-FRONT_MARGIN_FRACTION = 0.03
-"""Depth of the mesh's nearest point behind the front of the grid, as a fraction of the grid's depth range."""
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "split")
@@ -90,26 +86,13 @@ def _truncated_normal(rng: np.random.Generator, std: float, limit: float) -> flo
             return value
 
 
-def front_z(grid: VoxelGrid) -> float:
-    """Crop z (px) of a sample mesh's nearest point: :data:`FRONT_MARGIN_FRACTION` of the grid's depth range
-    behind its front."""
-    z_front, z_back = grid.z_range
-    return z_front + FRONT_MARGIN_FRACTION * (z_back - z_front)
-
-
-def front_z_shift(grid: VoxelGrid, z_values: np.ndarray, scale: float = 1.0) -> float:
-    """Crop z shift (px) that puts the nearest of ``z_values`` (source units, scaled by ``scale`` px per unit) at
-    :func:`front_z`: ``crop_z = scale * z + shift``. Every producer places its meshes' depth with it."""
-    return front_z(grid) - scale * np.asarray(z_values).min()
-
-
 def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.ndarray, grid: VoxelGrid,
                    rng: np.random.Generator) -> tuple[float, np.ndarray]:
     """Scale (px/mm) and translation (crop px) placing the posed mesh in the crop as the authors did.
 
     :func:`~lightning_vrn.geometry.crop.landmark_crop` of the posed landmarks, with the box size
     jittered by a factor drawn from :data:`SCALE_JITTER` and its centre by up to
-    :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes to :func:`front_z`.
+    :data:`TRANSLATION_JITTER_FRACTION` of the crop; the mesh's nearest point goes to :func:`~lightning_vrn.geometry.crop.front_z`.
     """
     size = grid.crop_size
     posed = model_to_crop(mesh_mm, pose, 1.0, np.zeros(3))  # (V, 3) at 1 px/mm, origin at 0
@@ -164,29 +147,6 @@ def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
     if with_frontal:
         sample["volume_frontal"] = voxelise_frontal(vertices, triangles, rotation, grid)
     return sample
-
-
-def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
-    """True if any of the ``(V, 3)`` crop-coordinate vertices lies outside the grid's volume."""
-    (z_lo, z_hi), last = grid.z_range, grid.crop_size - 1
-    return bool((vertices[:, :2].min() < 0) or (vertices[:, :2].max() > last)
-                or vertices[:, 2].min() < z_lo or vertices[:, 2].max() > z_hi)
-
-
-def parallel_map(function, jobs: Sequence, workers: int, initializer, initargs: tuple = (), chunksize: int = 1):
-    """Yield ``function(job)`` for each of ``jobs``, in order: in this process after ``initializer(*initargs)``
-    when ``workers <= 1`` (or one job), else in ``workers`` spawned processes each set up by the initializer
-    (terminated when the caller stops). ``function`` and ``initializer`` must be module-level functions."""
-    if workers <= 1 or len(jobs) <= 1:
-        initializer(*initargs)
-        yield from map(function, jobs)
-        return
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
-    try:
-        yield from pool.imap(function, jobs, chunksize=chunksize)
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -261,73 +221,6 @@ def _finished_split(out_path: Path, grid: VoxelGrid, num_samples: int, attrs: di
     return out_path.exists()
 
 
-def check_output(out: Path, files: Sequence[Path] | None = None, restart: bool = False) -> None:
-    """Refuse, before anything is made or written, an output path that holds something else than what the command
-    writes: one line naming the path, what it is and the fix. ``files`` None: ``out`` is the dataset file (aflw2000,
-    florence, bu4dfe); else ``out`` is the folder of the dataset ``files`` (synthetic, w300lp). A folder, or a file
-    that is not HDF5, where a dataset file goes is refused even with ``restart`` (which replaces dataset files only);
-    an HDF5 file that is not a dataset file this code reads, unless ``restart``.
-    """
-    folder = out if files is not None else out.parent
-    blocker = next(path for path in (folder, *folder.parents) if path.exists())
-    if blocker == out and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder; delete it or choose another --out")
-    if not blocker.is_dir():
-        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
-    for path in [out] if files is None else files:
-        name = f"--out {path}" if files is None else str(path)
-        if path.is_dir():
-            fix = ("delete it or choose another --out" if files is not None
-                   else f"give --out the path of a .h5 file (e.g. {path / 'test.h5'})")
-            raise IsADirectoryError(f"{name} is a folder, not a dataset file; {fix}")
-        if path.exists() and not h5py.is_hdf5(path):
-            raise FileExistsError(f"{name} is a file that is not HDF5, not a dataset file; delete it or choose "
-                                  f"another --out")
-        if path.exists() and not restart:
-            _open_finished(path)
-
-
-def _open_finished(path: Path) -> FaceDatasetFile:
-    """:func:`open_dataset` of an existing output; FileExistsError naming a producer's fix if it fails."""
-    try:
-        return open_dataset(path)
-    except DatasetError as error:
-        raise FileExistsError(f"{path} exists but is not a dataset file this code reads ({error.reason}); pass "
-                              f"--restart to replace it, or choose another --out") from None
-
-
-def check_finished(path: Path, grid: VoxelGrid, num_samples: int | None, attrs: dict, keys,
-                   with_frontal: bool | None = None, need_expression: bool = False,
-                   made_from: str = "with other arguments") -> None:
-    """Raise :class:`FileExistsError` if the finished dataset file at ``path`` differs from what a rerun would write:
-    grid, number of samples (unless None), the ``attrs`` named by ``keys``, frontal volumes (unless ``with_frontal``
-    is None) and, with ``need_expression``, expression labels; or if it is not a dataset file this code reads.
-
-    The rerun rule of every producer (synthetic, AFLW2000-3D, 300W-LP, Florence, BU-4DFE): a finished file made
-    with the same arguments is left as it is; one made otherwise is refused unless ``--restart``. The finished
-    file's ``.partial`` left by a kill between the final rename and its removal is removed.
-    """
-    dataset = _open_finished(path)
-    differences = [f"grid {dataset.grid.describe()} vs {grid.describe()}"] if dataset.grid != grid else []
-    if num_samples is not None and dataset.num_samples != num_samples:
-        differences.append(f"{dataset.num_samples} samples vs {num_samples}")
-    if with_frontal is not None and dataset.has_frontal != with_frontal:
-        differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
-    if need_expression and not dataset.has_expression:
-        differences.append("no expression labels (made by older code)")
-    for key in keys:
-        stored, wanted = dataset.attrs.get(key), attrs[key]
-        if not np.array_equal(np.asarray(stored), np.asarray(wanted)):  # scalars, strings and arrays alike
-            differences.append(f"{key} {stored!r} vs {wanted!r}")
-    if differences:
-        raise FileExistsError(f"{path} exists but was made {made_from} ({'; '.join(differences)}); "
-                              f"pass --restart to replace it, or choose another --out")
-    leftover = path.with_name(path.name + ".partial")
-    if leftover.exists():
-        leftover.unlink()
-        warnings.warn(f"removed {leftover}: {path} was finished from it (a kill had stopped its removal)", stacklevel=2)
-
-
 # --- command line ----------------------------------------------------------------------------------
 
 def _parse_split(text: str) -> tuple[str, int]:
@@ -335,14 +228,6 @@ def _parse_split(text: str) -> tuple[str, int]:
     if not sep or not name.strip() or not count.strip().isdigit() or int(count) <= 0:
         raise argparse.ArgumentTypeError(f"split must be NAME=COUNT with COUNT > 0, like train=4000; got {text!r}")
     return name.strip(), int(count)
-
-
-def grid_argument(text: str) -> VoxelGrid:
-    """argparse type of ``--grid D,H,W`` (:meth:`VoxelGrid.parse`), for every data_prep command."""
-    try:
-        return VoxelGrid.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse_probability(text: str) -> float:
@@ -360,11 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder; writes OUT/NAME.h5 per split")
     parser.add_argument("--split", type=_parse_split, action="append", required=True, metavar="NAME=COUNT",
                         help="a split and its number of samples; repeat for several (train=4000 val=200 test=500)")
-    parser.add_argument("--grid", type=grid_argument, default=grid_argument("200,192,192"), metavar="D,H,W",
-                        help="volume depth, height, width; the crop is H x W pixels (default 200,192,192)")
     parser.add_argument("--face-model", default="builtin", help="'builtin' or 'sfm:PATH' (default builtin)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="processes generating samples (default 1)")
+    add_grid_and_workers(parser, "processes generating samples")
     parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
     parser.add_argument("--occluders", type=_parse_probability, default=0.0, metavar="P",
                         help="probability that a sample gets occluders (default 0)")
@@ -378,8 +261,6 @@ def main(argv=None) -> int:
     names = [name for name, _ in args.split]
     if len(set(names)) != len(names):
         parser.error(f"--split names must be distinct, got {names}")
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
         model = load_face_model(args.face_model)
     except (ValueError, OSError, KeyError) as err:

@@ -35,9 +35,8 @@ import re
 import sys
 from pathlib import Path
 
-from data_prep.mat_faces import (Conversion, Source, add_common_arguments, check_conversion, find_image,
-                                 parse_arguments, write_conversion)
-from data_prep.synthetic import check_output
+from data_prep.mat_faces import Conversion, Source, add_common_arguments, check_conversion, find_image, write_conversion
+from data_prep.writing import check_output
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
 
@@ -113,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parse_arguments(parser, argv)
+    args = parser.parse_args(argv)
     splits = split_sources(w300lp_sources(args.root, args.flip), args.val_fraction)
     check_output(args.out, [args.out / f"{split}.h5" for split in splits], args.restart)
     checked = []  # every split is checked before any is written: a refusal changes nothing

@@ -6,18 +6,25 @@ in each process that makes samples (load a face model, open a source archive), a
 ``(D, H, W)``: they are packed here) and its producer flags (``{name: bool}`` for the writer's
 ``flags``, e.g. the generator's ``leaves_grid``; the finished file counts them for all its samples). :func:`write_pending` makes the samples the writer still lacks and writes them in
 index order, so the file does not depend on the number of workers, and a killed run rerun with
-the same writer parameters continues where it stopped.
+the same writer parameters continues where it stopped. :func:`parallel_map` is the same pool for other
+per-item work (checking sources, preparing scans). Before anything is written, :func:`check_output` refuses an
+output path that holds something else, and :func:`check_finished` a finished output made otherwise: the rerun
+rule of every producer.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any, Callable
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
-from lightning_vrn.dataset_file import DatasetWriter, pack_volume
+from lightning_vrn.dataset_file import DatasetError, DatasetWriter, FaceDatasetFile, open_dataset, pack_volume
+from lightning_vrn.geometry.grid import VoxelGrid
 
 VOLUME_KEYS = ("volume", "volume_frontal")
 """Sample keys packed in the making process: 8x fewer bytes to send to the writing one."""
@@ -44,13 +51,7 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
     written = 0
     with tqdm(total=writer.num_samples, initial=writer.num_samples - len(pending), desc=desc, unit="sample",
               disable=not progress) as bar:
-        if workers <= 1:
-            state = setup(*setup_args)
-            results = (_make_chunk(make, state, indices) for indices in chunks)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (setup, setup_args, make))
-            results = pool.imap(_worker_chunk, chunks)
+        results = parallel_map(_worker_chunk, chunks, workers, _init_worker, (setup, setup_args, make))
         try:
             for batch in results:
                 for index, sample, flags in batch:
@@ -58,9 +59,8 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
                     written += 1
                 bar.update(len(batch))
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            results.close()  # stops the worker processes
+            _worker.clear()  # this process's state, when it made the samples itself
     return written
 
 
@@ -77,10 +77,93 @@ def _make_chunk(make: Make, state: Any, indices: np.ndarray) -> list[Made]:
 
 
 def _init_worker(setup: Callable[..., Any], setup_args: tuple, make: Make) -> None:
-    """Pool initializer: build this worker's state once."""
+    """Build this making process's state once (in a pool worker, or in this process with one worker)."""
     _worker.update(state=setup(*setup_args), make=make)
 
 
 def _worker_chunk(indices: np.ndarray) -> list[Made]:
     """:func:`_make_chunk` with this worker's state (what the pool runs)."""
     return _make_chunk(_worker["make"], _worker["state"], indices)
+
+
+def parallel_map(function, jobs: Sequence, workers: int, initializer, initargs: tuple = (), chunksize: int = 1):
+    """Yield ``function(job)`` for each of ``jobs``, in order: in this process after ``initializer(*initargs)``
+    when ``workers <= 1`` (or one job), else in ``workers`` spawned processes each set up by the initializer
+    (terminated when the caller stops). ``function`` and ``initializer`` must be module-level functions."""
+    if workers <= 1 or len(jobs) <= 1:
+        initializer(*initargs)
+        yield from map(function, jobs)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
+    try:
+        yield from pool.imap(function, jobs, chunksize=chunksize)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def check_output(out: Path, files: Sequence[Path] | None = None, restart: bool = False) -> None:
+    """Refuse, before anything is made or written, an output path that holds something else than what the command
+    writes: one line naming the path, what it is and the fix. ``files`` None: ``out`` is the dataset file (aflw2000,
+    florence, bu4dfe); else ``out`` is the folder of the dataset ``files`` (synthetic, w300lp). A folder, or a file
+    that is not HDF5, where a dataset file goes is refused even with ``restart`` (which replaces dataset files only);
+    an HDF5 file that is not a dataset file this code reads, unless ``restart``.
+    """
+    folder = out if files is not None else out.parent
+    blocker = next(path for path in (folder, *folder.parents) if path.exists())
+    if blocker == out and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; delete it or choose another --out")
+    if not blocker.is_dir():
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+    for path in [out] if files is None else files:
+        name = f"--out {path}" if files is None else str(path)
+        if path.is_dir():
+            fix = ("delete it or choose another --out" if files is not None
+                   else f"give --out the path of a .h5 file (e.g. {path / 'test.h5'})")
+            raise IsADirectoryError(f"{name} is a folder, not a dataset file; {fix}")
+        if path.exists() and not h5py.is_hdf5(path):
+            raise FileExistsError(f"{name} is a file that is not HDF5, not a dataset file; delete it or choose "
+                                  f"another --out")
+        if path.exists() and not restart:
+            _open_finished(path)
+
+
+def _open_finished(path: Path) -> FaceDatasetFile:
+    """:func:`open_dataset` of an existing output; FileExistsError naming a producer's fix if it fails."""
+    try:
+        return open_dataset(path)
+    except DatasetError as error:
+        raise FileExistsError(f"{path} exists but is not a dataset file this code reads ({error.reason}); pass "
+                              f"--restart to replace it, or choose another --out") from None
+
+
+def check_finished(path: Path, grid: VoxelGrid, num_samples: int | None, attrs: dict, keys,
+                   with_frontal: bool | None = None, need_expression: bool = False,
+                   made_from: str = "with other arguments") -> None:
+    """Raise :class:`FileExistsError` if the finished dataset file at ``path`` differs from what a rerun would write:
+    grid, number of samples (unless None), the ``attrs`` named by ``keys``, frontal volumes (unless ``with_frontal``
+    is None) and, with ``need_expression``, expression labels; or if it is not a dataset file this code reads.
+
+    The rerun rule of every producer (synthetic, AFLW2000-3D, 300W-LP, Florence, BU-4DFE): a finished file made
+    with the same arguments is left as it is; one made otherwise is refused unless ``--restart``. The finished
+    file's ``.partial`` left by a kill between the final rename and its removal is removed.
+    """
+    dataset = _open_finished(path)
+    differences = [f"grid {dataset.grid.describe()} vs {grid.describe()}"] if dataset.grid != grid else []
+    if num_samples is not None and dataset.num_samples != num_samples:
+        differences.append(f"{dataset.num_samples} samples vs {num_samples}")
+    if with_frontal is not None and dataset.has_frontal != with_frontal:
+        differences.append(f"frontal volumes {dataset.has_frontal} vs {with_frontal}")
+    if need_expression and not dataset.has_expression:
+        differences.append("no expression labels (made by older code)")
+    for key in keys:
+        stored, wanted = dataset.attrs.get(key), attrs[key]
+        if not np.array_equal(np.asarray(stored), np.asarray(wanted)):  # scalars, strings and arrays alike
+            differences.append(f"{key} {stored!r} vs {wanted!r}")
+    if differences:
+        raise FileExistsError(f"{path} exists but was made {made_from} ({'; '.join(differences)}); "
+                              f"pass --restart to replace it, or choose another --out")
+    leftover = path.with_name(path.name + ".partial")
+    if leftover.exists():
+        leftover.unlink()
+        warnings.warn(f"removed {leftover}: {path} was finished from it (a kill had stopped its removal)", stacklevel=2)

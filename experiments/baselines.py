@@ -25,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from data_prep.face_model import load_face_model
-from data_prep.synthetic import front_z
 from lightning_vrn.dataset_file import FaceDatasetFile, open_dataset, unpack_volume
 from lightning_vrn.geometry import (
     LandmarksDoNotFit,
@@ -35,6 +34,7 @@ from lightning_vrn.geometry import (
     fit_shape_to_landmarks,
     model_to_crop,
 )
+from lightning_vrn.geometry.crop import front_z
 from lightning_vrn.geometry.voxelise import voxelise
 
 DEFAULT_REGULARISATION = 3.0
@@ -135,7 +135,7 @@ class FittedShapeBaseline(FaceModelBaseline):
     landmarks come from, a callable ``batch -> (B, 68, 2)`` crop pixels (a detector's ``landmarks``
     method; a torch module's method brings the module along, moved to the device and put in eval mode
     with this one); None: the batch's ground-truth ``landmarks_2d``. The fitted mesh's nearest point
-    goes where the synthetic generator puts it (:func:`data_prep.synthetic.front_z`): depth is not in
+    goes where the synthetic generator puts it (:func:`lightning_vrn.geometry.crop.front_z`): depth is not in
     the landmarks.
     """
 

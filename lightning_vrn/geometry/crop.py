@@ -3,7 +3,8 @@
 The 68-landmark bounding box is scaled so that ``sqrt(w * h)`` is :data:`LANDMARK_BOX_FRACTION`
 of the crop size (90 px in a 192 px crop) and its centre is moved to the crop centre
 ``((S - 1) / 2, (S - 1) / 2)``. The same transform goes to the mesh: x, y and z are all scaled by
-the one factor, and the caller chooses where z lands. See docs/conventions.md, "Crop".
+the one factor, and the caller chooses where z lands; every dataset producer puts a mesh's nearest point at
+:func:`front_z` (:func:`front_z_shift`). See docs/conventions.md, "Crop".
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmarks import NUM_LANDMARKS
 
 LANDMARK_BOX_FRACTION = 90.0 / 192.0
 """sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""
+FRONT_MARGIN_FRACTION = 0.03
+"""Depth of the mesh's nearest point behind the front of the grid, as a fraction of the grid's depth range."""
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,23 @@ def landmark_crop(landmarks_2d: np.ndarray, crop_size: int, scale_jitter: float 
     centre = (crop_size - 1) / 2.0 + np.asarray(centre_shift, dtype=np.float64)
     translation = centre - scale * 0.5 * (box_lo + box_hi)
     return CropTransform(float(scale), (float(translation[0]), float(translation[1])))
+
+
+def front_z(grid: VoxelGrid) -> float:
+    """Crop z (px) of a sample mesh's nearest point: :data:`FRONT_MARGIN_FRACTION` of the grid's depth range
+    behind its front."""
+    z_front, z_back = grid.z_range
+    return z_front + FRONT_MARGIN_FRACTION * (z_back - z_front)
+
+
+def front_z_shift(grid: VoxelGrid, z_values: np.ndarray, scale: float = 1.0) -> float:
+    """Crop z shift (px) that puts the nearest of ``z_values`` (source units, scaled by ``scale`` px per unit) at
+    :func:`front_z`: ``crop_z = scale * z + shift``. Every producer places its meshes' depth with it."""
+    return front_z(grid) - scale * np.asarray(z_values).min()
+
+
+def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
+    """True if any of the ``(V, 3)`` crop-coordinate vertices lies outside the grid's volume."""
+    (z_lo, z_hi), last = grid.z_range, grid.crop_size - 1
+    return bool((vertices[:, :2].min() < 0) or (vertices[:, :2].max() > last)
+                or vertices[:, 2].min() < z_lo or vertices[:, 2].max() > z_hi)
