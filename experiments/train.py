@@ -289,7 +289,8 @@ def _test(trainer: pl.Trainer, model: VRNModule, datamodule: FaceVolumeDataModul
     if nme is not None and "test" in nme.summaries:  # exact values, not the logged float32 copies
         metrics.update(summary_metrics("test", nme.summaries["test"]))
     metrics["best_checkpoint"] = best
-    metrics["test_file_sha256"] = file_sha256(datamodule.hparams.test_path)
+    if trainer.is_global_zero:  # read once, by the process that writes metrics.json
+        metrics["test_file_sha256"] = file_sha256(datamodule.hparams.test_path)
     if checkpoint.best_model_score is not None:
         metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
     return metrics
