@@ -23,7 +23,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from benchmarks.common import face_like_mesh, median_ms, report  # noqa: E402
 from data_prep.face_model import load_face_model  # noqa: E402
 from data_prep.synthetic import generate_split  # noqa: E402
-from datamodules.augment import AugmentConfig  # noqa: E402
+from datamodules.augment import AugmentSettings  # noqa: E402
 from datamodules.dataset import FaceVolumeDataset, decode_batch  # noqa: E402
 from lightning_vrn.geometry import VoxelGrid, crop_rotation, model_to_crop  # noqa: E402
 from lightning_vrn.geometry.voxelise import voxelise  # noqa: E402
@@ -69,7 +69,7 @@ def generation_and_storage_rows(workdir: Path, count: int) -> tuple[list[tuple[s
 def loader_rows(files: dict[str, Path]) -> list[tuple[str, str]]:
     """Samples/s of one loader worker (the dataset's __getitem__ in one process, one thread)."""
     rows = []
-    augment = AugmentConfig().to_dict()
+    augment = AugmentSettings().to_dict()
     for name, path in files.items():
         cases = {
             "packed volume, no augmentation (device path)": FaceVolumeDataset(path, augment=None, on_device=True),
@@ -89,7 +89,7 @@ def device_rows(files: dict[str, Path]) -> list[tuple[str, str]]:
         return [("device augmentation", "no CUDA device here: not measured")]
     rows = []
     for name, path in files.items():
-        dataset = FaceVolumeDataset(path, augment=AugmentConfig(on_device=True).to_dict(), on_device=True)
+        dataset = FaceVolumeDataset(path, augment=AugmentSettings(on_device=True).to_dict(), on_device=True)
         raw = default_collate([dataset.raw_sample(i) for i in range(8)])
         grid = dataset.grid
         cpu_ms = median_ms(lambda: decode_batch(raw, grid), repeats=5)

@@ -23,7 +23,7 @@ from data_prep.synthetic import generate_split  # noqa: E402
 from lightning_vrn.dataset_file import open_dataset, unpack_volume  # noqa: E402
 from lightning_vrn.geometry import VoxelGrid  # noqa: E402
 from lightning_vrn.geometry.isosurface import volume_to_mesh  # noqa: E402
-from lightning_vrn.landmarks import outer_interocular  # noqa: E402
+from lightning_vrn.landmark_scheme import outer_interocular  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, in_yaw_bucket  # noqa: E402
 from lightning_vrn.metrics.nme import sample_nme  # noqa: E402

@@ -51,7 +51,7 @@ import scipy.io
 
 from data_prep.face_model import FaceModel
 from lightning_vrn.geometry.mesh_io import front_facing
-from lightning_vrn.landmarks import GROUPS, NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import GROUPS, NUM_LANDMARKS
 from lightning_vrn.safe_load import UnsafeFileError, first_line, load_pickle
 
 SHAPE_FILE_3DDFA = "Model_Shape.mat"

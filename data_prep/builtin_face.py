@@ -32,7 +32,7 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 
 from data_prep.face_model import FaceModel
-from lightning_vrn.landmarks import FLIP, NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import FLIP, NUM_LANDMARKS
 
 # ----- grid ---------------------------------------------------------------------------------
 NUM_COLUMNS = 161                 # odd: one column on the midline

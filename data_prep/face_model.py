@@ -14,7 +14,7 @@ import numpy as np
 
 from lightning_vrn.dataset_file import NEUTRAL, UNIQUE_ID_FIELDS
 from lightning_vrn.geometry.topology import as_vertex_ids
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 
 # Chance that a sampled face is neutral; otherwise 1 or 2 blendshapes are active.
 NEUTRAL_PROBABILITY = 0.35

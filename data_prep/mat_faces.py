@@ -24,7 +24,7 @@ ground truth) and ``landmarks_2d`` its x, y. 300W-LP has no 3D landmarks: ``land
 ``pt2d`` and ``landmarks_3d`` the model's 68 keypoint vertices, which differ from ``pt2d`` on the jaw
 of turned faces (``pt2d`` follows the visible outline). A mirrored copy (300W-LP ``--flip``) mirrors
 the finished crop: image, volumes and meshes ``x -> S - 1 - x`` (vertex order kept), landmarks
-re-indexed with :data:`lightning_vrn.landmarks.FLIP`, pose ``(pitch, -yaw, -roll)``
+re-indexed with :data:`lightning_vrn.landmark_scheme.FLIP`, pose ``(pitch, -yaw, -roll)``
 (:func:`~lightning_vrn.geometry.pose.mirror_pose`; docs/conventions.md, "Pose"). The landmark crop of a
 mirrored photo is the mirrored crop, so this equals converting the mirrored photo.
 
@@ -65,7 +65,7 @@ from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, fr
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, mirror_pose, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
-from lightning_vrn.landmarks import FLIP, NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import FLIP, NUM_LANDMARKS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PARAMETER_FIELDS = {"Pose_Para": (7,), "Shape_Para": None, "Exp_Para": None}
@@ -364,7 +364,7 @@ def _scan_job(job) -> tuple[int, str, str]:
     return _inspect(_scan_state, job)
 
 
-def scan(conversion: Conversion, workers: int, progress: bool, desc: str) -> list[tuple[str, str]]:
+def check_sources(conversion: Conversion, workers: int, progress: bool, desc: str) -> list[tuple[str, str]]:
     """``(reason, detail)`` per source (empty strings: it converts), checked in ``workers`` processes. A mirrored
     source shares its original's outcome (mirroring cannot make a sample fail), so each file is read once."""
     originals = list(dict.fromkeys(replace(source, flip=False) for source in conversion.sources))
@@ -444,7 +444,7 @@ def check_conversion(conversion: Conversion, out_path, workers: int = 1, progres
     check_output(out_path, restart=restart)
     model = _load_model(conversion.model_spec)
     _check_model(model, conversion.model_spec, conversion.mean_only)
-    outcomes = scan(conversion, workers, progress, desc)
+    outcomes = check_sources(conversion, workers, progress, desc)
     kept = tuple(source for source, (reason, _) in zip(conversion.sources, outcomes) if not reason)
     skipped = tuple((source, reason, detail) for source, (reason, detail) in zip(conversion.sources, outcomes)
                     if reason)

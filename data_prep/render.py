@@ -23,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 
 from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
-from lightning_vrn.landmarks import GROUPS
+from lightning_vrn.landmark_scheme import GROUPS
 
 TEXTURE_KINDS = ("noise", "gradient", "stripes", "checker")
 OCCLUDER_SHAPES = ("ellipse", "rectangle", "hand")

@@ -50,7 +50,7 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.mesh_io import TexturedMesh, front_facing, read_textured_mesh
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
-from lightning_vrn.landmarks import NUM_LANDMARKS, outer_interocular
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS, outer_interocular
 
 FACE_RADIUS_RATIO = 1.0
 """Face-region radius about the nose tip in outer interocular distances (about 95 mm on an adult: the

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.face_model import FaceModel
-from lightning_vrn.landmarks import GROUPS, NUM_LANDMARKS, OUTER_EYE_CORNERS
+from lightning_vrn.landmark_scheme import GROUPS, NUM_LANDMARKS, OUTER_EYE_CORNERS
 
 SHAPE_FILE = "sfm_shape_3448.bin"
 BLENDSHAPES_FILE = "expression_blendshapes_3448.bin"

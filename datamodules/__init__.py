@@ -2,7 +2,7 @@
 :mod:`lightning_vrn.heatmaps`)."""
 
 from datamodules.augment import (
-    AugmentConfig,
+    AugmentSettings,
     augment_batch,
     augment_landmarks,
     augment_mesh,
@@ -14,7 +14,7 @@ from datamodules.datamodule import FaceVolumeDataModule
 from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, decode_batch, finish_batch, unpack_bits
 
 __all__ = [
-    "AugmentConfig",
+    "AugmentSettings",
     "EpochShuffleSampler",
     "FaceVolumeDataModule",
     "FaceVolumeDataset",

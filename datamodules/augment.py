@@ -20,7 +20,7 @@ crop z of the grid's front slice):
 Volumes are resampled nearest-neighbour by inverse mapping (each output voxel reads the source
 voxel nearest to its inverse-transformed centre; outside the source -> empty), images bilinearly
 (outside -> black), then each RGB channel is scaled by its colour factor and clipped to [0, 1].
-A flip re-indexes the landmarks with :data:`lightning_vrn.landmarks.FLIP` (the mirrored face's
+A flip re-indexes the landmarks with :data:`lightning_vrn.landmark_scheme.FLIP` (the mirrored face's
 right eye is the original's left eye). Mesh vertices keep their order: the mirrored mesh has the
 same triangles with the opposite winding, and ``vertices[landmark_vertices[i]]`` of a flipped
 mesh is landmark ``FLIP[i]``. The pose is updated to the composed rotation.
@@ -38,17 +38,17 @@ import torch.nn.functional as F
 
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import FLIP_YZ, MIRROR_X, euler_to_matrix_torch, matrix_to_euler_torch, mirror_pose
-from lightning_vrn.landmarks import FLIP
+from lightning_vrn.landmark_scheme import FLIP
 
 PARAM_KEYS = ("angle", "scale", "tx", "ty", "flip", "colour")
 """Keys of an augmentation parameter dict; per sample ``()`` each, ``colour`` ``(3,)``."""
 
 REFERENCE_CROP = 192
-"""Crop size (px) at which :attr:`AugmentConfig.translation_px` is given."""
+"""Crop size (px) at which :attr:`AugmentSettings.translation_px` is given."""
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentSettings:
     """Training augmentation settings (the authors' values by default).
 
     ``on_device``: unpack and augment on the accelerator instead of in DataLoader workers.
@@ -81,8 +81,8 @@ class AugmentConfig:
                              f"({self.translation_px}) must be >= 0")
 
     @classmethod
-    def from_any(cls, value: "AugmentConfig | Mapping[str, Any] | None") -> "AugmentConfig":
-        """An :class:`AugmentConfig`, a dict of its fields (unknown keys are an error) or None (disabled)."""
+    def from_any(cls, value: "AugmentSettings | Mapping[str, Any] | None") -> "AugmentSettings":
+        """An :class:`AugmentSettings`, a dict of its fields (unknown keys are an error) or None (disabled)."""
         if value is None:
             return cls(enabled=False)
         if isinstance(value, cls):
@@ -99,13 +99,13 @@ class AugmentConfig:
 
 
 def sample_params(generator: torch.Generator, batch_size: int, crop_size: int,
-                  config: AugmentConfig | None = None) -> dict[str, torch.Tensor]:
+                  config: AugmentSettings | None = None) -> dict[str, torch.Tensor]:
     """Draw ``batch_size`` samples' parameters (float64 on the CPU; ``flip`` bool; ``colour`` (B, 3)).
 
     The draws come from ``generator`` in a fixed order, so one seeded generator gives the same
     parameters wherever they are later applied.
     """
-    config = config or AugmentConfig()
+    config = config or AugmentSettings()
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
         return low + (high - low) * torch.rand(*shape, generator=generator, dtype=torch.float64)

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.augment import AugmentConfig
+from datamodules.augment import AugmentSettings
 from datamodules.dataset import EpochShuffleSampler, FaceVolumeDataset, collate_samples, decode_batch, finish_batch
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
@@ -40,7 +40,7 @@ class DataSettings:
     num_workers: int = 4
     pin_memory: bool = True
     persistent_workers: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.num_workers < 0:
@@ -73,7 +73,7 @@ class FaceVolumeDataModule(pl.LightningDataModule):
 
     ``batch_size`` is GLOBAL: each of the trainer's ``world_size`` processes loads
     ``batch_size // world_size``. ``grid``: the grid every file must have. ``augment``: a dict of
-    :class:`AugmentConfig` fields (training only; ``on_device: true`` unpacks and augments on the
+    :class:`AugmentSettings` fields (training only; ``on_device: true`` unpacks and augments on the
     accelerator in :meth:`on_after_batch_transfer`, which also unpacks val/test batches there).
     ``heatmap_sigma``: add landmark heatmaps (pixels; None: none), made on the device like the
     float32 volume (workers hand over uint8 volumes). ``target_volume``: ``aligned``
@@ -85,14 +85,14 @@ class FaceVolumeDataModule(pl.LightningDataModule):
     def __init__(self, train_path: str | Path | None = None, val_path: str | Path | None = None,
                  test_path: str | Path | None = None, grid: VoxelGrid | Mapping[str, Any] | str = PAPER_GRID,
                  batch_size: int = DataSettings.batch_size, num_workers: int = DataSettings.num_workers,
-                 augment: AugmentConfig | Mapping[str, Any] | None = None, heatmap_sigma: float | None = None,
+                 augment: AugmentSettings | Mapping[str, Any] | None = None, heatmap_sigma: float | None = None,
                  target_volume: str = "aligned", seed: int = 0, pin_memory: bool = DataSettings.pin_memory,
                  persistent_workers: bool = DataSettings.persistent_workers, eval_vertices: bool = True,
                  grid_source: str = "the config"):
         super().__init__()
         self.save_hyperparameters()
         self.grid = as_grid(grid)
-        self.augment = AugmentConfig.from_any(augment)
+        self.augment = AugmentSettings.from_any(augment)
         self.hparams["grid"] = self.grid.to_dict()
         self.hparams["augment"] = self.augment.to_dict()
         for split in ("train", "val", "test"):  # plain strings: checkpoints load with PyTorch's safe loader

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from datamodules.augment import AugmentConfig, augment_batch, sample_params
+from datamodules.augment import AugmentSettings, augment_batch, sample_params
 from lightning_vrn.dataset_file import DatasetError, open_dataset, unpack_volume
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.heatmaps import gaussian_heatmaps
@@ -116,7 +116,7 @@ class FaceVolumeDataset(Dataset):
     """One split of a dataset file as (optionally augmented) samples.
 
     ``path``: the HDF5 file; ``grid``: the grid it must have (None: take the file's);
-    ``augment``: :class:`AugmentConfig`, a dict of its fields, or None (no augmentation);
+    ``augment``: :class:`AugmentSettings`, a dict of its fields, or None (no augmentation);
     ``seed``: augmentation seed; ``heatmap_sigma``: landmark heatmap sigma in pixels (None: no
     heatmaps); ``target_volume``: ``"aligned"`` or ``"frontal"`` (the file's ``volumes_frontal``);
     ``load_vertices``: add the ground-truth mesh; ``on_device``: return raw samples for
@@ -128,7 +128,7 @@ class FaceVolumeDataset(Dataset):
     The file is validated here but its HDF5 handle is opened by whichever process reads.
     """
 
-    def __init__(self, path, grid: VoxelGrid | None = None, augment: AugmentConfig | Mapping | None = None,
+    def __init__(self, path, grid: VoxelGrid | None = None, augment: AugmentSettings | Mapping | None = None,
                  seed: int = 0, heatmap_sigma: float | None = None, target_volume: str = "aligned",
                  load_vertices: bool = False, on_device: bool | None = None, finish: bool = True,
                  grid_source: str = "the config"):
@@ -136,7 +136,7 @@ class FaceVolumeDataset(Dataset):
             raise ValueError(f"target_volume must be one of {TARGET_VOLUMES}, got {target_volume!r}")
         if heatmap_sigma is not None and heatmap_sigma <= 0:
             raise ValueError(f"heatmap_sigma must be positive (pixels) or None, got {heatmap_sigma}")
-        config = AugmentConfig.from_any(augment)
+        config = AugmentSettings.from_any(augment)
         self.file = open_dataset(path, expected_grid=grid, grid_source=grid_source)
         self.grid = self.file.grid
         self.augment = config if config.enabled else None

@@ -162,7 +162,7 @@ def trained_checkpoint(settings: CompareSettings, name: str, overrides: list[str
     return Path(best)
 
 
-def test_data(settings: CompareSettings, data_dir: Path, model) -> FaceVolumeDataModule:
+def evaluation_data(settings: CompareSettings, data_dir: Path, model) -> FaceVolumeDataModule:
     """The test split as ``model`` needs it (its target frame and heatmaps)."""
     return FaceVolumeDataModule(test_path=data_dir / "test.h5", grid=VoxelGrid.parse(settings.data.grid),
                                 batch_size=settings.batch_size, num_workers=0, persistent_workers=False,
@@ -179,7 +179,7 @@ def scored(out: Path, name: str, build: Callable[[], pl.LightningModule], data: 
     landmarks_file = folder / "landmarks.json"
     if not landmarks_file.is_file():
         module = build()
-        _, _, logged = evaluate.test_report(module, data(module), folder if volume else None)
+        _, _, logged = evaluate.evaluation_report(module, data(module), folder if volume else None)
         scores = evaluate.landmark_scores(logged)
         write_text(landmarks_file, json.dumps(scores, indent=2) + "\n")
     table = read_per_sample_csv(folder / "test.csv") if volume else None
@@ -204,7 +204,7 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
         progress(f"trained {name}: {checkpoints[name]}")
 
     def data(module):
-        return test_data(settings, data_dir, module)
+        return evaluation_data(settings, data_dir, module)
 
     models = {}
 
@@ -232,7 +232,7 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
         landmarks[name] = landmarks[guided_detected[name]]
 
     grid = VoxelGrid.parse(settings.data.grid)
-    test_file = test_data(settings, data_dir, None)
+    test_file = evaluation_data(settings, data_dir, None)
     test_file.check_files("test")
     test_file = test_file.datasets["test"].file
     builders = {

@@ -6,7 +6,7 @@ chain is merged base-first, then the command-line dotlist overrides (what W&B's
 dataclasses of the components, which are the one source of every default:
 
 - top level (``name``, ``seed``, ``run_dir``, ``resume``, ``grid``): :class:`ExperimentSettings`;
-- ``data``: :class:`datamodules.DataSettings` (with ``augment``: :class:`datamodules.AugmentConfig`);
+- ``data``: :class:`datamodules.DataSettings` (with ``augment``: :class:`datamodules.AugmentSettings`);
 - ``model``: the ``Settings`` of the model registered under ``model.name``, so a variant's config
   carries the variant's own keys (and only those);
 - ``nme``: :class:`lightning_vrn.callbacks.NMESettings`; ``checkpoint``: :class:`CheckpointSettings`;

@@ -53,7 +53,7 @@ from lightning_vrn.geometry.mesh_io import write_obj
 from lightning_vrn.heatmaps import gaussian_heatmaps
 from lightning_vrn.models import LandmarkHourglass, VRNGuided, VRNModule, load_model
 from lightning_vrn.models.guided import DetectedGuidance
-from lightning_vrn.models.landmarks import LandmarkScoring
+from lightning_vrn.models.landmark_hourglass import LandmarkScoring
 from lightning_vrn.visualise import save_ced, save_comparison, shade_mesh, vertex_colours_from_image
 
 MODEL = "model"
@@ -65,7 +65,7 @@ def slug(method: str) -> str:
     return "_".join(method.split())
 
 
-def test_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path | None,
+def evaluation_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path | None,
                 max_samples: int | None = None) -> tuple[dict | None, dict | None, dict]:
     """Run ``module`` through ``Trainer.test``; returns the NME summary, the per-sample table and the logged metrics.
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (run_dir / "eval" if run_dir else args.checkpoint.with_name(f"{args.checkpoint.stem}_eval"))
     check_writable(out, what="--out")
 
-    def test_data(sigma: float | None) -> FaceVolumeDataModule:
+    def evaluation_data(sigma: float | None) -> FaceVolumeDataModule:
         datamodule = FaceVolumeDataModule(test_path=args.data, grid=grid, batch_size=args.batch_size,
                                           num_workers=args.num_workers, heatmap_sigma=sigma,
                                           target_volume=model.target_frame or "aligned", persistent_workers=False,
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         datamodule.check_files("test")
         return datamodule
 
-    datamodule = test_data(model.heatmap_sigma)
+    datamodule = evaluation_data(model.heatmap_sigma)
     guided = detector is not None and isinstance(model, VRNGuided)
     methods: dict[str, pl.LightningModule] = {MODEL: DetectedGuidance(model, detector) if guided else model}
     if args.train_data is not None:
@@ -214,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics, tables, landmarks = {}, {}, {}
     for name, module in methods.items():
         print(f"NME ({name})", file=sys.stderr)
-        metrics[name], tables[name], logged = test_report(module, datamodule, out / slug(name), args.max_samples)
+        metrics[name], tables[name], logged = evaluation_report(module, datamodule, out / slug(name), args.max_samples)
         landmarks[name] = landmark_scores(logged)
     sources = landmark_sources(methods, args.landmarks_model)
     if detector is not None:
         print(f"landmark NME ({DETECTOR})", file=sys.stderr)
         sources[DETECTOR] = "model"
-        landmarks[DETECTOR] = landmark_scores(test_report(detector, test_data(detector.heatmap_sigma), None,
+        landmarks[DETECTOR] = landmark_scores(evaluation_report(detector, evaluation_data(detector.heatmap_sigma), None,
                                                           args.max_samples)[2])
         if sources[MODEL] != "model":  # a volume-only model's 2D landmarks are the detector's
             landmarks[MODEL] = landmarks[DETECTOR]

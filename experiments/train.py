@@ -68,7 +68,7 @@ from lightning_vrn.callbacks import (
 )
 from lightning_vrn.cli import EXIT_SIGTERM, run_command
 from lightning_vrn.geometry import VoxelGrid
-from lightning_vrn.metrics.nme import open3d
+from lightning_vrn.metrics.nme import import_open3d
 from lightning_vrn.models import VRNModule, build_model
 from lightning_vrn.safe_load import load_checkpoint
 from lightning_vrn.wandb_media import WandbMedia
@@ -236,7 +236,7 @@ def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, tru
                           f"nme.every_n_epochs to a positive number of epochs")
     if cfg.nme.every_n_epochs:
         try:
-            open3d()
+            import_open3d()
         except ImportError as error:
             raise ConfigError(str(error)) from None
     pl.seed_everything(cfg.seed, workers=True)

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_vrn.distributed import destroy_process_group_at_exit
-from lightning_vrn.landmarks import outer_interocular
+from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.report import write_report
 from lightning_vrn.models.volume import occupancy
 

@@ -59,7 +59,7 @@ import numpy as np
 
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.topology import as_vertex_ids
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 
 SCHEMA_VERSION = 3
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datamodules.augment import (
-    AugmentConfig,
+    AugmentSettings,
     augment_batch,
     augment_landmarks,
     augment_mesh,
@@ -30,7 +30,7 @@ from lightning_vrn.geometry.pose import (
 )
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 from lightning_vrn.heatmaps import gaussian_heatmaps
-from lightning_vrn.landmarks import FLIP
+from lightning_vrn.landmark_scheme import FLIP
 from tests.toy_face import posed_face, toy_sample
 
 SMALL = VoxelGrid.centred(50, 48, 48)
@@ -259,7 +259,7 @@ def test_colour_scaling_per_channel_and_clipped():
 
 
 def test_sample_params_ranges_seeds_and_flip_rate():
-    config = AugmentConfig()
+    config = AugmentSettings()
     params = sample_params(torch.Generator().manual_seed(0), 4000, 96, config)
     assert params["angle"].abs().max() <= math.radians(45) and params["angle"].abs().max() > math.radians(44)
     assert 0.85 <= params["scale"].min() and params["scale"].max() <= 1.15
@@ -285,9 +285,9 @@ def test_unpack_bits_matches_numpy():
 def test_bad_augment_settings_name_the_key(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"augment.{key}"):
-        AugmentConfig.from_any(bad)
+        AugmentSettings.from_any(bad)
 
 
 def test_unknown_augment_key_lists_the_valid_ones():
     with pytest.raises(KeyError, match="rotation_deg"):
-        AugmentConfig.from_any({"rotation": 30})
+        AugmentSettings.from_any({"rotation": 30})

@@ -10,7 +10,7 @@ from datamodules.dataset import FaceVolumeDataset
 from experiments.baselines import FittedShapeBaseline, MeanShapeBaseline, MeanVolumeBaseline, mean_training_volume
 from lightning_vrn.geometry import LandmarksDoNotFit
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.landmarks import outer_interocular
+from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import EmptyPredictionError, sample_nme
 
 GRID = VoxelGrid.parse("100,96,96")

@@ -13,7 +13,7 @@ from data_prep.face_model import NEUTRAL_THRESHOLD, FaceModel, expression_label,
 from data_prep.sfm import REQUIRED_FILES, SHAPE_FILE, load_sfm
 from lightning_vrn.geometry.pose import model_to_crop
 from lightning_vrn.geometry.raster import rasterise
-from lightning_vrn.landmarks import FLIP, GROUPS, outer_interocular
+from lightning_vrn.landmark_scheme import FLIP, GROUPS, outer_interocular
 
 REQUIRED_EXPRESSIONS = ("mouth_open", "smile", "brows_up", "frown", "eyes_closed", "pucker")
 

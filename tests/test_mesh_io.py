@@ -1,6 +1,7 @@
 """OBJ / PLY mesh I/O: round trips, agreement with Open3D's readers, clear errors."""
 
 import numpy as np
+import open3d as o3d
 import pytest
 
 from lightning_vrn.geometry.mesh_io import read_mesh, read_obj, read_ply, write_mesh, write_obj, write_ply
@@ -44,7 +45,6 @@ def test_round_trip(tmp_path, mesh, suffix, colour_kind):
 
 @pytest.mark.parametrize("suffix", [".obj", ".ply"])
 def test_open3d_reads_our_files(tmp_path, mesh, suffix):
-    o3d = pytest.importorskip("open3d")
     vertices, triangles, colors = mesh
     path = tmp_path / f"mesh{suffix}"
     write_mesh(path, vertices, triangles, colors)
@@ -60,7 +60,6 @@ def test_open3d_reads_our_files(tmp_path, mesh, suffix):
 
 
 def test_reads_open3d_ascii_ply_and_obj(tmp_path, mesh):
-    o3d = pytest.importorskip("open3d")
     vertices, triangles, colors = mesh
     theirs = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(vertices), o3d.utility.Vector3iVector(triangles))
     theirs.vertex_colors = o3d.utility.Vector3dVector(colors)

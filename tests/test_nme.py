@@ -8,7 +8,7 @@ from scipy import ndimage
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.voxelise import voxelise
-from lightning_vrn.landmarks import outer_interocular
+from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import NME, EmptyPredictionError, sample_nme
 from tests.toy_face import HALF_HEIGHT_MM, HALF_WIDTH_MM, face_mesh, to_crop
 

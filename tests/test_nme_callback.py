@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_vrn.callbacks import NMECallback, NMESettings, ProcessGroupExit
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.landmarks import OUTER_EYE_CORNERS
+from lightning_vrn.landmark_scheme import OUTER_EYE_CORNERS
 from lightning_vrn.metrics.nme import sample_nme
 from lightning_vrn.models import occupancy
 

@@ -20,7 +20,7 @@ from data_prep.mat_faces import Conversion, convert, image_vertices, read_mat, r
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.landmarks import FLIP
+from lightning_vrn.landmark_scheme import FLIP
 from tests.conftest import files_under, run_cli, run_killed
 from tests.test_bfm import fake_bfm_content, write_3ddfa, write_mean_only
 
@@ -348,7 +348,7 @@ def test_a_mirrored_source_shares_its_originals_check_and_each_file_is_read_once
                                                                                 inspect(model, source, *a))[1])
     conversion = Conversion(sources=tuple(sources), model_spec=f"bfm:{fake_bfm}", grid=VoxelGrid.parse(GRID),
                             landmark_field="pt2d", mean_only=False, attrs={})
-    outcomes = mat_faces.scan(conversion, workers=1, progress=False, desc="test")
+    outcomes = mat_faces.check_sources(conversion, workers=1, progress=False, desc="test")
     assert [s.flip for s in sources[:2]] == [False, True] and sources[1].mat_path == sources[0].mat_path
     assert outcomes[0][0] and outcomes[1] == outcomes[0]  # the damaged original and its mirror: one reason
     assert all(reason == "" for reason, _ in outcomes[2:])

@@ -18,7 +18,7 @@ from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.dataset_file import SCHEMA_VERSION, DatasetError, DatasetWriter, open_dataset
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.mesh_io import read_textured_mesh
-from lightning_vrn.landmarks import outer_interocular
+from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import NME
 from tests.test_nme_callback import TargetVolumeModel
 

@@ -1,6 +1,7 @@
 """Voxelisation against an independent ray-casting computation (Open3D) and the posed z-buffer."""
 
 import numpy as np
+import open3d as o3d
 import pytest
 from scipy import ndimage
 from skimage.draw import polygon2mask
@@ -46,7 +47,6 @@ def voxel_centres(grid, box):
 def ray_cast_solid(vertices, triangles, rotation, grid, box):
     """Independent occupancy over ``box``: a voxel is inside iff a ray from its centre towards the
     frontal camera (direction ``-R[:, 2]``) hits the mesh and its frontal depth is <= z_back."""
-    o3d = pytest.importorskip("open3d")
     pivot = vertices.mean(axis=0)
     z_back = frontalised(vertices, rotation)[:, 2].max()
     centres = voxel_centres(grid, box)

@@ -11,7 +11,7 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
-from lightning_vrn.landmarks import FLIP
+from lightning_vrn.landmark_scheme import FLIP
 
 HALF_WIDTH_MM, HALF_HEIGHT_MM = 75.0, 95.0
 FACE_WIDTH = 0.5625

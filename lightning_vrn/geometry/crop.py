@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 
 LANDMARK_BOX_FRACTION = 90.0 / 192.0
 """sqrt(w * h) of the 68-landmark bounding box as a fraction of the crop size (the authors' 90 px at 192)."""

@@ -57,7 +57,7 @@ ICP_TRANSFORM_DECIMALS = 8
 above Open3D's run-to-run noise, so evaluation is repeatable to the last digit."""
 
 
-def open3d():
+def import_open3d():
     """The ``open3d`` module, imported on first use so that training imports without it (GPU clusters
     often lack it); an ImportError that says how to install it or train without the NME."""
     try:
@@ -156,7 +156,7 @@ def _icp(
     few correspondences the point-to-plane system is degenerate and ICP can run off; a result
     with a lower fitness than the identity is discarded for the identity.
     """
-    o3d = open3d()
+    o3d = import_open3d()
     registration = o3d.pipelines.registration
     source_cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(source, dtype=np.float64)))
     target = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(vertices, dtype=np.float64)))
@@ -179,7 +179,7 @@ def _icp(
 
 def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:
     """For each ``(Q, 3)`` array of query points, the closest points ``(Q, 3)`` on the triangle mesh ``(N, 3)``/``(T, 3)``."""
-    o3d = open3d()
+    o3d = import_open3d()
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning_vrn.models.base import MODELS, ModelSettings, OptimSettings, VRNModule, register
 from lightning_vrn.models.guided import VRNGuided
-from lightning_vrn.models.landmarks import LandmarkHourglass
+from lightning_vrn.models.landmark_hourglass import LandmarkHourglass
 from lightning_vrn.models.multitask import VRNMultitask
 from lightning_vrn.models.volume import NetSettings, VolumeRegressionModule, VolumeSettings, occupancy
 from lightning_vrn.models.vrn import VRN

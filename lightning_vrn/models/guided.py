@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_vrn.heatmaps import HeatmapSettings, gaussian_heatmaps
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 from lightning_vrn.models.base import register
 from lightning_vrn.models.volume import VolumeSettings, occupancy
 from lightning_vrn.models.vrn import VRN
@@ -63,7 +63,7 @@ class DetectedGuidance(pl.LightningModule):
     """A guided model evaluated on the landmarks a detector predicts, not the ground truth's.
 
     ``guided``: a :class:`VRNGuided`; ``detector``: any module with ``landmarks(batch) -> (B, 68, 2)``
-    crop pixels (:class:`lightning_vrn.models.landmarks.LandmarkHourglass`). Its test step returns
+    crop pixels (:class:`lightning_vrn.models.landmark_hourglass.LandmarkHourglass`). Its test step returns
     the volume logits and the detected landmarks, so the NME callback scores it like any model.
     """
 

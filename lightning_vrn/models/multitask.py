@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lightning_vrn.heatmaps import HeatmapRegressionSettings, heatmap_loss
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 from lightning_vrn.models.base import register
-from lightning_vrn.models.landmarks import LandmarkScoring
+from lightning_vrn.models.landmark_hourglass import LandmarkScoring
 from lightning_vrn.models.volume import VolumeRegressionModule, VolumeSettings
 from lightning_vrn.nets.vrn import MultitaskNet
 

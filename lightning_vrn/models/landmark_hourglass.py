@@ -18,7 +18,7 @@ from lightning_vrn.heatmaps import HeatmapRegressionSettings, decode_heatmaps, h
 from lightning_vrn.metrics.landmark_nme import LandmarkNME
 from lightning_vrn.models.base import ModelSettings, VRNModule, register
 from lightning_vrn.models.volume import NetSettings
-from lightning_vrn.nets.landmarks import LandmarkNet
+from lightning_vrn.nets.landmark_net import LandmarkNet
 
 
 REANNOTATED = "landmarks_2d_reannotated"

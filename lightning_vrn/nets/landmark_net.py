@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_vrn.landmarks import NUM_LANDMARKS
+from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 from lightning_vrn.nets.hourglass import HourglassStack
 from lightning_vrn.nets.vrn import Stem, VolumeHead
 
