@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from lightning_vrn.nets import Hourglass, HourglassStack, Residual, Stem, VRNNet
+from torch import nn
+
+from lightning_vrn.nets import ConvHead, Hourglass, HourglassStack, Residual, Stem, VRNNet, upsample
+from lightning_vrn.nets.landmark_net import LandmarkNet
 
 
 # ----- an independent parameter count from the architecture description (docs/paper.md, "Network") -----
@@ -91,3 +94,34 @@ def test_blocks_preserve_spatial_size():
 def test_hourglass_rejects_sizes_it_cannot_halve():
     with pytest.raises(ValueError, match="divisible by 8"):
         Hourglass(3, 16)(torch.rand(1, 16, 12, 12))
+
+
+class TwoLayerHead(nn.Module):
+    """Another head: 3x3 conv + ReLU + 1x1 conv (any module from ``(features, out_channels)`` will do)."""
+
+    def __init__(self, features: int, out_channels: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(), nn.Conv2d(features, out_channels, 1))
+
+    def forward(self, features):
+        return self.layers(features)
+
+
+def test_the_head_is_a_constructor_argument_and_its_output_is_upsampled_to_the_crop():
+    torch.manual_seed(0)
+    net = VRNNet(out_channels=8, features=16, stacks=1, hourglass_depth=2, head=TwoLayerHead).eval()
+    assert isinstance(net.head, TwoLayerHead)
+    assert count(net) == vrn_params(3, 8, 16, 1, 2) - conv_params(16, 8, 1) + conv_params(16, 16, 3) + conv_params(16, 8, 1)
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = upsample(net.head(net.hourglasses(net.stem(image))), (32, 32))
+        assert torch.equal(net(image), expected)
+    landmarks = LandmarkNet(num_landmarks=5, features=16, stacks=2, hourglass_depth=2, head=TwoLayerHead)
+    assert all(isinstance(head, TwoLayerHead) for head in landmarks.heads)
+    assert landmarks(image).shape == (2, 2, 5, 32, 32)
+
+
+def test_the_paper_head_keeps_its_checkpoint_keys():
+    net = VRNNet(out_channels=8, features=16, stacks=1, hourglass_depth=2)
+    assert isinstance(net.head, ConvHead)
+    assert {"head.conv.weight", "head.conv.bias"} <= set(net.state_dict())

@@ -1,12 +1,16 @@
 """The VRN network (docs/paper.md, "Network"): image ``(B, C, S, S)`` -> volume logits ``(B, D, S, S)``.
 
-Stem (quarter resolution) -> stacked hourglasses -> 1x1 head to D depth slices -> bilinear x4.
+Stem (quarter resolution) -> stacked hourglasses -> head to D depth slices -> bilinear x4. The head is a
+constructor argument (:data:`HeadFactory`; the paper's is :class:`ConvHead`, a 1x1 convolution), so another
+head is another class, not another network.
 With the paper settings (S = 192, D = 200, features 256, 2 stacks of depth 4) the hourglasses
 run at 48x48. The blocks are separate so that VRN-Multitask (a shared hourglass forking into a
 volume branch and a landmark branch) and the Guided landmark hourglass reuse them.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +42,25 @@ class Stem(nn.Module):
         return self.res3(self.res2(self.pool(self.res1(self.conv(image)))))
 
 
-class VolumeHead(nn.Module):
-    """Features ``(B, features, h, w)`` -> ``(B, out_channels, H, W)`` logits: 1x1 conv, bilinear upsampling."""
+class ConvHead(nn.Module):
+    """The paper's head: features ``(B, features, h, w)`` -> logits ``(B, out_channels, h, w)`` by a 1x1 convolution."""
 
     def __init__(self, features: int, out_channels: int):
         super().__init__()
         self.conv = nn.Conv2d(features, out_channels, 1)
 
-    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Logits at output ``size = (H, W)`` (4x the feature resolution in VRN)."""
-        return F.interpolate(self.conv(features), size=size, mode="bilinear", align_corners=False)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv(features)
+
+
+HeadFactory = Callable[[int, int], nn.Module]
+"""``(features, out_channels) -> head``: a module mapping ``(B, features, h, w)`` to ``(B, out_channels, h, w)``
+at the hourglasses' resolution (the networks upsample its output to the crop)."""
+
+
+def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, C, *size)`` by bilinear interpolation (4x in VRN: quarter resolution to the crop)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 class VRNNet(nn.Module):
@@ -55,15 +68,15 @@ class VRNNet(nn.Module):
 
     ``out_channels`` is the grid depth D (one channel per depth slice). ``S`` must be divisible
     by ``4 * 2 ** hourglass_depth`` (192 for depth 4 -> 48x48 hourglasses; 96 for depth 3).
+    ``head``: builds the head from ``(features, out_channels)`` (:data:`HeadFactory`).
     """
 
-    def __init__(
-        self, out_channels: int, in_channels: int = 3, features: int = 256, stacks: int = 2, hourglass_depth: int = 4
-    ):
+    def __init__(self, out_channels: int, in_channels: int = 3, features: int = 256, stacks: int = 2,
+                 hourglass_depth: int = 4, head: HeadFactory = ConvHead):
         super().__init__()
         self.stem = Stem(in_channels, features)
         self.hourglasses = HourglassStack(stacks, features, hourglass_depth)
-        self.head = VolumeHead(features, out_channels)
+        self.head = head(features, out_channels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, S, S) -> (B, out_channels, S, S)`` logits."""
@@ -71,7 +84,7 @@ class VRNNet(nn.Module):
             raise ValueError(
                 f"VRNNet expects (B, {self.stem.conv[0].in_channels}, S, S) input, got {tuple(image.shape)}"
             )
-        return self.head(self.hourglasses(self.stem(image)), size=image.shape[-2:])
+        return upsample(self.head(self.hourglasses(self.stem(image))), image.shape[-2:])
 
 
 class MultitaskNet(nn.Module):
@@ -79,24 +92,24 @@ class MultitaskNet(nn.Module):
 
     Three hourglasses: a shared one (merged back into the stem's features with a 1x1 conv, as
     between stacked hourglasses), then a fork of two, one feeding the volume head and one the
-    landmark head; both heads are 1x1 convs upsampled bilinearly to the crop.
+    landmark head (``head``, like :class:`VRNNet`'s), both upsampled bilinearly to the crop.
     """
 
     def __init__(self, out_channels: int, num_landmarks: int, in_channels: int = 3, features: int = 256,
-                 hourglass_depth: int = 4):
+                 hourglass_depth: int = 4, head: HeadFactory = ConvHead):
         super().__init__()
         self.stem = Stem(in_channels, features)
         self.shared = HourglassStack(1, features, hourglass_depth)
         self.merge = nn.Conv2d(features, features, 1)
         self.volume_branch = HourglassStack(1, features, hourglass_depth)
         self.landmark_branch = HourglassStack(1, features, hourglass_depth)
-        self.volume_head = VolumeHead(features, out_channels)
-        self.landmark_head = VolumeHead(features, num_landmarks)
+        self.volume_head = head(features, out_channels)
+        self.landmark_head = head(features, num_landmarks)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, in_channels, S, S)`` -> ``(volume logits (B, out_channels, S, S), heatmaps (B, num_landmarks, S, S))``."""
         features = self.stem(image)
         shared = features + self.merge(self.shared(features))
         size = image.shape[-2:]
-        return (self.volume_head(self.volume_branch(shared), size=size),
-                self.landmark_head(self.landmark_branch(shared), size=size))
+        return (upsample(self.volume_head(self.volume_branch(shared)), size),
+                upsample(self.landmark_head(self.landmark_branch(shared)), size))
