@@ -48,11 +48,12 @@ class DataSettings:
                              f"({self.num_workers}) >= 0")
 
 
-def split_path(data: Mapping[str, Any], split: str) -> str | None:
-    """The file of ``split`` in a config's ``data`` section: ``{dir}/{split}.h5`` when null, None when ``none``."""
-    value = data[split]
+def split_path(data: DataSettings | Mapping[str, Any], split: str) -> str | None:
+    """The file of ``split`` in a config's ``data`` section (its settings, or the mapping a saved ``config.yaml``
+    holds): ``{dir}/{split}.h5`` when null, None when ``none``."""
+    value, folder = (data[split], data["dir"]) if isinstance(data, Mapping) else (getattr(data, split), data.dir)
     if value is None:
-        return f"{data['dir']}/{split}.h5"
+        return f"{folder}/{split}.h5"
     return None if str(value).strip().lower() in ("", "none") else str(value)
 
 
@@ -102,6 +103,21 @@ class FaceVolumeDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size ({batch_size}) must be positive and num_workers ({num_workers}) >= 0")
         self.batch_size_per_device = batch_size
         self.datasets: dict[str, FaceVolumeDataset] = {}
+
+    @classmethod
+    def for_model(cls, model: Any, data: DataSettings | None = None, seed: int = 0,
+                  **options: Any) -> "FaceVolumeDataModule":
+        """The DataModule of a config's ``data`` settings serving what ``model`` needs: its grid, its heatmap sigma
+        (:attr:`~lightning_vrn.models.VRNModule.heatmap_sigma`), its target frame. ``options``: constructor
+        arguments that replace the settings' (e.g. ``test_path=`` to score another file)."""
+        data = data or DataSettings()
+        arguments = dict(
+            train_path=split_path(data, "train"), val_path=split_path(data, "val"), test_path=split_path(data, "test"),
+            grid=model.grid.to_dict(), batch_size=data.batch_size, num_workers=data.num_workers,
+            augment=data.augment.to_dict(),  # plain values: the hyper-parameters go into checkpoints
+            heatmap_sigma=model.heatmap_sigma, target_volume=model.target_frame or "aligned", seed=seed,
+            pin_memory=data.pin_memory, persistent_workers=data.persistent_workers)
+        return cls(**{**arguments, **options})
 
     def _path(self, split: str) -> str | Path | None:
         return self.hparams[f"{split}_path"]

@@ -1,9 +1,16 @@
-"""Experiment configs: YAML files composed as small diffs over a base, plus ``key=value`` overrides.
+"""Experiment configs: a variant's preset, YAML files composed as small diffs over a base, and ``key=value`` overrides.
 
-A config file may name the file it extends with ``extends: other.yaml`` (relative to itself); the
-chain is merged base-first, then the command-line dotlist overrides (what W&B's
-``${args_no_hyphens}`` produces) are merged on top. The result is checked against the settings
-dataclasses of the components, which are the one source of every default:
+Three layers, each over the one before (OmegaConf loads and merges them):
+
+1. the preset of the variant that ``model.name`` names, ``experiments/configs/variants/NAME.yaml``: what this
+   suite trains under that name (its sigma, foreground weight, target frame, how its best checkpoint is
+   chosen), so that ``train``, the sweeps and ``compare`` train the same model under one name;
+2. the config file and the files it extends (``extends: other.yaml``, relative to itself), base first: the
+   size and schedule of an experiment (quickstart, paper);
+3. the command-line dotlist overrides (what W&B's ``${args_no_hyphens}`` produces).
+
+The result is checked against the settings dataclasses of the components, the one source of every
+default, and returned as the typed :class:`ExperimentSettings`:
 
 - top level (``name``, ``seed``, ``run_dir``, ``resume``, ``grid``): :class:`ExperimentSettings`;
 - ``data``: :class:`datamodules.DataSettings` (with ``augment``: :class:`datamodules.AugmentSettings`);
@@ -13,8 +20,10 @@ dataclasses of the components, which are the one source of every default:
   ``logger``: :class:`LoggerSettings`;
 - ``trainer``: any argument of ``pytorch_lightning.Trainer`` (its own signature is the schema).
 
-A misspelt key is an error that names the nearest valid one; a value of the wrong type names the key
-and the type. The returned config is complete: every default is filled in, so the ``config.yaml``
+The check is :func:`lightning_vrn.settings.parse_settings`, not OmegaConf's structured configs, because it
+names the nearest valid key for a misspelt one, takes ``Literal`` and ``Union`` fields, and runs where
+OmegaConf is not installed (the GPU machine) on checkpoints' settings. A value of the wrong type names the
+key and the type. The returned config is complete: every default is filled in, so the ``config.yaml``
 saved with a run says everything. ``python -m experiments.config CONFIG [key=value ...]`` prints it.
 """
 
@@ -30,15 +39,20 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.parsing import AttributeDict
 
 from datamodules.datamodule import DataSettings
 from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import CheckpointSettings, NMESettings
 from lightning_vrn.cli import run_command
-from lightning_vrn.models import MODELS
+from lightning_vrn.geometry.grid import PAPER_GRID
+from lightning_vrn.models import DEFAULT_MODEL, MODELS, ModelSettings
 from lightning_vrn.settings import SettingsError, check_value, parse_settings, settings_dict, unknown_key_error
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESET_DIR = CONFIG_DIR / "variants"
+PRESET_KEYS = ("model", "checkpoint")
+"""What a variant's preset may set: the model's settings and how its best checkpoint is chosen."""
 
 
 class ConfigError(ValueError):
@@ -74,17 +88,25 @@ class ExperimentSettings:
     means exactly that directory (resumed from its ``last.ckpt`` when ``resume`` is true). ``resume``:
     true, false (start over), or a run directory or checkpoint to continue. ``grid``: ``D,H,W``."""
 
-    name: str = "vrn"
+    name: str = DEFAULT_MODEL
     seed: int = 0
     run_dir: Optional[str] = None
     resume: Union[bool, str] = True
-    grid: str = "200,192,192"
+    grid: str = PAPER_GRID.spec
     data: DataSettings = field(default_factory=DataSettings)
-    model: dict = field(default_factory=lambda: {"name": "vrn"})
-    trainer: dict = field(default_factory=dict)
+    model: ModelSettings = field(default_factory=lambda: MODELS[DEFAULT_MODEL].Settings(name=DEFAULT_MODEL))
+    trainer: AttributeDict = field(default_factory=AttributeDict)
     nme: NMESettings = field(default_factory=NMESettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logger: LoggerSettings = field(default_factory=LoggerSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested values (what ``config.yaml`` holds)."""
+        return settings_dict(self)
+
+    def to_yaml(self) -> str:
+        """The config as YAML, keys in field order (``config.yaml``; its hash names run folders and trials)."""
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -149,21 +171,46 @@ def _check_trainer(values: dict, where: str) -> dict:
     return values
 
 
-def validate(container: dict, where: str) -> dict:
-    """The complete, checked config (plain dicts) from a composed one; raises :class:`SettingsError`."""
+def validate(container: Mapping[str, Any], where: str) -> ExperimentSettings:
+    """The complete, checked config from a composed one (plain values); raises :class:`SettingsError`."""
     container = dict(container)
     model = dict(container.pop("model", None) or {})
     trainer = dict(container.pop("trainer", None) or {})
     settings = parse_settings(ExperimentSettings, container, where=where)
-    name = model.pop("name", "vrn")
+    name = _model_name(model.get("name"), where)
+    settings.model = parse_settings(MODELS[name].Settings, {**model, "name": name}, prefix="model.", where=where)
+    settings.trainer = AttributeDict(_check_trainer(trainer, where))
+    return settings
+
+
+def _model_name(name: Any, where: str) -> str:
+    """``model.name`` checked against the registry (null: the default model)."""
+    name = DEFAULT_MODEL if name is None else name
     if name not in MODELS:
         raise SettingsError(f"config key 'model.name' in {where} is {name!r}, not a registered model; "
                             f"valid models: {', '.join(sorted(MODELS))}", key="model.name")
-    model_settings = parse_settings(MODELS[name].Settings, model, prefix="model.", where=where)
-    resolved = settings_dict(settings)
-    resolved["model"] = {"name": name, **settings_dict(model_settings)}
-    resolved["trainer"] = _check_trainer(trainer, where)
-    return resolved
+    return name
+
+
+def preset_path(name: str) -> Path:
+    """Where the preset of the variant registered as ``name`` lives."""
+    return PRESET_DIR / f"{name}.yaml"
+
+
+def _preset(sources: list[tuple[str, DictConfig]]) -> list[tuple[str, DictConfig]]:
+    """The preset of the variant the composed ``sources`` name (none when the variant has no preset file)."""
+    merged = OmegaConf.merge(*(node for _, node in sources))
+    name = OmegaConf.select(merged, "model.name", default=None) or DEFAULT_MODEL
+    path = preset_path(name) if isinstance(name, str) and name in MODELS else None
+    if path is None or not path.is_file():
+        return []
+    node = _read_yaml(path)
+    extra = sorted(set(node) - set(PRESET_KEYS))
+    if extra or OmegaConf.select(node, "model.name", default=name) != name:
+        raise ConfigError(f"preset {path} may set only {', '.join(PRESET_KEYS)}, and model.name only to {name!r} "
+                          f"(it sets {extra or 'model.name=' + str(OmegaConf.select(node, 'model.name'))}): "
+                          f"put experiment sizes in a config file (docs/variants.md)")
+    return [(str(path), node)]
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -174,26 +221,25 @@ def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
     return " or ".join(name for name, _ in sources)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the config at ``path`` (with its ``extends`` chain), apply ``a.b=c`` overrides, check and complete it."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSettings:
+    """Compose the variant's preset, the config at ``path`` (with its ``extends`` chain) and ``a.b=c`` overrides;
+    check and complete the result."""
     sources = _load_chain(Path(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
         sources.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+    sources = _preset(sources) + sources
     merged = OmegaConf.merge(*(node for _, node in sources))
     try:
         container = OmegaConf.to_container(merged, resolve=True)
     except Exception as error:  # interpolation errors name the key already
         raise ConfigError(f"cannot resolve config {path}: {error}") from None
     try:
-        resolved = validate(container, "the config")
+        return validate(container, "the config")
     except SettingsError as error:
         raise ConfigError(str(error).replace("in the config", f"in {_source_of(error.key, sources)}", 1)) from None
-    cfg = OmegaConf.create(resolved)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -207,9 +253,9 @@ def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def save_config(cfg: DictConfig, path: Path) -> None:
+def save_config(cfg: ExperimentSettings, path: Path) -> None:
     """Write the resolved config as YAML atomically."""
-    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(path, cfg.to_yaml())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: python -m experiments.config CONFIG.yaml [key=value ...]")
-    print(OmegaConf.to_yaml(load_config(argv[0], argv[1:])), end="")
+    print(load_config(argv[0], argv[1:]).to_yaml(), end="")
     return 0
 
 

@@ -24,10 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from experiments.config import ConfigError, flat_keys, save_config
+from experiments.config import ConfigError, ExperimentSettings, flat_keys, save_config
 from lightning_vrn.atomic import open_mode, write_text
 
 RUN_DIR_ENV = "LIGHTNING_VRN_RUN_DIR"
@@ -39,12 +39,12 @@ class RunLockedError(RuntimeError):
     """Another live training holds the run directory."""
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: ExperimentSettings) -> str:
     """Six hex digits identifying a resolved config."""
-    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:6]
+    return hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:6]
 
 
-def new_run_dir(cfg: DictConfig, root: Path = Path("runs")) -> Path:
+def new_run_dir(cfg: ExperimentSettings, root: Path = Path("runs")) -> Path:
     """A fresh ``root/{name}/{YYYYmmdd-HHMMSS}-{hash}`` directory (``-2``, ``-3``... if taken), created."""
     stem = root / cfg.name / f"{datetime.now():%Y%m%d-%H%M%S}-{config_hash(cfg)}"
     for attempt in range(1, 1000):
@@ -57,7 +57,7 @@ def new_run_dir(cfg: DictConfig, root: Path = Path("runs")) -> Path:
     raise RuntimeError(f"could not create a new run directory beside {stem}")
 
 
-def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+def resolve_run(cfg: ExperimentSettings) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from (None: start fresh), as the config asks.
 
     ``resume=PATH`` (a run directory or a checkpoint file) continues that run; an explicit ``run_dir``
@@ -94,7 +94,7 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def _new_run_dir_once(cfg: DictConfig) -> Path:
+def _new_run_dir_once(cfg: ExperimentSettings) -> Path:
     """A new run directory, made by the first process; DDP processes it launches get the same one."""
     if rank_zero_only.rank > 0:
         if not os.environ.get(RUN_DIR_ENV):
@@ -255,7 +255,7 @@ def lock_holder(run_dir: Path) -> dict[str, Any] | None:
 
 
 @rank_zero_only
-def record_attempt(cfg: DictConfig, run_dir: Path, command: str) -> Path:
+def record_attempt(cfg: ExperimentSettings, run_dir: Path, command: str) -> Path:
     """Write this attempt's config and command to ``run_dir/attempts/NNN/``; the first attempt's also to the run's top.
 
     Returns the attempt's folder. Nothing already written is replaced.
@@ -323,10 +323,11 @@ def finished_metrics(run_dir: Path) -> dict | None:
         return None
 
 
-def changed_learning_settings(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+def changed_learning_settings(trained: Mapping[str, Any], now: ExperimentSettings) -> list[str]:
     """``key: run V, now W`` for each learning setting (:data:`LEARNING_SETTINGS`) that ``trained`` (the config the
-    run was trained with, or the part of it a checkpoint records) sets and ``now`` sets otherwise."""
-    before, after = flat_keys(trained), flat_keys(now)
+    run was trained with, as saved, or the part of it a checkpoint records) sets and the config ``now`` sets
+    otherwise."""
+    before, after = flat_keys(trained), flat_keys(now.to_dict())
     keys = set(before) | (set(after) if "trainer" in trained else set())  # a whole config: a key set on one side
     return [f"{key}: run {before.get(key)!r}, now {after.get(key)!r}" for key in sorted(keys)
             if key.startswith(LEARNING_SETTINGS) and not key.startswith(RUNTIME_SETTINGS)

@@ -48,9 +48,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig
 
-from experiments.config import ConfigError, load_config
+from experiments.config import ConfigError, ExperimentSettings, load_config
 from experiments.runs import RunLock, config_hash
 from lightning_vrn.atomic import write_text
 from lightning_vrn.cli import run_command
@@ -68,7 +67,7 @@ class Trial:
     """One trial: its ``key=value`` overrides and the config it trains, as loaded (``run_dir`` unset)."""
 
     overrides: tuple[str, ...]
-    cfg: DictConfig = field(compare=False, repr=False)
+    cfg: ExperimentSettings = field(compare=False, repr=False)
 
     @cached_property
     def id(self) -> str:

@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -41,8 +40,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import FaceVolumeDataModule
-from datamodules.datamodule import split_path
-from experiments.config import ConfigError, load_config
+from experiments.config import ConfigError, ExperimentSettings, load_config
 from experiments.runs import (
     RunLock,
     check_writable,
@@ -57,10 +55,8 @@ from experiments.runs import (
 from experiments.wandb_project import upload_run_files, wandb_offline, wandb_run_id
 from lightning_vrn.atomic import file_sha256, write_text
 from lightning_vrn.callbacks import (
-    CheckpointSettings,
     JobRequeued,
     NMECallback,
-    NMESettings,
     ProcessGroupExit,
     RunCheckpoint,
     SlurmRequeue,
@@ -69,8 +65,9 @@ from lightning_vrn.callbacks import (
 from lightning_vrn.cli import EXIT_SIGTERM, run_command
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.nme import import_open3d
-from lightning_vrn.models import VRNModule, build_model
+from lightning_vrn.models import VRNModule, model_class, sigma_at_192
 from lightning_vrn.safe_load import load_checkpoint
+from lightning_vrn.settings import settings_dict
 from lightning_vrn.wandb_media import WandbMedia
 
 
@@ -80,32 +77,17 @@ class Interrupted(RuntimeError):
     exit_code = EXIT_SIGTERM
 
 
-def build_datamodule(cfg: DictConfig, model: VRNModule) -> FaceVolumeDataModule:
+def build_datamodule(cfg: ExperimentSettings, model: VRNModule) -> FaceVolumeDataModule:
     """The DataModule a config describes, serving what ``model`` needs (target frame, heatmaps)."""
-    data = cfg.data
-    return FaceVolumeDataModule(
-        train_path=split_path(data, "train"),
-        val_path=split_path(data, "val"),
-        test_path=split_path(data, "test"),
-        grid=model.grid.to_dict(),
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        augment=OmegaConf.to_container(data.augment),
-        heatmap_sigma=model.heatmap_sigma,
-        target_volume=model.target_frame or "aligned",
-        seed=cfg.seed,
-        pin_memory=data.pin_memory,
-        persistent_workers=data.persistent_workers,
-    )
+    return FaceVolumeDataModule.for_model(model, cfg.data, seed=cfg.seed)
 
 
-def build_model_from_config(cfg: DictConfig) -> VRNModule:
+def build_model_from_config(cfg: ExperimentSettings) -> VRNModule:
     """The model of ``cfg.model`` on ``cfg.grid``."""
-    settings = OmegaConf.to_container(cfg.model)
-    return build_model(settings.pop("name"), grid=VoxelGrid.parse(cfg.grid).to_dict(), **settings)
+    return model_class(cfg.model.name)(grid=VoxelGrid.parse(cfg.grid), settings=cfg.model)
 
 
-def wandb_logger(cfg: DictConfig, run_dir: Path):
+def wandb_logger(cfg: ExperimentSettings, run_dir: Path):
     """A W&B logger for ``run_dir``: the run id is :func:`wandb_run_id`'s, so a resumed, requeued or moved run
     logs into the same W&B run; offline without an API key; grouped by the model's name;
     checkpoints uploaded as artifacts at the end of training when online and ``logger.log_checkpoints``."""
@@ -116,32 +98,39 @@ def wandb_logger(cfg: DictConfig, run_dir: Path):
                        id=wandb_run_id(cfg, run_dir), resume="allow", group=cfg.logger.group or cfg.model.name, job_type=cfg.logger.job_type,
                        tags=list(cfg.logger.tags), save_dir=str(run_dir), offline=offline,
                        log_model=cfg.logger.log_checkpoints and not offline,
-                       config=OmegaConf.to_container(cfg, resolve=True))
+                       config=cfg.to_dict())
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``."""
+def volume_nme_runs(cfg: ExperimentSettings, model: VRNModule) -> bool:
+    """Whether training runs the NME callback: ``nme.every_n_epochs`` > 0 and a model that predicts a volume (a
+    landmark detector trained from a config that sets it skips it)."""
+    return bool(cfg.nme.every_n_epochs) and model.target_frame is not None
+
+
+def build_trainer(cfg: ExperimentSettings, run_dir: Path, volume_nme: bool = True) -> pl.Trainer:
+    """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``; with the NME callback
+    when ``volume_nme`` (:func:`volume_nme_runs`) and ``nme.every_n_epochs`` say so."""
     # One CSV per attempt (csv/version_N/metrics.csv), so a resumed run never overwrites the last one.
     loggers = [CSVLogger(save_dir=str(run_dir), name="csv")]
     if cfg.logger.wandb:
         loggers.append(wandb_logger(cfg, run_dir))
-    checkpoint = RunCheckpoint(run_dir / "checkpoints", CheckpointSettings(**cfg.checkpoint))
+    checkpoint = RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch"), ProcessGroupExit()]
     plugins = []
     if os.environ.get("SLURM_JOB_ID"):  # requeue on SIGUSR1 with the checkpoint saved outside the handler
         callbacks.append(SlurmRequeue(os.environ["SLURM_JOB_ID"], checkpoint))
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    if cfg.nme.every_n_epochs:
-        nme = NMECallback(NMESettings(**cfg.nme), out_dir=run_dir / "nme")
+    if volume_nme and cfg.nme.every_n_epochs:
+        nme = NMECallback(cfg.nme, out_dir=run_dir / "nme")
         callbacks.append(nme)
         if cfg.logger.wandb:  # after the NME callback, whose epochs and tables it follows
             callbacks.append(WandbMedia(nme, samples=cfg.logger.media_samples))
-    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
+    trainer_args = {k: v for k, v in cfg.trainer.items() if v is not None}
     return pl.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, plugins=plugins,
                       **trainer_args)
 
 
-def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: bool, run_dir: Path) -> dict:
+def check_resumable(checkpoint: Path, model: VRNModule, cfg: ExperimentSettings, trust: bool, run_dir: Path) -> dict:
     """Refuse, before anything is written, a checkpoint that cannot be read safely, that the config would not load,
     or whose run was trained with other learning settings (:func:`changed_learning_settings`: a resumed run keeps
     its checkpoint's optimiser and schedule, so a new learning rate would be recorded but never used). Returns the
@@ -151,16 +140,21 @@ def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: 
     except ValueError as error:  # damaged, or unsafe (UnsafeFileError is a ValueError)
         raise ConfigError(f"cannot resume from {checkpoint}: {error}. Start over with resume=false, or delete "
                           f"the checkpoint") from None
+    if sigma_at_192(payload):
+        raise ConfigError(f"cannot resume from {checkpoint}: it was saved by an earlier lightning-vrn that gave "
+                          f"model.sigma at a 192 px crop, and this one gives it in the crop's own pixels, so the "
+                          f"run would go on with other maps. Score it with experiments.evaluate (which converts "
+                          f"it), or train anew (resume=false)")
     record = payload.get("lightning_vrn") or {}
     hparams = payload.get("hyper_parameters") or {}
-    differences = incompatible_settings(hparams, OmegaConf.to_container(cfg.model), model.grid.to_dict(),
+    differences = incompatible_settings(hparams, settings_dict(cfg.model), model.grid.to_dict(),
                                         model.variant, record.get("variant"))
     if differences:
         raise ConfigError(f"the config does not match the checkpoint it would resume ({checkpoint}): "
                           f"{'; '.join(differences)}. Use the checkpoint's settings, start over with resume=false, "
                           f"or train into another run_dir")
     trained = trained_config(run_dir) or {"model": {k: v for k, v in hparams.items() if k != "grid"}}
-    changed = changed_learning_settings(trained, OmegaConf.to_container(cfg, resolve=True))
+    changed = changed_learning_settings(trained, cfg)
     if changed:
         raise ConfigError(f"resuming {run_dir} would keep what it was trained with, not {'; '.join(changed)}: "
                           f"resume with the run's values, or train these settings as a new run (another run_dir, "
@@ -168,7 +162,7 @@ def check_resumable(checkpoint: Path, model: VRNModule, cfg: DictConfig, trust: 
     return payload
 
 
-def train(cfg: DictConfig, command: str = "", trust_checkpoint: bool = False) -> dict:
+def train(cfg: ExperimentSettings, command: str = "", trust_checkpoint: bool = False) -> dict:
     """Fit (resuming as the config says), then test with the best checkpoint; returns the final metrics.
 
     The metrics include ``run_dir``, ``best_checkpoint`` and its score, and the test NME summary
@@ -225,29 +219,31 @@ def _finish_wandb(trainer: pl.Trainer, run_dir: Path) -> None:
             logger.experiment.finish()
 
 
-def _checked_setup(cfg: DictConfig, run_dir: Path, resume_from: Path | None, trust: bool):
+def _checked_setup(cfg: ExperimentSettings, run_dir: Path, resume_from: Path | None, trust: bool):
     """The model, DataModule and Trainer, after every check that can run before the run directory is written, and
     whether the checkpoint to resume from already finished the training the config asks for."""
     if cfg.trainer.get("fast_dev_run") and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"trainer.fast_dev_run is a smoke test: run it in a fresh run_dir, not in {run_dir}, "
                           f"which holds a run's checkpoints")
-    if cfg.checkpoint.monitor.startswith("val/nme") and not cfg.nme.every_n_epochs:
+    pl.seed_everything(cfg.seed, workers=True)
+    model = build_model_from_config(cfg)
+    volume_nme = volume_nme_runs(cfg, model)
+    if cfg.checkpoint.monitor.startswith("val/nme") and not volume_nme:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor} needs the validation NME: set "
-                          f"nme.every_n_epochs to a positive number of epochs")
-    if cfg.nme.every_n_epochs:
+                          f"nme.every_n_epochs to a positive number of epochs (and train a model that predicts "
+                          f"a volume; {cfg.model.name} does not)")
+    if volume_nme:
         try:
             import_open3d()
         except ImportError as error:
             raise ConfigError(str(error)) from None
-    pl.seed_everything(cfg.seed, workers=True)
-    model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
     datamodule.check_files("fit")
     finished = False
     if resume_from and not cfg.trainer.get("fast_dev_run"):
         finished = training_finished(check_resumable(resume_from, model, cfg, trust, run_dir), cfg.trainer)
     check_writable(run_dir / "checkpoints")
-    return model, datamodule, build_trainer(cfg, run_dir), finished
+    return model, datamodule, build_trainer(cfg, run_dir, volume_nme), finished
 
 
 def _interruption(stop: SystemExit, trainer: pl.Trainer, run_dir: Path) -> BaseException:

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from experiments.config import ConfigError
+from experiments.config import ConfigError, ExperimentSettings
 
 FOLDER = "lightning_vrn"
 """The folder of a W&B run's files that holds :data:`RUN_FILES`."""
@@ -32,7 +31,7 @@ RUN_FILES = ("config.yaml", "metrics.json", "nme/test.csv")
 """A run directory's files that the compare command reads (paths relative to the run directory)."""
 
 
-def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
+def wandb_run_id(cfg: ExperimentSettings, run_dir: Path) -> str:
     """The W&B run id of the training in ``run_dir``: the id of the newest run W&B has written into
     ``run_dir/wandb`` (so a moved run directory resumes its W&B run and evaluations link to it), else, for a
     run that has not logged to W&B yet, ``{name}-{8 hex digits of the run directory's path}``."""

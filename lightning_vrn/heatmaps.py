@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_vrn.geometry.grid import PAPER_GRID
 
 CENTROID_RADIUS = 6
 """Half-side (pixels) of the window around the argmax whose centroid :func:`decode_heatmaps` takes: 3 sigma
@@ -23,7 +22,11 @@ Gaussian is still 4e-6 of its peak 2.5 px away, so exact Gaussians are not clipp
 
 @dataclass
 class HeatmapSettings:
-    """A model's landmark maps (targets or guidance): ``sigma`` px of Gaussian at a 192 px crop, scaled with the crop."""
+    """A model's landmark maps (targets or guidance): a Gaussian of ``sigma`` pixels of the model's own crop.
+
+    Not scaled with the crop (unlike the other pixel settings, given at 192 px): a heatmap resolves nothing
+    below a pixel, so the paper's 1 px at 192 stays 1 px at a 96 px crop, and one preset serves every size
+    (docs/conventions.md, "Heatmaps")."""
 
     sigma: float = 1.0
 
@@ -58,11 +61,6 @@ def heatmap_loss(predicted: torch.Tensor, target: torch.Tensor, foreground_weigh
     errors = (1.0 + foreground_weight * target) * (predicted.float() - target) ** 2
     dims = (0, *range(extra + 1, predicted.ndim))
     return errors.mean(dim=dims)
-
-
-def sigma_for_crop(sigma_at_192: float, crop_size: int) -> float:
-    """Heatmap sigma in pixels of a ``crop_size`` crop for ``sigma_at_192`` pixels at the paper's 192 px crop."""
-    return float(sigma_at_192) * crop_size / PAPER_GRID.crop_size
 
 
 def gaussian_heatmaps(landmarks_2d: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
 from datamodules.datamodule import DataSettings, split_path
-from experiments.config import CONFIG_DIR, ConfigError, load_config, save_config
+from experiments.config import CONFIG_DIR, ConfigError, ExperimentSettings, flat_keys, load_config, save_config
 from lightning_vrn.callbacks import NMESettings
 from lightning_vrn.models import MODELS, VRN, NetSettings, OptimSettings, VolumeSettings, register
 
@@ -19,7 +19,7 @@ SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("
 def test_every_shipped_config_composes_with_all_base_keys(path):
     cfg = load_config(path)
     assert split_path(cfg.data, "train") == f"{cfg.data.dir}/train.h5"  # a null split follows data.dir
-    assert "extends" not in cfg
+    assert isinstance(cfg, ExperimentSettings) and not hasattr(cfg, "extends")
 
 
 def test_quickstart_is_a_diff_over_base():
@@ -62,7 +62,8 @@ def test_malformed_override_is_an_error():
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["seed=7"])
     save_config(cfg, tmp_path / "config.yaml")
-    assert OmegaConf.load(tmp_path / "config.yaml") == cfg
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml")) == cfg.to_dict()
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 @dataclass
@@ -104,9 +105,9 @@ def test_a_variant_config_carries_its_own_keys(toy_variant, tmp_path):
 def test_keys_the_code_accepts_are_accepted(override):
     key, value = override.split("=")
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [override])
-    assert str(OmegaConf.select(cfg, key)).lower() == value
+    assert str(flat_keys(cfg.to_dict())[key]).lower() == value
     if key.startswith("trainer."):  # and Lightning takes it
-        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=False, enable_checkpointing=False)
+        trainer = pl.Trainer(**cfg.trainer, logger=False, enable_checkpointing=False)
         assert str(getattr(trainer, key.split(".")[1], value)).lower().startswith(value.split("-")[0])
 
 
@@ -141,3 +142,35 @@ def test_the_shipped_comparisons_load_and_name_real_models(name):
     for overrides in [*settings.methods.values(), *settings.detectors.values()]:  # every training config composes
         load_config(CONFIG_DIR / settings.train_config, list(overrides) + list(settings.overrides))
     assert settings.reference in settings.methods and set(settings.guidance) <= set(settings.methods)
+
+
+def test_a_variants_preset_comes_under_the_config_files_and_the_overrides(tmp_path):
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["model.name=vrn_multitask"])
+    assert (cfg.model.sigma, cfg.model.foreground_weight) == (1.0, 100)  # the preset's
+    assert cfg.model.net.features == 64  # the quickstart's, over the preset
+    assert load_config(CONFIG_DIR / "quickstart.yaml", ["model.name=vrn_multitask", "model.foreground_weight=0"]
+                       ).model.foreground_weight == 0  # an override, over both
+    (tmp_path / "base.yaml").write_text((CONFIG_DIR / "base.yaml").read_text())
+    child = tmp_path / "detector.yaml"
+    child.write_text("extends: base.yaml\nmodel:\n  name: landmark_hourglass\n  foreground_weight: 5\n")
+    cfg = load_config(child)
+    assert cfg.model.foreground_weight == 5 and cfg.checkpoint.monitor == "val/landmark_nme"  # file, then preset
+    assert load_config(CONFIG_DIR / "base.yaml").checkpoint.monitor == "val/loss"  # VRN's preset sets none
+
+
+def test_a_preset_that_sets_more_than_its_variant_or_a_bad_value_is_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.config.PRESET_DIR", tmp_path)
+    (tmp_path / "vrn.yaml").write_text("model:\n  name: vrn\ngrid: 100,96,96\n")
+    with pytest.raises(ConfigError, match=rf"preset {tmp_path / 'vrn.yaml'} may set only model, checkpoint"):
+        load_config(CONFIG_DIR / "base.yaml")
+    (tmp_path / "vrn.yaml").write_text("model:\n  name: vrn_guided\n")
+    with pytest.raises(ConfigError, match="model.name only to 'vrn'"):
+        load_config(CONFIG_DIR / "base.yaml")
+    (tmp_path / "vrn.yaml").write_text("model:\n  name: vrn\n  optim:\n    lr: fast\n")
+    with pytest.raises(ConfigError, match=rf"'model\.optim\.lr' in {tmp_path / 'vrn.yaml'} must be float"):
+        load_config(CONFIG_DIR / "base.yaml")
+
+
+def test_a_model_without_a_preset_trains_with_its_class_defaults(toy_variant):
+    cfg = load_config(CONFIG_DIR / "base.yaml", ["model.name=toy_multitask"])
+    assert cfg.model == ToySettings(name="toy_multitask")

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from datamodules.datamodule import FaceVolumeDataModule
 from experiments import train
-from experiments.config import CONFIG_DIR, load_config
+from experiments.config import CONFIG_DIR, ConfigError, load_config
 from lightning_vrn.geometry import VoxelGrid
-from lightning_vrn.heatmaps import decode_heatmaps, gaussian_heatmaps, sigma_for_crop
+from lightning_vrn.heatmaps import decode_heatmaps, gaussian_heatmaps
 from lightning_vrn.metrics.landmark_nme import LandmarkNME, landmark_nme
 from lightning_vrn.models import MODELS, LandmarkHourglass, build_model
 from tests.training import losses_on_one_batch
@@ -21,15 +21,16 @@ from tests.training import losses_on_one_batch
 GRID = VoxelGrid.centred(16, 32, 32)
 TINY_NET = {"features": 16, "stacks": 2, "hourglass_depth": 2}
 TINY_NET_OVERRIDES = [f"model.net.{key}={value}" for key, value in TINY_NET.items()]
+TINY_NET_VOLUME = {"features": 16, "hourglass_depth": 2}
 
 
 # ----- heatmaps -----
 
 
-def test_sigma_scales_with_the_crop():
-    assert sigma_for_crop(1.0, 192) == 1.0
-    assert sigma_for_crop(1.0, 96) == 0.5
-    assert sigma_for_crop(2.0, 48) == 0.5
+def test_sigma_is_in_the_crops_own_pixels_at_every_size():
+    for spec in ("200,192,192", "100,96,96", "16,32,32"):
+        assert build_model("vrn_guided", grid=VoxelGrid.parse(spec), net=TINY_NET_VOLUME).heatmap_sigma == 1.0
+        assert build_model("landmark_hourglass", grid=VoxelGrid.parse(spec), sigma=2.0, net=TINY_NET).heatmap_sigma == 2.0
 
 
 def test_heatmap_peaks_at_landmarks_with_sigma():
@@ -160,7 +161,7 @@ def landmark_batch(model: LandmarkHourglass, n: int = 2, seed: int = 0) -> dict[
 
 def test_landmark_hourglass_outputs_losses_and_learning():
     torch.manual_seed(0)
-    model = tiny_model(sigma=6.0, optim={"lr": 1e-3})  # 1 px at this 32 px crop
+    model = tiny_model(sigma=1.0, optim={"lr": 1e-3})  # 1 px of this 32 px crop
     assert MODELS["landmark_hourglass"] is LandmarkHourglass and model.target_frame is None
     assert model.heatmap_sigma == 1.0 and model.record()["heatmap_sigma"] == 1.0
     batch = landmark_batch(model)
@@ -203,9 +204,30 @@ def test_a_detector_loads_from_its_checkpoint_alone(tmp_path):
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([landmark_batch(model)], batch_size=None))
     trainer.save_checkpoint(tmp_path / "detector.ckpt")
     loaded = load_model(tmp_path / "detector.ckpt")
-    assert isinstance(loaded, LandmarkHourglass) and loaded.heatmap_sigma == 0.5 and loaded.grid == GRID
+    assert isinstance(loaded, LandmarkHourglass) and loaded.heatmap_sigma == 3.0 and loaded.grid == GRID
     image = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))}
     assert torch.equal(loaded.landmarks(image), model.landmarks(image))
+
+
+def test_a_checkpoint_that_gave_sigma_at_192_loads_with_the_sigma_it_trained_with(tmp_path):
+    """Checkpoints saved before sigma was in crop pixels held sigma at a 192 px crop: 3.0 at this 32 px crop was
+    0.5 px, which their record says; such a checkpoint loads with 0.5 and is refused for resuming."""
+    from experiments.train import check_resumable
+    from lightning_vrn.models import load_model
+
+    model = tiny_model(sigma=0.5)
+    path = tmp_path / "old.ckpt"
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, "sigma": 3.0},
+               "lightning_vrn": {**model.record(), "heatmap_sigma": 0.5}}
+    del payload["lightning_vrn"]["sigma_in_crop_pixels"]
+    torch.save(payload, path)
+    loaded = load_model(path)
+    assert loaded.heatmap_sigma == 0.5 and loaded.settings.sigma == 0.5
+    del payload["lightning_vrn"]["heatmap_sigma"]  # no record of it: converted from 192 px
+    torch.save(payload, path)
+    assert load_model(path).heatmap_sigma == pytest.approx(3.0 * 32 / 192)
+    with pytest.raises(ConfigError, match="model.sigma at a 192 px crop"):
+        check_resumable(path, model, None, False, tmp_path)
 
 
 def _landmarks_config(data_dir, run_dir, *overrides):
@@ -216,7 +238,8 @@ def _landmarks_config(data_dir, run_dir, *overrides):
 
 def test_landmarks_quickstart_fast_dev_run(tiny_synthetic, tmp_path):
     cfg = _landmarks_config(tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
-    assert cfg.model.name == "landmark_hourglass" and cfg.nme.every_n_epochs == 0
+    assert cfg.model.name == "landmark_hourglass" and cfg.checkpoint.monitor == "val/landmark_nme"
+    assert cfg.model.foreground_weight == 100 and cfg.model.sigma == 1.0  # its preset's, under the quickstart
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
     for name in ("val/heatmap_mse", "val/landmark_nme", "val/landmark_nme_balanced"):
@@ -228,7 +251,7 @@ def test_test_stage_logs_the_landmark_nme_of_its_predictions(tiny_synthetic, tmp
     cfg = _landmarks_config(tiny_synthetic, tmp_path / "run")
     model = train.build_model_from_config(cfg)
     datamodule = train.build_datamodule(cfg, model)
-    assert model.heatmap_sigma == 1.0  # the quickstart detector's sigma 2 px at 192 -> 1 px at the 96 px crop
+    assert model.heatmap_sigma == 1.0  # the detector's preset: 1 px of the crop
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     (logged,) = trainer.test(model, datamodule=datamodule, verbose=False)
@@ -257,7 +280,7 @@ def test_test_stage_logs_the_landmark_nme_of_its_predictions(tiny_synthetic, tmp
 @pytest.mark.parametrize("on_device", [False, True], ids=["cpu_path", "device_path"])
 def test_flip_and_rotation_keep_the_heatmaps_on_the_augmented_landmarks(tiny_synthetic, on_device):
     grid = VoxelGrid.parse("100,96,96")
-    sigma = sigma_for_crop(1.0, grid.crop_size)
+    sigma = 0.5
     augment = {"enabled": True, "on_device": on_device, "flip_prob": 1.0, "rotation_deg": 30.0}
     datamodule = FaceVolumeDataModule(train_path=tiny_synthetic / "train.h5", grid=grid.to_dict(), batch_size=8,
                                       num_workers=0, augment=augment, heatmap_sigma=sigma, pin_memory=False)

@@ -1,34 +1,57 @@
-"""The VRN variants and ablations: each trains from its config, its outputs have the paper's shapes,
-VRN-Guided's input carries the landmark maps it is given, and the no-alignment target is the frontal solid."""
+"""The VRN variants and ablations: each registered model has a preset and trains from its config, its outputs
+have the paper's shapes, VRN-Guided's input carries the landmark maps it is given, and the no-alignment target
+is the frontal solid."""
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from datamodules import FaceVolumeDataModule
 from experiments import train
-from experiments.config import CONFIG_DIR, load_config
+from experiments.config import CONFIG_DIR, PRESET_DIR, load_config, preset_path
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.geometry import VoxelGrid, crop_rotation
 from lightning_vrn.geometry.voxelise import voxelise_frontal
 from lightning_vrn.heatmaps import gaussian_heatmaps
-from lightning_vrn.models import MODELS, build_model
+from lightning_vrn.models import MODELS, VolumeRegressionModule, build_model
 from lightning_vrn.models.guided import DetectedGuidance
 
 GRID = VoxelGrid.parse("100,96,96")
 TINY = {"features": 16, "hourglass_depth": 2}
-VARIANTS = ["vrn", "vrn_multitask", "vrn_guided", "vrn_no_alignment", "vrn_guided_sigma2", "landmark_hourglass"]
+PAPER_VARIANTS = {"vrn", "vrn_multitask", "vrn_guided", "vrn_no_alignment", "vrn_guided_sigma2", "landmark_hourglass"}
+SWEEPS = CONFIG_DIR.parent / "sweeps"
 
 
-def test_every_variant_and_ablation_is_registered():
-    assert set(VARIANTS) <= set(MODELS)
+def test_the_papers_variants_and_ablations_are_registered():
+    assert PAPER_VARIANTS <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_each_variant_trains_from_its_config(name, tiny_synthetic, tmp_path):
+def test_every_registered_model_has_a_preset_and_every_preset_a_model():
+    assert {p.stem for p in PRESET_DIR.glob("*.yaml")} == set(MODELS)
+    for name in MODELS:
+        preset = yaml.safe_load(preset_path(name).read_text())
+        assert preset["model"]["name"] == name
+
+
+@pytest.mark.parametrize("sweep", ["variants.yaml", "ablations.yaml"])
+def test_the_variant_sweeps_list_every_volume_model(sweep):
+    """The sweeps comparing variants list every registered model that predicts a volume (the landmark
+    detector is trained by compare, not compared)."""
+    listed = yaml.safe_load((SWEEPS / sweep).read_text())["parameters"]["model.name"]["values"]
+    volume_models = {name for name, cls in MODELS.items() if issubclass(cls, VolumeRegressionModule)}
+    assert set(listed) == volume_models
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_variant_trains_from_its_config_with_its_presets_settings(name, tiny_synthetic, tmp_path):
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [
         f"model.name={name}", f"data.dir={tiny_synthetic}", f"run_dir={tmp_path / 'run'}", "data.num_workers=0",
         "data.batch_size=2", "model.net.features=16", "model.net.hourglass_depth=2", "trainer.fast_dev_run=true"])
+    preset = yaml.safe_load(preset_path(name).read_text())
+    for key, value in preset["model"].items():  # the preset's settings, unless the config or overrides set them
+        if key != "net":
+            assert getattr(cfg.model, key) == value, key
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
 
@@ -49,8 +72,8 @@ def test_output_shapes():
     assert guided.net.stem.conv[0].in_channels == 3 + 68
     with torch.no_grad():
         assert guided(batch_of(GRID))["volume_logits"].shape == (2, *GRID.shape)
-    assert guided.heatmap_sigma == pytest.approx(0.5)  # 1 px at 192, scaled to the 96 px crop
-    assert build_model("vrn_guided_sigma2", grid=GRID, net=TINY).heatmap_sigma == pytest.approx(1.0)
+    assert guided.heatmap_sigma == 1.0  # px of the crop, the paper's 1 px at every size
+    assert build_model("vrn_guided_sigma2", grid=GRID, net=TINY).heatmap_sigma == 2.0
     assert build_model("vrn_no_alignment", grid=GRID, net=TINY).target_frame == "frontal"
 
 
@@ -70,7 +93,7 @@ def test_guided_input_is_the_image_and_the_maps_of_the_landmarks_it_is_given():
         DetectedGuidance(guided, FixedDetector())(batch)  # detected guidance: maps of the detector's landmarks
     assert seen[0].shape[1] == 71
     torch.testing.assert_close(seen[0][:, 3:], batch["heatmaps"])
-    torch.testing.assert_close(seen[1][:, 3:], gaussian_heatmaps(detected, GRID.height, GRID.width, 0.5))
+    torch.testing.assert_close(seen[1][:, 3:], gaussian_heatmaps(detected, GRID.height, GRID.width, 1.0))
     torch.testing.assert_close(seen[0][:, :3], seen[1][:, :3])  # the same normalised image
 
 

@@ -39,9 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
 
-from experiments.config import ConfigError, load_config
+from experiments.config import ConfigError, ExperimentSettings, load_config
 from experiments.runs import config_hash
 from experiments.sweep import load_sweep, resolve_trials, sweep_folder, trial_command
 from lightning_vrn.atomic import write_text
@@ -94,7 +93,7 @@ def directive(what: str, value: object) -> str:
     return '"' + re.sub(r'([\\"#])', r"\\\1", text) + '"'
 
 
-def job_shape(cfg: DictConfig, gpus_per_node: int | None) -> tuple[int, int, int]:
+def job_shape(cfg: ExperimentSettings, gpus_per_node: int | None) -> tuple[int, int, int]:
     """``(nodes, devices per node, GPUs per node)`` of a config, or a ConfigError naming the mismatch."""
     nodes = cfg.trainer.get("num_nodes")
     nodes = 1 if nodes is None else nodes
@@ -157,7 +156,7 @@ def header(job_name: str, nodes: int, devices: int, gpus: int, cpus: int, time_l
     ]
 
 
-def render(cfg: DictConfig, config_path: str, overrides: list[str], run_dir: Path, time_limit: str,
+def render(cfg: ExperimentSettings, config_path: str, overrides: list[str], run_dir: Path, time_limit: str,
            gpus_per_node: int | None = None, partition: str | None = None, account: str | None = None) -> str:
     """The sbatch script of one training."""
     nodes, devices, gpus = job_shape(cfg, gpus_per_node)

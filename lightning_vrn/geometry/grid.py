@@ -121,6 +121,11 @@ class VoxelGrid:
         """Grid whose depth range is centred on z = 0, the depth of the face's centre in crops."""
         return cls(depth, height, width, z_scale, -(depth - 1) / (2.0 * z_scale))
 
+    @property
+    def spec(self) -> str:
+        """``"D,H,W"``, what :meth:`parse` reads (a config's ``grid``)."""
+        return f"{self.depth},{self.height},{self.width}"
+
     def describe(self) -> str:
         return f"{self.depth}x{self.height}x{self.width} (z_scale {self.z_scale:g}, z_offset {self.z_offset:g} px)"
 

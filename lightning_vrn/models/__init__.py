@@ -1,10 +1,17 @@
-"""LightningModules for the VRN variants, the registry that builds them by name, and checkpoint loading."""
+"""LightningModules for the VRN variants, the registry that builds them by name, and checkpoint loading.
+
+Every module of this package is imported here, so a new variant is one new module (its class registered with
+``@register``) and its preset, ``experiments/configs/variants/NAME.yaml`` (docs/variants.md).
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Any
 
+from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.models.base import MODELS, ModelSettings, OptimSettings, VRNModule, register
 from lightning_vrn.models.guided import VRNGuided
 from lightning_vrn.models.landmark_hourglass import LandmarkHourglass
@@ -12,6 +19,13 @@ from lightning_vrn.models.multitask import VRNMultitask
 from lightning_vrn.models.volume import NetSettings, VolumeRegressionModule, VolumeSettings, occupancy
 from lightning_vrn.models.vrn import VRN
 from lightning_vrn.safe_load import load_checkpoint
+
+
+for _module in pkgutil.iter_modules(__path__):  # registers every variant, the ones not named above too
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+DEFAULT_MODEL = "vrn"
+"""The model a config trains when it names none."""
 
 
 def model_class(name: str) -> type[VRNModule]:
@@ -43,12 +57,31 @@ def load_model(checkpoint: str | Path, map_location: str = "cpu", trust: bool = 
     variant = record["variant"]
     if variant not in MODELS:
         raise ValueError(f"{path} holds variant {variant!r}, unknown to this version; known: {sorted(MODELS)}")
-    model = MODELS[variant](**payload["hyper_parameters"])  # grid and the resolved settings
+    model = MODELS[variant](**current_hyper_parameters(payload))  # grid and the resolved settings
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
 
+def sigma_at_192(payload: dict) -> bool:
+    """Whether a checkpoint gives ``model.sigma`` in pixels at a 192 px crop (saved before sigma was in the
+    crop's own pixels: its record lacks ``sigma_in_crop_pixels``)."""
+    record = payload.get("lightning_vrn") or {}
+    return "sigma" in (payload.get("hyper_parameters") or {}) and not record.get("sigma_in_crop_pixels")
+
+
+def current_hyper_parameters(payload: dict) -> dict:
+    """A checkpoint's hyper-parameters in this version's units: an older checkpoint's sigma becomes the crop
+    pixels its record says the model used (:func:`sigma_at_192`)."""
+    hparams = dict(payload["hyper_parameters"])
+    if sigma_at_192(payload):
+        record = payload.get("lightning_vrn") or {}
+        crop = VoxelGrid.from_dict(hparams["grid"]).crop_size
+        hparams["sigma"] = record.get("heatmap_sigma") or hparams["sigma"] * crop / PAPER_GRID.crop_size
+    return hparams
+
+
 __all__ = [
+    "DEFAULT_MODEL",
     "LandmarkHourglass",
     "MODELS",
     "ModelSettings",

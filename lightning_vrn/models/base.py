@@ -16,6 +16,7 @@ target frame, heatmap sigma) so that tools can read them without building the mo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -24,7 +25,6 @@ import torch
 
 from lightning_vrn import __version__
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.heatmaps import sigma_for_crop
 from lightning_vrn.settings import parse_settings, settings_dict
 
 # Normalisation of [0, 1] RGB images (ImageNet statistics), applied inside the module.
@@ -73,13 +73,16 @@ class OptimSettings:
 
 @dataclass
 class ModelSettings:
-    """Settings every model has; a variant's dataclass extends it."""
+    """Settings every model has; a variant's dataclass extends it. ``name``: the variant's registered name
+    (empty: the class's own, :attr:`VRNModule.variant`)."""
 
+    name: str = ""
     optim: OptimSettings = field(default_factory=OptimSettings)
 
 
 class VRNModule(pl.LightningModule):
-    """Base LightningModule: ``grid`` (a :class:`VoxelGrid` or its ``to_dict()``) and the settings as keywords.
+    """Base LightningModule: ``grid`` (a :class:`VoxelGrid` or its ``to_dict()``) and the settings, as an instance
+    of :attr:`Settings` (``settings=``, what a loaded config holds) or as keywords.
 
     ``VRN(grid=..., net={...}, optim={...})``: the keywords are the fields of :attr:`Settings`
     (nested ones as dicts); unknown keys and wrong types are errors naming the key.
@@ -91,11 +94,18 @@ class VRNModule(pl.LightningModule):
     #: Frame of the predicted volume: "aligned" (with the image) or "frontal"; None for no volume.
     target_frame: str | None = None
 
-    def __init__(self, grid: Mapping[str, Any] | VoxelGrid, **settings: Any):
+    def __init__(self, grid: Mapping[str, Any] | VoxelGrid, settings: ModelSettings | None = None, **values: Any):
         super().__init__()
         grid_dict = grid.to_dict() if isinstance(grid, VoxelGrid) else dict(grid)
         self.grid = VoxelGrid.from_dict(grid_dict)
-        self.settings = parse_settings(self.Settings, settings, prefix="model.", where=f"{type(self).__name__} settings")
+        if settings is not None and (values or not isinstance(settings, self.Settings)):
+            raise TypeError(f"{type(self).__name__} takes settings= (a {self.Settings.__name__}) or keywords, "
+                            f"not {type(settings).__name__} with {sorted(values)}")
+        where = f"{type(self).__name__} settings"
+        self.settings = copy.deepcopy(settings) or parse_settings(self.Settings, values, prefix="model.", where=where)
+        if self.settings.name not in ("", self.variant):
+            raise ValueError(f"model.name {self.settings.name!r} in {where}: this model is {self.variant!r}")
+        self.settings.name = self.variant
         # Checkpoints carry the complete, resolved settings (not just what the caller passed).
         self.save_hyperparameters({"grid": grid_dict, **settings_dict(self.settings)})
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -118,7 +128,7 @@ class VRNModule(pl.LightningModule):
         """Sigma (pixels of this crop) of the landmark maps the model consumes or predicts (settings with a
         ``sigma``: :class:`lightning_vrn.heatmaps.HeatmapSettings`); None for a model without maps."""
         sigma = getattr(self.settings, "sigma", None)
-        return None if sigma is None else sigma_for_crop(sigma, self.grid.crop_size)
+        return None if sigma is None else float(sigma)
 
     # ----- shared machinery -----
 
@@ -177,6 +187,7 @@ class VRNModule(pl.LightningModule):
             "grid": self.grid.to_dict(),
             "target_frame": self.target_frame,
             "heatmap_sigma": self.heatmap_sigma,
+            "sigma_in_crop_pixels": True,  # earlier checkpoints gave model.sigma at a 192 px crop
             "lightning_vrn_version": __version__,
         }
 

@@ -24,7 +24,7 @@ from lightning_vrn.models.vrn import VRN
 
 @dataclass
 class GuidedSettings(HeatmapSettings, VolumeSettings):
-    """VRN settings plus ``sigma``: the guidance maps' Gaussian sigma in pixels at a 192 px crop (scaled with the crop)."""
+    """VRN settings plus ``sigma``: the guidance maps' Gaussian sigma in pixels of the crop."""
 
 
 @register("vrn_guided")
@@ -47,7 +47,7 @@ class VRNGuided(VRN):
 
 @dataclass
 class GuidedSigma2Settings(GuidedSettings):
-    """The guidance-sigma ablation: maps (and its detector's targets) of sigma 2 px at a 192 crop."""
+    """The guidance-sigma ablation: maps (and its detector's targets) of sigma 2 px."""
 
     sigma: float = 2.0
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_vrn.models.base import register
 from lightning_vrn.models.volume import VolumeRegressionModule, VolumeSettings
-from lightning_vrn.nets.vrn import VRNNet
+from lightning_vrn.nets.vrn import ConvHead, VRNNet
 
 
 @register("vrn")
@@ -17,7 +17,7 @@ class VRN(VolumeRegressionModule):
     """The plain VRN of Jackson et al. (2017): the normalised RGB crop in, D depth-slice logits out."""
 
     def build_network(self) -> nn.Module:
-        """:class:`VRNNet` with ``self.grid.depth`` output channels and the ``net`` settings."""
+        """:class:`VRNNet` with ``self.grid.depth`` output channels, the ``net`` settings and :meth:`build_head`."""
         net = self.settings.net
         return VRNNet(
             out_channels=self.grid.depth,
@@ -25,7 +25,13 @@ class VRN(VolumeRegressionModule):
             features=net.features,
             stacks=net.stacks,
             hourglass_depth=net.hourglass_depth,
+            head=self.build_head,
         )
+
+    def build_head(self, features: int, out_channels: int) -> nn.Module:
+        """The head, ``(B, features, h, w) -> (B, out_channels, h, w)``: the paper's 1x1 convolution. A variant
+        with another head overrides this (docs/variants.md)."""
+        return ConvHead(features, out_channels)
 
 
 @dataclass
