@@ -1,8 +1,9 @@
-"""Command-line arguments every dataset command shares: ``--grid D,H,W`` and ``--workers N``."""
+"""Command-line arguments every dataset command shares: ``--grid D,H,W`` and ``--workers N``; argparse types."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from lightning_vrn.geometry.grid import VoxelGrid
 
@@ -24,6 +25,22 @@ def workers_argument(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of processes, at least 1; got {text!r}")
     return value
+
+
+def unit_interval_argument(noun: str, include_one: bool) -> Callable[[str], float]:
+    """argparse type of a number in [0, 1] (``include_one``) or [0, 1), refused as "must be a ``noun`` in ..."."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"must be a {noun} in {interval}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_grid_and_workers(parser: argparse.ArgumentParser, workers_help: str) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.scans import ScanSet, add_common_arguments, find_scans, run_cli, scan_id
+from data_prep.scans.conversion import add_common_arguments, run_cli
+from data_prep.scans.reading import ScanSet, find_scans, scan_id
 from lightning_vrn.cli import run_command
 
 PITCHES_DEG = (-20.0, 0.0, 20.0)

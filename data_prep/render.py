@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from lightning_vrn.geometry.mesh_check import check_mesh
 from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.landmark_scheme import GROUPS
@@ -356,26 +357,15 @@ def _occluder_mask(occluder: OccluderSettings, face_box: np.ndarray, size: int) 
 
 def _check_inputs(vertices_crop, triangles, albedo, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated float64 vertices (V, 3), int64 triangles (T, 3) and float64 albedo (V, 3)."""
-    vertices = np.asarray(vertices_crop, dtype=np.float64)
-    triangles = np.asarray(triangles)
+    vertices, triangles = check_mesh(vertices_crop, triangles, "render",
+                                     fix="check the pose/scale that produced vertices_crop")
     albedo = np.asarray(albedo, dtype=np.float64)
-    if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise ValueError(f"vertices_crop must have shape (V, 3), got {vertices.shape}")
-    bad = ~np.isfinite(vertices).all(1)
-    if bad.any():
-        raise ValueError(f"vertices_crop has {bad.sum()} non-finite (NaN/inf) vertices, first at index "
-                         f"{np.flatnonzero(bad)[0]}; check the pose/scale that produced them")
-    if triangles.ndim != 2 or triangles.shape[1] != 3 or not np.issubdtype(triangles.dtype, np.integer):
-        raise ValueError(f"triangles must be an integer array of shape (T, 3), got {triangles.dtype} {triangles.shape}")
-    if triangles.size and (triangles.min() < 0 or triangles.max() >= len(vertices)):
-        raise ValueError(f"triangles index vertices outside [0, {len(vertices)}): range "
-                         f"[{triangles.min()}, {triangles.max()}]")
     if albedo.shape != vertices.shape or not np.isfinite(albedo).all():
         raise ValueError(f"albedo must be a finite array of shape {vertices.shape} (one RGB per vertex), "
                          f"got {albedo.shape}")
     if int(size) != size or size < 1:
         raise ValueError(f"size must be a positive integer number of pixels, got {size!r}")
-    return vertices, triangles.astype(np.int64), albedo
+    return vertices, triangles, albedo
 
 
 def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, size: int,

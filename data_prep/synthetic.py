@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.arguments import add_grid_and_workers
+from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import FaceModel, expression_label, load_face_model
 from data_prep.render import RenderSettings, render, vertex_albedo
 from data_prep.writing import check_finished, check_output, write_pending
@@ -230,16 +230,6 @@ def _parse_split(text: str) -> tuple[str, int]:
     return name.strip(), int(count)
 
 
-def _parse_probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder; writes OUT/NAME.h5 per split")
@@ -249,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     add_grid_and_workers(parser, "processes generating samples")
     parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
-    parser.add_argument("--occluders", type=_parse_probability, default=0.0, metavar="P",
-                        help="probability that a sample gets occluders (default 0)")
+    parser.add_argument("--occluders", type=unit_interval_argument("probability", include_one=True), default=0.0,
+                        metavar="P", help="probability that a sample gets occluders (default 0)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 

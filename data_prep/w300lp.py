@@ -35,6 +35,7 @@ import re
 import sys
 from pathlib import Path
 
+from data_prep.arguments import unit_interval_argument
 from data_prep.mat_faces import Conversion, Source, add_common_arguments, check_conversion, find_image, write_conversion
 from data_prep.writing import check_output
 from lightning_vrn import __version__
@@ -90,23 +91,13 @@ def split_sources(sources: tuple[Source, ...], val_fraction: float) -> dict[str,
     return {"train": train, "val": val} if val_fraction > 0 else {"train": train}
 
 
-def _parse_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep.w300lp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="the unpacked 300W_LP folder")
     add_common_arguments(parser, "output folder; writes OUT/train.h5 and OUT/val.h5")
     parser.add_argument("--flip", action="store_true", help="add a mirrored copy of every sample")
-    parser.add_argument("--val-fraction", type=_parse_fraction, default=0.05, metavar="F",
-                        help="fraction of subjects in val.h5 (default 0.05; 0: no validation file)")
+    parser.add_argument("--val-fraction", type=unit_interval_argument("fraction", include_one=False), default=0.05,
+                        metavar="F", help="fraction of subjects in val.h5 (default 0.05; 0: no validation file)")
     return parser
 
 

@@ -11,13 +11,26 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from data_prep import bu4dfe, florence, scans
+from data_prep import bu4dfe, florence
 from data_prep.face_model import load_face_model
+from data_prep.render import RenderSettings
+from data_prep.scans import cache, conversion
+from data_prep.scans.landmarks import (
+    FACE_RADIUS_RATIO,
+    FRONTAL_SIZE,
+    NOSE_TIP,
+    LandmarkDetector,
+    face_region,
+    frontal_view,
+    neutral_settings,
+    read_landmark_file,
+)
+from data_prep.scans.reading import ScanError, ScanSet, load_scan, read_textured_mesh, scan_id
 from datamodules import FaceVolumeDataModule
+from lightning_vrn.atomic import file_sha256
 from lightning_vrn.callbacks import NMECallback
 from lightning_vrn.dataset_file import SCHEMA_VERSION, DatasetError, DatasetWriter, open_dataset
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.geometry.mesh_io import read_textured_mesh
 from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import NME
 from tests.test_nme_callback import TargetVolumeModel
@@ -101,7 +114,7 @@ Transform {{ children [ Shape {{
     return folder / f"{name}.wrl"
 
 
-class FakeDetector(scans.LandmarkDetector):
+class FakeDetector(LandmarkDetector):
     """:class:`LandmarkDetector`'s two passes with :func:`fake_detect` in place of the network."""
 
     def __init__(self, checkpoint=None, crop_size=96):
@@ -116,13 +129,13 @@ class FakeDetector(scans.LandmarkDetector):
 @pytest.fixture()
 def grey_light(monkeypatch):
     """Samples lit like the frontal render (grey light), so the image's texture coordinates can be decoded."""
-    monkeypatch.setattr(scans.RenderSettings, "sample", staticmethod(lambda rng: scans.neutral_settings()))
+    monkeypatch.setattr(RenderSettings, "sample", staticmethod(lambda rng: neutral_settings()))
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scan")
-    return scans.prepare_scan(write_obj_scan(folder, "scan"), "scan", detector=FakeDetector())
+    return cache.prepare_scan(write_obj_scan(folder, "scan"), "scan", detector=FakeDetector())
 
 
 # ----------------------------------------------------------------------------- readers
@@ -135,7 +148,7 @@ def test_obj_and_wrl_readers_round_trip_with_texture(tmp_path):
         np.testing.assert_array_equal(mesh.triangles, MODEL.triangles)
         np.testing.assert_allclose(mesh.uv[mesh.uv_triangles], fake_uv(MODEL.mean)[MODEL.triangles], atol=1e-5)
         assert mesh.texture_path == path.with_suffix(".bmp")
-        scan = scans.load_scan(path)
+        scan = load_scan(path)
         # Albedo = the texture at each vertex's coordinate: RGB = 0.2 + 0.6 (u, v), 0.5 (to uint8 rounding).
         expected = np.column_stack([0.2 + 0.6 * fake_uv(MODEL.mean), np.full(len(MODEL.mean), 0.5)])
         np.testing.assert_allclose(scan.albedo, expected, atol=3 / 255)
@@ -152,7 +165,7 @@ def test_polygons_are_split_into_fans_with_their_texture_corners(tmp_path):
 
 
 def test_either_winding_is_rendered_from_the_front(tmp_path):
-    scan = scans.load_scan(write_obj_scan(tmp_path, "reversed", reverse=True))
+    scan = load_scan(write_obj_scan(tmp_path, "reversed", reverse=True))
     np.testing.assert_array_equal(scan.triangles, MODEL.triangles)
 
 
@@ -166,8 +179,8 @@ def test_either_winding_is_rendered_from_the_front(tmp_path):
 def test_broken_obj_scans_raise_a_scan_error_naming_the_file(tmp_path, damage, message):
     path = write_obj_scan(tmp_path, "broken")
     damage(path)
-    with pytest.raises(scans.ScanError, match=message) as error:
-        scans.load_scan(path)
+    with pytest.raises(ScanError, match=message) as error:
+        load_scan(path)
     assert "broken" in str(error.value)
 
 
@@ -191,22 +204,22 @@ def test_wrl_without_uv_index_and_too_few_uv_is_a_scan_error(tmp_path):
     mesh = read_textured_mesh(complete)
     np.testing.assert_array_equal(mesh.uv_triangles, mesh.triangles)  # the VRML rule: they follow coordIndex
     short = write_wrl_without_uv_index(tmp_path, "short", 10)
-    with pytest.raises(scans.ScanError, match=rf"no texCoordIndex.* 10 texture coordinates for {len(MODEL.mean)} "
+    with pytest.raises(ScanError, match=rf"no texCoordIndex.* 10 texture coordinates for {len(MODEL.mean)} "
                                               rf"vertices") as error:
-        scans.load_scan(short)
+        load_scan(short)
     assert "short.wrl" in str(error.value)
 
 
 def test_conversion_skips_and_reports_a_wrl_with_too_few_uv(tmp_path):
     root, landmarks = tmp_path / "root", tmp_path / "landmarks"
     paths = [write_wrl_scan(root / "F001", "000"), write_wrl_without_uv_index(root / "F002", "000", 10)]
-    ids = [scans.scan_id(path, root) for path in paths]
-    for scan_id in ids:
-        (landmarks / scan_id).parent.mkdir(parents=True, exist_ok=True)
-        np.savetxt(landmarks / f"{scan_id}.txt", TRUTH)
-    scan_set = scans.ScanSet("test", paths, ids, np.zeros((1, 3)))
+    ids = [scan_id(path, root) for path in paths]
+    for name in ids:
+        (landmarks / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(landmarks / f"{name}.txt", TRUTH)
+    scan_set = ScanSet("test", paths, ids, np.zeros((1, 3)))
     messages = []
-    report = scans.convert(scan_set, tmp_path / "out.h5", GRID, landmark_dir=landmarks, progress=False,
+    report = conversion.convert(scan_set, tmp_path / "out.h5", GRID, landmark_dir=landmarks, progress=False,
                            log=messages.append)
     assert report["scans_used"] == 1 and list(report["skipped"]) == ["F002/000"]
     assert "F002/000.wrl" in report["skipped"]["F002/000"] and "10 texture coordinates" in report["skipped"]["F002/000"]
@@ -217,11 +230,11 @@ def test_conversion_skips_and_reports_a_wrl_with_too_few_uv(tmp_path):
 def test_broken_wrl_scans_raise_a_scan_error(tmp_path):
     path = write_wrl_scan(tmp_path, "000")
     path.with_suffix(".bmp").unlink()
-    with pytest.raises(scans.ScanError, match="ImageTexture url"):
-        scans.load_scan(path)
+    with pytest.raises(ScanError, match="ImageTexture url"):
+        load_scan(path)
     path.write_text("solid ascii stl\n")
-    with pytest.raises(scans.ScanError, match="not a VRML file"):
-        scans.load_scan(path)
+    with pytest.raises(ScanError, match="not a VRML file"):
+        load_scan(path)
 
 
 # ----------------------------------------------------------------------------- landmarks and face region
@@ -237,27 +250,27 @@ def test_detected_landmarks_are_lifted_onto_the_scan(prepared):
 
 def test_both_landmark_file_kinds_give_the_same_landmarks(tmp_path):
     path = write_obj_scan(tmp_path / "scans", "s")
-    scan = scans.load_scan(path)
-    view = scans.frontal_view(scan.vertices, scans.FRONTAL_SIZE)
+    scan = load_scan(path)
+    view = frontal_view(scan.vertices, FRONTAL_SIZE)
     np.savetxt(tmp_path / "xyz.txt", TRUTH)
     np.save(tmp_path / "xy.npy", view.to_crop(TRUTH)[:, :2])
-    from_3d = scans.read_landmark_file(tmp_path / "xyz.txt", scan)
-    from_2d = scans.read_landmark_file(tmp_path / "xy.npy", scan)
+    from_3d = read_landmark_file(tmp_path / "xyz.txt", scan)
+    from_2d = read_landmark_file(tmp_path / "xy.npy", scan)
     np.testing.assert_allclose(from_3d, TRUTH)
     # Visible landmarks (eyes, nose, mouth) lift back onto themselves; the contour is hidden under the jaw.
     np.testing.assert_allclose(from_2d[27:], TRUTH[27:], atol=1.0)
     (tmp_path / "bad.txt").write_text("1 2\n3 4\n")
-    with pytest.raises(scans.ScanError, match="68 finite rows"):
-        scans.read_landmark_file(tmp_path / "bad.txt", scan)
+    with pytest.raises(ScanError, match="68 finite rows"):
+        read_landmark_file(tmp_path / "bad.txt", scan)
 
 
 def test_face_region_is_the_sphere_about_the_nose_tip(prepared):
-    radius = scans.FACE_RADIUS_RATIO * outer_interocular(prepared.landmarks_3d)
-    distance = np.linalg.norm(prepared.face_vertices - prepared.landmarks_3d[scans.NOSE_TIP], axis=1)
+    radius = FACE_RADIUS_RATIO * outer_interocular(prepared.landmarks_3d)
+    distance = np.linalg.norm(prepared.face_vertices - prepared.landmarks_3d[NOSE_TIP], axis=1)
     assert distance.max() <= radius and 0.3 * len(MODEL.mean) < len(prepared.face_vertices) < len(MODEL.mean)
     assert prepared.face_triangles.max() == len(prepared.face_vertices) - 1
-    with pytest.raises(scans.ScanError, match="no face"):
-        scans.face_region(prepared.vertices, prepared.triangles, prepared.landmarks_3d + [0, 0, 500], "far.obj")
+    with pytest.raises(ScanError, match="no face"):
+        face_region(prepared.vertices, prepared.triangles, prepared.landmarks_3d + [0, 0, 500], "far.obj")
 
 
 # ----------------------------------------------------------------------------- renders at the paper's poses
@@ -276,7 +289,7 @@ def test_the_paper_pose_sets():
 
 @pytest.mark.parametrize("pose_deg", [(0, 0, 0), (0, 40, 0), (20, 0, 0), (-15, -80, 0), (0, 0, 53.3), (20, 0, -80)])
 def test_renders_show_each_landmark_where_the_sample_says(prepared, grey_light, pose_deg):
-    sample = scans.make_scan_sample(prepared, np.radians(pose_deg), GRID, np.random.default_rng(0))
+    sample = conversion.make_scan_sample(prepared, np.radians(pose_deg), GRID, np.random.default_rng(0))
     landmarks = sample["landmarks_2d"]
     # The crop: the 68-landmark box centred with sqrt(w h) = 90/192 of the crop, like the synthetic data.
     box = landmarks.max(0) - landmarks.min(0)
@@ -481,7 +494,7 @@ def florence_root(tmp_path_factory):
     landmarks = tmp_path_factory.mktemp("florence-landmarks")
     for i, name in enumerate(("110920150452", "110920151034")):
         path = write_obj_scan(root / f"subject_0{i + 1}/Model/frontal1/obj", name, shift=(3.0 * i, 0, 0))
-        target = landmarks / f"{scans.scan_id(path, root)}.txt"
+        target = landmarks / f"{scan_id(path, root)}.txt"
         target.parent.mkdir(parents=True)
         np.savetxt(target, TRUTH + (3.0 * i, 0, 0))
     broken = root / "subject_03/Model/frontal1/obj/110920160000.obj"
@@ -518,7 +531,7 @@ def test_florence_conversion_resumes_after_a_crash(florence_root, tmp_path, monk
     root, landmarks = florence_root
     out = tmp_path / "florence.h5"
     made = []
-    real = scans.make_scan_sample
+    real = conversion.make_scan_sample
 
     def crash_at_20(scan, pose, grid, rng, with_frontal=False):
         if len(made) == 20:
@@ -526,7 +539,7 @@ def test_florence_conversion_resumes_after_a_crash(florence_root, tmp_path, monk
         made.append(pose)
         return real(scan, pose, grid, rng, with_frontal)
 
-    monkeypatch.setattr(scans, "make_scan_sample", crash_at_20)
+    monkeypatch.setattr(conversion, "make_scan_sample", crash_at_20)
     args = ["--root", str(root), "--out", str(out), "--landmarks", str(landmarks), "--grid", "100,96,96",
             "--no-progress"]
     with pytest.raises(RuntimeError, match="killed"):
@@ -536,9 +549,9 @@ def test_florence_conversion_resumes_after_a_crash(florence_root, tmp_path, monk
         written = int(f["written"][()].sum())
     assert 0 < written <= 20
     made.clear()
-    monkeypatch.setattr(scans, "make_scan_sample", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(conversion, "make_scan_sample", lambda *a, **k: made.append(1) or real(*a, **k))
     prepare_calls = []
-    monkeypatch.setattr(scans, "_prepare_one", lambda job: prepare_calls.append(job) or (job[1], "not cached"))
+    monkeypatch.setattr(cache, "_prepare_one", lambda job: prepare_calls.append(job) or (job[1], "not cached"))
     assert florence.main(args) == 0
     assert open_dataset(out).num_samples == 30
     # The written samples are not made again; only the corrupt scan (never cached) is tried again.
@@ -550,7 +563,7 @@ def _one_scan_with_landmark_file(tmp_path):
     """A Florence-layout root with one scan, its 68x3 landmark file, and the florence arguments writing OUT."""
     root, landmarks = tmp_path / "root", tmp_path / "landmarks"
     path = write_obj_scan(root / "subject_01/Model/frontal1/obj", "scan")
-    target = landmarks / f"{scans.scan_id(path, root)}.txt"
+    target = landmarks / f"{scan_id(path, root)}.txt"
     target.parent.mkdir(parents=True)
     np.savetxt(target, TRUTH)
     out = tmp_path / "florence.h5"
@@ -562,8 +575,8 @@ def _one_scan_with_landmark_file(tmp_path):
 def test_prepared_scans_follow_their_landmark_file(tmp_path):
     _, _, landmark_file, out, args = _one_scan_with_landmark_file(tmp_path)
     assert florence.main(args) == 0
-    cache = out.with_name(out.name + ".scans") / "subject_01/Model/frontal1/obj/scan.npz"
-    np.testing.assert_allclose(scans.PreparedScan.load(cache).landmarks_3d, TRUTH)
+    cached = out.with_name(out.name + ".scans") / "subject_01/Model/frontal1/obj/scan.npz"
+    np.testing.assert_allclose(cache.PreparedScan.load(cached).landmarks_3d, TRUTH)
     before = open_dataset(out).read(3, ["landmarks_3d", "vertices"])
 
     # Another annotation: the jaw's first landmark moves 4 mm out (a new crop box and face radius).
@@ -572,7 +585,7 @@ def test_prepared_scans_follow_their_landmark_file(tmp_path):
     np.savetxt(landmark_file, edited)
     with pytest.raises(FileExistsError, match="scans_sha256.*--restart"):
         florence.main(args)  # the finished file was made from the old landmarks
-    np.testing.assert_allclose(scans.PreparedScan.load(cache).landmarks_3d, edited)  # prepared again
+    np.testing.assert_allclose(cache.PreparedScan.load(cached).landmarks_3d, edited)  # prepared again
     out.unlink()
     assert florence.main(args) == 0
     after = open_dataset(out).read(3, ["landmarks_3d", "vertices"])
@@ -588,20 +601,20 @@ def test_prepared_scans_follow_their_landmark_file(tmp_path):
 def test_cache_key_names_what_a_prepared_scan_depends_on(tmp_path, monkeypatch):
     root, landmarks, landmark_file, _, _ = _one_scan_with_landmark_file(tmp_path)
     scan = next(root.rglob("*.obj"))
-    scan_id = scans.scan_id(scan, root)
-    key = scans.cache_key(scan, scan_id, landmarks, None)
-    assert key == scans.cache_key(scan, scan_id, landmarks, None)
+    name = scan_id(scan, root)
+    key = cache.cache_key(scan, name, landmarks, None)
+    assert key == cache.cache_key(scan, name, landmarks, None)
     assert str(landmark_file) in key
     checkpoint = tmp_path / "a.ckpt"
     checkpoint.write_bytes(b"weights a")
-    with_detector = scans.cache_key(scan, scan_id, None, scans.file_sha256(checkpoint))
+    with_detector = cache.cache_key(scan, name, None, file_sha256(checkpoint))
     checkpoint.write_bytes(b"weights b")
-    assert scans.cache_key(scan, scan_id, None, scans.file_sha256(checkpoint)) != with_detector != key
-    monkeypatch.setattr(scans, "FACE_RADIUS_RATIO", 1.2)
-    assert scans.cache_key(scan, scan_id, landmarks, None) != key
+    assert cache.cache_key(scan, name, None, file_sha256(checkpoint)) != with_detector != key
+    monkeypatch.setattr(cache, "FACE_RADIUS_RATIO", 1.2)
+    assert cache.cache_key(scan, name, landmarks, None) != key
     monkeypatch.undo()
     scan.write_text(scan.read_text() + "# touched\n")
-    assert scans.cache_key(scan, scan_id, landmarks, None) != key
+    assert cache.cache_key(scan, name, landmarks, None) != key
 
 
 def test_restart_empties_the_scan_cache(tmp_path):
@@ -626,7 +639,7 @@ def test_bu4dfe_cli_with_a_landmark_detector_end_to_end(tmp_path, monkeypatch):
     checkpoint = tmp_path / "landmarks.ckpt"
     checkpoint.write_bytes(b"stand-in: the detector is replaced below")
     detectors = []
-    monkeypatch.setattr(scans, "LandmarkDetector", lambda path: detectors.append(FakeDetector(path)) or detectors[-1])
+    monkeypatch.setattr(cache, "LandmarkDetector", lambda path: detectors.append(FakeDetector(path)) or detectors[-1])
     out = tmp_path / "bu4dfe.h5"
     assert bu4dfe.main(["--root", str(root), "--out", str(out), "--landmarks-model", str(checkpoint),
                         "--grid", "100,96,96", "--no-progress", "--frames", "1"]) == 0
@@ -660,9 +673,9 @@ def test_save_frontal_writes_the_render_that_68x2_files_refer_to(tmp_path):
     assert florence.main(["--root", str(tmp_path / "root"), "--save-frontal", str(tmp_path / "frontal"),
                           "--no-progress"]) == 0
     image = np.asarray(Image.open(tmp_path / "frontal/subject_01/Model/frontal1/obj/a.png"))
-    assert image.shape == (scans.FRONTAL_SIZE, scans.FRONTAL_SIZE, 3)
+    assert image.shape == (FRONTAL_SIZE, FRONTAL_SIZE, 3)
     np.testing.assert_allclose(fake_detect(image)[[36, 45, 30]],
-                               scans.frontal_view(MODEL.mean, scans.FRONTAL_SIZE).to_crop(TRUTH)[[36, 45, 30], :2],
+                               frontal_view(MODEL.mean, FRONTAL_SIZE).to_crop(TRUTH)[[36, 45, 30], :2],
                                atol=1.5)
 
 
@@ -673,11 +686,11 @@ def test_landmark_checkpoint_detector_and_its_refusal_of_a_volume_model(tmp_path
         model = cls(grid=GRID, net={"features": 16, "stacks": 1, "hourglass_depth": 2})
         torch.save({"lightning_vrn": model.record(), "hyper_parameters": dict(model.hparams),
                     "state_dict": model.state_dict()}, tmp_path / name)
-    detector = scans.LandmarkDetector(tmp_path / "landmarks.ckpt")
+    detector = LandmarkDetector(tmp_path / "landmarks.ckpt")
     landmarks = detector.detect(np.zeros((96, 96, 3), dtype=np.uint8))
     assert detector.crop_size == 96 and landmarks.shape == (68, 2) and np.isfinite(landmarks).all()
     with pytest.raises(ValueError, match="landmark_hourglass"):
-        scans.LandmarkDetector(tmp_path / "vrn.ckpt")
+        LandmarkDetector(tmp_path / "vrn.ckpt")
 
 
 # ----------------------------------------------------------------------------- evaluation on a scan file

@@ -1,4 +1,4 @@
-"""Triangle mesh files: Wavefront OBJ and PLY, with optional per-vertex colours; textured OBJ and VRML scans.
+"""Triangle mesh files: Wavefront OBJ and PLY, with optional per-vertex colours.
 
 Readers return ``(vertices (V, 3) float64, triangles (T, 3) int64 0-based, colors (V, 3)
 float64 or None)``, colours in [0, 1] for the files written here. Writers take colours as floats
@@ -8,22 +8,18 @@ faces; PLY is written as binary little-endian with float32 coordinates, uchar co
 indices, and read in ascii or binary form. Writers write a temporary file in the target directory
 and rename it (``os.replace``), so a crash never leaves a complete-looking file. Parsing and
 formatting are vectorised over the whole file; only a malformed file is re-scanned line by line
-to name the offending line.
-
-Textured scans (:func:`read_textured_mesh`: ``.obj`` with ``vt`` and a material library, VRML ``.wrl``
-as BU-4DFE ships it) come back as a :class:`TexturedMesh` with texture coordinates per triangle corner
-and the path of the texture image.
+to name the offending line. Textured scans (OBJ with ``vt``, VRML) are read by :mod:`data_prep.scans.reading`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lightning_vrn.atomic import atomic_path
+from lightning_vrn.geometry.mesh_check import check_mesh, check_triangle_ids
 
 MESH_SUFFIXES = (".obj", ".ply")
 
@@ -72,7 +68,7 @@ def read_obj(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     groups and materials are ignored.
     """
     path = Path(path)
-    text = _read_bytes(path).decode("utf-8", errors="replace")
+    text = read_file_bytes(path).decode("utf-8", errors="replace")
     vertex_lines = re.findall(r"^v[ \t]+([^\n]*)", text, flags=re.MULTILINE)
     face_lines = re.findall(r"^f[ \t]+([^\n]*)", text, flags=re.MULTILINE)
     if not vertex_lines:
@@ -83,7 +79,7 @@ def read_obj(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     n_vertices = len(vertex_lines)
     width = len(vertex_lines[0].split())
     consistent = width in (3, 6) and _lines_of_width(vertex_block, width) == n_vertices
-    values = _numbers(vertex_block) if consistent else None
+    values = parse_numbers(vertex_block) if consistent else None
     if values is None:
         problem = "expected 'v x y z' or 'v x y z r g b' with numbers, the same on every line"
         _raise_at_bad_line(path, text, "v", problem)
@@ -103,7 +99,7 @@ def read_obj(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         problem = "expected 'f a b c' with at least 3 integer entries like '7', '7/2' or '7/2/5'"
         _raise_at_bad_line(path, text, "f", problem)
     triangles = np.where(corners < 0, corners + n_vertices, corners - 1).reshape(-1, 3)
-    _check_indices(triangles, n_vertices, f"{path}: face")
+    check_triangle_ids(triangles, n_vertices, f"{path}: face")
     return vertices, triangles, colors
 
 
@@ -138,7 +134,7 @@ def read_ply(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     [0, 1], float colours are returned as stored.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_file_bytes(path)
     fmt, elements, body_start = _parse_ply_header(path, data)
     tables = {}
     if fmt == "ascii":
@@ -188,7 +184,7 @@ def read_ply(path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
                 "only triangle meshes are supported"
             )
         triangles = face["indices"].astype(np.int64).reshape(-1, 3)
-    _check_indices(triangles, len(vertices), f"{path}: element 'face'")
+    check_triangle_ids(triangles, len(vertices), f"{path}: element 'face'")
     return vertices, triangles, colors
 
 
@@ -200,21 +196,8 @@ def _suffix(path) -> str:
 
 
 def _checked_mesh(path, vertices, triangles, colors):
-    """Validate writer inputs; return float64 vertices, int64 triangles, uint8 colours or None."""
-    vertices = np.asarray(vertices, dtype=np.float64)
-    triangles = np.asarray(triangles)
-    if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise ValueError(f"writing {path}: vertices must have shape (V, 3), got {vertices.shape}")
-    if not np.isfinite(vertices).all():
-        count = int((~np.isfinite(vertices)).any(axis=1).sum())
-        raise ValueError(f"writing {path}: mesh has {count} non-finite vertices")
-    if triangles.ndim != 2 or triangles.shape[1] != 3 or not np.issubdtype(triangles.dtype, np.integer):
-        raise ValueError(
-            f"writing {path}: triangles must be an integer array of shape (T, 3), "
-            f"got {triangles.dtype} {triangles.shape}"
-        )
-    triangles = triangles.astype(np.int64)
-    _check_indices(triangles, len(vertices), f"writing {path}: triangles")
+    """Validate writer inputs (:func:`check_mesh`); return float64 vertices, int64 triangles, uint8 colours or None."""
+    vertices, triangles = check_mesh(vertices, triangles, f"writing {path}")
     if colors is None:
         return vertices, triangles, None
     colors = np.asarray(colors)
@@ -230,21 +213,14 @@ def _checked_mesh(path, vertices, triangles, colors):
     return vertices, triangles, np.round(colors * 255).astype(np.uint8)
 
 
-def _check_indices(triangles, n_vertices, where):
-    if len(triangles) and (triangles.min() < 0 or triangles.max() >= n_vertices):
-        bad = np.flatnonzero(((triangles < 0) | (triangles >= n_vertices)).any(axis=1))[0]
-        raise ValueError(
-            f"{where} {bad} refers to vertex {triangles[bad].tolist()}, but there are {n_vertices} vertices"
-        )
-
-
 def _atomic_write(path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file (:func:`lightning_vrn.atomic.atomic_path`)."""
     with atomic_path(path) as temp:
         temp.write_bytes(payload)
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of a mesh file; FileNotFoundError naming it when it is missing."""
     if not path.is_file():
         raise FileNotFoundError(f"mesh file not found: {path}")
     return path.read_bytes()
@@ -328,10 +304,10 @@ def _ascii_ply_element(path, name, lines, properties):
     """Parse the ascii lines of one element into records of :func:`_ply_dtype` (triangles only for faces)."""
     dtype = _ply_dtype(path, name, properties, "=")
     sizes = [int(np.prod(dtype[field].shape)) for field in dtype.names]
-    values = _numbers(" ".join(lines))
+    values = parse_numbers(" ".join(lines))
     if values is None or values.size != sum(sizes) * len(lines):
         for index, line in enumerate(lines):
-            if len(line.split()) != sum(sizes) or _numbers(line) is None:
+            if len(line.split()) != sum(sizes) or parse_numbers(line) is None:
                 hint = " (only triangle faces are supported)" if name == "face" else ""
                 raise ValueError(
                     f"{path}: element '{name}' item {index}: expected {sum(sizes)} numbers{hint}, got {line.strip()!r}"
@@ -344,17 +320,15 @@ def _ascii_ply_element(path, name, lines, properties):
     return records
 
 
-def _numbers(text: str) -> np.ndarray | None:
-    """Whitespace-separated numbers of ``text`` as float64, or None if one is not a number."""
+def parse_numbers(text: str) -> np.ndarray | None:
+    """Whitespace-separated numbers of ``text`` as a flat float64 array, or None if one is not a number."""
     try:
         return np.array(text.split(), dtype=np.float64)
     except ValueError:
         return None
 
 
-# ----------------------------------------------------------------------------- textured scans
-
-TEXTURED_SUFFIXES = (".obj", ".wrl")
+# ----------------------------------------------------------------------------- winding
 
 
 def front_facing(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -364,180 +338,3 @@ def front_facing(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     corners = np.asarray(vertices, dtype=np.float64)[triangles]
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
     return triangles if normals[:, 2].sum() >= 0 else triangles[:, ::-1].copy()
-
-
-@dataclass(frozen=True)
-class TexturedMesh:
-    """A triangle mesh with a texture map, as 3D scanners export it.
-
-    ``vertices`` (V, 3) float64 in the file's units; ``triangles`` (T, 3) int64 0-based vertex ids;
-    ``uv`` (K, 2) float64 texture coordinates (u right, v UP, the image spans [0, 1]^2);
-    ``uv_triangles`` (T, 3) int64 ids into ``uv`` for each triangle corner; ``texture_path`` the image.
-    """
-
-    vertices: np.ndarray
-    triangles: np.ndarray
-    uv: np.ndarray
-    uv_triangles: np.ndarray
-    texture_path: Path
-
-
-def read_textured_mesh(path) -> TexturedMesh:
-    """Read a textured ``.obj`` (:func:`read_textured_obj`) or VRML ``.wrl`` (:func:`read_wrl`) by suffix."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in TEXTURED_SUFFIXES:
-        raise ValueError(f"unsupported textured mesh format {suffix or '(no suffix)'!r} for {path}; "
-                         f"use one of {TEXTURED_SUFFIXES}")
-    return read_textured_obj(path) if suffix == ".obj" else read_wrl(path)
-
-
-def read_textured_obj(path) -> TexturedMesh:
-    """A Wavefront OBJ with ``vt`` texture coordinates, ``f v/vt ...`` faces and its texture image.
-
-    The image is the ``map_Kd`` of the material library named by ``mtllib`` (paths relative to the
-    OBJ's folder); without a library, an image beside the OBJ with the same stem (.bmp, .png, .jpg).
-    Polygons are split into triangle fans as in :func:`read_obj`.
-    """
-    path = Path(path)
-    vertices, triangles, _ = read_obj(path)
-    text = _read_bytes(path).decode("utf-8", errors="replace")
-    uv = _texture_coordinates(path, re.findall(r"^vt[ \t]+([^\n]*)", text, flags=re.MULTILINE))
-    face_block = "\n".join(re.findall(r"^f[ \t]+([^\n]*)", text, flags=re.MULTILINE))
-    corners = re.findall(r"\S+", face_block)
-    if any(len(corner.split("/")) < 2 or not corner.split("/")[1] for corner in corners):
-        raise ValueError(f"{path}: faces without texture indices (expected 'f v/vt v/vt v/vt'); "
-                         f"export the scan with its texture coordinates")
-    uv_block = re.sub(r"(?m)(^|[ \t])[^/\s]*/([^/\s]*)\S*", r"\1\2", face_block)
-    uv_triangles = _fans(path, [line.split() for line in uv_block.split("\n")], len(uv), "face texture index")
-    if uv_triangles.shape != triangles.shape:
-        raise ValueError(f"{path}: {len(uv_triangles)} textured triangles but {len(triangles)} triangles")
-    return TexturedMesh(vertices, triangles, uv, uv_triangles, _obj_texture(path, text))
-
-
-def read_wrl(path) -> TexturedMesh:
-    """A VRML ``.wrl`` textured ``IndexedFaceSet`` (BU-3DFE / BU-4DFE scans): the first one in the file.
-
-    VRML 2.0 (``coord Coordinate { point [...] }``, ``coordIndex``, ``texCoord TextureCoordinate
-    { point [...] }``, ``texCoordIndex``, ``ImageTexture { url "..." }``) and VRML 1.0 (``Coordinate3``,
-    ``TextureCoordinate2``, ``textureCoordIndex``, ``Texture2 { filename "..." }``). Faces are
-    ``-1``-terminated polygons, split into fans; without ``texCoordIndex`` the texture coordinates
-    follow ``coordIndex`` (the VRML rule). The image path is relative to the ``.wrl``'s folder.
-    """
-    path = Path(path)
-    text = _read_bytes(path).decode("utf-8", errors="replace")
-    if not text.lstrip().startswith("#VRML"):
-        raise ValueError(f"{path}: not a VRML file (it must start with '#VRML V2.0' or '#VRML V1.0')")
-
-    def block(pattern: str) -> str | None:
-        match = re.search(pattern + r"\s*\[([^\]]*)\]", text)
-        return None if match is None else match.group(1).replace(",", " ")
-
-    point_text = block(r"(?<!Texture)Coordinate3?\s*\{\s*point")
-    index_text = block(r"\bcoordIndex")
-    if point_text is None or index_text is None:
-        raise ValueError(f"{path}: no IndexedFaceSet with 'coord Coordinate {{ point [...] }}' and 'coordIndex [...]'")
-    points = _numbers(point_text)
-    if points is None or points.size % 3 or not points.size:
-        raise ValueError(f"{path}: Coordinate point list is not x y z number triples")
-    vertices = points.reshape(-1, 3)
-    triangles = _fans(path, _polygons(path, index_text, "coordIndex"), len(vertices), "coordIndex")
-    uv_text = block(r"TextureCoordinate2?\s*\{\s*point")
-    if uv_text is None:
-        raise ValueError(f"{path}: no 'texCoord TextureCoordinate {{ point [...] }}': the scan has no texture "
-                         f"mapping; use the textured export")
-    uv = _texture_coordinates(path, [uv_text], pairs=True)
-    uv_index_text = block(r"\b(?:texCoordIndex|textureCoordIndex)")
-    if uv_index_text is None:
-        if triangles.max() >= len(uv):
-            raise ValueError(f"{path}: no texCoordIndex, so the texture coordinates follow coordIndex, but there are "
-                             f"{len(uv)} texture coordinates for {len(vertices)} vertices (coordIndex uses ids up to "
-                             f"{triangles.max()}); the file is truncated or not a textured export")
-        uv_triangles = triangles
-    else:
-        uv_triangles = _fans(path, _polygons(path, uv_index_text, "texCoordIndex"), len(uv), "texCoordIndex")
-    if uv_triangles.shape != triangles.shape:
-        raise ValueError(f"{path}: texCoordIndex gives {len(uv_triangles)} triangles, coordIndex {len(triangles)}")
-    match = re.search(r"(?:url|filename)\s*\[?\s*\"([^\"]+)\"", text)
-    if match is None:
-        raise ValueError(f"{path}: no texture image ('ImageTexture {{ url \"...\" }}'); use the textured export")
-    texture = path.parent / match.group(1)
-    if not texture.is_file():
-        raise FileNotFoundError(f"{path}: texture image {texture} (its ImageTexture url) not found; put the image "
-                                f"beside the .wrl as the dataset ships it")
-    return TexturedMesh(vertices, triangles, uv, uv_triangles, texture)
-
-
-def _texture_coordinates(path: Path, lines: list[str], pairs: bool = False) -> np.ndarray:
-    """``(K, 2)`` u, v from the contents of ``vt`` lines (``u v`` or ``u v w``), or with ``pairs`` from one VRML
-    point list of u v pairs."""
-    if not lines:
-        raise ValueError(f"{path}: no texture coordinates ('vt u v' lines): the scan has no texture mapping; "
-                         f"export it with its texture")
-    if pairs:
-        values = _numbers(lines[0])
-        if values is None or values.size % 2 or not values.size:
-            raise ValueError(f"{path}: TextureCoordinate point list is not u v number pairs")
-        return values.reshape(-1, 2)
-    width = len(lines[0].split())
-    values = _numbers("\n".join(lines)) if width in (2, 3) else None
-    if values is None or values.size != width * len(lines):
-        raise ValueError(f"{path}: malformed 'vt' lines (expected 'vt u v' or 'vt u v w', the same on every line)")
-    return values.reshape(len(lines), width)[:, :2]
-
-
-def _polygons(path: Path, text: str, what: str) -> list[list[str]]:
-    """A VRML ``-1``-terminated index list -> polygons as lists of index strings."""
-    values = text.split()
-    polygons, current = [], []
-    for value in values:
-        if value == "-1":
-            polygons.append(current)
-            current = []
-        else:
-            current.append(value)
-    if current:
-        polygons.append(current)
-    if not polygons:
-        raise ValueError(f"{path}: {what} is empty")
-    return polygons
-
-
-def _fans(path: Path, polygons: list[list[str]], count: int, what: str) -> np.ndarray:
-    """Polygons of 0-based (VRML) or 1-based / negative (OBJ texture) id strings -> ``(T, 3)`` int64 triangle fans.
-
-    ``what`` names the list in errors; OBJ lists ("face texture index") are 1-based, negative counting back.
-    """
-    if min(map(len, polygons)) < 3:
-        raise ValueError(f"{path}: a {what} polygon has fewer than 3 corners")
-    try:
-        if all(len(p) == 3 for p in polygons):
-            ids = np.array(polygons, dtype=np.int64)
-        else:
-            ids = np.array([(p[0], p[i], p[i + 1]) for p in polygons for i in range(1, len(p) - 1)], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"{path}: {what} entries must be integers") from None
-    if what.startswith("face"):
-        ids = np.where(ids < 0, ids + count, ids - 1)
-    _check_indices(ids, count, f"{path}: {what} of triangle")
-    return ids
-
-
-def _obj_texture(path: Path, text: str) -> Path:
-    """The texture image of an OBJ: its material library's ``map_Kd``, else an image of the OBJ's stem."""
-    library = re.search(r"^mtllib[ \t]+([^\n]+?)[ \t\r]*$", text, flags=re.MULTILINE)
-    if library is not None:
-        mtl = path.parent / library.group(1)
-        if not mtl.is_file():
-            raise FileNotFoundError(f"{path}: material library {mtl} (its mtllib) not found; put it beside the .obj")
-        maps = re.findall(r"^[ \t]*map_Kd[ \t]+([^\n]+?)[ \t\r]*$", mtl.read_text(errors="replace"), flags=re.MULTILINE)
-        if not maps:
-            raise ValueError(f"{mtl}: no 'map_Kd IMAGE' line: the material has no texture image")
-        texture = mtl.parent / maps[0].split()[-1]
-        if not texture.is_file():
-            raise FileNotFoundError(f"{path}: texture image {texture} (map_Kd of {mtl.name}) not found; put the "
-                                    f"image beside the .mtl as the dataset ships it")
-        return texture
-    for suffix in (".bmp", ".png", ".jpg", ".jpeg"):
-        if path.with_suffix(suffix).is_file():
-            return path.with_suffix(suffix)
-    raise FileNotFoundError(f"{path}: no texture image: no 'mtllib' line and no {path.stem}.bmp/.png/.jpg beside it")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lightning_vrn.geometry.mesh_check import check_mesh
+
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """``(V, 3)`` float64 unit vertex normals: area-weighted sums of the adjacent triangles' normals.
@@ -13,12 +15,7 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     from where the normal points, give normals toward the viewer. A vertex that no triangle uses, or
     whose triangles' normals cancel, gets the zero vector.
     """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    triangles = np.asarray(triangles)
-    if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise ValueError(f"vertices must have shape (V, 3), got {vertices.shape}")
-    if triangles.ndim != 2 or triangles.shape[1] != 3 or not np.issubdtype(triangles.dtype, np.integer):
-        raise ValueError(f"triangles must be an integer array of shape (T, 3), got {triangles.dtype} {triangles.shape}")
+    vertices, triangles = check_mesh(vertices, triangles, "vertex_normals", finite=False)
     corners = vertices[triangles]                                                          # (T, 3, 3)
     face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length = 2 * area
     corner_ids = triangles.ravel()                                                         # (3T,)

@@ -44,6 +44,7 @@ from scipy import ndimage, sparse
 from scipy.sparse.linalg import spsolve
 
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.geometry.mesh_check import check_mesh
 from lightning_vrn.geometry.raster import rasterise
 
 PHASES = 4
@@ -81,24 +82,8 @@ def _validated(vertices, triangles, rotation, grid):
     """Check types, shapes, finiteness, index range and orthonormality; return float64/int64 arrays."""
     if not isinstance(grid, VoxelGrid):
         raise TypeError(f"grid must be a VoxelGrid, got {type(grid).__name__}")
-    vertices = np.asarray(vertices, dtype=np.float64)
-    if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) == 0:
-        raise ValueError(f"vertices must have shape (V, 3) with V > 0, got {vertices.shape}")
-    if not np.isfinite(vertices).all():
-        bad = np.flatnonzero(~np.isfinite(vertices).all(axis=1))
-        raise ValueError(
-            f"mesh has {len(bad)} non-finite vertices (NaN or inf), first at index {bad[0]}; "
-            "repair or drop them before voxelising"
-        )
-    triangles = np.asarray(triangles)
-    if triangles.ndim != 2 or triangles.shape[1] != 3 or not np.issubdtype(triangles.dtype, np.integer):
-        raise ValueError(f"triangles must be an integer array of shape (T, 3), got {triangles.dtype} {triangles.shape}")
-    triangles = triangles.astype(np.int64, copy=False)
-    if len(triangles) and (triangles.min() < 0 or triangles.max() >= len(vertices)):
-        raise ValueError(
-            f"triangle indices must lie in [0, {len(vertices) - 1}] (0-based, {len(vertices)} vertices), "
-            f"got [{triangles.min()}, {triangles.max()}]"
-        )
+    vertices, triangles = check_mesh(vertices, triangles, "voxelise", min_vertices=1,
+                                     fix="repair or drop them before voxelising")
     rotation = np.asarray(rotation, dtype=np.float64)
     if rotation.shape != (3, 3) or not np.isfinite(rotation).all():
         raise ValueError(f"rotation must be a finite (3, 3) matrix, got shape {rotation.shape}")
