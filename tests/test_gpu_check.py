@@ -1,6 +1,7 @@
 """benchmarks.gpu_check: the --tiny run on the CPU with Open3D, OmegaConf and W&B unimportable (as on the
 GPU machine) reports every phase with finite numbers, ends with the table of every result, and saves a
-checkpoint that load_model reads; the time box and the phase deadlines."""
+checkpoint that load_model reads; the time box and the phase deadlines; training steps timed through
+benchmarks.train_step with the model's own loss and optimiser (configure_optimizers)."""
 
 import json
 import math
@@ -12,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.gpu_check import DEFAULT_PHASES, PAPER, Context, PhaseTimeout, hard_limit
+from benchmarks.gpu_check.budget import STARTUP_S, PhaseTimeout, hard_limit, phase_reserves
+from benchmarks.gpu_check.context import Context
+from benchmarks.gpu_check.sizes import DEFAULT_PHASES, PAPER
+from benchmarks.gpu_check.steps import EAGER_VARIANTS, model_optimizer
+from benchmarks.train_step import step_function, time_step_function
 from lightning_vrn.geometry.grid import VoxelGrid
-from lightning_vrn.models import load_model
+from lightning_vrn.models import build_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU_MACHINE = ("open3d", "omegaconf", "wandb")
@@ -23,7 +28,7 @@ RUN_WITHOUT = ("import runpy, sys\n"
                "for name in {names!r}:\n"
                "    sys.modules[name] = None\n"
                "runpy.run_module('benchmarks.gpu_check', run_name='__main__', alter_sys=True)\n")
-# Unsupported on this torch (RMSprop has no fused kernel) or not run at the tiny size.
+# Unsupported (the model's optim settings have no fused: PyTorch's RMSprop has none) or not run at the tiny size.
 ALLOWED_SKIPS = ("RMSprop fused", "max-autotune")
 POSITIVE_UNITS = ("samples/s", "TFLOP/s", "GB/s", "s", "ms", "GFLOP", "GiB", "samples", "steps", "MiB", "BCE")
 
@@ -110,15 +115,57 @@ def test_hard_limit_interrupts_and_disarms():
 
 @pytest.mark.parametrize("phases", [DEFAULT_PHASES, ("device", "compile")])
 def test_phase_deadlines_keep_the_later_selected_phases_reserves(phases):
-    reserves = {phase: seconds for phase, seconds in PAPER.reserves if phase in phases}  # as main() selects them
-    end = sum(reserves.values()) + PAPER.margin_s + 10.0
+    budget = 420.0
+    reserves = phase_reserves(PAPER, phases, budget)  # as main() selects and scales them
+    assert list(reserves) == list(phases)
+    unscaled = {phase: seconds for phase, seconds in PAPER.reserves if phase in phases}
+    scale = budget / (sum(unscaled.values()) + PAPER.margin_s + STARTUP_S)
+    assert all(reserves[phase] == pytest.approx(unscaled[phase] * scale) for phase in phases)
+    if phases == DEFAULT_PHASES:  # the paper reserves are sized for the default phases in 420 s
+        assert scale == 1.0
     ctx = Context(args=None, sizes=PAPER, device=torch.device("cpu"), grid=VoxelGrid.parse(PAPER.grid), rec=None,
-                  reserves=reserves, end=end)
+                  reserves=reserves, end=budget)
     deadlines = [ctx.deadline(phase) for phase in phases]
-    assert deadlines == sorted(deadlines) and deadlines[-1] == end - PAPER.margin_s
+    assert deadlines == sorted(deadlines) and deadlines[-1] == budget - PAPER.margin_s
     for earlier, later, phase in zip(deadlines, deadlines[1:], phases[1:]):
-        assert later - earlier == reserves[phase]
+        assert later - earlier == pytest.approx(reserves[phase])
     assert deadlines[0] - reserves["device"] >= 5  # Python and torch start-up fit before the first phase
+
+
+def tiny_vrn():
+    return build_model("vrn", grid=VoxelGrid.parse("50,48,48").to_dict(),
+                       net={"features": 16, "stacks": 1, "hourglass_depth": 2})
+
+
+def test_step_function_trains_with_the_models_own_loss_and_optimiser():
+    torch.manual_seed(0)
+    model = tiny_vrn().train()
+    batch = {"image": torch.rand(2, 3, 48, 48), "volume": (torch.rand(2, 50, 48, 48) > 0.5).float()}
+    with torch.no_grad():
+        expected = float(model.losses(model(batch), batch)["loss"])
+    before = [p.detach().clone() for p in model.parameters()]
+    step = step_function(model, batch)
+    assert float(step()) == pytest.approx(expected, rel=1e-5)  # the step's loss is the model's, before the update
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    timing = time_step_function(step, torch.device("cpu"), steps=3, warmup=1)
+    assert timing.steps == 3 and timing.seconds > 0 and timing.first_s > 0 and math.isfinite(timing.loss)
+    capped = time_step_function(step, torch.device("cpu"), steps=100, warmup=1, max_s=0.0)
+    assert capped.steps == 3  # the cap stops after the minimum of three timed steps
+    with pytest.raises(ValueError, match="precision"):
+        step_function(model, batch, "16-mixed")
+
+
+def test_setting_optimisers_come_from_configure_optimizers():
+    model = tiny_vrn()
+    plain = model.configure_optimizers()["optimizer"]
+    looped = model_optimizer(model, {"foreach": False})
+    assert type(looped) is type(plain) and looped.defaults["foreach"] is False
+    assert {k: v for k, v in looped.defaults.items() if k != "foreach"} == \
+        {k: v for k, v in plain.defaults.items() if k != "foreach"}
+    assert model.settings.optim.foreach is None  # the override is not left behind
+    fused = next(v for v in EAGER_VARIANTS if "fused" in v.name)
+    with pytest.raises(TypeError, match="fused"):  # recorded as "unsupported" by measure_setting
+        model_optimizer(model, dict(fused.optim))
 
 
 @pytest.mark.slow
