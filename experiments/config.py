@@ -13,7 +13,7 @@ The result is checked against the settings dataclasses of the components, the on
 default, and returned as the typed :class:`ExperimentSettings`:
 
 - top level (``name``, ``seed``, ``run_dir``, ``resume``, ``grid``): :class:`ExperimentSettings`;
-- ``data``: :class:`datamodules.DataSettings` (with ``augment``: :class:`datamodules.AugmentSettings`);
+- ``data``: :class:`datamodules.datamodule.DataSettings` (with ``augment``: :class:`datamodules.AugmentSettings`);
 - ``model``: the ``Settings`` of the model registered under ``model.name``, so a variant's config
   carries the variant's own keys (and only those);
 - ``nme``: :class:`lightning_vrn.callbacks.NMESettings`; ``checkpoint``: :class:`CheckpointSettings`;
@@ -224,19 +224,30 @@ def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSettings:
     """Compose the variant's preset, the config at ``path`` (with its ``extends`` chain) and ``a.b=c`` overrides;
     check and complete the result."""
+    return load_settings(ExperimentSettings, path, overrides, validate=validate, with_preset=True)
+
+
+def load_settings(schema: type, path: str | Path, overrides: Sequence[str] = (), validate=None,
+                  with_preset: bool = False):
+    """An instance of the settings dataclass ``schema`` from the YAML file at ``path`` (with its ``extends`` chain,
+    and under the variant's preset when ``with_preset``) and ``a.b=c`` overrides. ``validate(values, where)``
+    builds it (default: :func:`parse_settings`); an error names the file or the overrides that set the key."""
     sources = _load_chain(Path(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
         sources.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
-    sources = _preset(sources) + sources
+    if with_preset:
+        sources = _preset(sources) + sources
     merged = OmegaConf.merge(*(node for _, node in sources))
     try:
         container = OmegaConf.to_container(merged, resolve=True)
     except Exception as error:  # interpolation errors name the key already
         raise ConfigError(f"cannot resolve config {path}: {error}") from None
     try:
+        if validate is None:
+            return parse_settings(schema, container, where="the config")
         return validate(container, "the config")
     except SettingsError as error:
         raise ConfigError(str(error).replace("in the config", f"in {_source_of(error.key, sources)}", 1)) from None

@@ -1,0 +1,107 @@
+"""The files of a comparison's report: ``table.md`` and ``table.csv`` (:func:`write_tables`), the figures
+(:func:`write_figures`: ``ced.png``, ``nme_vs_yaw.png``, ``nme_per_expression.png``) and, for finished runs,
+``runs.csv`` (:func:`write_run_list`)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lightning_vrn.atomic import atomic_path, write_text
+from lightning_vrn.metrics.bootstrap import bootstrap_mean
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
+from lightning_vrn.visualise import save_ced, save_grouped_means, save_nme_vs_yaw
+
+if TYPE_CHECKING:
+    from experiments.compare.finished_runs import FinishedRun
+
+
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+
+
+COLUMNS = ("method", "NME mean [95% CI]", "median", "yaw 0-30", "yaw 30-60", "yaw 60-90", "aligned NME",
+           "closest-point error", "landmark NME (balanced)", "difference from {reference} [95% CI]", "failed")
+
+
+RUNS_COLUMN = "runs: their NME range"
+
+
+def _runs_text(run_means: list[float]) -> str:
+    """``"3: 0.2410-0.2533"`` (the number of runs and the range of their own mean NMEs)."""
+    return f"{len(run_means)}: {_number(min(run_means))}" + ("" if len(run_means) == 1 else f"-{_number(max(run_means))}")
+
+
+def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[str] = ()) -> None:
+    """``table.md`` (Table 1's layout, with intervals, under ``title`` and ``notes`` paragraphs) and
+    ``table.csv`` (the same numbers, one per column). Rows with ``runs`` (each run's own NME mean: several
+    runs of one variant) get a runs column, and ``num_runs``, ``run_nme_min``, ``run_nme_max`` in the CSV."""
+    with_runs = any("runs" in row for row in rows.values())
+    header = [c.format(reference=reference) for c in COLUMNS]
+    if with_runs:
+        header.insert(1, RUNS_COLUMN)
+    lines = [f"# {title}", "",
+             "Bootstrap 95% intervals over the test faces; the difference is each method's paired per-face "
+             f"difference from {reference} (negative: better), marked *within noise* when its "
+             "interval contains 0.", *(line for note in notes for line in ("", note)), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv_rows = []
+    for name, row in rows.items():
+        difference = row.get("difference")
+        diff_text = "reference" if difference is None else (
+            difference.text(4) + ("" if difference.excludes_zero else " *within noise*")
+            + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
+        cells = [name, *([_runs_text(row["runs"])] if with_runs else []), row["nme"].text(4), _number(row["nme_median"]),
+                 *(_number(row[f"nme_yaw_{lo}_{hi}"]) for lo, hi in YAW_BUCKETS_DEG),
+                 _number(row["nme_aligned_mean"]), _number(row["nme_closest_mean"]),
+                 _number(row["landmark_nme_balanced"]), diff_text, f"{row['num_failed']}/{row['num_samples']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        csv_rows.append({"method": name, "nme_mean": row["nme"].estimate, "nme_low": row["nme"].low,
+                         "nme_high": row["nme"].high, "nme_median": row["nme_median"],
+                         **{f"nme_yaw_{lo}_{hi}": row[f"nme_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG},
+                         "nme_aligned": row["nme_aligned_mean"], "nme_closest": row["nme_closest_mean"],
+                         "landmark_nme_balanced": row["landmark_nme_balanced"],
+                         "difference": None if difference is None else difference.estimate,
+                         "difference_low": None if difference is None else difference.low,
+                         "difference_high": None if difference is None else difference.high,
+                         "num_failed": row["num_failed"], "num_samples": row["num_samples"],
+                         **({"num_runs": len(row["runs"]), "run_nme_min": min(row["runs"]),
+                             "run_nme_max": max(row["runs"])} if with_runs else {})})
+    write_text(out / "table.md", "\n".join(lines) + "\n")
+    with atomic_path(out / "table.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+
+
+def write_figures(out: Path, tables: dict, yaw_methods: list[str], expression_names, resamples: int) -> None:
+    """Figure 7 (CED of every method), Figure 10 (NME against yaw of ``yaw_methods``) and Figure 11 (NME
+    per dominant expression of each method, with ``resamples``-bootstrap intervals)."""
+    save_ced(out / "ced.png", {name: t["nme"][~t["failed"]] for name, t in tables.items()})
+    save_nme_vs_yaw(out / "nme_vs_yaw.png", {name: (tables[name]["yaw_deg"], tables[name]["nme"])
+                                             for name in yaw_methods})
+    labels = sorted({int(label) for t in tables.values() for label in t["expression"] if label >= 0})
+    names = list(expression_names or [])
+    groups = [names[label] if label < len(names) else f"expression {label}" for label in labels] or ["unknown"]
+    means = {}
+    for name, table in tables.items():
+        values = []
+        for label in labels or [-1]:
+            interval = bootstrap_mean(table["nme"][table["expression"] == label], resamples)
+            values.append((interval.estimate, interval.low, interval.high))
+        means[name] = values
+    save_grouped_means(out / "nme_per_expression.png", groups, means)
+
+
+def write_run_list(path: Path, groups: dict[str, list[FinishedRun]]) -> None:
+    """``runs.csv``: each run's group, directory, seed and own test NME (mean over its faces, as metrics.json)."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "run_dir", "seed", "nme_mean", "num_samples", "num_failed"])
+        for label, group in groups.items():
+            for run in group:
+                writer.writerow([label, run.dir, run.config.get("seed"), repr(run.summary["nme_mean"]),
+                                 run.summary["num_samples"], run.summary["num_failed"]])

@@ -1,0 +1,81 @@
+"""The settings of a comparison (``--config``): :class:`CompareSettings`, read by :func:`load_compare_settings`."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.baselines import DEFAULT_REGULARISATION
+from experiments.config import CONFIG_DIR, ConfigError, load_settings
+from experiments.evaluation import EVAL_BATCH_SIZE
+from lightning_vrn.models import MODELS
+
+
+@dataclass
+class DataSplits:
+    """The synthetic data of the comparison (made with ``--frontal``), in ``dir``."""
+
+    dir: str = "data/compare"
+    grid: str = "100,96,96"
+    train: int = 800
+    val: int = 32
+    test: int = 100
+    seed: int = 0
+    workers: int = 2
+
+
+@dataclass
+class CompareSettings:
+    """A comparison. ``train_config``: the experiment config every training extends (in
+    experiments/configs); ``overrides``: ``key=value`` for every training; ``detectors`` and
+    ``methods``: name -> ``"variant [key=value ...]"``, a registered variant (trained as its preset says,
+    docs/variants.md) and its own overrides, if any; ``guidance``: guided method -> the detector that
+    guides it at evaluation; ``fit_detector``: the detector whose landmarks the 3DMM fit uses;
+    ``fit_regularisation``: the fit's Tikhonov lambda; ``reference``: the method every other is
+    compared with. A compare config may extend another (``extends: compare_quickstart.yaml``)."""
+
+    name: str = "compare"
+    out: str = "runs/compare"
+    data: DataSplits = field(default_factory=DataSplits)
+    train_config: str = "quickstart.yaml"
+    overrides: list = field(default_factory=list)
+    detectors: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)
+    guidance: dict = field(default_factory=dict)
+    fit_detector: str = "detector"
+    fit_regularisation: float = DEFAULT_REGULARISATION
+    reference: str = "VRN"
+    batch_size: int = EVAL_BATCH_SIZE
+    bootstrap_resamples: int = 2000
+
+    def training_overrides(self, name: str) -> list[str]:
+        """The ``key=value`` overrides that train the detector or method ``name``: its variant, then its own."""
+        variant, *own = shlex.split((self.detectors | self.methods)[name])
+        return [f"model.name={variant}", *own]
+
+
+def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> CompareSettings:
+    """The comparison settings at ``path`` (with its ``extends`` chain) and ``a.b=c`` overrides, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"compare config {path} does not exist; shipped: "
+                          f"{', '.join(p.name for p in sorted(CONFIG_DIR.glob('compare_*.yaml')))}")
+    settings = load_settings(CompareSettings, path, overrides)
+    for section in ("detectors", "methods"):
+        for name, entry in getattr(settings, section).items():
+            words = shlex.split(entry) if isinstance(entry, str) else []
+            if not words or words[0] not in MODELS or any("=" not in word for word in words[1:]):
+                raise ConfigError(f"{path}: {section}.{name} is {entry!r}; write a registered variant "
+                                  f"({', '.join(sorted(MODELS))}) and any key=value overrides, e.g. "
+                                  f"'vrn_guided model.net.stacks=1'")
+    unknown = sorted((set(settings.guidance.values()) | {settings.fit_detector}) - set(settings.detectors))
+    if unknown:
+        raise ConfigError(f"{path}: guidance or fit_detector name detectors {unknown} that 'detectors' does not "
+                          f"define ({sorted(settings.detectors)})")
+    if not set(settings.guidance) <= set(settings.methods):
+        raise ConfigError(f"{path}: guidance names methods {sorted(set(settings.guidance) - set(settings.methods))} "
+                          f"that 'methods' does not define ({sorted(settings.methods)})")
+    if settings.reference not in settings.methods:
+        raise ConfigError(f"{path}: reference {settings.reference!r} is not one of the methods {sorted(settings.methods)}")
+    return settings
