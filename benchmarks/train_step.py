@@ -2,8 +2,8 @@
 
 Times forward + the model's loss + backward + the model's optimiser step (``configure_optimizers``)
 on random inputs of the config's grid, for each precision (fp32, and bf16-mixed autocast where the
-device supports it), and prints samples/s. The README's GPU row comes from running this on a CUDA
-machine.
+device supports it), and prints samples/s. The README's CPU row (the paper config on 2 CPU threads) comes
+from running this; its GPU numbers come from ``benchmarks.gpu_check`` (below).
 
 :func:`step_function` (one training step as a closure) and :func:`time_step_function` (its
 synchronised timing) are also what ``benchmarks.gpu_check`` times its settings with; this module's

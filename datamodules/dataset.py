@@ -59,8 +59,8 @@ def mix_seed(*values: int) -> int:
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., W/8)`` bits packed along x (``np.packbits``) -> uint8 ``(..., W)`` of 0/1, on its device.
 
-    On the CPU :func:`lightning_vrn.dataset_file.unpack_volume` (numpy, about 15x faster than the bit
-    operations); elsewhere :func:`unpack_bits_torch`.
+    On the CPU :func:`lightning_vrn.dataset_file.unpack_volume` (numpy, much faster there than the bit
+    operations: benchmarks/results_settings.md); elsewhere :func:`unpack_bits_torch`.
     """
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed volumes must be uint8, got {packed.dtype}")

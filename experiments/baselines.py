@@ -39,9 +39,9 @@ from lightning_vrn.geometry.voxelise import voxelise
 
 DEFAULT_REGULARISATION = 3.0
 """Weight of ``|c|^2`` against squared landmark residuals in model mm for :class:`FittedShapeBaseline`.
-Measured on 40 synthetic built-in faces in the paper's crop, mean face-region vertex error (px) over
-weights 0.3 / 1 / 3 / 10: 3.4 / 2.6 / 2.4 / 2.6 for landmarks with 1.5 px of noise, 6.2 / 4.3 / 3.2 /
-3.0 with 3 px, 1.4 / 1.8 / 2.1 / 2.4 for exact ones (a weight of 0.01: 1.1 exact, 6.1 and 13 noisy)."""
+Chosen for noisy landmarks (a detector's): on synthetic faces it was best or near best with noisy
+landmarks, while smaller weights fit exact landmarks better and noisy ones worse (the vertex errors per
+weight: benchmarks/results_settings.md)."""
 
 
 def mean_training_volume(path: Path, grid: VoxelGrid, max_samples: int = 1000,

@@ -91,8 +91,8 @@ class NMECallback(pl.Callback):
     single process's. Rank 0 writes the report (:func:`lightning_vrn.metrics.report.write_report`):
     ``val_epoch{e:04d}.csv`` / ``test.csv`` and their ``_summary.json`` into ``out_dir`` (default:
     the trainer's log directory). :attr:`summaries` and :attr:`tables` keep each stage's last summary and table. The
-    iso-surface and ICP run on the CPU (about 0.2 s per sample at the paper grid), only on these
-    epochs, never in training steps.
+    iso-surface and ICP run on the CPU (their cost per sample: benchmarks/results_evaluation.md), only
+    on these epochs, never in training steps.
     """
 
     def __init__(self, settings: NMESettings | None = None, out_dir: str | os.PathLike | None = None,

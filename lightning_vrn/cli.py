@@ -1,7 +1,7 @@
 """How every command of the suite ends: a one-line error and an exit code, a traceback only when asked.
 
 ``sys.exit(run_command(main))`` runs ``main(argv)``. An exception becomes ``error: <message>`` on
-stderr and an exit code from :data:`EXIT_CODES` (an exception may carry its own ``exit_code``);
+stderr and an exit code from :func:`exit_code` (an exception may carry its own ``exit_code``);
 ``--debug`` on the command line or ``LIGHTNING_VRN_DEBUG=1`` shows the traceback instead.
 
 Exit codes: 0 done; 1 an error (a damaged file, a failed write, ...); 2 bad usage or config (the

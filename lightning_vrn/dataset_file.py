@@ -114,10 +114,9 @@ REQUIRED_ATTRS = ("face_model", "source", "created_by")
 
 GENERATE_HINT = "python -m data_prep.synthetic --out DIR --split train=4000 --split val=200 --split test=500"
 
-# Measured on synthetic 200x192x192 samples (one core, chunk cache off): packed volumes gzip-4 to
-# 32 KiB (of 900) and read in 1.0 ms; vertices (24k, float32) gzip-1 + byte shuffle to 213 KiB (of
-# 284) and read in 0.7 ms (only evaluation reads them); images stay raw (108 KiB, 0.01 ms):
-# rendered noise and texture leave gzip only 12% to save for 0.6 ms more per read.
+# Packed volumes compress well and still read fast (gzip-4); vertices gzip-1 with byte shuffle (only
+# evaluation reads them); images stay raw: rendered noise and texture leave gzip little to save for a
+# slower read. Sizes and read times: benchmarks/results_settings.md.
 COMPRESSION = {
     "volumes": {"compression": "gzip", "compression_opts": 4, "shuffle": False},
     "volumes_frontal": {"compression": "gzip", "compression_opts": 4, "shuffle": False},

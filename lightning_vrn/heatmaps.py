@@ -39,8 +39,8 @@ class HeatmapSettings:
 class HeatmapRegressionSettings(HeatmapSettings):
     """A model that regresses heatmaps: ``foreground_weight`` w weights each pixel's squared error by
     ``1 + w * target`` (0: the paper's plain MSE). Maps a pixel or two wide are almost all background,
-    and a short CPU training settles on empty maps: with w = 100 a quickstart detector reached landmark
-    NME 0.12 after 3 epochs, against 0.59-0.87 with plain MSE (README, "Reproducing the paper")."""
+    and a short CPU training settles on empty maps with plain MSE; a weight of 100 lets the quickstart
+    detector learn them (docs/variants.md; measured in benchmarks/results_settings.md)."""
 
     foreground_weight: float = 0.0
 
@@ -91,12 +91,12 @@ def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
     argmax (``r`` = :data:`CENTROID_RADIUS`); where that window sticks out of the crop (a cut-off
     Gaussian's centroid moves inwards), the vertex of the parabola through the log of the argmax and
     its two neighbours along the axis instead (next to the border: the border pixel and the two
-    inside it). For a Gaussian of sigma 0.5-2 px both are within 0.03 px of its centre (the parabola
-    is exact: a Gaussian's log is one). A network whose quarter-resolution heatmaps are upsampled
-    bilinearly x4 cannot draw a peak narrower than about 8 px, flat-topped between its nodes: on
-    the MSE-optimal such maps for sigma 0.5-2 px targets the centroid misses by 0.07-0.6 px on
-    average, the parabola alone by 1.0-1.2 px. The parabola never leaves the argmax by more than
-    half a pixel; a map without a positive value decodes to its argmax.
+    inside it). On an exact Gaussian both find its centre (the parabola exactly, a Gaussian's log being
+    one; the centroid to a small fraction of a pixel). A network whose quarter-resolution heatmaps are
+    upsampled bilinearly x4 cannot draw a peak narrower than about 8 px, flat-topped between its nodes:
+    on such maps the centroid lands much closer to the true centre than the parabola alone (measured in
+    benchmarks/results_settings.md). The parabola never leaves the argmax by more than half a pixel; a
+    map without a positive value decodes to its argmax.
     """
     if heatmaps.ndim != 4 or min(heatmaps.shape[-2:]) < 3:
         raise ValueError(f"heatmaps must be (B, L, H, W) with H, W >= 3, got {tuple(heatmaps.shape)}")

@@ -73,9 +73,9 @@ def fit_shape_to_landmarks(landmarks_2d: np.ndarray, mean: np.ndarray, basis: np
 
     ``mean`` (V, 3) and ``basis`` (V, 3, K) in model mm (see the module docstring);
     ``landmark_vertices`` (L,) the vertex id of each landmark; ``regularisation`` > 0 the weight of
-    ``|c|^2`` against squared residuals in mm; ``iterations`` alternations (measured on synthetic
-    built-in faces with ``regularisation`` 3: 10 come within 2% of 300 in mean vertex error; a weight
-    near 0 leaves the shape barely constrained and needs hundreds).
+    ``|c|^2`` against squared residuals in mm; ``iterations`` alternations (the default is ample with
+    ``regularisation`` 3 on synthetic faces; a weight near 0 leaves the shape barely constrained and
+    needs many more: benchmarks/results_settings.md).
     """
     landmarks_2d = np.asarray(landmarks_2d, dtype=np.float64)
     landmark_vertices = np.asarray(landmark_vertices)

@@ -46,7 +46,8 @@ def rasterise(vertices: np.ndarray, triangles: np.ndarray, height: int, width: i
     corners = vertices[np.asarray(triangles, dtype=np.int64)]  # (T, 3, 3)
     x, y = corners[..., 0], corners[..., 1]
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (y[:, 1] - y[:, 0])
-    # Element-wise min/max of the three corners: 4x faster than reducing over the length-3 axis.
+    # Element-wise min/max of the three corners: faster than reducing over the length-3 axis
+    # (benchmarks/results_settings.md).
     x_min, x_max = np.minimum(np.minimum(x[:, 0], x[:, 1]), x[:, 2]), np.maximum(np.maximum(x[:, 0], x[:, 1]), x[:, 2])
     y_min, y_max = np.minimum(np.minimum(y[:, 0], y[:, 1]), y[:, 2]), np.maximum(np.maximum(y[:, 0], y[:, 1]), y[:, 2])
     col0 = np.maximum(np.ceil(x_min), 0).astype(np.int64)

@@ -259,7 +259,8 @@ def _cover_a_sample(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """Indices of the triangles whose x, y bounding box holds an integer point (a sample centre).
 
     Only these can be front-most at a sample. With triangles smaller than a pixel (a 100k-triangle
-    face) that is about a third of them, and rasterising only those halves the rasteriser's time.
+    face) that is a minority of them, and rasterising only those saves much of the rasteriser's time
+    (benchmarks/results_settings.md).
     float32 is exact here: rounding to nearest never moves a coordinate across an integer.
     """
     spans = []

@@ -48,9 +48,8 @@ ICP_DISTANCE_RATIO = 0.1
 ICP_ROBUST_FRACTION = 0.7
 """Scale of ICP's Tukey loss as a fraction of the correspondence cut-off (~4 px in a paper crop):
 ground-truth vertices with no true counterpart (the hidden back of a face deeper than the grid, which
-lands on the grid's back wall) stop pulling the alignment. On 36 synthetic paper-grid samples it cut
-the floor of ground truth against itself at |yaw| >= 60 degrees from 0.043 to 0.019 and left
-|yaw| < 60 unchanged (0.0019)."""
+lands on the grid's back wall) stop pulling the alignment. It lowers the floor of ground truth against
+itself near profile and leaves it unchanged below 60 degrees of yaw (benchmarks/results_settings.md)."""
 
 ICP_TRANSFORM_DECIMALS = 8
 """Decimals the ICP transform is rounded to (1e-8 px of shift): far below any error that matters, far

@@ -7,7 +7,7 @@ A per-sample table is a dict of equal-length 1-D arrays with the columns of :dat
 the prediction had no surface). :func:`summarise` turns it
 into the summary (mean, median, aligned mean, failures and the per-|yaw| bucket means of the
 AFLW2000-3D protocol: 0-30, 30-60, 60-90 degrees). Training's test stage, ``experiments.evaluate``
-and later ``compare`` all write these two files through :func:`write_report`.
+and ``experiments.compare`` all write these two files through :func:`write_report`.
 """
 
 from __future__ import annotations

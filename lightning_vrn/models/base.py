@@ -53,7 +53,7 @@ class OptimSettings:
     """RMSprop (the paper's optimiser) with one learning-rate drop: ``lr`` for epochs ``< drop_epoch``, then ``lr_after``.
 
     ``foreach``: update all parameters with one multi-tensor kernel per operation (None: PyTorch's
-    default, which is foreach on CUDA; a per-parameter loop ran 0.74x as fast on an H100 at batch 4,
+    default, which is foreach on CUDA; a per-parameter loop was slower on an H100, measured in
     benchmarks/results_gpu.md). PyTorch 2.11 has no fused RMSprop.
     """
 

@@ -44,9 +44,10 @@ class VolumeSettings(ModelSettings):
     """Settings of a volume model; ``target_frame``: ``aligned`` (VRN) or ``frontal`` (no-alignment ablation).
 
     Speed switches (they change no result beyond float rounding; measured on an H100 in
-    benchmarks/results_gpu.md): ``channels_last`` runs the network in NHWC memory layout (0.81-0.87x as
-    fast with bf16 at batch 4-32 there, so off); ``compile`` runs it through ``torch.compile`` (the
-    first steps compile for tens of seconds; not measured on the whole network yet, so off).
+    benchmarks/results_gpu.md): ``channels_last`` runs the network in NHWC memory layout (slower than
+    NCHW with bf16 at batches 4-32 there, so off); ``compile`` runs it through ``torch.compile`` (the
+    compiled network + loss ran faster at batch 32, but its first step compiles for minutes, which a
+    long run pays once and a short trial should not, so off; experiments/configs/paper.yaml).
     """
 
     net: NetSettings = field(default_factory=NetSettings)
