@@ -224,14 +224,14 @@ def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSettings:
     """Compose the variant's preset, the config at ``path`` (with its ``extends`` chain) and ``a.b=c`` overrides;
     check and complete the result."""
-    return load_settings(ExperimentSettings, path, overrides, validate=validate, with_preset=True)
+    return load_settings(ExperimentSettings, path, overrides, build=validate, with_preset=True)
 
 
-def load_settings(schema: type, path: str | Path, overrides: Sequence[str] = (), validate=None,
+def load_settings(schema: type, path: str | Path, overrides: Sequence[str] = (), build=None,
                   with_preset: bool = False):
     """An instance of the settings dataclass ``schema`` from the YAML file at ``path`` (with its ``extends`` chain,
-    and under the variant's preset when ``with_preset``) and ``a.b=c`` overrides. ``validate(values, where)``
-    builds it (default: :func:`parse_settings`); an error names the file or the overrides that set the key."""
+    and under the variant's preset when ``with_preset``) and ``a.b=c`` overrides. ``build(values, where)``
+    makes it (default: :func:`parse_settings`); an error names the file or the overrides that set the key."""
     sources = _load_chain(Path(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
@@ -246,9 +246,9 @@ def load_settings(schema: type, path: str | Path, overrides: Sequence[str] = (),
     except Exception as error:  # interpolation errors name the key already
         raise ConfigError(f"cannot resolve config {path}: {error}") from None
     try:
-        if validate is None:
+        if build is None:
             return parse_settings(schema, container, where="the config")
-        return validate(container, "the config")
+        return build(container, "the config")
     except SettingsError as error:
         raise ConfigError(str(error).replace("in the config", f"in {_source_of(error.key, sources)}", 1)) from None
 

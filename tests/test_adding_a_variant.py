@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+
 PACKAGES = ("lightning_vrn", "datamodules", "experiments", "data_prep")
 NAME = "vrn_two_layer_head"
 TINY = ["data.num_workers=0", "data.batch_size=2", "model.net.features=16", "model.net.hourglass_depth=2",

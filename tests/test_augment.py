@@ -1,5 +1,5 @@
 """Joint augmentation: volumes stay the voxelisation of the augmented mesh on both paths; landmarks,
-vertices, pose and image move consistently (heatmaps: tests/test_landmarks.py); flips re-index landmarks."""
+vertices, pose and image move consistently (heatmaps: tests/test_landmark_hourglass.py); flips re-index landmarks."""
 
 import math
 
@@ -31,7 +31,7 @@ from lightning_vrn.geometry.pose import (
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
 from lightning_vrn.heatmaps import gaussian_heatmaps
 from lightning_vrn.landmark_scheme import FLIP
-from tests.toy_face import posed_face, toy_sample
+from tests.helpers.toy_face import posed_face, toy_sample
 
 SMALL = VoxelGrid.centred(50, 48, 48)
 

@@ -16,6 +16,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments import compare, sweep, train
+from experiments.compare import methods
+from experiments.compare.finished_runs import collect_run_dirs, read_run
+from experiments.compare.stats import seed_mean_table, table_rows
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from experiments.runs import RunLock
 from lightning_vrn.atomic import file_sha256
@@ -40,14 +43,14 @@ train_config: quickstart.yaml
 overrides: [trainer.max_epochs=1, nme.every_n_epochs=0, data.num_workers=0, data.batch_size=2,
             model.net.features=16, model.net.hourglass_depth=2]
 detectors:
-  detector: [model.name=landmark_hourglass, model.net.stacks=1]
-  detector sigma 2: [model.name=landmark_hourglass, model.net.stacks=1, model.sigma=2.0]
+  detector: landmark_hourglass model.net.stacks=1
+  detector sigma 2: landmark_hourglass model.net.stacks=1 model.sigma=2.0
 methods:
-  VRN: [model.name=vrn, model.net.stacks=1]
-  VRN-Multitask: [model.name=vrn_multitask]
-  VRN-Guided: [model.name=vrn_guided, model.net.stacks=1]
-  VRN (no alignment): [model.name=vrn_no_alignment, model.net.stacks=1]
-  VRN-Guided (sigma 2): [model.name=vrn_guided_sigma2, model.net.stacks=1]
+  VRN: vrn model.net.stacks=1
+  VRN-Multitask: vrn_multitask
+  VRN-Guided: vrn_guided model.net.stacks=1
+  VRN (no alignment): vrn_no_alignment model.net.stacks=1
+  VRN-Guided (sigma 2): vrn_guided_sigma2 model.net.stacks=1
 guidance: {{VRN-Guided: detector, VRN-Guided (sigma 2): detector sigma 2}}
 fit_detector: detector
 reference: VRN
@@ -229,7 +232,7 @@ def test_a_run_still_training_is_refused_when_named_and_left_out_of_a_folder(fin
         folder = tmp_path / "sweep"
         shutil.copytree(seeds, folder)
         shutil.copytree(running, folder / "trial-running")
-        found = compare.collect_run_dirs([folder])
+        found = collect_run_dirs([folder])
         assert len(found) == 2 and folder / "trial-running" not in found
         assert f"{folder / 'trial-running'}: still training: run.lock is held by process {os.getpid()}" in \
             capsys.readouterr().err
@@ -238,10 +241,10 @@ def test_a_run_still_training_is_refused_when_named_and_left_out_of_a_folder(fin
     (running / "run.lock").write_text(json.dumps(elsewhere))
     with pytest.raises(ConfigError, match=f"on host another-host since {started} \\(another host's: if it is gone, "
                                           f"delete {running / 'run.lock'}\\)"):
-        compare.collect_run_dirs([running])
+        collect_run_dirs([running])
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (running / "run.lock").write_text(json.dumps({**lock, "pid": int(ended.stdout)}))  # its process is gone: stale
-    assert compare.collect_run_dirs([running]) == [running]
+    assert collect_run_dirs([running]) == [running]
 
 
 @pytest.mark.slow
@@ -267,7 +270,7 @@ def test_a_damaged_run_file_is_refused_naming_it_and_the_fix(finished_runs, tmp_
     (run / "config.yaml").write_text("name: vrn-quickstart\nseed: 0\n")
     with pytest.raises(ConfigError, match=f"run {run}: {run / 'config.yaml'} is damaged \\(no data.test or "
                                           f"data.dir\\); restore it, or leave the run out"):
-        compare.read_run(run)
+        read_run(run)
     assert not (tmp_path / "out").exists()
 
 
@@ -282,7 +285,7 @@ def test_an_unfinished_run_is_named_and_a_sweeps_unfinished_trial_left_out(finis
     folder = tmp_path / "sweep"
     shutil.copytree(seeds, folder)
     shutil.copytree(unfinished, folder / "trial-still-running")
-    assert len(compare.collect_run_dirs([folder])) == 2
+    assert len(collect_run_dirs([folder])) == 2
 
 
 def test_paired_differences_use_the_faces_both_methods_were_tested_on():
@@ -293,10 +296,27 @@ def test_paired_differences_use_the_faces_both_methods_were_tested_on():
                 "nme_closest": np.array(nme, dtype=float), "failed": np.zeros(count, dtype=bool)}
 
     tables = {"A": table([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4]), "B": table([3, 1, 5], [0.5, 0.1, 9.0])}
-    rows = compare.table_rows(tables, {}, "A", resamples=100)
+    rows = table_rows(tables, {}, "A", resamples=100)
     assert rows["B"]["paired"] == 2  # faces 3 and 1
     assert rows["B"]["difference"].estimate == pytest.approx(((0.5 - 0.4) + (0.1 - 0.2)) / 2)
     with pytest.raises(ValueError, match="C and A share no test sample"):
-        compare.table_rows({**tables, "C": table([7], [0.1])}, {}, "A", resamples=100)
-    mean = compare.seed_mean_table([tables["A"], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])])
+        table_rows({**tables, "C": table([7], [0.1])}, {}, "A", resamples=100)
+    mean = seed_mean_table([tables["A"], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])])
     assert mean["index"].tolist() == [0, 1, 2, 3] and mean["nme"] == pytest.approx([0.2, 0.1, 0.2, 0.3])
+
+
+def test_each_method_is_its_trained_variant_and_landmarks_with_todays_label():
+    settings = compare.CompareSettings(methods={"VRN": "vrn", "VRN-Guided": "vrn_guided",
+                                                "VRN-Guided (sigma 2)": "vrn_guided_sigma2"},
+                                       detectors={"detector": "landmark_hourglass",
+                                                  "detector sigma 2": "landmark_hourglass model.sigma=2.0"},
+                                       guidance={"VRN-Guided": "detector", "VRN-Guided (sigma 2)": "detector sigma 2"})
+    rows = methods.compared_methods(settings)
+    assert [method.label for method in rows] == [
+        "VRN", "VRN-Guided (ground-truth landmarks)", "VRN-Guided (sigma 2) (ground-truth landmarks)",
+        "VRN-Guided (detected landmarks)", "VRN-Guided (sigma 2) (detected landmarks)",
+        "3DMM fit to detected landmarks", "mean training volume", "mean shape at GT pose (oracle)"]
+    # a method whose name has parentheses keeps its name: the detected row is the sigma-2 model, not VRN-Guided
+    assert methods.detected_methods(settings)[1] == methods.Method("VRN-Guided (sigma 2)", methods.DETECTED)
+    assert [method.name for method in methods.trained_methods(settings)] == list(settings.methods)
+    assert methods.Method("VRN").label == "VRN" and hash(methods.Method("VRN")) == hash(methods.Method("VRN"))

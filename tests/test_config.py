@@ -139,9 +139,35 @@ def test_the_shipped_comparisons_load_and_name_real_models(name):
     from experiments.compare import load_compare_settings
 
     settings = load_compare_settings(CONFIG_DIR / f"{name}.yaml")
-    for overrides in [*settings.methods.values(), *settings.detectors.values()]:  # every training config composes
-        load_config(CONFIG_DIR / settings.train_config, list(overrides) + list(settings.overrides))
+    for method in [*settings.methods, *settings.detectors]:  # every training config composes
+        cfg = load_config(CONFIG_DIR / settings.train_config, settings.training_overrides(method) + settings.overrides)
+        assert cfg.model.name == (settings.detectors | settings.methods)[method].split()[0]
     assert settings.reference in settings.methods and set(settings.guidance) <= set(settings.methods)
+
+
+def test_the_paper_comparison_extends_the_quickstarts_methods_and_changes_only_sizes():
+    from experiments.compare import load_compare_settings
+
+    quickstart, paper = (load_compare_settings(CONFIG_DIR / f"compare_{n}.yaml") for n in ("quickstart", "paper"))
+    assert paper.methods == quickstart.methods and paper.detectors == quickstart.detectors
+    assert paper.guidance == quickstart.guidance and paper.reference == quickstart.reference
+    assert (paper.data.grid, paper.train_config, paper.overrides) == ("200,192,192", "paper.yaml",
+                                                                      ["nme.every_n_epochs=0"])
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("vrm", r"methods.VRN is 'vrm'; write a registered variant"), ("vrn lr=", None), ("vrn model.sigma", "key=value"),
+])
+def test_a_compare_method_that_names_no_variant_is_refused_naming_it(tmp_path, entry, message):
+    from experiments.compare import load_compare_settings
+
+    (tmp_path / "compare_quickstart.yaml").write_text((CONFIG_DIR / "compare_quickstart.yaml").read_text())
+    (tmp_path / "mine.yaml").write_text(f"extends: compare_quickstart.yaml\nmethods:\n  VRN: {entry}\n")
+    if message is None:  # a well-formed entry loads
+        assert load_compare_settings(tmp_path / "mine.yaml").training_overrides("VRN") == ["model.name=vrn", "lr="]
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_compare_settings(tmp_path / "mine.yaml")
 
 
 def test_a_variants_preset_comes_under_the_config_files_and_the_overrides(tmp_path):

@@ -14,7 +14,7 @@ from datamodules.datamodule import FaceVolumeDataModule
 from datamodules.dataset import FaceVolumeDataset
 from lightning_vrn.dataset_file import DatasetError
 from lightning_vrn.geometry.grid import VoxelGrid
-from tests.toy_face import TOY_EXPRESSIONS, write_toy_dataset
+from tests.helpers.toy_face import TOY_EXPRESSIONS, write_toy_dataset
 
 GRID = VoxelGrid.centred(50, 48, 48)
 AUGMENT = {"enabled": True, "on_device": False}

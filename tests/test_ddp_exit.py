@@ -24,9 +24,9 @@ def test_gloo_processes_that_exit_with_their_group_alive_end_cleanly():
 
 def test_every_training_destroys_its_process_group_at_exit(tiny_synthetic, tmp_path):
     from experiments import train
-    from tests.test_experiments import _config
+    from tests.helpers.configs import preset_config
 
-    trainer = train.build_trainer(_config("quickstart", tiny_synthetic, tmp_path / "run"), tmp_path / "run")
+    trainer = train.build_trainer(preset_config("quickstart", tiny_synthetic, tmp_path / "run"), tmp_path / "run")
     assert sum(isinstance(callback, ProcessGroupExit) for callback in trainer.callbacks) == 1
 
 

@@ -184,7 +184,7 @@ def test_the_reannotated_field_is_optional_and_passes_through_unaugmented_batche
 
 def test_the_wandb_eval_run_logs_every_methods_landmark_nme_and_source(checkpoints, tiny_synthetic, tmp_path,
                                                                        monkeypatch):
-    from tests.offline_wandb import offline_run
+    from tests.helpers.offline_wandb import offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "eval"
@@ -207,8 +207,8 @@ def test_the_converter_maps_the_reannotated_landmarks_through_each_samples_crop(
     import scipy.io
 
     from data_prep import aflw2000
-    from tests.test_bfm import fake_bfm_content, write_3ddfa
-    from tests.test_real_datasets import write_fake_sample
+    from tests.helpers.fake_bfm import fake_bfm_content, write_3ddfa
+    from tests.helpers.fake_mat_faces import write_fake_sample
 
     content, rng = fake_bfm_content(seed=1), np.random.default_rng(3)
     write_3ddfa(tmp_path / "bfm", content)

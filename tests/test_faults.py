@@ -30,8 +30,8 @@ from lightning_vrn.cli import EXIT_LOCKED, EXIT_SIGTERM, EXIT_USAGE, run_command
 from lightning_vrn.dataset_file import DatasetError, open_dataset
 from lightning_vrn.models import load_model
 from lightning_vrn.safe_load import UnsafeFileError, load_pickle
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.net.features=16", "model.net.hourglass_depth=2", "model.net.stacks=1", "data.num_workers=0",
         "data.batch_size=2", "nme.every_n_epochs=0"]
 

@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from benchmarks.gpu_check.steps import EAGER_VARIANTS, model_optimizer
 from benchmarks.train_step import step_function, time_step_function
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.models import build_model, load_model
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU_MACHINE = ("open3d", "omegaconf", "wandb")
 # A None entry in sys.modules makes `import name` raise ImportError.
 RUN_WITHOUT = ("import runpy, sys\n"

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.iou import VoxelIoU
 from lightning_vrn.models import MODELS, VRN, OptimSettings, build_model
-from tests.training import losses_on_one_batch
+from tests.helpers.training import losses_on_one_batch
 
 GRID = VoxelGrid.centred(16, 16, 16)
 TINY_NET = {"features": 32, "stacks": 1, "hourglass_depth": 2}

@@ -5,16 +5,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+from lightning_vrn.geometry.grid import PAPER_GRID
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.voxelise import voxelise
 from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import NME, EmptyPredictionError, sample_nme
-from tests.toy_face import HALF_HEIGHT_MM, HALF_WIDTH_MM, face_mesh, to_crop
+from tests.helpers.ellipsoid import AXES, CENTRE, GRID, ellipsoid_front_points, ellipsoid_volume
+from tests.helpers.toy_face import HALF_HEIGHT_MM, HALF_WIDTH_MM, face_mesh, to_crop
 
-GRID = VoxelGrid.centred(80, 64, 64)
-CENTRE = np.array([31.0, 32.5, 0.7])  # crop x, y, z (px)
-AXES = np.array([20.0, 24.0, 12.0])  # triaxial: no rotation about the centre maps it onto itself
 INTEROCULAR = 20.0  # px; only a normaliser in the analytic tests
 
 
@@ -24,25 +22,6 @@ def rotation_about(axis, degrees: float) -> np.ndarray:
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     angle = np.radians(degrees)
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-
-
-def ellipsoid_volume(rotation=np.eye(3), grid=GRID) -> np.ndarray:
-    """Soft (D, H, W) occupancy of the ellipsoid rotated by ``rotation`` about its centre (0.5 on the surface)."""
-    d, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.shape], indexing="ij")
-    points = np.stack([x, y, d / grid.z_scale + grid.z_offset], axis=-1)
-    q = (points - CENTRE) @ rotation / AXES  # R^T (p - c), scaled
-    distance = ((q**2).sum(-1) - 1.0) / np.linalg.norm(2 * q / AXES, axis=-1)
-    return (1.0 / (1.0 + np.exp(distance / 0.7))).astype(np.float32)
-
-
-def ellipsoid_front_points(count: int = 3000) -> np.ndarray:
-    """(F, 3) exact points of the ellipsoid's camera-facing part (surface normal pointing to -z)."""
-    i = np.arange(count) + 0.5
-    z = -np.linspace(0.25, 1.0, count, endpoint=False)  # front cap only
-    azimuth = np.pi * (1 + 5**0.5) * i
-    r = np.sqrt(1 - z**2)
-    directions = np.stack([r * np.cos(azimuth), r * np.sin(azimuth), z], axis=-1)
-    return CENTRE + directions * AXES
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from lightning_vrn.dataset_file import SCHEMA_VERSION, DatasetError, DatasetWrit
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmark_scheme import outer_interocular
 from lightning_vrn.metrics.nme import NME
-from tests.test_nme_callback import TargetVolumeModel
+from tests.helpers.stub_models import TargetVolumeModel
 
 MODEL = load_face_model("builtin")
 TRUTH = MODEL.mean[MODEL.landmark_vertices].astype(np.float64)  # (68, 3) mm: the fake scan's landmarks
@@ -413,7 +413,7 @@ def test_a_scan_file_refuses_augmentation(tmp_path):
 
 
 def test_shared_topology_files_of_version_2_are_still_read(tmp_path):
-    from tests.test_dataset_file import TOPOLOGY, V, make_samples
+    from tests.helpers.random_samples import TOPOLOGY, V, make_samples
 
     path = tmp_path / "v2.h5"
     with DatasetWriter(path, GRID, 2, V, **TOPOLOGY, attrs=ATTRS) as writer:
@@ -455,7 +455,7 @@ def sphere_cap(count: int) -> np.ndarray:
 
 
 def test_scan_nme_of_a_known_offset_matches_an_independent_computation():
-    from tests.test_nme import GRID as ELLIPSOID_GRID, ellipsoid_front_points, ellipsoid_volume
+    from tests.helpers.ellipsoid import GRID as ELLIPSOID_GRID, ellipsoid_front_points, ellipsoid_volume
 
     # A rigid offset on a triaxial ellipsoid (no rigid motion maps it onto itself, so ICP's answer is unique):
     # the scan lies 1.5 px in front of the prediction; each scan vertex corresponds to itself moved by the offset.

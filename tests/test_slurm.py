@@ -12,9 +12,10 @@ from experiments import sweep
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from experiments.slurm import submit
 from lightning_vrn.cli import run_command
+from tests.helpers.paths import REPO
 
 PAPER = str(CONFIG_DIR / "paper.yaml")
-SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
+SWEEPS = REPO / "experiments" / "sweeps"
 
 
 def test_the_script_asks_for_what_the_config_trains_on(tmp_path):

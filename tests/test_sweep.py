@@ -15,8 +15,9 @@ from experiments import sweep
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from experiments.runs import _process_alive
 from lightning_vrn.cli import run_command
+from tests.helpers.paths import REPO
 
-SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
+SWEEPS = REPO / "experiments" / "sweeps"
 
 
 def test_the_ablation_grid_expands_to_every_variant_and_seed():

@@ -25,7 +25,9 @@ from lightning_vrn.dataset_file import open_dataset, pack_volume, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.raster import rasterise
-from tests.conftest import REPO, files_under, run_cli, run_killed
+from tests.helpers.cli import run_cli, run_killed
+from tests.helpers.files import files_under
+from tests.helpers.paths import REPO
 
 GRID = VoxelGrid.parse("100,96,96")
 N = 4

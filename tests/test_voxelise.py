@@ -10,7 +10,7 @@ from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
-from tests.toy_face import posed_face
+from tests.helpers.toy_face import posed_face
 
 SMALL_GRID = VoxelGrid.centred(100, 96, 96)
 POSES = {  # (pitch, yaw, roll) radians

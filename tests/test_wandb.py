@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 
 from experiments import compare, dashboard, evaluate, train, wandb_project
+from experiments.compare import pipeline
+from experiments.evaluation import log_eval_run, slug, wandb_wanted
 from experiments.config import ConfigError, load_config
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv
 from lightning_vrn.wandb_media import GROUND_TRUTH_RGB, PREDICTION_RGB, WandbMedia, ced_points
-from tests.offline_wandb import OfflineApi, OfflineFile, offline_run
-from tests.test_experiments import TINY_NET, _config
+from tests.helpers.configs import TINY_NET, preset_config
+from tests.helpers.offline_wandb import OfflineApi, OfflineFile, offline_run
+from tests.helpers.paths import REPO
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
@@ -29,8 +32,8 @@ def _offline_training(data_dir: Path, run_dir: Path, *overrides: str) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.delenv("WANDB_API_KEY", raising=False)
-        train.train(_config("quickstart", data_dir, run_dir, "trainer.max_epochs=1", "nme.every_n_epochs=1",
-                            "nme.max_val_samples=2", "logger.wandb=true", *overrides))
+        train.train(preset_config("quickstart", data_dir, run_dir, "trainer.max_epochs=1", "nme.every_n_epochs=1",
+                                  "nme.max_val_samples=2", "logger.wandb=true", *overrides))
     return run_dir
 
 
@@ -94,9 +97,9 @@ def test_evaluate_follows_the_training_config_unless_told(wandb_run, tmp_path):
 
     without = tmp_path / "run"
     save_config(load_config(wandb_run / "config.yaml", ["logger.wandb=false"]), without / "config.yaml")
-    assert evaluate.wandb_wanted(None, wandb_run) and not evaluate.wandb_wanted(None, without)
-    assert not evaluate.wandb_wanted(False, wandb_run)
-    assert not evaluate.wandb_wanted(None, None) and evaluate.wandb_wanted(True, None)
+    assert wandb_wanted(None, wandb_run) and not wandb_wanted(None, without)
+    assert not wandb_wanted(False, wandb_run)
+    assert not wandb_wanted(None, None) and wandb_wanted(True, None)
 
 
 def test_compare_links_each_methods_eval_run_to_its_training_run(wandb_run, tmp_path):
@@ -105,14 +108,14 @@ def test_compare_links_each_methods_eval_run_to_its_training_run(wandb_run, tmp_
     (tmp_path / "cmp" / "runs" / "VRN").symlink_to(wandb_run)  # the same run directory, the same training run id
     table = read_per_sample_csv(wandb_run / "nme" / "test.csv")
     oracle = "mean shape at GT pose (oracle)"
-    compare.log_wandb_runs(settings, {"VRN": table, oracle: table}, {}, None)
+    pipeline.log_wandb_runs(settings, {"VRN": table, oracle: table}, {}, None)
     _, training = offline_run(wandb_run)
     _, method = offline_run(tmp_path / "cmp" / "eval" / "VRN")
-    _, baseline = offline_run(tmp_path / "cmp" / "eval" / evaluate.slug(oracle))
+    _, baseline = offline_run(tmp_path / "cmp" / "eval" / slug(oracle))
     assert method["config"]["training_run_id"] == training["run"].run_id and method["config"]["method"] == "VRN"
     assert method["summary"]["eval/nme_mean"] == json.loads((wandb_run / "nme" / "test_summary.json").read_text())[
         "nme_mean"]
-    assert baseline["config"]["training_run_id"] is None and baseline["run"].run_group == evaluate.slug(oracle)
+    assert baseline["config"]["training_run_id"] is None and baseline["run"].run_group == slug(oracle)
 
 
 def test_the_media_callback_is_a_no_op_without_a_wandb_logger(tiny_synthetic, tmp_path, monkeypatch):
@@ -122,7 +125,7 @@ def test_the_media_callback_is_a_no_op_without_a_wandb_logger(tiny_synthetic, tm
     from lightning_vrn.callbacks import NMECallback, NMESettings
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb fails
-    cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", *TINY_NET)
+    cfg = preset_config("quickstart", tiny_synthetic, tmp_path / "run", *TINY_NET)
     model = train.build_model_from_config(cfg)
     nme = NMECallback(NMESettings(every_n_epochs=1, max_val_samples=2), out_dir=tmp_path / "nme")
     media = WandbMedia(nme, samples=2)
@@ -134,7 +137,7 @@ def test_the_media_callback_is_a_no_op_without_a_wandb_logger(tiny_synthetic, tm
 
 def test_the_media_module_imports_without_wandb():
     code = "import sys; sys.modules['wandb'] = None; import lightning_vrn.wandb_media, experiments.train"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 @pytest.fixture
@@ -160,7 +163,7 @@ def test_checkpoints_are_artifacts_only_online(environment, overrides, uploads, 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true", *overrides)
+    cfg = preset_config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true", *overrides)
     logger = train.wandb_logger(cfg, tmp_path / "run")  # the W&B run starts only when first used: no network here
     assert logger._log_model is uploads
 
@@ -174,7 +177,7 @@ def test_an_api_key_without_a_reachable_server_logs_offline_at_once(tiny_synthet
         monkeypatch.delenv("WANDB_MODE", raising=False)
         for name in wandb_project.PROXY_VARIABLES:
             monkeypatch.delenv(name, raising=False)
-        cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true")
+        cfg = preset_config("quickstart", tiny_synthetic, tmp_path / "run", "logger.wandb=true")
         with pytest.warns(UserWarning, match=r"cannot be reached \(.*\): logging offline.*WANDB_MODE=offline"):
             logger = train.wandb_logger(cfg, tmp_path / "run")
     assert logger._offline and logger._log_model is False
@@ -207,7 +210,7 @@ def test_a_training_run_saves_what_compare_reads_into_its_wandb_run(wandb_run):
 
 def test_compare_wandb_gives_the_report_compare_runs_gives(wandb_run, second_wandb_run, tmp_path, monkeypatch, capsys):
     evaluation = tmp_path / "eval"  # an eval run in the same project: not a training, left out
-    evaluate.log_eval_run(evaluation, wandb_run, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    log_eval_run(evaluation, wandb_run, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
     api = OfflineApi({"team/vrn": [wandb_run, second_wandb_run, evaluation]})
     monkeypatch.setattr("wandb.Api", lambda: api)
     for group_by in ("model.name", "logger.project"):  # two rows of one run each; one row averaging both runs
@@ -315,7 +318,7 @@ def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
     clash.mkdir()
     (clash / f"run-{original}.wandb").touch()
     assert wandb_project.wandb_run_id(cfg, moved) == original
-    evaluate.log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
     assert offline_run(tmp_path / "eval")[1]["config"]["training_run_id"] == original
     # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
     fresh = [wandb_project.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]

@@ -1,4 +1,4 @@
-"""Test helper: a few optimiser steps of a model on one batch, outside any Trainer."""
+"""A few optimiser steps of a model on one batch, outside any Trainer."""
 
 
 def losses_on_one_batch(model, batch, steps: int) -> list[float]:

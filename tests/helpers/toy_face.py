@@ -139,7 +139,7 @@ def write_toy_dataset(path, grid: VoxelGrid, num_samples: int, seed: int = 0, fr
     first = samples[0]
     writer = DatasetWriter(path, grid, num_samples, len(first["vertices"]), first["triangles"],
                            face_region=np.arange(len(first["vertices"])), landmark_vertices=first["landmark_vertices"],
-                           attrs={"face_model": "toy", "source": "tests/toy_face.py", "created_by": "tests",
+                           attrs={"face_model": "toy", "source": "tests/helpers/toy_face.py", "created_by": "tests",
                                   "seed": seed},
                            with_frontal=frontal, expression_names=TOY_EXPRESSIONS if expressions else None)
     keys = ["image", "volume", "landmarks_2d", "landmarks_3d", "pose", "vertices"]

@@ -1,4 +1,5 @@
-"""Entry points end to end on tiny synthetic data: train (fast_dev_run per config, resume), evaluate."""
+"""experiments.train end to end on tiny synthetic data (fast_dev_run per config, run folders, resume, the best and
+last checkpoints), and experiments.evaluate and load_model on the checkpoint it writes."""
 
 import csv
 import json
@@ -12,22 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import evaluate, runs, train
+from experiments import evaluate, evaluation, runs, train
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import DatasetError
 from lightning_vrn.geometry.mesh_io import read_obj
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
-from tests.training import losses_on_one_batch
-
-TINY_NET = ["model.net.features=16", "model.net.hourglass_depth=2", "model.net.stacks=1"]
-
-
-def _config(name, data_dir, run_dir, *overrides):
-    return load_config(
-        CONFIG_DIR / f"{name}.yaml",
-        [f"data.dir={data_dir}", f"run_dir={run_dir}", "data.num_workers=0", "data.batch_size=2", *overrides],
-    )
+from tests.helpers.configs import TINY_NET, preset_config
+from tests.helpers.training import losses_on_one_batch
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def paper_grid_data(tmp_path_factory):
 
 
 def test_quickstart_fast_dev_run_writes_the_run_directory(tiny_synthetic, tmp_path):
-    cfg = _config("quickstart", tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
+    cfg = preset_config("quickstart", tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
     metrics = train.train(cfg, command="python -m experiments.train --config quickstart.yaml")
     assert np.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
@@ -52,7 +45,7 @@ def test_quickstart_fast_dev_run_writes_the_run_directory(tiny_synthetic, tmp_pa
 
 @pytest.mark.slow
 def test_paper_config_fast_dev_run_at_the_full_grid(paper_grid_data, tmp_path):
-    cfg = _config("paper", paper_grid_data, tmp_path / "run", "trainer.fast_dev_run=true", "data.batch_size=1")
+    cfg = preset_config("paper", paper_grid_data, tmp_path / "run", "trainer.fast_dev_run=true", "data.batch_size=1")
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"])
     # The paper network at the full grid learns: three RMSprop steps on one batch lower its loss.
@@ -65,7 +58,7 @@ def test_paper_config_fast_dev_run_at_the_full_grid(paper_grid_data, tmp_path):
 
 
 def test_paper_config_rejects_data_of_another_grid(tiny_synthetic, tmp_path):
-    cfg = _config("paper", tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
+    cfg = preset_config("paper", tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
     with pytest.raises(DatasetError, match="100x96x96.*200x192x192|200x192x192.*100x96x96"):
         train.train(cfg)
 
@@ -82,7 +75,7 @@ def trained_run(tiny_synthetic, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [*TINY_NET, "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "nme.every_n_epochs=1",
                  "nme.max_val_samples=2"]
-    train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    train.train(preset_config("quickstart", tiny_synthetic, run_dir, *overrides))
     return run_dir
 
 
@@ -107,7 +100,8 @@ def test_training_writes_checkpoints_metrics_and_nme_tables(trained_run):
 
 def test_rerunning_resumes_from_the_last_checkpoint(trained_run, tiny_synthetic, tmp_path):
     run_dir = shutil.copytree(trained_run, tmp_path / "run")  # other tests read the fixture's run as it is
-    cfg = _config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=2", "nme.every_n_epochs=0")
+    cfg = preset_config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=2",
+                        "nme.every_n_epochs=0")
     train.train(cfg)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 1  # epochs 0 (first run) and 1 (resumed run)
@@ -126,7 +120,7 @@ def test_evaluate_writes_every_output(trained_run, tiny_synthetic, tmp_path):
         entry = metrics[name]
         assert entry["num_samples"] == 4
         assert entry["num_samples"] - entry["num_failed"] == sum(entry[f"count_yaw_{a}_{b}"] for a, b in YAW_BUCKETS_DEG)
-        rows = list(csv.DictReader(open(out / evaluate.slug(name) / "test.csv")))
+        rows = list(csv.DictReader(open(out / evaluation.slug(name) / "test.csv")))
         assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
         assert list(rows[0]) == ["index", "yaw_deg", "expression", "nme", "nme_aligned", "nme_closest", "failed"]
     # The mean shape placed at the true pose is a strong baseline: far better than chance.
@@ -201,7 +195,7 @@ def test_runs_with_the_same_name_get_their_own_directories(tiny_synthetic, tmp_p
 def test_resume_names_the_run_to_continue_and_run_dir_means_that_directory(tiny_synthetic, tmp_path):
     run_dir = tmp_path / "run"
     base = [*TINY_NET, "nme.every_n_epochs=0", "trainer.limit_val_batches=1"]
-    train.train(_config("quickstart", tiny_synthetic, run_dir, *base, "trainer.max_epochs=1"))
+    train.train(preset_config("quickstart", tiny_synthetic, run_dir, *base, "trainer.max_epochs=1"))
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"data.dir={tiny_synthetic}", "data.num_workers=0",
                                                        "data.batch_size=2", *base, "trainer.max_epochs=2",
@@ -211,7 +205,7 @@ def test_resume_names_the_run_to_continue_and_run_dir_means_that_directory(tiny_
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
     with pytest.raises(ConfigError, match="no checkpoint at"):
         runs.resolve_run(load_config(CONFIG_DIR / "quickstart.yaml", [f"resume={tmp_path / 'nothing'}"]))
-    fresh = _config("quickstart", tiny_synthetic, run_dir, *base, "resume=false")
+    fresh = preset_config("quickstart", tiny_synthetic, run_dir, *base, "resume=false")
     assert runs.resolve_run(fresh) == (run_dir, None)
 
 
@@ -219,7 +213,7 @@ def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_impr
     # mode=max on a falling validation loss: only epoch 0 is "best"; last.ckpt must still be epoch 2.
     run_dir = tmp_path / "run"
     overrides = [*TINY_NET, "nme.every_n_epochs=0", "trainer.max_epochs=3", "checkpoint.mode=max"]
-    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    metrics = train.train(preset_config("quickstart", tiny_synthetic, run_dir, *overrides))
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
     best_epoch = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["epoch"]
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as handle:
@@ -232,7 +226,7 @@ def test_every_epoch_competes_for_the_best_checkpoint_whatever_the_step_interval
     # Before, an epoch ending on such a step never competed for best.ckpt: here none would have, and no best.ckpt.
     run_dir = tmp_path / "run"
     overrides = [*TINY_NET, "nme.every_n_epochs=0", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=4"]
-    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    metrics = train.train(preset_config("quickstart", tiny_synthetic, run_dir, *overrides))
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as handle:
         val_losses = [float(r["val/loss"]) for r in csv.DictReader(handle) if r["val/loss"]]
     assert len(val_losses) == 3
@@ -247,7 +241,7 @@ def test_the_checkpoint_can_monitor_the_validation_nme(tiny_synthetic, tmp_path)
     run_dir = tmp_path / "run"
     overrides = [*TINY_NET, "nme.every_n_epochs=2", "nme.max_val_samples=2", "trainer.max_epochs=2",
                  "checkpoint.monitor=val/nme"]
-    metrics = train.train(_config("quickstart", tiny_synthetic, run_dir, *overrides))
+    metrics = train.train(preset_config("quickstart", tiny_synthetic, run_dir, *overrides))
     assert torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == 1  # the NME epoch
     assert metrics["val/nme_best"] == pytest.approx(metrics["val/nme"])
 
@@ -257,8 +251,8 @@ def test_an_offline_wandb_run_holds_the_config_and_metrics(tiny_synthetic, tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "run"
-    cfg = _config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=1", "nme.every_n_epochs=0",
-                  "logger.wandb=true", "logger.tags=[ablation]")
+    cfg = preset_config("quickstart", tiny_synthetic, run_dir, *TINY_NET, "trainer.max_epochs=1",
+                        "nme.every_n_epochs=0", "logger.wandb=true", "logger.tags=[ablation]")
     train.train(cfg)
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))  # offline: no API key, no network
     (log,) = list(offline.glob("run-*.wandb"))  # what `wandb sync` uploads: config, metrics, tags

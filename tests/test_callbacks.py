@@ -13,6 +13,7 @@ from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmark_scheme import OUTER_EYE_CORNERS
 from lightning_vrn.metrics.nme import sample_nme
 from lightning_vrn.models import occupancy
+from tests.helpers.stub_models import TargetVolumeModel
 
 GRID = VoxelGrid.centred(48, 40, 40)
 AXES = np.array([12.0, 14.0, 8.0])
@@ -190,17 +191,6 @@ def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path
                callbacks=[NMECallback(out_dir=single)]).test(GroundTruthModel(), datamodule=TinyFaces(), verbose=False)
     assert (single / "test.csv").read_text() == (tmp_path / "test.csv").read_text()
     assert (single / "test_summary.json").read_text() == (tmp_path / "test_summary.json").read_text()
-
-
-class TargetVolumeModel(pl.LightningModule):
-    """Predicts the batch's own target volume, declared to be in ``target_frame``."""
-
-    def __init__(self, grid, target_frame):
-        super().__init__()
-        self.grid, self.target_frame = grid, target_frame
-
-    def test_step(self, batch, batch_idx):
-        return {"volume": batch["volume"]}
 
 
 def test_a_frontal_target_model_is_scored_against_the_frontalised_ground_truth(tmp_path):

@@ -16,7 +16,7 @@ from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.heatmaps import decode_heatmaps, gaussian_heatmaps
 from lightning_vrn.metrics.landmark_nme import LandmarkNME, landmark_nme
 from lightning_vrn.models import MODELS, LandmarkHourglass, build_model
-from tests.training import losses_on_one_batch
+from tests.helpers.training import losses_on_one_batch
 
 GRID = VoxelGrid.centred(16, 32, 32)
 TINY_NET = {"features": 16, "stacks": 2, "hourglass_depth": 2}

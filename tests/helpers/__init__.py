@@ -1,0 +1,1 @@
+"""Plain functions, classes and constants that several test modules share (shared fixtures: tests/conftest.py)."""
