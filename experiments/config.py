@@ -46,7 +46,7 @@ from lightning_vrn.atomic import write_text
 from lightning_vrn.callbacks import CheckpointSettings, NMESettings
 from lightning_vrn.cli import run_command
 from lightning_vrn.geometry.grid import PAPER_GRID
-from lightning_vrn.models import DEFAULT_MODEL, MODELS, ModelSettings
+from lightning_vrn.models import DEFAULT_MODEL, MODELS, ModelSettings, VolumeRegressionModule
 from lightning_vrn.settings import SettingsError, check_value, parse_settings, settings_dict, unknown_key_error
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -86,7 +86,9 @@ class LoggerSettings:
 class ExperimentSettings:
     """A whole experiment. ``run_dir``: null gives every run its own ``runs/{name}/{time}-{hash}``; a path
     means exactly that directory (resumed from its ``last.ckpt`` when ``resume`` is true). ``resume``:
-    true, false (start over), or a run directory or checkpoint to continue. ``grid``: ``D,H,W``."""
+    true, false (start over), or a run directory or checkpoint to continue. ``grid``: ``D,H,W``. ``model``: the
+    settings dataclass of the variant ``model.name`` names. ``nme``: for a model that predicts no volume (a
+    landmark detector) ``nme.every_n_epochs`` is 0 whatever the files say, as nothing could be scored."""
 
     name: str = DEFAULT_MODEL
     seed: int = 0
@@ -180,6 +182,8 @@ def validate(container: Mapping[str, Any], where: str) -> ExperimentSettings:
     name = _model_name(model.get("name"), where)
     settings.model = parse_settings(MODELS[name].Settings, {**model, "name": name}, prefix="model.", where=where)
     settings.trainer = AttributeDict(_check_trainer(trainer, where))
+    if not issubclass(MODELS[name], VolumeRegressionModule):  # no volume to score: config.yaml says no NME ran
+        settings.nme.every_n_epochs = 0
     return settings
 
 

@@ -101,15 +101,8 @@ def wandb_logger(cfg: ExperimentSettings, run_dir: Path):
                        config=cfg.to_dict())
 
 
-def volume_nme_runs(cfg: ExperimentSettings, model: VRNModule) -> bool:
-    """Whether training runs the NME callback: ``nme.every_n_epochs`` > 0 and a model that predicts a volume (a
-    landmark detector trained from a config that sets it skips it)."""
-    return bool(cfg.nme.every_n_epochs) and model.target_frame is not None
-
-
-def build_trainer(cfg: ExperimentSettings, run_dir: Path, volume_nme: bool = True) -> pl.Trainer:
-    """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``; with the NME callback
-    when ``volume_nme`` (:func:`volume_nme_runs`) and ``nme.every_n_epochs`` say so."""
+def build_trainer(cfg: ExperimentSettings, run_dir: Path) -> pl.Trainer:
+    """A Trainer writing checkpoints, CSV metrics (and W&B when enabled) into ``run_dir``."""
     # One CSV per attempt (csv/version_N/metrics.csv), so a resumed run never overwrites the last one.
     loggers = [CSVLogger(save_dir=str(run_dir), name="csv")]
     if cfg.logger.wandb:
@@ -120,7 +113,7 @@ def build_trainer(cfg: ExperimentSettings, run_dir: Path, volume_nme: bool = Tru
     if os.environ.get("SLURM_JOB_ID"):  # requeue on SIGUSR1 with the checkpoint saved outside the handler
         callbacks.append(SlurmRequeue(os.environ["SLURM_JOB_ID"], checkpoint))
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    if volume_nme and cfg.nme.every_n_epochs:
+    if cfg.nme.every_n_epochs:
         nme = NMECallback(cfg.nme, out_dir=run_dir / "nme")
         callbacks.append(nme)
         if cfg.logger.wandb:  # after the NME callback, whose epochs and tables it follows
@@ -142,7 +135,7 @@ def check_resumable(checkpoint: Path, model: VRNModule, cfg: ExperimentSettings,
                           f"the checkpoint") from None
     if sigma_at_192(payload):
         raise ConfigError(f"cannot resume from {checkpoint}: it was saved by an earlier lightning-vrn that gave "
-                          f"model.sigma at a 192 px crop, and this one gives it in the crop's own pixels, so the "
+                          f"model.sigma at a 192 px crop, and this one gives model.sigma_px in the crop's own pixels, so the "
                           f"run would go on with other maps. Score it with experiments.evaluate (which converts "
                           f"it), or train anew (resume=false)")
     record = payload.get("lightning_vrn") or {}
@@ -225,25 +218,24 @@ def _checked_setup(cfg: ExperimentSettings, run_dir: Path, resume_from: Path | N
     if cfg.trainer.get("fast_dev_run") and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"trainer.fast_dev_run is a smoke test: run it in a fresh run_dir, not in {run_dir}, "
                           f"which holds a run's checkpoints")
-    pl.seed_everything(cfg.seed, workers=True)
-    model = build_model_from_config(cfg)
-    volume_nme = volume_nme_runs(cfg, model)
-    if cfg.checkpoint.monitor.startswith("val/nme") and not volume_nme:
+    if cfg.checkpoint.monitor.startswith("val/nme") and not cfg.nme.every_n_epochs:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor} needs the validation NME: set "
                           f"nme.every_n_epochs to a positive number of epochs (and train a model that predicts "
-                          f"a volume; {cfg.model.name} does not)")
-    if volume_nme:
+                          f"a volume)")
+    if cfg.nme.every_n_epochs:
         try:
             import_open3d()
         except ImportError as error:
             raise ConfigError(str(error)) from None
+    pl.seed_everything(cfg.seed, workers=True)
+    model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
     datamodule.check_files("fit")
     finished = False
     if resume_from and not cfg.trainer.get("fast_dev_run"):
         finished = training_finished(check_resumable(resume_from, model, cfg, trust, run_dir), cfg.trainer)
     check_writable(run_dir / "checkpoints")
-    return model, datamodule, build_trainer(cfg, run_dir, volume_nme), finished
+    return model, datamodule, build_trainer(cfg, run_dir), finished
 
 
 def _interruption(stop: SystemExit, trainer: pl.Trainer, run_dir: Path) -> BaseException:

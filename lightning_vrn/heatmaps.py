@@ -22,17 +22,17 @@ Gaussian is still 4e-6 of its peak 2.5 px away, so exact Gaussians are not clipp
 
 @dataclass
 class HeatmapSettings:
-    """A model's landmark maps (targets or guidance): a Gaussian of ``sigma`` pixels of the model's own crop.
+    """A model's landmark maps (targets or guidance): a Gaussian of ``sigma_px`` pixels of the model's own crop.
 
     Not scaled with the crop (unlike the other pixel settings, given at 192 px): a heatmap resolves nothing
     below a pixel, so the paper's 1 px at 192 stays 1 px at a 96 px crop, and one preset serves every size
     (docs/conventions.md, "Heatmaps")."""
 
-    sigma: float = 1.0
+    sigma_px: float = 1.0
 
     def __post_init__(self):
-        if self.sigma <= 0:
-            raise ValueError(f"model.sigma must be a positive number of pixels, got {self.sigma}")
+        if self.sigma_px <= 0:
+            raise ValueError(f"model.sigma_px must be a positive number of pixels, got {self.sigma_px}")
 
 
 @dataclass

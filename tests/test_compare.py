@@ -3,6 +3,7 @@
 refuses: runs still training, runs tested on different test files (by content), damaged run files."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ overrides: [trainer.max_epochs=1, nme.every_n_epochs=0, data.num_workers=0, data
             model.net.features=16, model.net.hourglass_depth=2]
 detectors:
   detector: landmark_hourglass model.net.stacks=1
-  detector sigma 2: landmark_hourglass model.net.stacks=1 model.sigma=2.0
+  detector sigma 2: landmark_hourglass model.net.stacks=1 model.sigma_px=2.0
 methods:
   VRN: vrn model.net.stacks=1
   VRN-Multitask: vrn_multitask
@@ -91,6 +92,31 @@ def test_a_rerun_reuses_every_run_and_report(tiny_comparison, capsys):
     assert {name: row["nme"].estimate for name, row in again.items()} == \
         {name: row["nme"].estimate for name, row in rows.items()}
     assert "trained VRN" in capsys.readouterr().err  # the progress lines
+    reports = {path: path.stat().st_mtime_ns for path in (out / "eval").rglob("test.csv")}
+    assert len(reports) == len(METHODS) and compare.run_compare(settings) and \
+        {path: path.stat().st_mtime_ns for path in (out / "eval").rglob("test.csv")} == reports  # scores reused
+
+
+@pytest.mark.slow
+def test_a_report_is_scored_again_when_what_it_scored_changed_and_a_changed_training_is_refused(tiny_comparison):
+    """A report scored from other checkpoints (a retrained detector, an older version's mislabelled row) or with no
+    record of what it scored is scored again; a finished training whose settings changed is refused, not reused."""
+    out, settings, rows = tiny_comparison
+    detected = out / "eval" / "VRN-Guided_(sigma_2)_(detected_landmarks)"
+    record = json.loads((detected / "scored.json").read_text())
+    assert set(record["checkpoints"]) == {"VRN-Guided (sigma 2)", "detector sigma 2"}  # the sigma-2 model, guided
+    (detected / "scored.json").write_text(json.dumps({**record, "checkpoints": {"VRN-Guided": "0" * 64}}))
+    (out / "eval" / "VRN" / "scored.json").unlink()  # a report from before the records
+    before = {path: path.stat().st_mtime_ns for path in (out / "eval").rglob("test.csv")}
+    again = compare.run_compare(settings)
+    changed = {path.parent.name for path in before if path.stat().st_mtime_ns != before[path]}
+    assert changed == {"VRN", detected.name}
+    assert json.loads((detected / "scored.json").read_text()) == record
+    assert {name: row["nme"].estimate for name, row in again.items()} == \
+        {name: row["nme"].estimate for name, row in rows.items()}  # the same checkpoints: the same scores
+    retrained = dataclasses.replace(settings, methods={**settings.methods, "VRN": "vrn model.net.stacks=1 model.optim.lr=0.5"})
+    with pytest.raises(ConfigError, match=r"model\.optim\.lr: run 0\.001, now 0\.5"):
+        compare.run_compare(retrained)
 
 
 TINY_RUN = ["data.num_workers=0", "data.batch_size=2", "model.net.features=16", "model.net.hourglass_depth=2",
@@ -309,7 +335,7 @@ def test_each_method_is_its_trained_variant_and_landmarks_with_todays_label():
     settings = compare.CompareSettings(methods={"VRN": "vrn", "VRN-Guided": "vrn_guided",
                                                 "VRN-Guided (sigma 2)": "vrn_guided_sigma2"},
                                        detectors={"detector": "landmark_hourglass",
-                                                  "detector sigma 2": "landmark_hourglass model.sigma=2.0"},
+                                                  "detector sigma 2": "landmark_hourglass model.sigma_px=2.0"},
                                        guidance={"VRN-Guided": "detector", "VRN-Guided (sigma 2)": "detector sigma 2"})
     rows = methods.compared_methods(settings)
     assert [method.label for method in rows] == [

@@ -155,16 +155,24 @@ def test_the_paper_comparison_extends_the_quickstarts_methods_and_changes_only_s
                                                                       ["nme.every_n_epochs=0"])
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("vrm", r"methods.VRN is 'vrm'; write a registered variant"), ("vrn lr=", None), ("vrn model.sigma", "key=value"),
+@pytest.mark.parametrize("section, entry, message", [
+    ("methods", "VRN: vrm", r"methods.VRN is 'vrm'; write a registered variant"),
+    ("methods", "VRN: vrn model.sigma_px", "key=value"),
+    ("methods", "VRN: vrn lr=3", r"the training of 'VRN' would fail: unknown config key 'lr'"),
+    ("methods", "VRN: vrn model.sigma_px=2", r"the training of 'VRN' would fail: unknown config key 'model\.sigma_px'"),
+    ("detectors", "detector: vrn", r"detectors.detector is 'vrn', which predicts no landmarks"),
+    ("methods", "detector: vrn", r"\['detector'\] named both a detector and a method"),
+    ("guidance", "VRN: detector", r"guidance names 'VRN' \('vrn'\), which takes no landmark maps"),
+    ("methods", "VRN: vrn model.net.stacks=1", None),
 ])
-def test_a_compare_method_that_names_no_variant_is_refused_naming_it(tmp_path, entry, message):
+def test_a_compare_entry_that_cannot_train_is_refused_before_anything_runs(tmp_path, section, entry, message):
     from experiments.compare import load_compare_settings
 
     (tmp_path / "compare_quickstart.yaml").write_text((CONFIG_DIR / "compare_quickstart.yaml").read_text())
-    (tmp_path / "mine.yaml").write_text(f"extends: compare_quickstart.yaml\nmethods:\n  VRN: {entry}\n")
+    (tmp_path / "mine.yaml").write_text(f"extends: compare_quickstart.yaml\n{section}:\n  {entry}\n")
     if message is None:  # a well-formed entry loads
-        assert load_compare_settings(tmp_path / "mine.yaml").training_overrides("VRN") == ["model.name=vrn", "lr="]
+        settings = load_compare_settings(tmp_path / "mine.yaml")
+        assert settings.training_overrides("VRN") == ["model.name=vrn", "model.net.stacks=1"]
         return
     with pytest.raises(ConfigError, match=message):
         load_compare_settings(tmp_path / "mine.yaml")
@@ -172,7 +180,7 @@ def test_a_compare_method_that_names_no_variant_is_refused_naming_it(tmp_path, e
 
 def test_a_variants_preset_comes_under_the_config_files_and_the_overrides(tmp_path):
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["model.name=vrn_multitask"])
-    assert (cfg.model.sigma, cfg.model.foreground_weight) == (1.0, 100)  # the preset's
+    assert (cfg.model.sigma_px, cfg.model.foreground_weight) == (1.0, 100)  # the preset's
     assert cfg.model.net.features == 64  # the quickstart's, over the preset
     assert load_config(CONFIG_DIR / "quickstart.yaml", ["model.name=vrn_multitask", "model.foreground_weight=0"]
                        ).model.foreground_weight == 0  # an override, over both

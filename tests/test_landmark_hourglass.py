@@ -30,7 +30,7 @@ TINY_NET_VOLUME = {"features": 16, "hourglass_depth": 2}
 def test_sigma_is_in_the_crops_own_pixels_at_every_size():
     for spec in ("200,192,192", "100,96,96", "16,32,32"):
         assert build_model("vrn_guided", grid=VoxelGrid.parse(spec), net=TINY_NET_VOLUME).heatmap_sigma == 1.0
-        assert build_model("landmark_hourglass", grid=VoxelGrid.parse(spec), sigma=2.0, net=TINY_NET).heatmap_sigma == 2.0
+        assert build_model("landmark_hourglass", grid=VoxelGrid.parse(spec), sigma_px=2.0, net=TINY_NET).heatmap_sigma == 2.0
 
 
 def test_heatmap_peaks_at_landmarks_with_sigma():
@@ -161,7 +161,7 @@ def landmark_batch(model: LandmarkHourglass, n: int = 2, seed: int = 0) -> dict[
 
 def test_landmark_hourglass_outputs_losses_and_learning():
     torch.manual_seed(0)
-    model = tiny_model(sigma=1.0, optim={"lr": 1e-3})  # 1 px of this 32 px crop
+    model = tiny_model(sigma_px=1.0, optim={"lr": 1e-3})  # 1 px of this 32 px crop
     assert MODELS["landmark_hourglass"] is LandmarkHourglass and model.target_frame is None
     assert model.heatmap_sigma == 1.0 and model.record()["heatmap_sigma"] == 1.0
     batch = landmark_batch(model)
@@ -198,7 +198,7 @@ def test_landmarks_are_the_decoded_eval_mode_heatmaps_and_keep_the_mode():
 def test_a_detector_loads_from_its_checkpoint_alone(tmp_path):
     from lightning_vrn.models import load_model
 
-    model = tiny_model(sigma=3.0)
+    model = tiny_model(sigma_px=3.0)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([landmark_batch(model)], batch_size=None))
@@ -210,19 +210,19 @@ def test_a_detector_loads_from_its_checkpoint_alone(tmp_path):
 
 
 def test_a_checkpoint_that_gave_sigma_at_192_loads_with_the_sigma_it_trained_with(tmp_path):
-    """Checkpoints saved before sigma was in crop pixels held sigma at a 192 px crop: 3.0 at this 32 px crop was
-    0.5 px, which their record says; such a checkpoint loads with 0.5 and is refused for resuming."""
+    """Checkpoints saved before sigma was ``sigma_px`` (crop pixels) held ``sigma`` at a 192 px crop: 3.0 at this
+    32 px crop was 0.5 px, which their record says; such a checkpoint loads with 0.5 and is refused for resuming."""
     from experiments.train import check_resumable
     from lightning_vrn.models import load_model
 
-    model = tiny_model(sigma=0.5)
+    model = tiny_model(sigma_px=0.5)
     path = tmp_path / "old.ckpt"
-    payload = {"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, "sigma": 3.0},
+    old_settings = {key: value for key, value in model.hparams.items() if key not in ("sigma_px", "name")}
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": {**old_settings, "sigma": 3.0},
                "lightning_vrn": {**model.record(), "heatmap_sigma": 0.5}}
-    del payload["lightning_vrn"]["sigma_in_crop_pixels"]
     torch.save(payload, path)
     loaded = load_model(path)
-    assert loaded.heatmap_sigma == 0.5 and loaded.settings.sigma == 0.5
+    assert loaded.heatmap_sigma == 0.5 and loaded.settings.sigma_px == 0.5
     del payload["lightning_vrn"]["heatmap_sigma"]  # no record of it: converted from 192 px
     torch.save(payload, path)
     assert load_model(path).heatmap_sigma == pytest.approx(3.0 * 32 / 192)
@@ -239,7 +239,8 @@ def _landmarks_config(data_dir, run_dir, *overrides):
 def test_landmarks_quickstart_fast_dev_run(tiny_synthetic, tmp_path):
     cfg = _landmarks_config(tiny_synthetic, tmp_path / "run", "trainer.fast_dev_run=true")
     assert cfg.model.name == "landmark_hourglass" and cfg.checkpoint.monitor == "val/landmark_nme"
-    assert cfg.model.foreground_weight == 100 and cfg.model.sigma == 1.0  # its preset's, under the quickstart
+    assert cfg.nme.every_n_epochs == 0  # the quickstart's 4, but a detector has no volume to score
+    assert cfg.model.foreground_weight == 100 and cfg.model.sigma_px == 1.0  # its preset's, under the quickstart
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
     for name in ("val/heatmap_mse", "val/landmark_nme", "val/landmark_nme_balanced"):

@@ -29,7 +29,7 @@ from experiments.compare.settings import CompareSettings
 from experiments.compare.stats import table_rows
 from experiments.config import CONFIG_DIR, load_config
 from experiments.evaluation import evaluation_data, evaluation_report, landmark_scores, log_eval_run, slug, wandb_wanted
-from lightning_vrn.atomic import write_text
+from lightning_vrn.atomic import file_sha256, write_text
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.report import read_per_sample_csv, summarise
 from lightning_vrn.models import load_model
@@ -60,16 +60,15 @@ def prepare_data(settings: CompareSettings) -> Path:
 
 
 def trained_checkpoint(settings: CompareSettings, name: str, overrides: list[str], data_dir: Path) -> Path:
-    """The best checkpoint of training ``name``, training (or resuming) it unless it finished before."""
+    """The best checkpoint of training ``name``: trained, resumed, or reused when it finished before, through
+    ``experiments.train``, which refuses a finished or interrupted run trained with other learning settings (a
+    changed preset, say) instead of reusing it."""
     run_dir = Path(settings.out) / "runs" / slug(name)
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        cfg = load_config(CONFIG_DIR / settings.train_config,
-                          [f"data.dir={data_dir}", f"grid={settings.data.grid}", f"run_dir={run_dir}",
-                           f"name={slug(name)}", *settings.overrides, *overrides])
-        train.train(cfg, command=f"python -m experiments.compare ({settings.name}: {name})")
-    best = json.loads(metrics_file.read_text()).get("best_checkpoint") or str(run_dir / "checkpoints" / "last.ckpt")
-    return Path(best)
+    cfg = load_config(CONFIG_DIR / settings.train_config,
+                      [f"data.dir={data_dir}", f"grid={settings.data.grid}", f"run_dir={run_dir}",
+                       f"name={slug(name)}", *settings.overrides, *overrides])
+    metrics = train.train(cfg, command=f"python -m experiments.compare ({settings.name}: {name})")
+    return Path(metrics.get("best_checkpoint") or run_dir / "checkpoints" / "last.ckpt")
 
 
 def scoring_data(settings: CompareSettings, data_dir: Path, module: pl.LightningModule | None = None):
@@ -78,18 +77,20 @@ def scoring_data(settings: CompareSettings, data_dir: Path, module: pl.Lightning
                            getattr(module, "heatmap_sigma", None), getattr(module, "target_frame", None))
 
 
-def scored(out: Path, label: str, build: Callable[[], pl.LightningModule], data: Callable,
+def scored(out: Path, label: str, build: Callable[[], pl.LightningModule], data: Callable, inputs: dict,
            volume: bool = True) -> tuple[dict | None, dict]:
     """The per-sample NME table of the method labelled ``label`` (None with ``volume=False``: a landmark detector)
-    and its landmark NMEs (``landmark_nme*``, empty for a model without landmarks), from one test pass whose
-    report ``out/eval/SLUG`` is reused when it exists."""
+    and its landmark NMEs (``landmark_nme*``, empty for a model without landmarks), from one test pass. Its
+    report ``out/eval/SLUG`` is reused when ``scored.json`` there records the same ``inputs`` (what was scored:
+    the checkpoints' and files' SHA-256, the method); otherwise the method is scored again."""
     folder = out / "eval" / slug(label)
-    landmarks_file = folder / "landmarks.json"
-    if not landmarks_file.is_file():
+    landmarks_file, record = folder / "landmarks.json", folder / "scored.json"
+    inputs = {"label": label, **inputs}
+    if not (landmarks_file.is_file() and record.is_file() and json.loads(record.read_text()) == inputs):
         module = build()
         _, _, logged = evaluation_report(module, data(module), folder if volume else None)
-        scores = landmark_scores(logged)
-        write_text(landmarks_file, json.dumps(scores, indent=2) + "\n")
+        write_text(landmarks_file, json.dumps(landmark_scores(logged), indent=2) + "\n")
+        write_text(record, json.dumps(inputs, indent=2, sort_keys=True) + "\n")
     table = read_per_sample_csv(folder / "test.csv") if volume else None
     return table, json.loads(landmarks_file.read_text())
 
@@ -121,19 +122,28 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
             models[name] = load_model(checkpoints[name])
         return models[name]
 
+    digests = {name: file_sha256(path) for name, path in checkpoints.items()}
+    test_digest = file_sha256(data_dir / "test.h5")
+
+    def inputs(*names: str, **more) -> dict:
+        """What a score depends on: the checkpoints of ``names`` and the test file (by content)."""
+        return {"checkpoints": {name: digests[name] for name in names}, "test_file_sha256": test_digest, **more}
+
     tables, landmarks = {}, {}
     for method in trained:
-        tables[method.label], scores = scored(out, method.label, lambda name=method.name: model(name), data)
+        tables[method.label], scores = scored(out, method.label, lambda name=method.name: model(name), data,
+                                              inputs(method.name))
         if scores:  # VRN-Multitask predicts landmarks too
             landmarks[method.label] = scores
         progress(f"evaluated {method.label}")
     for method in detected:
         detector = settings.guidance[method.name]
         tables[method.label], _ = scored(out, method.label,
-                                         lambda m=method.name, d=detector: DetectedGuidance(model(m), model(d)), data)
+                                         lambda m=method.name, d=detector: DetectedGuidance(model(m), model(d)), data,
+                                         inputs(method.name, detector))
         progress(f"evaluated {method.label} (detector {detector})")
     for detector in settings.detectors:
-        landmarks[detector] = scored(out, detector, lambda d=detector: model(d), data, volume=False)[1]
+        landmarks[detector] = scored(out, detector, lambda d=detector: model(d), data, inputs(detector), volume=False)[1]
         progress(f"landmark NME of {detector}: {landmarks[detector].get('landmark_nme_balanced', float('nan')):.4f}")
     for method in detected:
         landmarks[method.label] = landmarks[settings.guidance[method.name]]
@@ -146,8 +156,10 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
         MEAN_VOLUME: lambda: MeanVolumeBaseline(grid, mean_training_volume(data_dir / "train.h5", grid)),
         ORACLE: lambda: MeanShapeBaseline.for_file(test_file, grid),
     }
+    baseline_inputs = {FIT: inputs(settings.fit_detector, fit_regularisation=settings.fit_regularisation),
+                       MEAN_VOLUME: inputs(train_file_sha256=file_sha256(data_dir / "train.h5")), ORACLE: inputs()}
     for method in BASELINES:
-        tables[method.label], _ = scored(out, method.label, builders[method], data)
+        tables[method.label], _ = scored(out, method.label, builders[method], data, baseline_inputs[method])
         progress(f"evaluated baseline {method.label}")
     landmarks[FIT.label] = landmarks[settings.fit_detector]
 

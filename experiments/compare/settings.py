@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.baselines import DEFAULT_REGULARISATION
-from experiments.config import CONFIG_DIR, ConfigError, load_settings
+from experiments.config import CONFIG_DIR, ConfigError, load_config, load_settings
 from experiments.evaluation import EVAL_BATCH_SIZE
-from lightning_vrn.models import MODELS
+from lightning_vrn.models import MODELS, LandmarkHourglass
+from lightning_vrn.models.guided import VRNGuided
 
 
 @dataclass
@@ -62,13 +63,7 @@ def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> Compar
         raise ConfigError(f"compare config {path} does not exist; shipped: "
                           f"{', '.join(p.name for p in sorted(CONFIG_DIR.glob('compare_*.yaml')))}")
     settings = load_settings(CompareSettings, path, overrides)
-    for section in ("detectors", "methods"):
-        for name, entry in getattr(settings, section).items():
-            words = shlex.split(entry) if isinstance(entry, str) else []
-            if not words or words[0] not in MODELS or any("=" not in word for word in words[1:]):
-                raise ConfigError(f"{path}: {section}.{name} is {entry!r}; write a registered variant "
-                                  f"({', '.join(sorted(MODELS))}) and any key=value overrides, e.g. "
-                                  f"'vrn_guided model.net.stacks=1'")
+    _check_trainings(settings, path)
     unknown = sorted((set(settings.guidance.values()) | {settings.fit_detector}) - set(settings.detectors))
     if unknown:
         raise ConfigError(f"{path}: guidance or fit_detector name detectors {unknown} that 'detectors' does not "
@@ -79,3 +74,32 @@ def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> Compar
     if settings.reference not in settings.methods:
         raise ConfigError(f"{path}: reference {settings.reference!r} is not one of the methods {sorted(settings.methods)}")
     return settings
+
+
+def _check_trainings(settings: CompareSettings, path: Path) -> None:
+    """Refuse, before any data or training, a detector or method entry that names no variant, does not compose
+    into a training config, or is the wrong kind (a detector must predict landmarks, guidance needs a guided
+    variant), and a name used for both a detector and a method."""
+    for section in ("detectors", "methods"):
+        for name, entry in getattr(settings, section).items():
+            words = shlex.split(entry) if isinstance(entry, str) else []
+            if not words or words[0] not in MODELS or any("=" not in word for word in words[1:]):
+                raise ConfigError(f"{path}: {section}.{name} is {entry!r}; write a registered variant "
+                                  f"({', '.join(sorted(MODELS))}) and any key=value overrides, e.g. "
+                                  f"'vrn_guided model.net.stacks=1'")
+    both = sorted(set(settings.detectors) & set(settings.methods))
+    if both:
+        raise ConfigError(f"{path}: {both} named both a detector and a method; give each its own name")
+    for name in [*settings.detectors, *settings.methods]:  # every training composes: a bad key fails now
+        try:
+            load_config(CONFIG_DIR / settings.train_config, settings.training_overrides(name) + settings.overrides)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: the training of {name!r} would fail: {error}") from None
+    for name, entry in settings.detectors.items():
+        if not issubclass(MODELS[shlex.split(entry)[0]], LandmarkHourglass):
+            raise ConfigError(f"{path}: detectors.{name} is {entry!r}, which predicts no landmarks: a detector is a "
+                              f"landmark_hourglass")
+    for name in settings.guidance:
+        if name in settings.methods and not issubclass(MODELS[shlex.split(settings.methods[name])[0]], VRNGuided):
+            raise ConfigError(f"{path}: guidance names {name!r} ({settings.methods[name]!r}), which takes no landmark "
+                              f"maps: guide only a vrn_guided variant")

@@ -63,20 +63,20 @@ def load_model(checkpoint: str | Path, map_location: str = "cpu", trust: bool = 
 
 
 def sigma_at_192(payload: dict) -> bool:
-    """Whether a checkpoint gives ``model.sigma`` in pixels at a 192 px crop (saved before sigma was in the
-    crop's own pixels: its record lacks ``sigma_in_crop_pixels``)."""
-    record = payload.get("lightning_vrn") or {}
-    return "sigma" in (payload.get("hyper_parameters") or {}) and not record.get("sigma_in_crop_pixels")
+    """Whether a checkpoint was saved when the heatmap sigma was ``model.sigma``, pixels at a 192 px crop (now
+    ``model.sigma_px``, pixels of the model's own crop)."""
+    return "sigma" in (payload.get("hyper_parameters") or {})
 
 
 def current_hyper_parameters(payload: dict) -> dict:
-    """A checkpoint's hyper-parameters in this version's units: an older checkpoint's sigma becomes the crop
-    pixels its record says the model used (:func:`sigma_at_192`)."""
+    """A checkpoint's hyper-parameters in this version's terms: an older checkpoint's ``sigma`` becomes the
+    ``sigma_px`` its record says the model used (:func:`sigma_at_192`)."""
     hparams = dict(payload["hyper_parameters"])
     if sigma_at_192(payload):
         record = payload.get("lightning_vrn") or {}
         crop = VoxelGrid.from_dict(hparams["grid"]).crop_size
-        hparams["sigma"] = record.get("heatmap_sigma") or hparams["sigma"] * crop / PAPER_GRID.crop_size
+        sigma = hparams.pop("sigma")
+        hparams["sigma_px"] = record.get("heatmap_sigma") or sigma * crop / PAPER_GRID.crop_size
     return hparams
 
 

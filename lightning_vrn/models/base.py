@@ -98,7 +98,7 @@ class VRNModule(pl.LightningModule):
         super().__init__()
         grid_dict = grid.to_dict() if isinstance(grid, VoxelGrid) else dict(grid)
         self.grid = VoxelGrid.from_dict(grid_dict)
-        if settings is not None and (values or not isinstance(settings, self.Settings)):
+        if settings is not None and (values or type(settings) is not self.Settings):
             raise TypeError(f"{type(self).__name__} takes settings= (a {self.Settings.__name__}) or keywords, "
                             f"not {type(settings).__name__} with {sorted(values)}")
         where = f"{type(self).__name__} settings"
@@ -126,8 +126,8 @@ class VRNModule(pl.LightningModule):
     @property
     def heatmap_sigma(self) -> float | None:
         """Sigma (pixels of this crop) of the landmark maps the model consumes or predicts (settings with a
-        ``sigma``: :class:`lightning_vrn.heatmaps.HeatmapSettings`); None for a model without maps."""
-        sigma = getattr(self.settings, "sigma", None)
+        ``sigma_px``: :class:`lightning_vrn.heatmaps.HeatmapSettings`); None for a model without maps."""
+        sigma = getattr(self.settings, "sigma_px", None)
         return None if sigma is None else float(sigma)
 
     # ----- shared machinery -----
@@ -187,7 +187,6 @@ class VRNModule(pl.LightningModule):
             "grid": self.grid.to_dict(),
             "target_frame": self.target_frame,
             "heatmap_sigma": self.heatmap_sigma,
-            "sigma_in_crop_pixels": True,  # earlier checkpoints gave model.sigma at a 192 px crop
             "lightning_vrn_version": __version__,
         }
 

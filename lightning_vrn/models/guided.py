@@ -24,7 +24,7 @@ from lightning_vrn.models.vrn import VRN
 
 @dataclass
 class GuidedSettings(HeatmapSettings, VolumeSettings):
-    """VRN settings plus ``sigma``: the guidance maps' Gaussian sigma in pixels of the crop."""
+    """VRN settings plus ``sigma_px``: the guidance maps' Gaussian sigma in pixels of the crop."""
 
 
 @register("vrn_guided")
@@ -49,7 +49,7 @@ class VRNGuided(VRN):
 class GuidedSigma2Settings(GuidedSettings):
     """The guidance-sigma ablation: maps (and its detector's targets) of sigma 2 px."""
 
-    sigma: float = 2.0
+    sigma_px: float = 2.0
 
 
 @register("vrn_guided_sigma2")

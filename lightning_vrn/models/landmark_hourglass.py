@@ -1,7 +1,7 @@
 """The landmark hourglass: RGB crop -> 68 landmark heatmaps, the detector VRN-Guided and the 3DMM fit use.
 
 Trained on its own with MSE against Gaussian heatmaps of the (augmented) ground-truth landmarks,
-``sigma`` pixels (the batch's ``"heatmaps"``, made by the DataModule at
+``sigma_px`` pixels (the batch's ``"heatmaps"``, made by the DataModule at
 :attr:`LandmarkHourglass.heatmap_sigma`), every stack supervised. Landmarks are the last stack's
 heatmaps decoded with sub-pixel refinement (:func:`lightning_vrn.heatmaps.decode_heatmaps`);
 validation and test log the AFLW2000-3D landmark NME (:class:`~lightning_vrn.metrics.landmark_nme.LandmarkNME`).
@@ -74,7 +74,7 @@ class LandmarkScoring:
 
 @dataclass
 class LandmarkSettings(HeatmapRegressionSettings, ModelSettings):
-    """``net``: the stacked hourglass (FAN-like defaults: 2 stacks, 256 features, depth 4); ``sigma``:
+    """``net``: the stacked hourglass (FAN-like defaults: 2 stacks, 256 features, depth 4); ``sigma_px``:
     the target heatmaps' Gaussian sigma in pixels of the crop."""
 
     net: NetSettings = field(default_factory=NetSettings)

@@ -26,7 +26,7 @@ class MultitaskNetSettings:
 
 @dataclass
 class MultitaskSettings(HeatmapRegressionSettings, VolumeSettings):
-    """``sigma``: the heatmap targets' sigma in pixels of the crop; ``landmark_weight``: the heatmap MSE's weight in the loss."""
+    """``sigma_px``: the heatmap targets' sigma in pixels of the crop; ``landmark_weight``: the heatmap MSE's weight in the loss."""
 
     net: MultitaskNetSettings = field(default_factory=MultitaskNetSettings)
     landmark_weight: float = 1.0
