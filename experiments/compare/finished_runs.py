@@ -24,6 +24,7 @@ from lightning_vrn.atomic import file_sha256
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.metrics.bootstrap import DEFAULT_RESAMPLES
 from lightning_vrn.metrics.report import read_per_sample_csv, summarise
+from lightning_vrn.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -153,14 +154,14 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
     The runs are :func:`collect_run_dirs` (a run still training is refused) read by :func:`read_run` (a damaged
     file is refused), all tested on the same test file, by content (:func:`common_test_file`: else a ConfigError
     names two runs that differ). The runs of one group are averaged per face (:func:`seed_mean_table`) before the
-    bootstrap over faces; ``reference`` (default ``vrn`` when present, else the first group) is the row every
+    bootstrap over faces; ``reference`` (default the default model, ``vrn``, when present, else the first group) is the row every
     other is paired with. Writes ``table.md`` (titled with the test file's path and SHA-256 prefix), ``table.csv``,
     ``runs.csv`` (one row per run) and the figures into ``out``.
     """
     runs = [read_run(run_dir) for run_dir in collect_run_dirs(paths)]
     digest, file_notes = common_test_file(runs)
     groups = group_runs(runs, group_by)
-    reference = reference or ("vrn" if "vrn" in groups else next(iter(groups)))
+    reference = reference or (DEFAULT_MODEL if DEFAULT_MODEL in groups else next(iter(groups)))
     if reference not in groups:
         raise ConfigError(f"--reference {reference} is none of the {group_by} values of the runs: {sorted(groups)}")
     tables = {label: seed_mean_table([run.table for run in group]) for label, group in groups.items()}
