@@ -25,6 +25,9 @@ the checkpoint file):
 its detected landmarks (:class:`~lightning_vrn.models.guided.DetectedGuidance`, the paper's realistic
 setting) instead of the ground truth's, and the detector is scored as a method of its own
 (``"landmark detector"``: landmark NMEs, no volume).
+
+A ``landmark_hourglass`` checkpoint itself is scored by its landmark NMEs alone: ``metrics.json`` holds them
+under ``"landmarks"``, and there is no volume, error curve or reconstruction to write.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path} does not exist: train first (python -m experiments.train ...)")
     model = load_model(args.checkpoint, trust=args.trust_checkpoint)
+    if model.target_frame is None and (args.landmarks_model is not None or args.train_data is not None):
+        parser.error(f"{args.checkpoint} is a {model.variant}, which predicts landmarks, not a volume: it is scored "
+                     f"by its landmark NME alone; --landmarks-model and --train-data go with a volume model")
     grid = model.grid
     detector = None if args.landmarks_model is None else landmark_detector(args.landmarks_model, grid,
                                                                             args.trust_checkpoint)
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                grid_source=f"checkpoint {args.checkpoint}")
 
     datamodule = split_for(model.heatmap_sigma)
+    if model.target_frame is None:
+        return _score_landmarks(model, datamodule, out, run_dir, args)
     guided = detector is not None and isinstance(model, VRNGuided)
     methods: dict[str, pl.LightningModule] = {MODEL: DetectedGuidance(model, detector) if guided else model}
     if args.train_data is not None:
@@ -136,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error curve:    {out / 'ced.png'}")
     print(f"mesh:           {out / 'reconstruction.obj'}")
     print(f"picture:        {out / 'reconstruction.png'}")
+    return 0
+
+
+def _score_landmarks(model: pl.LightningModule, datamodule, out: Path, run_dir: Path | None, args) -> int:
+    """A landmark detector's evaluation: its 68-point NME (AFLW2000-3D protocol, per |yaw| bucket and balanced)
+    in ``out/metrics.json``, the W&B eval run as for a volume model."""
+    print(f"landmark NME ({model.variant})", file=sys.stderr)
+    landmarks = landmark_scores(evaluation_report(model, datamodule, None, args.max_samples)[2])
+    metrics = {"landmarks": {MODEL: {"landmark_source": "model", **landmarks}}, "checkpoint": str(args.checkpoint),
+               "data": str(args.data), "grid": model.grid.describe(), "landmarks_model": None}
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if wandb_wanted(args.log_wandb, run_dir):
+        log_eval_run(out, run_dir, {"eval": (None, None, landmarks)},
+                     {"checkpoint": str(args.checkpoint), "data": str(args.data), "grid": model.grid.describe(),
+                      "landmark_sources": {MODEL: "model"}}, group=model.variant)
+    print(json.dumps(metrics, indent=2))
+    print(f"metrics:        {out / 'metrics.json'}")
     return 0
 
 

@@ -120,6 +120,20 @@ def test_a_guided_model_is_guided_by_the_detector_and_the_detector_is_scored(che
 
 
 
+def test_a_landmark_detector_checkpoint_is_scored_by_its_landmarks(checkpoints, tiny_synthetic, tmp_path, capsys):
+    data = tiny_synthetic / "test.h5"
+    alone = run_evaluate(checkpoints["detector"], data, tmp_path / "alone")
+    beside = run_evaluate(checkpoints["guided"], data, tmp_path / "beside", "--landmarks-model",
+                          str(checkpoints["detector"]))
+    assert alone["landmarks"] == {"model": beside["landmarks"]["landmark detector"]}  # the same scores either way
+    assert set(LANDMARK_KEYS) <= set(alone["landmarks"]["model"]) and "model" not in alone  # no NME summary
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["metrics.json"]  # no volume: no mesh, no curve
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(checkpoints["detector"]), "--data", str(data), "--out", str(tmp_path / "x"),
+                       "--train-data", str(tiny_synthetic / "train.h5")])
+    assert "predicts landmarks, not a volume" in capsys.readouterr().err
+
+
 def test_a_volume_only_model_reports_the_detectors_landmark_nme_and_both_ground_truths(checkpoints, tiny_synthetic,
                                                                                         tmp_path):
     rng = np.random.default_rng(0)
