@@ -1,7 +1,10 @@
 """AFLW2000-3D -> one dataset file (the test set): ``python -m data_prep.aflw2000 --root DIR --bfm PATH --out FILE.h5``.
 
 ``--root`` holds the 2,000 ``imageNNNNN.jpg`` + ``imageNNNNN.mat`` pairs of AFLW2000-3D; ``--bfm``
-is a Basel Face Model in one of the layouts of :mod:`data_prep.bfm`. Samples are in the order of
+is a Basel Face Model in one of the layouts of :mod:`data_prep.bfm`: the meshes (the ground truth of
+volumes and vertices) are the full BFM's, the first 40 + 10 parameters on 3DDFA's ``train.configs``
+bases, or with ``--mean-only`` the mean face at the fitted pose; the file's ``ground_truth``
+attribute says which (docs/datasets.md). Samples are in the order of
 the ``.mat`` names; ``landmarks_3d`` is ``pt3d_68`` (the original annotation). The conversion
 (vertices, crop, volumes, skipped samples) is :mod:`data_prep.mat_faces`; beside ``FILE.h5`` it
 writes ``FILE.skipped.csv`` (sources left out and why) and ``FILE.sources.txt`` (sample i's source).

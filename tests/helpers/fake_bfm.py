@@ -1,5 +1,5 @@
 """Fake Basel Face Model files: a small BFM-like model built on the built-in face (plus a neck and an ear vertex
-that the face-region cut removes), written in the four layouts that data_prep.bfm reads."""
+that the face-region cut removes), written in the five layouts that data_prep.bfm reads."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from data_prep.face_model import load_face_model
 
 MICROMETRES_PER_MM = 1000.0
 NUM_SHAPE, NUM_EXP = 5, 3
+SIM_SHAPE, SIM_EXP = 3, 2
+"""Components of the fake train.configs layout: the leading columns of the fake's 5 + 3 (the real one: 40 of 199,
+10 of 29)."""
 
 
 def fake_bfm_content(seed: int = 0) -> dict[str, np.ndarray]:
@@ -80,4 +83,22 @@ def write_mean_only(folder, content) -> None:
     np.save(folder / "u_exp.npy", content["mean_exp"][:, None])
 
 
-WRITERS = {"3ddfa": write_3ddfa, "face3d": write_face3d, "noneck": write_noneck_pickle, "mean": write_mean_only}
+def write_train_configs(folder, content, triangles_in="tri.mat") -> None:
+    """3DDFA's ``train.configs``: ``u_shp.npy``, ``u_exp.npy`` (3V, 1) float32, ``w_shp_sim.npy`` / ``w_exp_sim.npy``
+    the leading :data:`SIM_SHAPE` / :data:`SIM_EXP` columns of the bases, ``keypoints_sim.npy`` (204,) int64 flat xyz
+    indices; plus the triangles it lacks, ``tri`` (3, T) 1-based in ``triangles_in`` (``tri.mat`` as 3DDFA's
+    ``visualize/``, or ``Model_Shape_Sim.mat`` with ``mu_shape`` and ``keypoints`` as the AFLW2000-3D code's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "u_shp.npy", content["mean_shape"][:, None])
+    np.save(folder / "u_exp.npy", content["mean_exp"][:, None])
+    np.save(folder / "w_shp_sim.npy", np.ascontiguousarray(content["w"][:, :SIM_SHAPE]))
+    np.save(folder / "w_exp_sim.npy", np.ascontiguousarray(content["w_exp"][:, :SIM_EXP]))
+    np.save(folder / "keypoints_sim.npy", (3 * content["keypoints"][:, None] + np.arange(3)).reshape(-1))
+    if triangles_in == "Model_Shape_Sim.mat":
+        write_mean_only(folder, content)
+    else:
+        scipy.io.savemat(folder / triangles_in, {"tri": (content["tri"].T + 1).astype(np.uint16)})
+
+
+WRITERS = {"3ddfa": write_3ddfa, "face3d": write_face3d, "noneck": write_noneck_pickle, "mean": write_mean_only,
+           "train_configs": write_train_configs}
