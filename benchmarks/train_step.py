@@ -53,7 +53,7 @@ def step_function(model, batch: Mapping[str, torch.Tensor], precision: str = "32
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
-        return value.detach().clone()
+        return value.detach().clone() if cuda_graphs else value.detach()
 
     return step
 

@@ -249,9 +249,8 @@ class RunLock:
 def lock_holder(run_dir: Path) -> dict[str, Any] | None:
     """The ``run.lock`` record (pid, host, started, command) of the training that holds ``run_dir``, None when
     none does: no lock, or a stale one (:meth:`RunLock.stale`). A holder on another host counts as holding it."""
-    lock = RunLock(run_dir)
-    holder = lock._holder()
-    return None if not lock.path.exists() or RunLock.stale(holder) else holder
+    holder = RunLock(run_dir)._holder()  # {} when there is no lock, which is stale
+    return None if RunLock.stale(holder) else holder
 
 
 @rank_zero_only
@@ -301,11 +300,17 @@ def newest_attempt(run_dir: Path) -> Path | None:
     return max(attempts, key=lambda p: int(p.name)) if attempts else None
 
 
-def trained_config(run_dir: Path) -> dict | None:
-    """The config the run in ``run_dir`` was last trained with (its newest attempt's ``config.yaml``, else its
-    ``config.yaml``) as plain values, or None when it has neither."""
+def config_path(run_dir: Path) -> Path:
+    """The config the run in ``run_dir`` was last trained with, and its latest results come from: its newest
+    attempt's ``config.yaml`` (a run may restart with resume=false), else (a run from before attempts were
+    recorded) its ``config.yaml``."""
     attempt = newest_attempt(run_dir)
-    path = attempt / "config.yaml" if attempt is not None else run_dir / "config.yaml"
+    return attempt / "config.yaml" if attempt is not None else run_dir / "config.yaml"
+
+
+def trained_config(run_dir: Path) -> dict | None:
+    """:func:`config_path`'s config as plain values, or None when the run has none."""
+    path = config_path(run_dir)
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else None
 
 

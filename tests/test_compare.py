@@ -274,6 +274,21 @@ def test_a_run_still_training_is_refused_when_named_and_left_out_of_a_folder(fin
 
 
 @pytest.mark.slow
+def test_a_run_whose_last_attempt_was_killed_is_refused_not_read_with_an_older_attempts_results(finished_runs,
+                                                                                               tmp_path):
+    _, multitask = finished_runs
+    run = tmp_path / "multitask"
+    shutil.copytree(multitask, run)
+    attempts = sorted((run / "attempts").iterdir())
+    killed = attempts[-1].with_name(f"{int(attempts[-1].name) + 1:03d}")  # started, killed before its test
+    killed.mkdir()
+    shutil.copy(attempts[-1] / "config.yaml", killed / "config.yaml")
+    read_run(multitask)  # the original is fine
+    with pytest.raises(ConfigError, match="its last attempt did not finish, so metrics.json holds an earlier"):
+        read_run(run)
+
+
+@pytest.mark.slow
 def test_a_damaged_run_file_is_refused_naming_it_and_the_fix(finished_runs, tmp_path, capsys):
     seeds, multitask = finished_runs
     run = _copy_run(multitask, tmp_path / "run")
@@ -345,4 +360,5 @@ def test_each_method_is_its_trained_variant_and_landmarks_with_todays_label():
     # a method whose name has parentheses keeps its name: the detected row is the sigma-2 model, not VRN-Guided
     assert methods.detected_methods(settings)[1] == methods.Method("VRN-Guided (sigma 2)", methods.DETECTED)
     assert [method.name for method in methods.trained_methods(settings)] == list(settings.methods)
-    assert methods.Method("VRN").label == "VRN" and hash(methods.Method("VRN")) == hash(methods.Method("VRN"))
+    assert methods.Method("VRN").label == "VRN" and methods.Method("VRN") != methods.Method("VRN", methods.DETECTED)
+    assert len({methods.Method("VRN"), methods.Method("VRN"), methods.Method("VRN", methods.DETECTED)}) == 2

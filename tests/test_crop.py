@@ -50,20 +50,3 @@ def test_rejects_bad_landmarks():
     with pytest.raises(ValueError, match="flat"):
         landmark_crop(flat, 192)
 
-
-@pytest.mark.parametrize("size", [192, 96])
-def test_invert_maps_the_crop_back_to_the_photo(size):
-    """A photo's landmarks go to the authors' box and back within 0.5 px (here to rounding); a crop-space mesh
-    lands back in photo pixels, z in the same pixel units (an independent inverse: the matrix form)."""
-    landmarks = box_landmarks((310.0, 120.0), (520.0, 400.0))
-    crop = landmark_crop(landmarks, size)
-    np.testing.assert_allclose(crop.invert(crop.apply(landmarks)), landmarks, atol=0.5)
-    np.testing.assert_allclose(crop.invert(crop.apply(landmarks)), landmarks, atol=1e-9)
-    mesh = np.random.default_rng(1).uniform(0, size - 1, (50, 3))
-    forward = np.diag([crop.scale] * 3)
-    forward = np.hstack([forward, np.array([[crop.translation[0]], [crop.translation[1]], [-12.0]])])
-    matrix = np.vstack([forward, [0, 0, 0, 1]])
-    expected = (np.linalg.inv(matrix) @ np.hstack([mesh, np.ones((50, 1))]).T).T[:, :3]
-    np.testing.assert_allclose(crop.invert(mesh, z_shift=-12.0), expected, atol=1e-9)
-    with pytest.raises(ValueError, match=r"\(N, 2\) or \(N, 3\)"):
-        crop.invert(np.zeros((3, 4)))

@@ -19,7 +19,7 @@ from datamodules.datamodule import split_path
 from experiments.compare.report import write_figures, write_run_list, write_tables
 from experiments.compare.stats import seed_mean_table, table_rows
 from experiments.config import ConfigError, flat_keys
-from experiments.runs import LOCK_NAME, lock_holder, newest_attempt
+from experiments.runs import LOCK_NAME, config_path, finished_metrics, lock_holder
 from lightning_vrn.atomic import file_sha256
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.metrics.bootstrap import DEFAULT_RESAMPLES
@@ -87,14 +87,7 @@ def _still_training(run_dir: Path) -> str | None:
 def _retest_fix(run_dir: Path) -> str:
     """How to test a finished run again: its training resumed with its last attempt's config, which only tests."""
     return (f"delete {run_dir / 'metrics.json'} and test the run again with `python -m experiments.train --config "
-            f"{_config_path(run_dir)} resume={run_dir}` (its finished training only tests), or leave the run out")
-
-
-def _config_path(run_dir: Path) -> Path:
-    """The config the run's results come from: its newest attempt's (a run may restart with resume=false), or, for
-    a run from before attempts were recorded, its config.yaml."""
-    attempt = newest_attempt(run_dir)
-    return attempt / "config.yaml" if attempt is not None else run_dir / "config.yaml"
+            f"{config_path(run_dir)} resume={run_dir}` (its finished training only tests), or leave the run out")
 
 
 def read_run(run_dir: Path) -> FinishedRun:
@@ -116,6 +109,9 @@ def read_run(run_dir: Path) -> FinishedRun:
             raise ValueError("not a JSON object")
     except ValueError as error:
         raise ConfigError(f"run {run_dir}: metrics.json is damaged ({error}); {_retest_fix(run_dir)}") from None
+    if finished_metrics(run_dir) is None:  # its newest attempt was killed: metrics.json is an earlier attempt's
+        raise ConfigError(f"run {run_dir}: its last attempt did not finish, so metrics.json holds an earlier "
+                          f"attempt's results: rerun its training command to resume it")
     try:
         table = read_per_sample_csv(run_dir / "nme" / "test.csv")
     except ValueError as error:
@@ -129,10 +125,10 @@ def read_run(run_dir: Path) -> FinishedRun:
 
 
 def _run_config(run_dir: Path) -> tuple[DictConfig, str | None]:
-    """The config the run's results come from (:func:`_config_path`) and its test file (None: no test split),
+    """The config the run's results come from (:func:`experiments.runs.config_path`) and its test file (None: no test split),
     checked: YAML with ``data``, and for a run of one attempt the same bytes as the run's ``config.yaml``, which
     training writes with it (so a truncation that still parses is found)."""
-    path, top = _config_path(run_dir), run_dir / "config.yaml"
+    path, top = config_path(run_dir), run_dir / "config.yaml"
     if path != top and path.parent.name == "001" and top.is_file() and path.read_bytes() != top.read_bytes():
         raise ConfigError(f"run {run_dir}: {top} and {path} differ, though training writes them alike: one is damaged "
                           f"(truncated, say); restore it from the other, or leave the run out")

@@ -43,15 +43,6 @@ class CropTransform:
         offset = np.array([*self.translation, z_shift][: points.shape[1]])
         return self.scale * points + offset
 
-    def invert(self, points: np.ndarray, z_shift: float = 0.0) -> np.ndarray:
-        """Crop coordinates ``(N, 2)`` or ``(N, 3)`` -> source coordinates: the inverse of :meth:`apply` with the
-        same ``z_shift`` (a crop-space mesh back in the photo's pixels, z in the same pixel units)."""
-        points = np.asarray(points, dtype=np.float64)
-        if points.ndim != 2 or points.shape[1] not in (2, 3):
-            raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
-        offset = np.array([*self.translation, z_shift][: points.shape[1]])
-        return (points - offset) / self.scale
-
 
 def landmark_crop(landmarks_2d: np.ndarray, crop_size: int, scale_jitter: float = 1.0,
                   centre_shift: tuple[float, float] | np.ndarray = (0.0, 0.0)) -> CropTransform:
