@@ -23,7 +23,7 @@ def content():
     return fake_bfm_content()
 
 
-@pytest.mark.parametrize("layout", sorted(WRITERS))
+@pytest.mark.parametrize("layout", sorted(set(WRITERS) - {"3ddfa"}))  # the reference, checked against content below
 def test_layouts_read_the_same_model(tmp_path, content, layout):
     WRITERS[layout](tmp_path / layout, content)
     model = load_face_model(f"bfm:{tmp_path / layout}")
