@@ -23,6 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # pinned: an unpinned torch pulls GBs of CUDA wheels
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps facenet-pytorch==2.5.3   # face detector weights; see lightning_vrn/faces/detector.py
 	touch $(STAMP)
 
 # Synthetic data -> quickstart training -> evaluation (mesh, picture, metrics), CPU only.

@@ -63,7 +63,8 @@ from data_prep.face_model import FaceModel, load_face_model
 from data_prep.writing import check_finished, check_output, parallel_map, write_pending
 from lightning_vrn.atomic import atomic_path
 from lightning_vrn.dataset_file import DatasetWriter, open_dataset
-from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, front_z_shift, landmark_crop, leaves_grid
+from lightning_vrn.geometry.crop import (LANDMARK_BOX_FRACTION, CropTransform, front_z_shift, landmark_crop, leaves_grid,
+                                         resample_crop)
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, mirror_pose, model_to_crop
 from lightning_vrn.geometry.voxelise import voxelise, voxelise_frontal
@@ -239,25 +240,6 @@ def read_image(path: Path | None) -> np.ndarray:
         raise SampleSkipped("missing_image", f"{path} does not exist") from None
     except Exception as error:  # PIL raises several kinds for truncated or foreign files
         raise SampleSkipped("unreadable_image", f"{path.name}: {' '.join(str(error).split())[:200]}") from None
-
-
-def resample_crop(image: np.ndarray, crop: CropTransform, size: int) -> np.ndarray:
-    """``(size, size, 3)`` uint8: ``image`` resampled through ``crop`` (antialiased bilinear; black outside).
-
-    Crop pixel ``i`` (centre at ``i``) shows image point ``(i - t) / s`` (centres at integers), i.e.
-    PIL's ``box`` (pixel edges at integers) starting at ``(-t - 0.5) / s + 0.5``.
-    """
-    step = 1.0 / crop.scale
-    start = (-np.asarray(crop.translation) - 0.5) * step + 0.5
-    end = start + size * step
-    margin = int(np.ceil(step)) + 2  # the filter's support beyond the box
-    height, width = image.shape[:2]
-    pad_before = np.maximum(0, np.ceil(-start).astype(int) + margin)
-    pad_after = np.maximum(0, np.ceil(end - (width, height)).astype(int) + margin)
-    padded = np.pad(image, ((pad_before[1], pad_after[1]), (pad_before[0], pad_after[0]), (0, 0)))
-    box = (*(start + pad_before), *(end + pad_before))
-    resized = Image.fromarray(padded).resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in box))
-    return np.asarray(resized)
 
 
 def inspect_source(model: FaceModel, source: Source, landmark_field: str, grid: VoxelGrid,

@@ -12,19 +12,35 @@ from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.raster import rasterise
 
 
-def shade_mesh(vertices: np.ndarray, triangles: np.ndarray, size: int, background: int = 255) -> np.ndarray:
-    """Grey Lambertian picture ``(size, size, 3)`` uint8 of a crop-coordinate mesh lit from the camera."""
-    image = np.full((size, size, 3), background, dtype=np.uint8)
+def shade_mesh(vertices: np.ndarray, triangles: np.ndarray, size: int | tuple[int, int],
+               background: int = 255) -> np.ndarray:
+    """Grey Lambertian picture ``(H, W, 3)`` uint8 of a crop-coordinate mesh lit from the camera (``size``: ``S``
+    for ``S x S`` or ``(H, W)``); pixels the mesh misses keep ``background``."""
+    grey, covered = _shaded_grey(vertices, triangles, (size, size) if isinstance(size, int) else size)
+    image = np.full((*covered.shape, 3), background, dtype=np.uint8)
+    image[covered] = grey[covered, None]
+    return image
+
+
+def draw_mesh_over(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, opacity: float = 0.75) -> np.ndarray:
+    """``image`` ``(H, W, 3)`` uint8 with the shaded mesh (pixel coordinates of that image) blended over it."""
+    grey, covered = _shaded_grey(vertices, triangles, image.shape[:2])
+    out = image.copy()
+    out[covered] = ((1 - opacity) * image[covered] + opacity * grey[covered, None]).astype(np.uint8)
+    return out
+
+
+def _shaded_grey(vertices: np.ndarray, triangles: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(H, W)`` uint8 grey shading (40-240 by the normal's z) and ``(H, W)`` bool coverage of a mesh."""
+    height, width = shape
     if len(triangles) == 0:
-        return image
+        return np.zeros(shape, np.uint8), np.zeros(shape, bool)
     vertices = np.asarray(vertices, dtype=np.float64)
-    raster = rasterise(vertices, triangles, size, size)
+    raster = rasterise(vertices, triangles, height, width)
     normals = raster.interpolate(vertex_normals(vertices, triangles), triangles)
     # The camera looks along +z (crop z grows away from it); either winding faces it.
     intensity = np.abs(normals[..., 2]) / np.maximum(np.linalg.norm(normals, axis=-1), 1e-12)
-    grey = (40 + 200 * intensity).astype(np.uint8)
-    image[raster.mask] = grey[raster.mask, None]
-    return image
+    return (40 + 200 * intensity).astype(np.uint8), raster.mask
 
 
 def vertex_colours_from_image(vertices: np.ndarray, image: np.ndarray) -> np.ndarray:

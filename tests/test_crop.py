@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, landmark_crop
+from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform, landmark_crop, resample_crop
 
 
 def box_landmarks(lo, hi) -> np.ndarray:
@@ -50,3 +50,27 @@ def test_rejects_bad_landmarks():
     with pytest.raises(ValueError, match="flat"):
         landmark_crop(flat, 192)
 
+
+
+def test_invert_maps_crop_coordinates_back_to_the_photo_within_half_a_pixel():
+    rng = np.random.default_rng(3)
+    landmarks = rng.uniform([100, 50], [500, 400], size=(68, 2))  # a face somewhere in a 640x480 photo
+    crop = landmark_crop(landmarks, 192)
+    in_crop = crop.apply(landmarks)
+    lo, hi = in_crop.min(axis=0), in_crop.max(axis=0)
+    assert np.sqrt(np.prod(hi - lo)) == pytest.approx(90.0)
+    assert (lo + hi) / 2 == pytest.approx([95.5, 95.5])
+    assert np.abs(crop.invert(in_crop) - landmarks).max() < 0.5
+    points = np.column_stack([landmarks, rng.uniform(-30, 30, 68)])
+    assert np.abs(crop.invert(crop.apply(points, z_shift=12.0), z_shift=12.0) - points).max() < 1e-9
+
+
+def test_resample_crop_puts_pixel_centres_at_integers():
+    ramp = np.broadcast_to(np.arange(64, dtype=np.uint8)[None, :, None] * 3, (64, 64, 3)).copy()
+    shifted = resample_crop(ramp, CropTransform(1.0, (-10.0, -20.0)), 16)
+    np.testing.assert_array_equal(shifted, ramp[20:36, 10:26])
+    doubled = resample_crop(ramp, CropTransform(2.0, (-20.0, 0.0)), 32).astype(float)[5, 2:30, 0]
+    np.testing.assert_allclose(doubled, 3 * (np.arange(2, 30) + 20.0) / 2.0, atol=1.0)
+    outside = resample_crop(ramp, CropTransform(1.0, (5.0, 5.0)), 16)  # crop pixel i shows photo pixel i - 5
+    assert outside[:4].max() == 0 and outside[:, :4].max() == 0
+    np.testing.assert_array_equal(outside[6:, 6:], ramp[1:11, 1:11])

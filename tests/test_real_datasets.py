@@ -18,7 +18,7 @@ from PIL import Image
 from data_prep import aflw2000, bu4dfe, florence, mat_faces, synthetic, w300lp
 from data_prep.bfm import load_bfm
 from data_prep.mat_faces import (Conversion, SampleSkipped, check_conversion, convert, image_vertices,
-                                 parameters_for_model, read_mat, resample_crop)
+                                 parameters_for_model, read_mat)
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION, CropTransform
 from lightning_vrn.geometry.grid import VoxelGrid
@@ -106,17 +106,6 @@ def test_image_vertices_follow_the_readme_formula(tmp_path, content, fake_bfm):
     np.testing.assert_allclose(image_vertices(model, params, IMAGE_SIZE, False, ids), expected[content["keypoints"]],
                                atol=1e-3)
     np.testing.assert_allclose(params.landmarks, expected[content["keypoints"]], atol=1e-3)
-
-
-def test_resample_crop_puts_pixel_centres_at_integers():
-    ramp = np.broadcast_to(np.arange(64, dtype=np.uint8)[None, :, None] * 3, (64, 64, 3)).copy()
-    shifted = resample_crop(ramp, CropTransform(1.0, (-10.0, -20.0)), 16)
-    np.testing.assert_array_equal(shifted, ramp[20:36, 10:26])
-    doubled = resample_crop(ramp, CropTransform(2.0, (-20.0, 0.0)), 32).astype(float)[5, 2:30, 0]
-    np.testing.assert_allclose(doubled, 3 * (np.arange(2, 30) + 20.0) / 2.0, atol=1.0)
-    outside = resample_crop(ramp, CropTransform(1.0, (5.0, 5.0)), 16)  # crop pixel i shows photo pixel i - 5
-    assert outside[:4].max() == 0 and outside[:, :4].max() == 0
-    np.testing.assert_array_equal(outside[6:, 6:], ramp[1:11, 1:11])
 
 
 # --- AFLW2000-3D ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.landmark_scheme import NUM_LANDMARKS
@@ -43,6 +44,14 @@ class CropTransform:
         offset = np.array([*self.translation, z_shift][: points.shape[1]])
         return self.scale * points + offset
 
+    def invert(self, points: np.ndarray, z_shift: float = 0.0) -> np.ndarray:
+        """Crop coordinates -> source: the inverse of :meth:`apply` with the same ``z_shift``."""
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] not in (2, 3):
+            raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
+        offset = np.array([*self.translation, z_shift][: points.shape[1]])
+        return (points - offset) / self.scale
+
 
 def landmark_crop(landmarks_2d: np.ndarray, crop_size: int, scale_jitter: float = 1.0,
                   centre_shift: tuple[float, float] | np.ndarray = (0.0, 0.0)) -> CropTransform:
@@ -54,9 +63,16 @@ def landmark_crop(landmarks_2d: np.ndarray, crop_size: int, scale_jitter: float 
     landmarks_2d = np.asarray(landmarks_2d, dtype=np.float64)
     if landmarks_2d.shape != (NUM_LANDMARKS, 2) or not np.isfinite(landmarks_2d).all():
         raise ValueError(f"landmarks must be finite with shape ({NUM_LANDMARKS}, 2), got {landmarks_2d.shape}")
-    box_lo, box_hi = landmarks_2d.min(axis=0), landmarks_2d.max(axis=0)
+    return box_crop(landmarks_2d.min(axis=0), landmarks_2d.max(axis=0), crop_size, scale_jitter, centre_shift)
+
+
+def box_crop(box_lo: np.ndarray, box_hi: np.ndarray, crop_size: int, scale_jitter: float = 1.0,
+             centre_shift: tuple[float, float] | np.ndarray = (0.0, 0.0)) -> CropTransform:
+    """The crop transform that :func:`landmark_crop` makes of a 68-landmark box with corners ``box_lo`` and
+    ``box_hi`` ``(x, y)``."""
+    box_lo, box_hi = np.asarray(box_lo, dtype=np.float64), np.asarray(box_hi, dtype=np.float64)
     box_size = np.sqrt(np.prod(box_hi - box_lo))
-    if box_size <= 0:
+    if not box_size > 0:
         raise ValueError(f"the landmarks' bounding box is flat ({box_hi - box_lo} px): no crop scale can be found")
     scale = LANDMARK_BOX_FRACTION * crop_size * scale_jitter / box_size
     centre = (crop_size - 1) / 2.0 + np.asarray(centre_shift, dtype=np.float64)
@@ -82,3 +98,22 @@ def leaves_grid(vertices: np.ndarray, grid: VoxelGrid) -> bool:
     (z_lo, z_hi), last = grid.z_range, grid.crop_size - 1
     return bool((vertices[:, :2].min() < 0) or (vertices[:, :2].max() > last)
                 or vertices[:, 2].min() < z_lo or vertices[:, 2].max() > z_hi)
+
+
+def resample_crop(image: np.ndarray, crop: CropTransform, size: int) -> np.ndarray:
+    """``(size, size, 3)`` uint8: ``image`` resampled through ``crop`` (antialiased bilinear; black outside).
+
+    Crop pixel ``i`` (centre at ``i``) shows image point ``(i - t) / s`` (centres at integers), i.e.
+    PIL's ``box`` (pixel edges at integers) starting at ``(-t - 0.5) / s + 0.5``.
+    """
+    step = 1.0 / crop.scale
+    start = (-np.asarray(crop.translation) - 0.5) * step + 0.5
+    end = start + size * step
+    margin = int(np.ceil(step)) + 2  # the filter's support beyond the box
+    height, width = image.shape[:2]
+    pad_before = np.maximum(0, np.ceil(-start).astype(int) + margin)
+    pad_after = np.maximum(0, np.ceil(end - (width, height)).astype(int) + margin)
+    padded = np.pad(image, ((pad_before[1], pad_after[1]), (pad_before[0], pad_after[0]), (0, 0)))
+    box = (*(start + pad_before), *(end + pad_before))
+    resized = Image.fromarray(padded).resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in box))
+    return np.asarray(resized)

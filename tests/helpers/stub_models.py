@@ -1,6 +1,7 @@
 """Stub LightningModules for tests of the scoring around a model: they predict what the batch already holds."""
 
 import pytorch_lightning as pl
+import torch
 
 
 class TargetVolumeModel(pl.LightningModule):
@@ -12,3 +13,19 @@ class TargetVolumeModel(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         return {"volume": batch["volume"]}
+
+
+class OracleVolumeModel(torch.nn.Module):
+    """A volume model that predicts one known ``(D, H, W)`` occupancy ``volume`` for every crop (as logits of
+    +-10), and keeps the crops it was given in ``seen_images``."""
+
+    target_frame = "aligned"
+
+    def __init__(self, grid, volume):
+        super().__init__()
+        self.grid, self.volume, self.seen_images = grid, torch.as_tensor(volume, dtype=torch.float32), []
+
+    def forward(self, batch):
+        self.seen_images.append(batch["image"])
+        logits = (self.volume * 20.0 - 10.0)[None].expand(len(batch["image"]), *self.volume.shape)
+        return {"volume_logits": logits}
