@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lightning_vrn.atomic import write_text
 from lightning_vrn.faces import FaceDetector
-from lightning_vrn.faces.reconstruction import CONFIDENT_PEAK, _image_batch, detector_box_crop, hourglass_landmarks
+from lightning_vrn.faces.reconstruction import CONFIDENT_PEAK, detector_box_crop, hourglass_landmarks, image_batch
 from lightning_vrn.geometry.crop import CropTransform, landmark_crop, resample_crop
 from lightning_vrn.heatmaps import decode_heatmaps
 from lightning_vrn.metrics.landmark_nme import LandmarkNME
@@ -98,7 +98,7 @@ def main() -> None:
         image = np.asarray(Image.open(photo).convert("RGB"))
         truth, yaw = read_truth(photo.with_suffix(".mat"))
         crop = landmark_crop(truth, size)
-        heatmaps = model.eval()({"image": _image_batch([resample_crop(image, crop, size)])})["heatmaps"]
+        heatmaps = model.eval()({"image": image_batch([resample_crop(image, crop, size)])})["heatmaps"]
         true_crop_rows.append((crop.invert(decode_heatmaps(heatmaps)[0].numpy()), truth, yaw))
         start = time.perf_counter()
         face = nearest_face(detector.detect(image), truth)

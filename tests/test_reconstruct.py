@@ -14,6 +14,7 @@ from lightning_vrn.faces import FaceBox, FaceDetector
 from lightning_vrn.faces.reconstruction import PhotoReconstructor, detector_box_crop
 from lightning_vrn.geometry.crop import CropTransform, front_z, resample_crop
 from lightning_vrn.geometry.mesh_io import read_mesh
+from lightning_vrn.heatmaps import decode_heatmaps
 from lightning_vrn.models import build_model
 from lightning_vrn.visualise import draw_mesh_over, vertex_colours_from_image
 from tests.helpers.cli import run_cli
@@ -82,6 +83,21 @@ def test_a_small_face_is_reported_and_an_unsure_hourglass_falls_back_to_the_box(
     assert not len(small.vertices)
     assert face.landmark_source.startswith("detector box (hourglass unsure: peak 0.")
     assert face.crop == crop and face.landmarks.shape == (68, 2)
+
+
+def test_a_guided_model_is_guided_by_the_faces_landmarks_in_its_crop(synthetic_photo):
+    photo, sample, grid, box, crop = synthetic_photo
+    torch.manual_seed(0)
+    guided = build_model("vrn_guided", grid=grid, net=TINY)
+    hourglass = build_model("landmark_hourglass", grid=grid, net=TINY)
+    batches = []
+    forward = guided.forward
+    guided.forward = lambda batch: batches.append(batch) or forward(batch)
+    [[face]] = PhotoReconstructor(guided, hourglass, FixedBoxes(box)).reconstruct([photo])
+    [batch] = batches
+    assert batch["heatmaps"].shape == (1, 68, grid.height, grid.width)
+    peaks = decode_heatmaps(batch["heatmaps"])[0].numpy()
+    np.testing.assert_allclose(peaks, face.crop.apply(face.landmarks), atol=0.5)
 
 
 def test_a_volume_model_is_required_and_a_guided_one_needs_landmarks(synthetic_photo):

@@ -80,7 +80,7 @@ def to_photo(vertices: np.ndarray, crop: CropTransform, crop_front_z: float) -> 
     return crop.invert(vertices, z_shift=crop_front_z)
 
 
-def _image_batch(crops: list[np.ndarray]) -> torch.Tensor:
+def image_batch(crops: list[np.ndarray]) -> torch.Tensor:
     """``(B, 3, S, S)`` float in [0, 1] from ``(S, S, 3)`` uint8 crops."""
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0)
 
@@ -92,7 +92,7 @@ def hourglass_landmarks(landmark_model: LandmarkHourglass, images: list[np.ndarr
     faces: ``(68, 2)`` photo-pixel landmarks and the mean of the 68 heatmap maxima (its confidence)."""
     size = landmark_model.grid.crop_size
     crops = [detector_box_crop(box, size) for box in boxes]
-    batch = {"image": _image_batch([resample_crop(image, crop, size) for image, crop in zip(images, crops)])}
+    batch = {"image": image_batch([resample_crop(image, crop, size) for image, crop in zip(images, crops)])}
     heatmaps = landmark_model.eval()(batch)["heatmaps"]
     peaks = heatmaps.flatten(2).max(dim=-1).values.mean(dim=1).tolist()
     return [(crop.invert(points), peak) for crop, points, peak in zip(crops, decode_heatmaps(heatmaps).numpy(), peaks)]
@@ -153,7 +153,7 @@ class PhotoReconstructor:
     def _predict_meshes(self, todo: list[tuple[np.ndarray, PhotoFace]]) -> None:
         """Run the volume model on every face's crop and map each iso-surface to its photo (steps 2 and 3)."""
         grid = self.model.grid
-        batch = {"image": _image_batch([resample_crop(image, face.crop, grid.crop_size) for image, face in todo])}
+        batch = {"image": image_batch([resample_crop(image, face.crop, grid.crop_size) for image, face in todo])}
         if isinstance(self.model, VRNGuided):
             crop_points = torch.from_numpy(np.stack([face.crop.apply(face.landmarks) for _, face in todo])).float()
             batch["heatmaps"] = gaussian_heatmaps(crop_points, grid.height, grid.width, self.model.heatmap_sigma)
