@@ -40,7 +40,7 @@ from lightning_vrn.metrics.landmark_nme import LandmarkNME
 from lightning_vrn.models import load_model
 
 
-def read_truth(mat_path: Path) -> tuple[np.ndarray, float]:
+def true_landmarks_and_yaw(mat_path: Path) -> tuple[np.ndarray, float]:
     """``(68, 2)`` true landmarks (0-based photo pixels) and yaw (radians) of an AFLW2000-3D ``.mat``."""
     mat = scipy.io.loadmat(mat_path)
     return mat["pt3d_68"][:2].T - 1.0, float(mat["Pose_Para"][0, 1])
@@ -96,7 +96,7 @@ def main() -> None:
     seconds = 0.0
     for photo in tqdm(photos, desc="photos", unit="photo"):
         image = np.asarray(Image.open(photo).convert("RGB"))
-        truth, yaw = read_truth(photo.with_suffix(".mat"))
+        truth, yaw = true_landmarks_and_yaw(photo.with_suffix(".mat"))
         crop = landmark_crop(truth, size)
         heatmaps = model.eval()({"image": image_batch([resample_crop(image, crop, size)])})["heatmaps"]
         true_crop_rows.append((crop.invert(decode_heatmaps(heatmaps)[0].numpy()), truth, yaw))

@@ -13,74 +13,91 @@ iso-surface, back to the photo's pixel coordinates, colours from the photo). Wri
 - ``STEM_faceK.obj`` and ``STEM_faceK.ply`` for face ``K`` (0 = the detector's most confident) of photo ``STEM``:
   vertices in the photo's pixels (x right, y down, z away from the camera in the same pixels), vertex colours;
 - ``STEM.png``: the photo, the meshes drawn over it, and a side view of each face;
-- ``report.csv``: one row per face, or per photo without one: photo, face, status (``ok`` or the reason), box
-  ``x0 y0 x1 y1`` and detector score, landmark source, seconds, mesh file.
+- ``report.csv``: one row per face, or per photo without one: photo (its absolute path), output (the ``STEM`` of
+  its files), face, status (``ok`` or the reason), box ``x0 y0 x1 y1`` and detector score, landmark source,
+  seconds (its batch's time per photo), mesh file;
+- ``reconstruct.json``: the checkpoints used (paths and SHA-256).
 
-A photo without a face, an unreadable file and a face too small to crop each get a row and a line, and the run
-goes on. Rerun with the same ``--out`` to resume: photos already in ``report.csv`` are skipped (every file is
-written under a temporary name and renamed, and the report after each batch). docs/reconstruct.md says what quality
-to expect.
+A photo without a face, an unreadable file, a face too small to crop and a photo whose reconstruction raised each
+get a row and a line, and the run goes on. Rerun with the same ``--out`` to resume: photos already in
+``report.csv`` are skipped and keep their file names (a new photo whose stem is taken gets the stem plus a hash
+of its path); a rerun with other checkpoints is refused. Every file is written under a temporary name and
+renamed, the report after each batch. docs/reconstruct.md says what quality to expect.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lightning_vrn.atomic import write_text
-from lightning_vrn.cli import run_command
+from lightning_vrn.atomic import file_sha256, write_text
+from lightning_vrn.cli import one_line, run_command
+from lightning_vrn.faces.photo import read_photo
 from lightning_vrn.faces.reconstruction import PhotoFace, PhotoReconstructor
 from lightning_vrn.geometry.mesh_io import write_obj, write_ply
 from lightning_vrn.models import load_model
 from lightning_vrn.visualise import draw_mesh_over, save_comparison, shade_mesh
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm")
-REPORT_COLUMNS = ("photo", "face", "status", "box", "score", "landmark_source", "seconds", "mesh")
+REPORT_COLUMNS = ("photo", "output", "face", "status", "box", "score", "landmark_source", "seconds", "mesh")
 SIDE_VIEW_PX = 256
 
 
-def find_photos(paths: Sequence[Path]) -> list[Path]:
-    """The image files named or inside the named folders (recursively, sorted); a missing path is an error."""
+def find_photos(paths: Sequence[Path], out: Path) -> list[Path]:
+    """The absolute paths of the image files named or inside the named folders (recursively, sorted; hidden files
+    and anything under ``out`` left out); a missing path is an error."""
+    out = out.resolve()
     photos = []
     for path in paths:
         if path.is_dir():
-            photos += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            photos += sorted(p.resolve() for p in path.rglob("*")
+                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                             and out not in p.resolve().parents)
         elif path.is_file():
-            photos.append(path)
+            photos.append(path.resolve())
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return list(dict.fromkeys(photos))
 
 
-def output_stems(photos: list[Path]) -> dict[Path, str]:
-    """Each photo's output name: its stem, or ``stem_suffix`` then its position where stems repeat."""
-    counts: dict[str, int] = {}
+def output_stems(photos: Sequence[Path], taken: set[str]) -> dict[Path, str]:
+    """Each photo's output name: its stem, or when that is ``taken`` (by an earlier photo of this run or of the
+    report) the stem and 8 hex digits of its path's SHA-1, so a name never changes once given."""
+    taken, stems = set(taken), {}
     for photo in photos:
-        counts[photo.stem] = counts.get(photo.stem, 0) + 1
-    stems, taken = {}, set()
-    for index, photo in enumerate(photos):
-        stem = photo.stem if counts[photo.stem] == 1 else f"{photo.stem}_{photo.suffix.lstrip('.').lower()}"
-        stems[photo] = stem if stem not in taken else f"{stem}_{index}"
-        taken.add(stems[photo])
+        stem = photo.stem
+        if stem in taken:
+            stem = f"{photo.stem}_{hashlib.sha1(str(photo).encode()).hexdigest()[:8]}"
+        stems[photo] = stem
+        taken.add(stem)
     return stems
 
 
-def read_photo(path: Path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; a clear ValueError naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"unreadable image ({error})") from error
+def check_run_record(out: Path, record: dict) -> None:
+    """Write ``out/reconstruct.json`` (the checkpoints), or refuse when an earlier run there used others (by their
+    SHA-256)."""
+    path = out / "reconstruct.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+
+        def contents(entries: dict) -> dict:  # a moved checkpoint is the same checkpoint
+            return {name: entry and entry["sha256"] for name, entry in entries.items()}
+
+        if contents(earlier) != contents(record):
+            raise ValueError(f"{out} holds meshes of other checkpoints ({path}: {earlier}): choose another --out, or "
+                             f"rerun with the same --checkpoint and --landmarks to resume")
+    else:
+        write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def read_report(path: Path) -> list[dict[str, str]]:
@@ -103,16 +120,17 @@ def write_report(path: Path, rows: list[dict[str, str]]) -> None:
     write_text(path, text.getvalue())
 
 
-def face_row(photo: Path, index: int, face: PhotoFace, seconds: float, mesh: str) -> dict[str, str]:
+def face_row(photo: Path, stem: str, index: int, face: PhotoFace, seconds: float, mesh: str) -> dict[str, str]:
     """The report row of one face."""
-    return {"photo": str(photo), "face": str(index), "status": face.status,
+    return {"photo": str(photo), "output": stem, "face": str(index), "status": face.status,
             "box": " ".join(f"{v:.1f}" for v in face.box.box), "score": f"{face.box.score:.3f}",
             "landmark_source": face.landmark_source, "seconds": f"{seconds:.2f}", "mesh": mesh}
 
 
-def photo_row(photo: Path, status: str, seconds: float) -> dict[str, str]:
+def photo_row(photo: Path, stem: str, status: str, seconds: float) -> dict[str, str]:
     """The report row of a photo without a face to report."""
-    return {**dict.fromkeys(REPORT_COLUMNS, ""), "photo": str(photo), "status": status, "seconds": f"{seconds:.2f}"}
+    return {**dict.fromkeys(REPORT_COLUMNS, ""), "photo": str(photo), "output": stem, "status": status,
+            "seconds": f"{seconds:.2f}"}
 
 
 def side_view(face: PhotoFace, size: int = SIDE_VIEW_PX) -> np.ndarray:
@@ -136,6 +154,20 @@ def save_picture(path: Path, image: np.ndarray, faces: list[PhotoFace]) -> None:
     save_comparison(path, image, panels, title=path.stem)
 
 
+def reconstruct_each(reconstructor: PhotoReconstructor, images: dict[Path, np.ndarray]) -> dict[Path, list | str]:
+    """Each photo's faces, in one batch; if the batch raises, photo by photo, and a photo that raises gets the
+    error's line instead of its faces (one bad photo must not stop a run, or every rerun at the same place)."""
+    try:
+        return dict(zip(images, reconstructor.reconstruct(list(images.values()))))
+    except Exception as error:
+        if len(images) == 1:
+            return {photo: f"error: {type(error).__name__}: {one_line(error)}" for photo in images}
+        results = {}
+        for photo, image in images.items():
+            results.update(reconstruct_each(reconstructor, {photo: image}))
+        return results
+
+
 def reconstruct_batch(reconstructor: PhotoReconstructor, photos: list[Path], stems: dict[Path, str],
                       out: Path, say) -> list[dict[str, str]]:
     """Reconstruct a batch of photos, write their meshes and pictures, and return their report rows."""
@@ -145,24 +177,25 @@ def reconstruct_batch(reconstructor: PhotoReconstructor, photos: list[Path], ste
         try:
             images[photo] = read_photo(photo)
         except ValueError as error:
-            rows[photo] = [photo_row(photo, str(error), 0.0)]
-    results = reconstructor.reconstruct(list(images.values())) if images else []
+            rows[photo] = [photo_row(photo, stems[photo], str(error), 0.0)]
+    results = reconstruct_each(reconstructor, images) if images else {}
     seconds = (time.perf_counter() - start) / max(len(images), 1)
-    for (photo, image), faces in zip(images.items(), results):
-        if not faces:
-            rows[photo] = [photo_row(photo, "no face found", seconds)]
+    for photo, faces in results.items():
+        stem = stems[photo]
+        if isinstance(faces, str) or not faces:
+            rows[photo] = [photo_row(photo, stem, faces or "no face found", seconds)]
             continue
         rows[photo] = []
         for k, face in enumerate(faces):
             mesh = ""
             if face.status == "ok":
-                mesh = f"{stems[photo]}_face{k}.obj"
+                mesh = f"{stem}_face{k}.obj"
                 write_obj(out / mesh, face.vertices, face.triangles, face.colours)
                 write_ply((out / mesh).with_suffix(".ply"), face.vertices, face.triangles, face.colours)
-            rows[photo].append(face_row(photo, k, face, seconds / len(faces), mesh))
+            rows[photo].append(face_row(photo, stem, k, face, seconds, mesh))
         meshed = [face for face in faces if face.status == "ok"]
         if meshed:
-            save_picture(out / f"{stems[photo]}.png", image, meshed)
+            save_picture(out / f"{stem}.png", images[photo], meshed)
     for photo in photos:
         for row in rows[photo]:
             if row["status"] != "ok":
@@ -180,22 +213,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    photos = find_photos(args.paths)
+    photos = find_photos(args.paths, args.out)
     if not photos:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} image in {' '.join(map(str, args.paths))}")
     model = load_model(args.checkpoint)
     reconstructor = PhotoReconstructor(model, load_model(args.landmarks) if args.landmarks else None)
+    record = {name: None if path is None else {"path": str(path.resolve()), "sha256": file_sha256(path)}
+              for name, path in (("checkpoint", args.checkpoint), ("landmarks", args.landmarks))}
     if model.target_frame == "frontal":
         print(f"{args.checkpoint} predicts frontal volumes (no alignment): its meshes face the camera, "
               f"not the photo's pose", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
+    check_run_record(args.out, record)
     report = args.out / "report.csv"
     rows = read_report(report)
     done = {row["photo"] for row in rows}
     todo = [photo for photo in photos if str(photo) not in done]
-    if done:
+    if len(todo) < len(photos):
         print(f"resuming: {len(photos) - len(todo)} of {len(photos)} photos already in {report}", file=sys.stderr)
-    stems = output_stems(photos)
+    stems = output_stems(todo, {row["output"] for row in rows})
     with tqdm(total=len(todo), desc="photos", unit="photo") as progress:
         for first in range(0, len(todo), args.batch_size):
             batch = todo[first:first + args.batch_size]

@@ -11,8 +11,10 @@ from PIL import Image
 from experiments import reconstruct
 from lightning_vrn.dataset_file import open_dataset, unpack_volume
 from lightning_vrn.faces import FaceBox, FaceDetector
+from lightning_vrn.faces.photo import read_photo
 from lightning_vrn.faces.reconstruction import PhotoReconstructor, detector_box_crop
 from lightning_vrn.geometry.crop import CropTransform, front_z, resample_crop
+from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import read_mesh
 from lightning_vrn.heatmaps import decode_heatmaps
 from lightning_vrn.models import build_model
@@ -41,39 +43,60 @@ def inside(point, landmarks):
     return bool((landmarks.min(axis=0) <= point).all() and (point <= landmarks.max(axis=0)).all())
 
 
+PHOTO_SCALE, PHOTO_OFFSET = 2.0, (37.25, 21.5)
+"""The synthetic photo shows crop point ``c`` at photo pixel ``PHOTO_SCALE * c + PHOTO_OFFSET``."""
+
+
 @pytest.fixture(scope="module")
 def synthetic_photo(tiny_synthetic):
-    """A 240x240 photo showing a synthetic test sample at twice its crop's size, the sample, and the detector box
-    whose crop is exactly the sample's crop."""
+    """A 260x260 photo showing a synthetic test sample through a hand-chosen similarity, the sample, its grid, and the
+    detector box whose landmark box (``LANDMARK_BOX_SCALE`` of it, ``LANDMARK_BOX_SHIFT`` lower) fills the authors'
+    crop exactly as the sample's own crop does."""
     file = open_dataset(tiny_synthetic / "test.h5")
     sample = file.read(0, ["images", "volumes", "landmarks_3d"])
-    box = (60.0, 40.0, 160.0, 140.0)
-    crop = detector_box_crop(FaceBox(box, 1.0, np.zeros((5, 2))), file.grid.crop_size)
-    photo = resample_crop(sample["images"], CropTransform(1 / crop.scale, tuple(-t / crop.scale for t in crop.translation)), 240)
-    return photo, sample, file.grid, box, crop
+    size = file.grid.crop_size
+    # The authors' crop of a crop: a 45 px landmark box (90/192 of 96) centred at 47.5; in the photo, twice as big.
+    centre = PHOTO_SCALE * 47.5 + np.array(PHOTO_OFFSET)
+    side = PHOTO_SCALE * 45.0 / 0.91
+    box_centre = centre - np.array([0.0, 0.155]) * side
+    box = (*(box_centre - side / 2), *(box_centre + side / 2))
+    photo_to_crop = CropTransform(1 / PHOTO_SCALE, tuple(-np.array(PHOTO_OFFSET) / PHOTO_SCALE))
+    photo = resample_crop(sample["images"], CropTransform(PHOTO_SCALE, PHOTO_OFFSET), 260)
+    assert size == 96
+    return photo, sample, file.grid, box, photo_to_crop
 
 
 def test_a_mesh_mapped_back_to_the_photo_lands_on_the_face(synthetic_photo):
-    photo, sample, grid, box, crop = synthetic_photo
-    model = OracleVolumeModel(grid, unpack_volume(sample["volumes"], grid.width))
+    photo, sample, grid, box, photo_to_crop = synthetic_photo
+    volume = unpack_volume(sample["volumes"], grid.width)
+    model = OracleVolumeModel(grid, volume)
     [[face]] = PhotoReconstructor(model, detector=FixedBoxes(box)).reconstruct([photo])
     assert face.status == "ok" and face.landmark_source == "detector box"
-    assert face.crop == crop
+    assert face.crop.scale == pytest.approx(photo_to_crop.scale)
+    np.testing.assert_allclose(face.crop.translation, photo_to_crop.translation, atol=1e-9)
     # The model saw the sample's crop again (resampled there and back).
     seen = model.seen_images[0][0].permute(1, 2, 0).numpy()
     assert np.abs(seen - sample["images"] / 255.0).mean() < 0.05
-    # Its landmark vertices, in photo pixels (2 per crop pixel here), lie on the mesh.
-    true_landmarks = crop.invert(sample["landmarks_3d"], z_shift=front_z(grid))
+    # The mesh is the crop's iso-surface moved by the photo's similarity, written out by hand: x, y and z scaled by 2,
+    # x, y shifted by the offset, z 0 at the crop's front plane.
+    crop_vertices, _ = volume_to_mesh(model.occupancy(), grid)
+    expected = PHOTO_SCALE * crop_vertices.astype(np.float64)
+    expected[:, :2] += PHOTO_OFFSET
+    expected[:, 2] -= PHOTO_SCALE * front_z(grid)
+    np.testing.assert_allclose(face.vertices, expected, atol=1e-4)
+    # So the true landmark vertices, in photo pixels, lie on the mesh.
+    true_landmarks = PHOTO_SCALE * sample["landmarks_3d"].astype(np.float64)
+    true_landmarks[:, :2] += PHOTO_OFFSET
+    true_landmarks[:, 2] -= PHOTO_SCALE * front_z(grid)
     distance = np.linalg.norm(face.vertices[None] - true_landmarks[:, None], axis=2).min(axis=1)
     assert np.median(distance) < 1.5 and distance.max() < 4.0
-    assert face.vertices[:, :2].min() >= 0 and face.vertices[:, :2].max() < 240
     # Each vertex has the colour the sample's own crop has there.
-    in_crop = vertex_colours_from_image(crop.apply(face.vertices[:, :2]), sample["images"])
+    in_crop = vertex_colours_from_image(photo_to_crop.apply(face.vertices[:, :2]), sample["images"])
     assert np.abs(face.colours - in_crop).mean() < 0.03
 
 
 def test_a_small_face_is_reported_and_an_unsure_hourglass_falls_back_to_the_box(synthetic_photo):
-    photo, sample, grid, box, crop = synthetic_photo
+    photo, sample, grid, box, photo_to_crop = synthetic_photo
     model = OracleVolumeModel(grid, unpack_volume(sample["volumes"], grid.width))
     torch.manual_seed(0)
     untrained = build_model("landmark_hourglass", grid=grid, net=TINY)
@@ -82,11 +105,12 @@ def test_a_small_face_is_reported_and_an_unsure_hourglass_falls_back_to_the_box(
     assert small.status.startswith("face too small to crop (12 px")
     assert not len(small.vertices)
     assert face.landmark_source.startswith("detector box (hourglass unsure: peak 0.")
-    assert face.crop == crop and face.landmarks.shape == (68, 2)
+    assert face.crop == detector_box_crop(FaceBox(box, 1.0, np.zeros((5, 2))), grid.crop_size)
+    assert face.landmarks.shape == (68, 2)
 
 
 def test_a_guided_model_is_guided_by_the_faces_landmarks_in_its_crop(synthetic_photo):
-    photo, sample, grid, box, crop = synthetic_photo
+    photo, sample, grid, box, _ = synthetic_photo
     torch.manual_seed(0)
     guided = build_model("vrn_guided", grid=grid, net=TINY)
     hourglass = build_model("landmark_hourglass", grid=grid, net=TINY)
@@ -213,3 +237,81 @@ def test_a_mesh_drawn_over_a_photo_covers_its_pixels_and_leaves_the_rest():
     np.testing.assert_array_equal(drawn[6:25, 11:30], 125)
     np.testing.assert_array_equal(drawn[26:], photo[26:])
     np.testing.assert_array_equal(drawn[:, 31:], photo[:, 31:])
+
+
+def test_photos_are_read_as_a_viewer_shows_them(tmp_path):
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :10] = 200  # the left third bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: a viewer turns it 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    turned = read_photo(tmp_path / "turned.jpg")
+    assert turned.shape == (30, 20, 3) and turned[:10].mean() > 150 and turned[20:].mean() < 50
+    grey16 = (np.arange(30 * 20, dtype=np.uint16).reshape(20, 30) * 100)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    read16 = read_photo(tmp_path / "grey16.png")
+    assert read16.shape == (20, 30, 3) and read16.dtype == np.uint8
+    np.testing.assert_array_equal(read16[..., 0], np.rint(grey16 / 257.0).astype(np.uint8))
+    rgba = np.dstack([pixels, np.full((20, 30), 128, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_photo(tmp_path / "rgba.png"), pixels)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match="unreadable image"):
+        read_photo(tmp_path / "broken.png")
+
+
+def test_output_names_are_unique_and_never_change_once_given(tmp_path):
+    a, b, w = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "w" / "x.jpg"
+    first = reconstruct.output_stems([a, b], taken=set())
+    assert first[a] == "x" and first[b].startswith("x_") and len(first[b]) == 10
+    # A later run adds w/x.jpg before the others: a and b keep their names (read back from the report), w gets its own.
+    later = reconstruct.output_stems([w], taken=set(first.values()))
+    assert later[w] not in first.values() and later[w].startswith("x_")
+    assert reconstruct.output_stems([b], taken={"x"}) == {b: first[b]}
+
+
+def test_one_photo_that_fails_gets_an_error_row_and_the_others_their_meshes(synthetic_photo, vrn_checkpoint,
+                                                                             tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(synthetic_photo[0]).save(photos / "good.png")
+    Image.fromarray(synthetic_photo[0][:, :200]).save(photos / "bad.png")
+    reconstruct_photos = PhotoReconstructor.reconstruct
+
+    def failing_on_narrow_photos(self, images):
+        if any(image.shape[1] == 200 for image in images):
+            raise RuntimeError("out of memory (a stand-in)")
+        return reconstruct_photos(self, images)
+
+    monkeypatch.setattr(PhotoReconstructor, "reconstruct", failing_on_narrow_photos)
+    monkeypatch.setattr(FaceDetector, "detect", lambda self, image: FixedBoxes(synthetic_photo[3]).detect(image))
+    out = tmp_path / "out"
+    code, lines = run_cli(reconstruct.main, [str(photos), "--checkpoint", str(vrn_checkpoint), "--out", str(out)])
+    assert code == 0
+    statuses = {row["output"]: row["status"] for row in read_report(out / "report.csv")}
+    assert statuses == {"bad": "error: RuntimeError: out of memory (a stand-in)", "good": "ok"}
+    assert any("bad.png: error: RuntimeError: out of memory" in line for line in lines)
+    assert (out / "good_face0.obj").is_file() and not list(out.glob("bad*"))
+
+
+def test_a_rerun_with_another_checkpoint_is_refused(synthetic_photo, vrn_checkpoint, tmp_path, monkeypatch):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(synthetic_photo[0]).save(photo)
+    monkeypatch.setattr(FaceDetector, "detect", lambda self, image: [])
+    out = tmp_path / "out"
+    assert run_cli(reconstruct.main, [str(photo), "--checkpoint", str(vrn_checkpoint), "--out", str(out)])[0] == 0
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(vrn_checkpoint.read_bytes() + b"\0")  # loads the same, but is another file
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(vrn_checkpoint, moved)
+    code, lines = run_cli(reconstruct.main, [str(photo), "--checkpoint", str(other), "--out", str(out)])
+    assert code != 0 and any("holds meshes of other checkpoints" in line for line in lines)
+    assert run_cli(reconstruct.main, [str(photo), "--checkpoint", str(moved), "--out", str(out)])[0] == 0
+
+
+def test_photos_are_found_in_folders_but_not_in_the_output_or_hidden_files(tmp_path):
+    for name in ("a.PNG", ".a.tmp.png", "out/a.png", "sub/b.jpeg", "sub/c.ppm", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = reconstruct.find_photos([tmp_path, tmp_path / "sub" / "c.ppm"], out=tmp_path / "out")
+    assert found == [tmp_path / "a.PNG", tmp_path / "sub" / "b.jpeg", tmp_path / "sub" / "c.ppm"]

@@ -29,9 +29,9 @@ from torch.nn import functional as F
 WEIGHTS_PACKAGE = "facenet_pytorch"
 INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.5.3 (its torchvision dependency is not needed)"
 PYRAMID_FACTOR = 0.709
-"""Scale between pyramid levels (the MTCNN paper's)."""
+"""Scale between pyramid levels (the MTCNN authors' released code)."""
 STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
-"""Face probability each stage needs to keep a box (the MTCNN paper's)."""
+"""Face probability each stage needs to keep a box (the MTCNN authors' released code)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class FaceDetector:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"the image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         pixels = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1)[None].float()
-        pixels = (pixels - 127.5) / 128.0
+        pixels = normalised(pixels)
         boxes = self._propose(pixels)
         if len(boxes):
             boxes = self._refine(pixels, boxes)
@@ -221,6 +221,15 @@ class FaceDetector:
         return boxes[kept], probability[kept], points[kept]
 
 
+def normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 pixel values -> the nets' input scale, about [-1, 1]."""
+    return (pixels - 127.5) / 128.0
+
+
+BLACK = float(normalised(torch.tensor(0.0)))
+"""A black pixel on the nets' input scale (what a patch reaching outside the photo is padded with)."""
+
+
 def _shift_by_offsets(boxes: torch.Tensor, offsets: torch.Tensor, plus_one: bool) -> torch.Tensor:
     """Boxes moved by regressed offsets ``(N, 4)``, each a fraction of the box's width or height (P-Net's are of
     the size without the ``+ 1``: how the weights were trained)."""
@@ -236,12 +245,13 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _patches(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, 3, size, size)``: each box's pixels (zero outside the photo) area-resampled to the net's input."""
+    """``(N, 3, size, size)``: each box's pixels (black outside the photo, as the authors' code pads) area-resampled
+    to the net's input."""
     height, width = pixels.shape[-2:]
     whole = boxes.trunc().long()
     pad = int(max(0, -whole[:, :2].min().item(), (whole[:, 2] - width + 1).max().item(),
                   (whole[:, 3] - height + 1).max().item()))
-    padded = F.pad(pixels, (pad, pad, pad, pad))
+    padded = F.pad(pixels, (pad, pad, pad, pad), value=BLACK)
     patches = [F.interpolate(padded[:, :, y0 + pad:y1 + pad + 1, x0 + pad:x1 + pad + 1], size=(size, size), mode="area")
                for x0, y0, x1, y1 in whole.tolist()]
     return torch.cat(patches)

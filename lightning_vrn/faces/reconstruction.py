@@ -11,12 +11,13 @@ For every face the detector (:class:`~lightning_vrn.faces.detector.FaceDetector`
    ``detector box (hourglass unsure)``. Without a landmark hourglass every face is cropped from its box.
 2. **Volume.** The crop at the model's grid goes through the model (a guided model also gets the landmarks'
    heatmaps) and its 0.5 iso-surface is taken (:func:`~lightning_vrn.geometry.isosurface.volume_to_mesh`).
-3. **Back to the photo.** The crop's similarity is undone (:func:`to_photo`): x, y in photo pixels, z in the same
-   pixel units, growing away from the camera, 0 at the crop's front plane
-   (:func:`~lightning_vrn.geometry.crop.front_z`: the face's nearest point lies about there). Vertex colours are
-   sampled from the photo.
+3. **Back to the photo.** The crop's similarity is undone
+   (:meth:`~lightning_vrn.geometry.crop.CropTransform.invert`): x, y in photo pixels, z in the same pixel units,
+   growing away from the camera, 0 at the crop's front plane (:func:`~lightning_vrn.geometry.crop.front_z`: the
+   face's nearest point lies about there). Vertex colours are sampled from the photo.
 
-All faces of a list of photos go through each network in one batch.
+The face detector runs photo by photo; the faces of a list of photos go through the hourglass and the volume
+model in batches of :data:`FACES_PER_PASS`.
 """
 
 from __future__ import annotations
@@ -39,15 +40,20 @@ from lightning_vrn.visualise import vertex_colours_from_image
 
 LANDMARK_BOX_SCALE = 0.91
 LANDMARK_BOX_SHIFT = (0.0, 0.155)
-"""The 68-landmark box estimated from a detector box: ``sqrt(w * h)`` is ``LANDMARK_BOX_SCALE`` times the box's and
-its centre lies ``LANDMARK_BOX_SHIFT`` box sizes from the box's centre (medians over the 17 photos of
-``../shared/data/aflw2000_samples`` and ``300wlp_sample``: 0.917 (spread 0.05), (0.02, 0.155) (spread 0.05, 0.02);
-the validation photos were not used)."""
+"""The 68-landmark box estimated from an MTCNN box: ``sqrt(w * h)`` is ``LANDMARK_BOX_SCALE`` times the box's and
+its centre lies ``LANDMARK_BOX_SHIFT`` box sizes from the box's centre. Measured on the 17 photos of
+``../shared/data/aflw2000_samples`` and ``300wlp_sample`` (not the validation photos): size ratio median 0.917,
+mean 0.907, spread 0.05; centre shift x median 0.02, mean 0.003 (0 taken: faces are symmetric), y median 0.155,
+mean 0.154, spread 0.02."""
 CONFIDENT_PEAK = 0.45
-"""The landmark hourglass is trusted when its 68 heatmap maxima average at least this (targets peak at 1)."""
-MIN_UPSAMPLING = 2.0
+"""The landmark hourglass is trusted when its 68 heatmap maxima average at least this (targets peak at 1). Chosen on
+``aflw2000_val`` (docs/reconstruct.md, "Landmarks on real photos"): the faces below it have twice the landmark
+error of the rest. The value depends on how the hourglass was trained (its sigma, its training length)."""
+MAX_UPSAMPLING = 2.0
 """A face is too small to crop when the crop would enlarge it more than this (its box under half the crop's
 landmark box)."""
+FACES_PER_PASS = 8
+"""Faces per forward pass of the hourglass and of the volume model (a crowd photo does not fill the memory)."""
 
 
 @dataclass
@@ -73,11 +79,6 @@ def detector_box_crop(box: FaceBox, crop_size: int) -> CropTransform:
     half = LANDMARK_BOX_SCALE * box.size / 2
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) + np.asarray(LANDMARK_BOX_SHIFT) * box.size
     return box_crop(centre - half, centre + half, crop_size)
-
-
-def to_photo(vertices: np.ndarray, crop: CropTransform, crop_front_z: float) -> np.ndarray:
-    """``(V, 3)`` crop-coordinate vertices -> photo pixels, z 0 at ``crop_front_z`` (module docstring)."""
-    return crop.invert(vertices, z_shift=crop_front_z)
 
 
 def image_batch(crops: list[np.ndarray]) -> torch.Tensor:
@@ -117,21 +118,23 @@ class PhotoReconstructor:
             landmark_model.eval()
         self.detector = detector or FaceDetector()
 
-    def min_face_px(self) -> float:
-        """The smallest detector box (sqrt(w * h), pixels) that is cropped (:data:`MIN_UPSAMPLING`)."""
-        return LANDMARK_BOX_FRACTION * self.model.grid.crop_size / MIN_UPSAMPLING / LANDMARK_BOX_SCALE
+    def smallest_croppable_face_px(self) -> float:
+        """The smallest detector box (sqrt(w * h), pixels) that is cropped (:data:`MAX_UPSAMPLING`)."""
+        return LANDMARK_BOX_FRACTION * self.model.grid.crop_size / MAX_UPSAMPLING / LANDMARK_BOX_SCALE
 
     @torch.no_grad()
     def reconstruct(self, images: list[np.ndarray]) -> list[list[PhotoFace]]:
         """For each ``(H, W, 3)`` uint8 RGB photo, its faces by descending detector score."""
         per_photo = [[PhotoFace(box) for box in self.detector.detect(image)] for image in images]
+        smallest = self.smallest_croppable_face_px()
         for face in (face for faces in per_photo for face in faces):
-            if face.box.size < self.min_face_px():
-                face.status = f"face too small to crop ({face.box.size:.0f} px < {self.min_face_px():.0f} px)"
+            if face.box.size < smallest:
+                face.status = f"face too small to crop ({face.box.size:.0f} px < {smallest:.0f} px)"
         todo = [(image, face) for image, faces in zip(images, per_photo) for face in faces if face.status == "ok"]
-        if todo:
-            self._find_landmarks(todo)
-            self._predict_meshes(todo)
+        for first in range(0, len(todo), FACES_PER_PASS):
+            chunk = todo[first:first + FACES_PER_PASS]
+            self._find_landmarks(chunk)
+            self._predict_meshes(chunk)
         return per_photo
 
     def _find_landmarks(self, todo: list[tuple[np.ndarray, PhotoFace]]) -> None:
@@ -163,5 +166,5 @@ class PhotoReconstructor:
             if not len(vertices):
                 face.status = "empty volume: the model saw no face in the crop"
                 continue
-            face.vertices = to_photo(vertices, face.crop, front_z(grid))
+            face.vertices = face.crop.invert(vertices, z_shift=front_z(grid))
             face.colours = vertex_colours_from_image(face.vertices, image)

@@ -27,5 +27,11 @@ class OracleVolumeModel(torch.nn.Module):
 
     def forward(self, batch):
         self.seen_images.append(batch["image"])
-        logits = (self.volume * 20.0 - 10.0)[None].expand(len(batch["image"]), *self.volume.shape)
-        return {"volume_logits": logits}
+        return {"volume_logits": self.logits()[None].expand(len(batch["image"]), *self.volume.shape)}
+
+    def logits(self):
+        return self.volume * 20.0 - 10.0
+
+    def occupancy(self):
+        """The ``(D, H, W)`` soft occupancy the pipeline takes from these logits."""
+        return torch.sigmoid(self.logits())
