@@ -26,6 +26,7 @@ import numpy as np
 from data_prep.mat_faces import Conversion, Source, add_common_arguments, convert, find_image
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
+from lightning_vrn.geometry.grid import VoxelGrid
 
 CREATED_BY = f"lightning_vrn.data_prep.aflw2000 {__version__}"
 
@@ -76,17 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def aflw2000_conversion(root: Path, bfm: Path, grid: VoxelGrid, mean_only: bool,
+                        reannotated: Path | None = None) -> Conversion:
+    """The conversion of the AFLW2000-3D folder ``root`` with the BFM at ``bfm`` onto ``grid`` (``mean_only``: the
+    mean face at the fitted pose); ``reannotated``: 3DDFA's re-annotated landmarks (:func:`read_reannotated`)."""
+    sources = aflw2000_sources(root)
+    landmarks = None if reannotated is None else read_reannotated(reannotated, sources)
+    return Conversion(sources=sources, model_spec=f"bfm:{bfm}", grid=grid, landmark_field="pt3d_68",
+                      mean_only=mean_only,
+                      attrs={"source": "AFLW2000-3D", "source_root": str(root), "created_by": CREATED_BY,
+                             "landmarks": "pt3d_68 (original annotation)",
+                             "landmarks_reannotated": "" if reannotated is None else str(reannotated)},
+                      reannotated=landmarks)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    sources = aflw2000_sources(args.root)
-    reannotated = None if args.reannotated is None else read_reannotated(args.reannotated, sources)
-    conversion = Conversion(sources=sources, model_spec=f"bfm:{args.bfm}", grid=args.grid,
-                            landmark_field="pt3d_68", mean_only=args.mean_only,
-                            attrs={"source": "AFLW2000-3D", "source_root": str(args.root), "created_by": CREATED_BY,
-                                   "landmarks": "pt3d_68 (original annotation)",
-                                   "landmarks_reannotated": "" if reannotated is None else str(args.reannotated)},
-                            reannotated=reannotated)
+    conversion = aflw2000_conversion(args.root, args.bfm, args.grid, args.mean_only, args.reannotated)
     path, skipped = convert(conversion, args.out, workers=args.workers, restart=args.restart, desc="aflw2000")
     print(f"wrote {path} ({len(conversion.sources) - skipped} samples, {skipped} skipped)", file=sys.stderr)
     return 0

@@ -335,12 +335,19 @@ def _load_model(model_spec: str) -> FaceModel:
 def _setup(model_spec: str, mean_only: bool) -> dict:
     """State of a worker process: the BFM."""
     model = _load_model(model_spec)
-    _check_model(model, model_spec, mean_only)
+    _check_model(model_spec, mean_only)
     return {"model": model}
 
 
-def _check_model(model: FaceModel, model_spec: str, mean_only: bool) -> None:
-    if not mean_only and not len(model.identity_basis) and not len(model.expression_basis):
+def has_bases(model_spec: str) -> bool:
+    """Whether the face model of ``model_spec`` has shape or expression bases; one without converts only with
+    ``mean_only``."""
+    model = _load_model(model_spec)
+    return bool(len(model.identity_basis) or len(model.expression_basis))
+
+
+def _check_model(model_spec: str, mean_only: bool) -> None:
+    if not mean_only and not has_bases(model_spec):
         raise ValueError(f"face model {model_spec!r} has no shape or expression bases (a mean-only layout such as "
                          f"Model_Shape_Sim.mat + u_exp.npy): every mesh would be the mean face. Give the full BFM "
                          f"(Model_Shape.mat + Model_Exp.mat, face3d's BFM.mat or bfm_noneck_v3.pkl) or 3DDFA's "
@@ -447,7 +454,7 @@ def check_conversion(conversion: Conversion, out_path, workers: int = 1, progres
     desc = desc or out_path.stem
     check_output(out_path, restart=restart)
     model = _load_model(conversion.model_spec)
-    _check_model(model, conversion.model_spec, conversion.mean_only)
+    _check_model(conversion.model_spec, conversion.mean_only)
     outcomes = check_sources(conversion, workers, progress, desc)
     kept = tuple(source for source, (reason, _) in zip(conversion.sources, outcomes) if not reason)
     skipped = tuple((source, reason, detail) for source, (reason, detail) in zip(conversion.sources, outcomes)

@@ -1,7 +1,8 @@
 """The evaluation pipeline ``experiments.evaluate`` and ``experiments.compare`` share: a test DataModule for a
 model, one ``Trainer.test`` pass scored by the :class:`~lightning_vrn.callbacks.NMECallback` (the test path
-training's test stage takes), the landmark NMEs it logged, the landmark detector of ``--landmarks-model``, the
-median-error reconstruction, and the W&B eval run linked to the training run.
+training's test stage takes) and its landmark NMEs (an :class:`Evaluation`), what a test file's ground truth is,
+the landmark detector of ``--landmarks-model``, the median-error reconstruction, and the W&B eval run linked to
+the training run.
 
 It lives in ``experiments`` (not ``lightning_vrn``) because the W&B eval run reads training configs
 (:mod:`experiments.config`) and run identities (:mod:`experiments.wandb_project`).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,22 +58,34 @@ def evaluation_data(test_path: str | Path, grid: VoxelGrid, batch_size: int, hea
     return datamodule
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One method's test pass on one file: the NME ``summary`` and per-sample ``table`` (None for a method without
+    volumes), its ``landmarks`` NMEs (:func:`landmark_scores`; empty for a method without landmarks) and their
+    per-sample ``landmark_table`` (``index``, ``yaw_deg``, ``landmark_nme`` (N,); None without landmarks)."""
+
+    summary: dict | None
+    table: dict | None
+    landmarks: dict[str, float | None]
+    landmark_table: dict[str, np.ndarray] | None
+
+
 def evaluation_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path | None,
-                      max_samples: int | None = None) -> tuple[dict | None, dict | None, dict]:
-    """Run ``module`` through ``Trainer.test``; returns the NME summary, the per-sample table and the logged metrics.
+                      max_samples: int | None = None) -> Evaluation:
+    """Run ``module`` through ``Trainer.test``: its :class:`Evaluation`.
 
     With ``out_dir`` the NME callback scores the test steps' volumes and writes ``out_dir/test.csv``
     and ``out_dir/test_summary.json``; without it (a landmark detector, which predicts no volume)
-    only the module's own logged test metrics come back, and the summary and table are None.
+    only the module's own landmark NMEs come back, and the summary and table are None.
     """
     callbacks = [] if out_dir is None else [NMECallback(out_dir=out_dir, max_test_samples=max_samples)]
     limit = 1.0 if max_samples is None else math.ceil(max_samples / datamodule.hparams.batch_size)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, callbacks=callbacks, enable_checkpointing=False,
                          enable_model_summary=False, limit_test_batches=limit)
     logged = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
-    if out_dir is None:
-        return None, None, logged
-    return callbacks[0].summaries["test"], callbacks[0].tables["test"], logged
+    summary, table = (None, None) if out_dir is None else (callbacks[0].summaries["test"], callbacks[0].tables["test"])
+    landmark_table = module.test_landmark_table if isinstance(module, LandmarkScoring) else None
+    return Evaluation(summary, table, landmark_scores(logged), landmark_table)
 
 
 def landmark_scores(logged: dict) -> dict[str, float | None]:
@@ -79,6 +93,14 @@ def landmark_scores(logged: dict) -> dict[str, float | None]:
     (None for an empty |yaw| bucket, as in the NME summaries)."""
     return {key.split("/", 1)[1]: None if math.isnan(float(value)) else float(value)
             for key, value in logged.items() if "landmark_nme" in key}
+
+
+def ground_truth(path: str | Path) -> str:
+    """What the ground truth of test file ``path`` is: its ``ground_truth`` attribute (a converted AFLW2000-3D or
+    300W-LP file: the BFM's mean face at the fitted pose, or its bases' fit), else the file's own meshes."""
+    attrs = open_dataset(path).attrs
+    return str(attrs.get("ground_truth") or f"the {attrs.get('source', 'unnamed')} file's own meshes "
+                                            f"(face model {attrs.get('face_model', 'not recorded')})")
 
 
 def landmark_detector(path: Path, grid, trust: bool = False) -> LandmarkHourglass:
@@ -141,15 +163,15 @@ def wandb_wanted(flag: bool | None, run_dir: Path | None) -> bool:
     return run_dir is not None and bool(load_config(run_dir / "config.yaml").logger.wandb)
 
 
-def log_eval_run(out: Path, run_dir: Path | None, results: dict[str, tuple[dict, dict, dict]], config: dict,
+def log_eval_run(out: Path, run_dir: Path | None, results: dict[str, Evaluation], config: dict,
                  group: str, name: str | None = None) -> str:
     """Log an evaluation into a new W&B run with ``job_type=eval`` in ``out/wandb``; returns its id.
 
     The run is linked to the training of ``run_dir``: the same project, entity, group and tags, and the
     config field ``training_run_id`` naming its W&B run (None when it logged none, or without a run
     directory: then the default project and ``group``). ``results``: key prefix (``eval``,
-    ``eval/{method}``) -> (NME summary, per-sample table, landmark NMEs; the summary and table None for a
-    method without volumes, the landmark detector); logged as summary values ``{prefix}/{key}`` (NME mean,
+    ``eval/{method}``) -> :class:`Evaluation` (its NME summary and table None for a method without volumes, the
+    landmark detector); logged as summary values ``{prefix}/{key}`` (NME mean,
     median, per yaw bucket, landmark NMEs, ...; the same numbers as ``metrics.json``), ``{prefix}/per_sample``
     (a ``wandb.Table``) and one cumulative error plot ``ced`` of every prefix with a table.
     Offline like training (no ``WANDB_API_KEY``, or ``WANDB_MODE=offline``); the run id is derived from
@@ -172,10 +194,11 @@ def log_eval_run(out: Path, run_dir: Path | None, results: dict[str, tuple[dict,
                      config={**config, "training_run_id": training_run_id,
                              "training_run_dir": None if run_dir is None else str(run_dir)})
     with run:
-        for prefix, (summary, table, landmarks) in results.items():
-            run.summary.update({f"{prefix}/{key}": value for key, value in {**(summary or {}), **landmarks}.items()})
-            if table is not None:
-                run.log({f"{prefix}/per_sample": per_sample_table(table)})
-        run.log({"ced": ced_plot({prefix: table for prefix, (_, table, _) in results.items() if table is not None},
+        for prefix, evaluation in results.items():
+            run.summary.update({f"{prefix}/{key}": value
+                                for key, value in {**(evaluation.summary or {}), **evaluation.landmarks}.items()})
+            if evaluation.table is not None:
+                run.log({f"{prefix}/per_sample": per_sample_table(evaluation.table)})
+        run.log({"ced": ced_plot({prefix: e.table for prefix, e in results.items() if e.table is not None},
                                  "NME cumulative error curve")})
     return run_id

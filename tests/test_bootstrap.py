@@ -1,9 +1,10 @@
-"""Bootstrap intervals: they cover a known mean at about their level, and paired differences see through shared spread."""
+"""Bootstrap intervals: they cover a known mean at about their level, paired differences see through shared spread,
+and the balanced landmark NME's interval resamples within |yaw| buckets."""
 
 import numpy as np
 import pytest
 
-from lightning_vrn.metrics.bootstrap import bootstrap_mean, paired_difference
+from lightning_vrn.metrics.bootstrap import bootstrap_balanced_mean, bootstrap_mean, paired_difference
 
 
 def test_the_interval_covers_a_known_mean_at_about_its_level():
@@ -36,3 +37,17 @@ def test_failed_samples_are_left_out_pairwise():
     assert bootstrap_mean(a).estimate == pytest.approx(0.7 / 3)
     with pytest.raises(ValueError, match="same shape"):
         paired_difference(a, a[:3])
+
+
+def test_the_balanced_mean_is_the_mean_of_bucket_means_and_its_interval_resamples_within_each_bucket():
+    rng = np.random.default_rng(3)
+    yaw_deg = np.r_[rng.uniform(-29, 29, 30), rng.uniform(31, 59, 12), rng.uniform(-89, -61, 4)]
+    values = np.r_[rng.gamma(2.0, 0.02, 30), rng.gamma(2.0, 0.03, 12), rng.gamma(2.0, 0.05, 4)]
+    interval = bootstrap_balanced_mean(values, yaw_deg, resamples=500)
+    assert interval.estimate == pytest.approx(np.mean([values[:30].mean(), values[30:42].mean(), values[42:].mean()]))
+    assert interval.low < interval.estimate < interval.high
+    # Resampled within buckets, the 4 profile faces keep their weight of a third: a plain bootstrap would not.
+    profile = bootstrap_balanced_mean(np.r_[values[:42], values[42:] + 1.0], yaw_deg, resamples=500)
+    assert profile.low > interval.high and profile.estimate == pytest.approx(interval.estimate + 1 / 3)
+    frontal = bootstrap_balanced_mean(values[:30], yaw_deg[:30], resamples=500)  # empty buckets are left out
+    assert frontal.estimate == pytest.approx(values[:30].mean())

@@ -16,15 +16,21 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments import compare, sweep, train
-from experiments.compare import methods
+from experiments import compare, evaluate, sweep, train
+from experiments.compare import methods, pipeline
 from experiments.compare.finished_runs import collect_run_dirs, read_run
+from experiments.compare.settings import RealPhotos
 from experiments.compare.stats import seed_mean_table, table_rows
 from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.evaluation import slug
 from experiments.runs import RunLock
 from lightning_vrn.atomic import file_sha256
 from lightning_vrn.cli import run_command
+from lightning_vrn.dataset_file import open_dataset
+from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.report import read_per_sample_csv
+from tests.helpers.fake_bfm import fake_bfm_content, write_mean_only
+from tests.helpers.fake_mat_faces import write_fake_sample
 
 METHODS = ["VRN", "VRN-Multitask", "VRN-Guided (ground-truth landmarks)", "VRN (no alignment)",
            "VRN-Guided (sigma 2) (ground-truth landmarks)", "VRN-Guided (detected landmarks)",
@@ -32,9 +38,18 @@ METHODS = ["VRN", "VRN-Multitask", "VRN-Guided (ground-truth landmarks)", "VRN (
            "mean shape at GT pose (oracle)"]
 
 
+REAL_PHOTOS = 4
+
+
 @pytest.fixture(scope="module")
 def tiny_comparison(tmp_path_factory):
+    """Every method trained for one epoch on 8 synthetic faces and scored on 5 of them and on 4 fake AFLW2000-3D
+    photos of a fake BFM without bases (converted as mean faces, like ../shared/data/bfm_meta)."""
     out = tmp_path_factory.mktemp("compare")
+    content, rng = fake_bfm_content(seed=1), np.random.default_rng(3)
+    write_mean_only(out / "bfm", content)
+    for i in range(REAL_PHOTOS):
+        write_fake_sample(out / "photos", f"image{i:05d}", content, rng)
     config = out / "compare_tiny.yaml"
     config.write_text(f"""
 name: compare-tiny
@@ -57,6 +72,7 @@ fit_detector: detector
 reference: VRN
 batch_size: 5
 bootstrap_resamples: 200
+real_photos: {{root: {out / 'photos'}, bfm: {out / 'bfm'}}}
 """)
     settings = compare.load_compare_settings(config)
     rows = compare.run_compare(settings)
@@ -76,11 +92,93 @@ def test_compare_writes_every_table_and_figure(tiny_comparison):
     assert table[0]["difference"] == ""  # the reference
     assert all(row["difference"] != "" for row in table[1:])
     assert float(next(r for r in table if r["method"] == "VRN-Multitask")["landmark_nme_balanced"]) > 0
+    for row in table:  # every method on the real photos too
+        assert int(row["real_num_samples"]) == REAL_PHOTOS
+        for name in ("real_nme", "real_nme_aligned"):
+            assert float(row[f"{name}_low"]) <= float(row[name]) <= float(row[f"{name}_high"])
+    landmark_rows = {row["method"] for row in table if row["real_landmark_nme_balanced"]}
+    assert landmark_rows == {"VRN-Multitask", "VRN-Guided (detected landmarks)",
+                             "VRN-Guided (sigma 2) (detected landmarks)", "3DMM fit to detected landmarks"}
+    assert table[0]["real_difference"] == "" and all(row["real_difference"] != "" for row in table[1:])
     markdown = (out / "table.md").read_text()
     assert all(f"| {name} |" in markdown for name in METHODS) and "[95% CI]" in markdown
+    assert f"(5 faces, grid 100,96,96) and on {REAL_PHOTOS} real photos" in markdown.splitlines()[0]
+    assert f"Real photos: {REAL_PHOTOS} AFLW2000-3D photos of {out / 'photos'}; ground truth: mean face of bfm-mean " \
+           f"at the fitted pose (Shape_Para and Exp_Para ignored)." in markdown
+    assert "| real: NME mean [95% CI] | real: aligned NME [95% CI] | real: landmark NME (balanced) [95% CI] | " \
+           "real: difference from VRN [95% CI] | real: failed |" in markdown
     for figure in ("ced.png", "nme_vs_yaw.png", "nme_per_expression.png"):
         with Image.open(out / figure) as image:
             assert image.size[0] > 300 and image.size[1] > 200
+
+
+def _checkpoint(out, name):
+    """The checkpoint the comparison scored as ``name``: its training's best."""
+    return json.loads((out / "runs" / slug(name) / "metrics.json").read_text())["best_checkpoint"]
+
+
+@pytest.mark.slow
+def test_the_real_columns_equal_a_direct_evaluate_of_the_same_checkpoint_on_the_same_file(tiny_comparison, tmp_path):
+    out, settings, rows = tiny_comparison
+    real = out / "data" / "real.h5"
+
+    def evaluated(name, *extra):
+        """``experiments.evaluate`` of ``name``'s checkpoint with the real file: its "real" part."""
+        folder = tmp_path / slug(name)
+        assert evaluate.main(["--checkpoint", _checkpoint(out, name), "--data", str(out / "data" / "test.h5"),
+                              "--real-data", str(real), "--out", str(folder), "--batch-size", "5", "--no-log-wandb",
+                              *extra]) == 0
+        return json.loads((folder / "metrics.json").read_text())["real"]
+
+    for label, name, extra in (("VRN", "VRN", ()), ("VRN-Multitask", "VRN-Multitask", ()),
+                               ("VRN-Guided (detected landmarks)", "VRN-Guided",
+                                ("--landmarks-model", _checkpoint(out, "detector")))):
+        direct, row = evaluated(name, *extra), rows[label]["real"]
+        assert row["nme"].estimate == direct["model"]["nme_mean"], label
+        assert row["aligned"].estimate == direct["model"]["nme_aligned_mean"], label
+        assert (row["num_failed"], row["num_samples"]) == (direct["model"]["num_failed"], REAL_PHOTOS), label
+        assert (out / "eval-real" / slug(label) / "test.csv").read_bytes() == \
+            (tmp_path / slug(name) / "real" / "model" / "test.csv").read_bytes(), label
+        landmarks = direct["landmarks"]["model"].get("landmark_nme_balanced")
+        assert (row.get("landmark") and row["landmark"].estimate) == landmarks, label
+    assert rows["VRN-Guided (detected landmarks)"]["real"]["landmark"].estimate == \
+        evaluated("detector")["landmarks"]["model"]["landmark_nme_balanced"]  # the detector's, scored alone
+
+
+@pytest.mark.slow
+def test_an_absent_real_photo_folder_is_said_in_one_line_and_the_table_still_made(tiny_comparison, tmp_path, capsys):
+    out, settings, rows = tiny_comparison
+    absent = tmp_path / "absent"
+    again = compare.run_compare(dataclasses.replace(settings, real_photos=RealPhotos(root=str(absent))))
+    line = f"Real photos skipped: real_photos.root {absent} does not exist (relative to {os.getcwd()}), so the " \
+           f"table has no real-photo columns"
+    assert capsys.readouterr().err.count(line) == 1
+    markdown = (out / "table.md").read_text()
+    assert line in markdown and "real:" not in markdown and "real photos" not in markdown.splitlines()[0]
+    assert {name: row["nme"].estimate for name, row in again.items()} == \
+        {name: row["nme"].estimate for name, row in rows.items()} and all("real" not in row for row in again.values())
+    compare.run_compare(settings)  # the fixture's report as it was, for the other tests
+
+
+@pytest.mark.slow
+def test_the_real_photos_convert_once_into_the_data_folder(tiny_comparison, capsys):
+    out, settings, _ = tiny_comparison
+    real = out / "data" / "real.h5"
+    written = real.stat().st_mtime_ns
+    assert pipeline.real_photos_file(settings)[0] == real and real.stat().st_mtime_ns == written  # reused
+    assert f"{real} is already complete" in capsys.readouterr().err
+    assert open_dataset(real).attrs["mean_only"]  # the fake BFM has no bases
+
+
+def test_real_aflw2000_photos_convert_at_the_datas_grid_as_mean_faces_of_bfm_meta(shared_data, tmp_path):
+    quickstart = compare.load_compare_settings(CONFIG_DIR / "compare_quickstart.yaml")
+    settings = dataclasses.replace(quickstart, data=dataclasses.replace(quickstart.data, dir=str(tmp_path)),
+                                   real_photos=RealPhotos(str(shared_data / "aflw2000_samples"),
+                                                          str(shared_data / "bfm_meta")))
+    path, note = pipeline.real_photos_file(settings)
+    assert path == tmp_path / "real.h5" and open_dataset(path).grid == VoxelGrid.parse(quickstart.data.grid)
+    assert note == (f"Real photos: 16 AFLW2000-3D photos of {shared_data / 'aflw2000_samples'}; ground truth: mean "
+                    f"face of bfm-mean at the fitted pose (Shape_Para and Exp_Para ignored)")
 
 
 @pytest.mark.slow

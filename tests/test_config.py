@@ -137,12 +137,14 @@ def test_every_default_comes_from_the_settings_dataclasses():
 @pytest.mark.parametrize("name", ["compare_quickstart", "compare_paper"])
 def test_the_shipped_comparisons_load_and_name_real_models(name):
     from experiments.compare import load_compare_settings
+    from experiments.compare.settings import RealPhotos
 
     settings = load_compare_settings(CONFIG_DIR / f"{name}.yaml")
     for method in [*settings.methods, *settings.detectors]:  # every training config composes
         cfg = load_config(CONFIG_DIR / settings.train_config, settings.training_overrides(method) + settings.overrides)
         assert cfg.model.name == (settings.detectors | settings.methods)[method].split()[0]
     assert settings.reference in settings.methods and set(settings.guidance) <= set(settings.methods)
+    assert settings.real_photos == RealPhotos("../shared/data/aflw2000_val", "../shared/data/bfm_meta")
 
 
 def test_the_paper_comparison_extends_the_quickstarts_methods_and_changes_only_sizes():
@@ -176,6 +178,27 @@ def test_a_compare_entry_that_cannot_train_is_refused_before_anything_runs(tmp_p
         return
     with pytest.raises(ConfigError, match=message):
         load_compare_settings(tmp_path / "mine.yaml")
+
+
+def test_a_bad_real_photos_setting_is_refused_naming_the_key(tmp_path):
+    from experiments.compare import load_compare_settings
+
+    (tmp_path / "compare_quickstart.yaml").write_text((CONFIG_DIR / "compare_quickstart.yaml").read_text())
+    mine = tmp_path / "mine.yaml"
+    refusals = {"real_photos:\n  rot: photos\n": r"unknown config key 'real_photos\.rot' in .*mine\.yaml; did you mean "
+                                                  r"real_photos\.root",
+                "real_photos: photos\n": r"config key 'real_photos' in .*mine\.yaml must be a section of settings",
+                "real_photos:\n  root: [a, b]\n": r"config key 'real_photos\.root' in .*mine\.yaml must be str or null",
+                f"real_photos:\n  root: {tmp_path}\n  bfm: {tmp_path / 'no-bfm'}\n":
+                    f"real_photos.bfm {tmp_path / 'no-bfm'} does not exist"}
+    for text, message in refusals.items():
+        mine.write_text(f"extends: compare_quickstart.yaml\n{text}")
+        with pytest.raises(ConfigError, match=message):
+            load_compare_settings(mine)
+    mine.write_text("extends: compare_quickstart.yaml\n")
+    assert load_compare_settings(mine, ["real_photos.root=null"]).real_photos.root is None  # left out
+    assert load_compare_settings(mine, [f"real_photos.root={tmp_path / 'absent'}"]).real_photos.root == \
+        str(tmp_path / "absent")  # an absent folder is skipped when the comparison runs, not refused
 
 
 def test_a_variants_preset_comes_under_the_config_files_and_the_overrides(tmp_path):

@@ -1,5 +1,6 @@
 """Evaluation protocols: ``experiments.evaluate --landmarks-model`` (VRN-Guided on detected landmarks, a
-volume-only model's landmarks from the detector, the detector scored as a method), AFLW2000-3D's
+volume-only model's landmarks from the detector, the detector scored as a method), ``--real-data`` (a second test
+file scored by the same path), AFLW2000-3D's
 re-annotated landmarks as a second ground truth (dataset field, batches, the 3DDFA NME), and the converter's
 ``--reannotated`` mapping through the crop."""
 
@@ -170,6 +171,43 @@ def test_a_landmarks_model_of_another_kind_is_refused(checkpoints, tiny_syntheti
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(checkpoints["guided"]), "--data", str(tiny_synthetic / "test.h5"),
                        "--out", str(tmp_path / "eval"), "--landmarks-model", str(tmp_path / "missing.ckpt")])
+
+
+# ----- experiments.evaluate --real-data -----
+
+
+def test_real_data_is_scored_number_for_number_as_that_file_given_as_data(checkpoints, tiny_synthetic, tmp_path,
+                                                                          capsys):
+    """Every method's scores on --real-data (model, baselines, detector) are those of the same file as --data."""
+    real = tiny_synthetic / "val.h5"  # any dataset file stands in for converted photos
+    common = ["--landmarks-model", str(checkpoints["detector"]), "--train-data", str(tiny_synthetic / "train.h5")]
+    both = run_evaluate(checkpoints["guided"], tiny_synthetic / "test.h5", tmp_path / "both", "--real-data", str(real),
+                        *common)
+    alone = run_evaluate(checkpoints["guided"], real, tmp_path / "alone", *common)
+    assert both["real"] == {key: value for key, value in alone.items()
+                            if key not in ("checkpoint", "grid", "landmarks_model")}
+    assert set(both["real"]) == {"model", "mean training volume", "mean shape at GT pose", "landmarks", "data",
+                                 "ground_truth"}
+    assert both["real"]["ground_truth"] == both["ground_truth"] == \
+        "the synthetic file's own meshes (face model builtin)"
+    assert both["real"]["model"] != both["model"]  # two files
+    for method in ("model", "mean_training_volume", "mean_shape_at_GT_pose"):
+        assert (tmp_path / "both" / "real" / method / "test.csv").read_bytes() == \
+            (tmp_path / "alone" / method / "test.csv").read_bytes()
+    assert {path.name for path in (tmp_path / "both" / "real").iterdir()} >= {"ced.png", "reconstruction.png"}
+    assert f"test file:      {real} (ground truth: the synthetic file's own meshes" in capsys.readouterr().out
+
+    detector = run_evaluate(checkpoints["detector"], tiny_synthetic / "test.h5", tmp_path / "detector",
+                            "--real-data", str(real))  # a landmark detector alone: its landmark NMEs on both
+    assert detector["real"]["landmarks"] == {"model": alone["landmarks"]["landmark detector"]}
+
+
+def test_a_real_data_file_that_cannot_be_read_is_refused_before_anything_is_scored(checkpoints, tiny_synthetic,
+                                                                                   tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing.h5'} not found"):
+        run_evaluate(checkpoints["vrn"], tiny_synthetic / "test.h5", tmp_path / "eval", "--real-data",
+                     str(tmp_path / "missing.h5"))
+    assert not (tmp_path / "eval" / "model").exists()
 
 
 # ----- the dataset field -----

@@ -1,5 +1,5 @@
-"""3DMM fit to 2D landmarks: it recovers a built-in face's coefficients and pose from exact landmarks,
-follows the crop conventions, and its regulariser shrinks the coefficients."""
+"""3DMM fit to 2D landmarks: it recovers a built-in face's coefficients and pose from exact landmarks (a model
+without bases: the pose alone), follows the crop conventions, and its regulariser shrinks the coefficients."""
 
 import numpy as np
 import pytest
@@ -66,6 +66,17 @@ def test_fitted_camera_follows_the_crop_conventions():
     np.testing.assert_allclose(placed[:, :2], posed[:, :2], atol=1e-9)
     np.testing.assert_allclose(placed[:, 2], posed[:, 2] - posed[:, 2].min() - 20.0, atol=1e-9)
     np.testing.assert_allclose(fit.model_vertices, MODEL.mean + BASIS @ fit.coefficients, atol=1e-4)
+
+
+def test_a_model_without_bases_fits_the_camera_of_its_mean_face():
+    """A mean-only face model (the Basel mean face of real photos' conversion) has no coefficients to fit."""
+    vertices, landmarks = posed_face(np.zeros(NUM_IDENTITY), np.zeros(6), (10, -35, 5))
+    fit = fit_shape_to_landmarks(landmarks, MODEL.mean, BASIS[:, :, :0], MODEL.landmark_vertices, regularisation=3.0,
+                                 iterations=100)
+    assert fit.coefficients.shape == (0,)
+    np.testing.assert_allclose(np.degrees(fit.pose), (10, -35, 5), atol=0.01)
+    assert fit.scale == pytest.approx(SCALE, rel=1e-6)
+    assert np.abs(fit.crop_vertices(vertices[:, 2].min()) - vertices).max() < 1e-3
 
 
 def test_regulariser_shrinks_the_coefficients():

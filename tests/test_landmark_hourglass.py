@@ -130,6 +130,10 @@ def test_landmark_nme_metric_buckets_by_yaw_and_counts_each_index_once():
     values = metric.compute()
     assert set(values) == {"landmark_nme", "landmark_nme_yaw_0_30", "landmark_nme_yaw_30_60", "landmark_nme_yaw_60_90",
                            "landmark_nme_balanced"}
+    samples = metric.per_sample()  # each index once, in index order
+    assert samples["index"].tolist() == list(range(7))
+    np.testing.assert_allclose(samples["landmark_nme"], expected_nme, rtol=1e-12)
+    np.testing.assert_allclose(samples["yaw_deg"], yaw_deg, rtol=1e-12)
     assert values["landmark_nme"].item() == pytest.approx(expected_nme.mean(), rel=1e-12)
     for (lo, hi), mean in zip(((0, 30), (30, 60), (60, 90)), bucket_means):
         assert values[f"landmark_nme_yaw_{lo}_{hi}"].item() == pytest.approx(mean, rel=1e-12)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from experiments import compare, dashboard, evaluate, train, wandb_project
 from experiments.compare import pipeline
-from experiments.evaluation import log_eval_run, slug, wandb_wanted
+from experiments.evaluation import Evaluation, log_eval_run, slug, wandb_wanted
 from experiments.config import ConfigError, load_config
-from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, read_per_sample_csv, summarise
 from lightning_vrn.wandb_media import GROUND_TRUTH_RGB, PREDICTION_RGB, WandbMedia, ced_points
 from tests.helpers.configs import TINY_NET, preset_config
 from tests.helpers.offline_wandb import OfflineApi, OfflineFile, offline_run
@@ -108,7 +108,8 @@ def test_compare_links_each_methods_eval_run_to_its_training_run(wandb_run, tmp_
     (tmp_path / "cmp" / "runs" / "VRN").symlink_to(wandb_run)  # the same run directory, the same training run id
     table = read_per_sample_csv(wandb_run / "nme" / "test.csv")
     oracle = "mean shape at GT pose (oracle)"
-    pipeline.log_wandb_runs(settings, {"VRN": table, oracle: table}, {}, None)
+    evaluations = {label: Evaluation(summarise(table), table, {}, None) for label in ("VRN", oracle)}
+    pipeline.log_wandb_runs(settings, {"eval": evaluations}, None)
     _, training = offline_run(wandb_run)
     _, method = offline_run(tmp_path / "cmp" / "eval" / "VRN")
     _, baseline = offline_run(tmp_path / "cmp" / "eval" / slug(oracle))
@@ -210,7 +211,7 @@ def test_a_training_run_saves_what_compare_reads_into_its_wandb_run(wandb_run):
 
 def test_compare_wandb_gives_the_report_compare_runs_gives(wandb_run, second_wandb_run, tmp_path, monkeypatch, capsys):
     evaluation = tmp_path / "eval"  # an eval run in the same project: not a training, left out
-    log_eval_run(evaluation, wandb_run, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    log_eval_run(evaluation, wandb_run, {"eval": Evaluation(None, None, {"landmark_nme": 0.1}, None)}, {}, group="vrn")
     api = OfflineApi({"team/vrn": [wandb_run, second_wandb_run, evaluation]})
     monkeypatch.setattr("wandb.Api", lambda: api)
     for group_by in ("model.name", "logger.project"):  # two rows of one run each; one row averaging both runs
@@ -318,7 +319,8 @@ def test_a_moved_run_directory_keeps_its_wandb_run(wandb_run, tmp_path):
     clash.mkdir()
     (clash / f"run-{original}.wandb").touch()
     assert wandb_project.wandb_run_id(cfg, moved) == original
-    log_eval_run(tmp_path / "eval", moved, {"eval": (None, None, {"landmark_nme": 0.1})}, {}, group="vrn")
+    log_eval_run(tmp_path / "eval", moved, {"eval": Evaluation(None, None, {"landmark_nme": 0.1}, None)}, {},
+                 group="vrn")
     assert offline_run(tmp_path / "eval")[1]["config"]["training_run_id"] == original
     # A run directory that has not logged to W&B yet gets an id from its path: one per directory.
     fresh = [wandb_project.wandb_run_id(cfg, tmp_path / name) for name in ("a", "b", "a")]

@@ -1,13 +1,16 @@
 """The compare command, ``python -m experiments.compare`` (its usage: :mod:`experiments.compare.__main__`), one job
 per module:
 
-- :mod:`~experiments.compare.settings`: :class:`CompareSettings` of ``--config`` and :func:`load_compare_settings`;
+- :mod:`~experiments.compare.settings`: :class:`CompareSettings` of ``--config`` (with :class:`RealPhotos`) and
+  :func:`load_compare_settings`;
 - :mod:`~experiments.compare.methods`: :class:`Method`, a row of the ``--config`` comparison, and its label;
-- :mod:`~experiments.compare.pipeline`: :func:`run_compare`, which makes the data, trains, scores every method
-  (through :mod:`experiments.evaluation`) and writes the report, and :func:`log_wandb_runs`;
+- :mod:`~experiments.compare.pipeline`: :func:`run_compare`, which makes the data (and converts the real photos),
+  trains, scores every method on each test file (through :mod:`experiments.evaluation`) and writes the report, and
+  :func:`log_wandb_runs`;
 - :mod:`~experiments.compare.finished_runs`: finished runs for ``--runs`` and ``--wandb`` (:class:`FinishedRun`,
   :func:`collect_run_dirs`, :func:`read_run`, :func:`common_test_file`) and :func:`compare_runs`, their report;
-- :mod:`~experiments.compare.stats`: :func:`table_rows` (bootstrap intervals, paired differences),
+- :mod:`~experiments.compare.stats`: :func:`table_rows` (bootstrap intervals, paired differences; the balanced
+  landmark NME's interval),
   :func:`seed_mean_table`, :func:`shared_positions`;
 - :mod:`~experiments.compare.report`: ``table.md``, ``table.csv``, ``runs.csv`` and the figures;
 - :mod:`~experiments.compare.__main__`: :func:`main`, the command line.

@@ -3,22 +3,27 @@
 Stages (a progress line each; everything resumable, so rerunning the command continues where it stopped):
 
 1. data: the train/val/test splits, with frontal volumes for the no-alignment ablation (the
-   synthetic generator resumes a partial file and skips a finished one);
+   synthetic generator resumes a partial file and skips a finished one), and the real photos of
+   ``real_photos`` converted into ``DATA_DIR/real.h5`` (reused when finished; an absent folder is skipped
+   with a note);
 2. training: each landmark detector and each method, in ``OUT/runs/NAME`` (a finished run, one with
    ``metrics.json``, is reused; an interrupted one resumes from its ``last.ckpt``);
 3. evaluation: every method, VRN-Guided with ground-truth and with detected landmarks, and the
    baselines (the 3DMM fit to detected landmarks, the mean training volume, and the mean shape at
-   the ground-truth pose, an oracle), all on the same test split through the same test path as
-   ``experiments.evaluate`` (``OUT/eval/NAME/test.csv``; a finished report is reused);
+   the ground-truth pose, an oracle), all on the same test split, and on the real photos, through the same
+   test path as ``experiments.evaluate`` (``OUT/eval/NAME/test.csv``, ``OUT/eval-real/NAME/test.csv``; a
+   finished report is reused);
 4. the report in ``OUT``: ``table.md`` and ``table.csv`` in the layout of the paper's Table 1 with
-   bootstrap 95% intervals and each method's paired difference from the reference method (VRN),
+   bootstrap 95% intervals and each method's paired difference from the reference method (VRN), real-photo
+   columns beside them (docs/evaluation.md, "Real photos beside the synthetic test split"),
    ``ced.png`` (Figure 7), ``nme_vs_yaw.png`` (Figure 10), ``nme_per_expression.png`` (Figure 11).
 
 The settings are :class:`CompareSettings`; ``experiments/configs/compare_quickstart.yaml`` (CPU, under
 an hour on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
 
 ``--runs DIR...`` makes the same report from finished runs (:func:`compare_runs`), and ``--wandb
-ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`);
+ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`), both without
+real-photo columns (they load no model; ``experiments.evaluate --real-data`` scores a run's checkpoint on them);
 docs/dashboards.md says how runs are grouped and what the intervals cover. ``--runs`` refuses, in one line
 naming the run and the fix: a run still training (its ``run.lock`` held; in a folder of runs it is left out
 with a note, as an unfinished one is), runs tested on different test files (by content: the SHA-256 each

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lightning_vrn.atomic import atomic_path, write_text
-from lightning_vrn.metrics.bootstrap import bootstrap_mean
+from lightning_vrn.metrics.bootstrap import Interval, bootstrap_mean
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
 from lightning_vrn.visualise import save_ced, save_grouped_means, save_nme_vs_yaw
 
@@ -25,6 +25,9 @@ def _number(value, digits: int = 4) -> str:
 
 COLUMNS = ("method", "NME mean [95% CI]", "median", "yaw 0-30", "yaw 30-60", "yaw 60-90", "aligned NME",
            "closest-point error", "landmark NME (balanced)", "difference from {reference} [95% CI]", "failed")
+REAL_COLUMNS = ("real: NME mean [95% CI]", "real: aligned NME [95% CI]", "real: landmark NME (balanced) [95% CI]",
+                "real: difference from {reference} [95% CI]", "real: failed")
+"""The columns of rows with ``real`` (their row on the real photos)."""
 
 
 RUNS_COLUMN = "runs: their NME range"
@@ -35,12 +38,41 @@ def _runs_text(run_means: list[float]) -> str:
     return f"{len(run_means)}: {_number(min(run_means))}" + ("" if len(run_means) == 1 else f"-{_number(max(run_means))}")
 
 
+def _difference_text(row: dict) -> str:
+    """A row's paired difference from the reference with its interval, ``*within noise*`` when that holds 0."""
+    difference = row.get("difference")
+    if difference is None:
+        return "reference"
+    return (difference.text(4) + ("" if difference.excludes_zero else " *within noise*")
+            + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
+
+
+def _interval_fields(name: str, interval: Interval | None) -> dict:
+    """CSV fields ``name``, ``name_low``, ``name_high`` of ``interval`` (None: empty)."""
+    values = (None, None, None) if interval is None else (interval.estimate, interval.low, interval.high)
+    return dict(zip((name, f"{name}_low", f"{name}_high"), values))
+
+
+def _real_cells(real: dict) -> tuple[list[str], dict]:
+    """The real-photo cells of a row (:data:`REAL_COLUMNS`) and its ``real_*`` CSV fields."""
+    landmark = real.get("landmark")
+    cells = [real["nme"].text(4), real["aligned"].text(4), "-" if landmark is None else landmark.text(4),
+             _difference_text(real), f"{real['num_failed']}/{real['num_samples']}"]
+    fields = {**_interval_fields("real_nme", real["nme"]), **_interval_fields("real_nme_aligned", real["aligned"]),
+              **_interval_fields("real_landmark_nme_balanced", landmark),
+              **_interval_fields("real_difference", real.get("difference")),
+              "real_num_failed": real["num_failed"], "real_num_samples": real["num_samples"]}
+    return cells, fields
+
+
 def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[str] = ()) -> None:
     """``table.md`` (Table 1's layout, with intervals, under ``title`` and ``notes`` paragraphs) and
     ``table.csv`` (the same numbers, one per column). Rows with ``runs`` (each run's own NME mean: several
-    runs of one variant) get a runs column, and ``num_runs``, ``run_nme_min``, ``run_nme_max`` in the CSV."""
+    runs of one variant) get a runs column, and ``num_runs``, ``run_nme_min``, ``run_nme_max`` in the CSV; rows
+    with ``real`` (their row on real photos) get :data:`REAL_COLUMNS`, and ``real_*`` in the CSV."""
     with_runs = any("runs" in row for row in rows.values())
-    header = [c.format(reference=reference) for c in COLUMNS]
+    with_real = any("real" in row for row in rows.values())
+    header = [c.format(reference=reference) for c in COLUMNS + (REAL_COLUMNS if with_real else ())]
     if with_runs:
         header.insert(1, RUNS_COLUMN)
     lines = [f"# {title}", "",
@@ -50,26 +82,22 @@ def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
     for name, row in rows.items():
-        difference = row.get("difference")
-        diff_text = "reference" if difference is None else (
-            difference.text(4) + ("" if difference.excludes_zero else " *within noise*")
-            + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
+        real_cells, real_fields = _real_cells(row["real"]) if with_real else ([], {})
         cells = [name, *([_runs_text(row["runs"])] if with_runs else []), row["nme"].text(4), _number(row["nme_median"]),
                  *(_number(row[f"nme_yaw_{lo}_{hi}"]) for lo, hi in YAW_BUCKETS_DEG),
                  _number(row["nme_aligned_mean"]), _number(row["nme_closest_mean"]),
-                 _number(row["landmark_nme_balanced"]), diff_text, f"{row['num_failed']}/{row['num_samples']}"]
+                 _number(row["landmark_nme_balanced"]), _difference_text(row),
+                 f"{row['num_failed']}/{row['num_samples']}", *real_cells]
         lines.append("| " + " | ".join(cells) + " |")
         csv_rows.append({"method": name, "nme_mean": row["nme"].estimate, "nme_low": row["nme"].low,
                          "nme_high": row["nme"].high, "nme_median": row["nme_median"],
                          **{f"nme_yaw_{lo}_{hi}": row[f"nme_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG},
                          "nme_aligned": row["nme_aligned_mean"], "nme_closest": row["nme_closest_mean"],
                          "landmark_nme_balanced": row["landmark_nme_balanced"],
-                         "difference": None if difference is None else difference.estimate,
-                         "difference_low": None if difference is None else difference.low,
-                         "difference_high": None if difference is None else difference.high,
+                         **_interval_fields("difference", row.get("difference")),
                          "num_failed": row["num_failed"], "num_samples": row["num_samples"],
                          **({"num_runs": len(row["runs"]), "run_nme_min": min(row["runs"]),
-                             "run_nme_max": max(row["runs"])} if with_runs else {})})
+                             "run_nme_max": max(row["runs"])} if with_runs else {}), **real_fields})
     write_text(out / "table.md", "\n".join(lines) + "\n")
     with atomic_path(out / "table.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(csv_rows[0]))

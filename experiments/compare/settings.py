@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from experiments.baselines import DEFAULT_REGULARISATION
 from experiments.config import CONFIG_DIR, ConfigError, load_config, load_settings
@@ -27,6 +28,17 @@ class DataSplits:
 
 
 @dataclass
+class RealPhotos:
+    """Real photos scored beside the synthetic test split: ``root``, a folder of AFLW2000-3D photos and ``.mat``
+    files (None: none; a folder that does not exist is skipped with a note), converted by data_prep.aflw2000 with
+    the Basel Face Model at ``bfm`` (the mean face at the fitted pose when it has no bases) onto the data's grid.
+    Paths are relative to the working directory."""
+
+    root: Optional[str] = None
+    bfm: str = "../shared/data/bfm_meta"
+
+
+@dataclass
 class CompareSettings:
     """A comparison. ``train_config``: the experiment config every training extends (in
     experiments/configs); ``overrides``: ``key=value`` for every training; ``detectors`` and
@@ -34,7 +46,8 @@ class CompareSettings:
     docs/variants.md) and its own overrides, if any; ``guidance``: guided method -> the detector that
     guides it at evaluation; ``fit_detector``: the detector whose landmarks the 3DMM fit uses;
     ``fit_regularisation``: the fit's Tikhonov lambda; ``reference``: the method every other is
-    compared with. A compare config may extend another (``extends: compare_quickstart.yaml``)."""
+    compared with; ``real_photos``: real photos every method is scored on too (:class:`RealPhotos`). A compare
+    config may extend another (``extends: compare_quickstart.yaml``)."""
 
     name: str = "compare"
     out: str = "runs/compare"
@@ -49,6 +62,7 @@ class CompareSettings:
     reference: str = "VRN"
     batch_size: int = EVAL_BATCH_SIZE
     bootstrap_resamples: int = 2000
+    real_photos: RealPhotos = field(default_factory=RealPhotos)
 
     def training_overrides(self, name: str) -> list[str]:
         """The ``key=value`` overrides that train the detector or method ``name``: its variant, then its own."""
@@ -73,6 +87,11 @@ def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> Compar
                           f"that 'methods' does not define ({sorted(settings.methods)})")
     if settings.reference not in settings.methods:
         raise ConfigError(f"{path}: reference {settings.reference!r} is not one of the methods {sorted(settings.methods)}")
+    real = settings.real_photos
+    if real.root is not None and Path(real.root).is_dir() and not Path(real.bfm).exists():
+        raise ConfigError(f"{path}: real_photos.bfm {real.bfm} does not exist (relative to {Path.cwd()}); the photos "
+                          f"of real_photos.root {real.root} need a Basel Face Model folder, e.g. "
+                          f"../shared/data/bfm_meta, or set real_photos.root=null to leave them out")
     return settings
 
 

@@ -6,19 +6,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_vrn.metrics.bootstrap import bootstrap_mean, paired_difference
+from lightning_vrn.metrics.bootstrap import bootstrap_balanced_mean, bootstrap_mean, paired_difference
 from lightning_vrn.metrics.report import summarise
 
 
-def table_rows(tables: dict, landmarks: dict, reference: str, resamples: int) -> dict:
-    """One row per method: summary, bootstrap intervals and the paired difference from ``reference`` over
-    the test samples both were scored on (``paired``: how many)."""
+def table_rows(tables: dict, landmarks: dict, reference: str, resamples: int,
+               landmark_tables: dict | None = None) -> dict:
+    """One row per method of ``tables``: its summary, bootstrap intervals of the NME (``nme``) and the rigidly
+    aligned NME (``aligned``), the balanced landmark NME of ``landmarks`` (``landmark_nme_balanced``) with its
+    interval (``landmark``) where ``landmark_tables`` has the method's per-sample landmark NMEs (``index``,
+    ``yaw_deg``, ``landmark_nme``), and the paired difference from ``reference`` over the test samples both were
+    scored on (``paired``: how many)."""
+    landmark_tables = landmark_tables or {}
     rows = {}
     for name, table in tables.items():
         summary = summarise(table)
         ok = ~table["failed"]
         row = {**summary, "nme": bootstrap_mean(table["nme"][ok], resamples),
+               "aligned": bootstrap_mean(table["nme_aligned"][ok], resamples),
                "landmark_nme_balanced": landmarks.get(name, {}).get("landmark_nme_balanced")}
+        if name in landmark_tables:
+            samples = landmark_tables[name]
+            row["landmark"] = bootstrap_balanced_mean(samples["landmark_nme"], samples["yaw_deg"], resamples)
         if name != reference:
             mine, theirs = shared_positions(table["index"], tables[reference]["index"])
             if not len(mine):

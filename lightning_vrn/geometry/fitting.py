@@ -97,7 +97,7 @@ def fit_shape_to_landmarks(landmarks_2d: np.ndarray, mean: np.ndarray, basis: np
         # Unknowns (scale, scale * c, t): landmarks = scale * R2 mean_l + R2 basis_l (scale * c) + t.
         design = np.concatenate([
             (mean_l @ rotation[:2].T).reshape(-1, 1),
-            np.einsum("ij,ljk->lik", rotation[:2], basis_l).reshape(-1, num_coefficients),
+            np.einsum("ij,ljk->lik", rotation[:2], basis_l).reshape(2 * num_landmarks, num_coefficients),
             np.tile(np.eye(2), (num_landmarks, 1)),
         ], axis=1)
         solution = np.linalg.solve(design.T @ design + damping, design.T @ landmarks_2d.reshape(-1))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, balanced_mean, in_yaw_bucket, yaw_bucket_means
+
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 
@@ -46,6 +48,25 @@ def bootstrap_mean(values, resamples: int = DEFAULT_RESAMPLES, level: float = DE
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(float(values.mean()), float(low), float(high), level)
+
+
+def bootstrap_balanced_mean(values, yaw_deg, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                            seed: int = 0) -> Interval:
+    """The balanced mean of ``values`` (N,) (:func:`~lightning_vrn.metrics.report.balanced_mean` of the |yaw|-bucket
+    means, ``yaw_deg`` (N,) degrees) with a percentile interval from resampling the samples within each bucket."""
+    values, yaw_deg = np.asarray(values, dtype=np.float64), np.asarray(yaw_deg, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    resampled = []  # (resamples,) means of each non-empty bucket
+    for lo, hi in YAW_BUCKETS_DEG:
+        inside = values[in_yaw_bucket(yaw_deg, lo, hi)]
+        if len(inside):
+            resampled.append(inside[rng.integers(0, len(inside), size=(resamples, len(inside)))].mean(axis=1))
+    estimate = balanced_mean(yaw_bucket_means(values, yaw_deg))
+    if not resampled:
+        return Interval(estimate, float("nan"), float("nan"), level)
+    tail = (1 - level) / 2
+    low, high = np.quantile(np.mean(resampled, axis=0), [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), level)
 
 
 def paired_difference(values, reference, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,

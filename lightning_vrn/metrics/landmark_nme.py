@@ -17,7 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, in_yaw_bucket
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, balanced_mean, yaw_bucket_means
 
 
 def landmark_nme(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -64,17 +64,20 @@ class LandmarkNME(Metric):
         for name, values in zip(self.PER_SAMPLE, (index, yaw_deg, nme)):
             getattr(self, name).append(values)
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """The mean, the per-|yaw|-bucket means and the balanced mean (see the class)."""
+    def per_sample(self) -> dict[str, np.ndarray]:
+        """The samples added so far, each dataset index once, by index: ``index`` (N,) int64, ``yaw_deg`` and
+        ``landmark_nme`` (N,) float64 (this process's samples; inside ``sync_context()`` every process's)."""
         states = [getattr(self, name) for name in self.PER_SAMPLE]  # lists, or tensors once synchronised
         columns = [dim_zero_cat(state).cpu().numpy() if len(state) else np.zeros(0) for state in states]
-        _, first = np.unique(columns[0].astype(np.int64), return_index=True)
-        yaw_deg, nme = columns[1][first], columns[2][first]
-        values = {self.prefix: nme.mean() if len(nme) else np.nan}
-        for lo, hi in YAW_BUCKETS_DEG:
-            inside = in_yaw_bucket(yaw_deg, lo, hi)
-            values[f"{self.prefix}_yaw_{lo}_{hi}"] = nme[inside].mean() if inside.any() else np.nan
-        bucket_means = np.array([values[f"{self.prefix}_yaw_{lo}_{hi}"] for lo, hi in YAW_BUCKETS_DEG])
-        finite = bucket_means[~np.isnan(bucket_means)]
-        values[f"{self.prefix}_balanced"] = finite.mean() if len(finite) else np.nan
+        index, first = np.unique(columns[0].astype(np.int64), return_index=True)
+        return {"index": index, "yaw_deg": columns[1][first], "landmark_nme": columns[2][first]}
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The mean, the per-|yaw|-bucket means and the balanced mean (see the class)."""
+        samples = self.per_sample()
+        nme = samples["landmark_nme"]
+        bucket_means = yaw_bucket_means(nme, samples["yaw_deg"])
+        values = {self.prefix: nme.mean() if len(nme) else np.nan,
+                  **{f"{self.prefix}_yaw_{lo}_{hi}": mean for (lo, hi), mean in zip(YAW_BUCKETS_DEG, bucket_means)},
+                  f"{self.prefix}_balanced": balanced_mean(bucket_means)}
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}

@@ -32,6 +32,19 @@ def in_yaw_bucket(yaw_deg: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (magnitude >= lo) & ((magnitude < hi) | (hi == YAW_BUCKETS_DEG[-1][1]))
 
 
+def yaw_bucket_means(values: np.ndarray, yaw_deg: np.ndarray) -> np.ndarray:
+    """``(3,)`` float64 mean of ``values`` (N,) in each |yaw| bucket of :data:`YAW_BUCKETS_DEG` (NaN when empty)."""
+    values = np.asarray(values, dtype=np.float64)
+    masks = [in_yaw_bucket(yaw_deg, lo, hi) for lo, hi in YAW_BUCKETS_DEG]
+    return np.array([values[inside].mean() if inside.any() else np.nan for inside in masks])
+
+
+def balanced_mean(bucket_means: np.ndarray) -> float:
+    """The mean of the non-empty buckets' means (NaN when all are empty): the 3DDFA protocol's headline."""
+    finite = bucket_means[~np.isnan(bucket_means)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
 def summarise(table: Mapping[str, np.ndarray]) -> dict:
     """Mean and median NME, the rigidly aligned mean, failures, and the mean per |yaw| bucket.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from lightning_vrn.heatmaps import HeatmapRegressionSettings, decode_heatmaps, heatmap_loss
@@ -29,13 +30,18 @@ class LandmarkScoring:
     """For a model whose outputs hold ``"heatmaps"`` (B, 68, S, S): the landmark NME of the decoded maps in
     validation and test (logged at the epoch end as ``{stage}/landmark_nme``, ``_yaw_{lo}_{hi}`` and
     ``_balanced``; against ``batch["landmarks_2d_reannotated"]`` too when the batches carry it, as
-    ``{stage}/landmark_nme_reannotated``, ...) and :meth:`landmarks`. Put it before the LightningModule base class."""
+    ``{stage}/landmark_nme_reannotated``, ...) and :meth:`landmarks`. Put it before the LightningModule base class.
+
+    ``test_landmark_table``: the last test's per-sample landmark NMEs against the original landmarks
+    (:meth:`~lightning_vrn.metrics.landmark_nme.LandmarkNME.per_sample`: ``index``, ``yaw_deg``, ``landmark_nme``),
+    None before a test."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.val_landmark_nme, self.test_landmark_nme = LandmarkNME(), LandmarkNME()
         self.val_landmark_nme_reannotated = LandmarkNME("landmark_nme_reannotated")
         self.test_landmark_nme_reannotated = LandmarkNME("landmark_nme_reannotated")
+        self.test_landmark_table: dict[str, np.ndarray] | None = None
 
     def update_landmark_nme(self, stage: str, heatmaps: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
         """Validation and test: add the decoded ``heatmaps`` against the batch's ground-truth landmarks (both sets)."""
@@ -54,7 +60,12 @@ class LandmarkScoring:
 
     def _log_landmark_nme(self, stage: str) -> None:
         """Log ``{stage}/landmark_nme``, ``_yaw_{lo}_{hi}`` and ``_balanced`` (and the ``_reannotated`` ones),
-        then reset the metrics."""
+        then reset the metrics; a test keeps its per-sample values in :attr:`test_landmark_table`."""
+        if stage == "test":
+            self.test_landmark_table = None
+            if self.test_landmark_nme.update_count:
+                with self.test_landmark_nme.sync_context():  # every process's samples, as compute() gathers them
+                    self.test_landmark_table = self.test_landmark_nme.per_sample()
         for metric in (getattr(self, f"{stage}_landmark_nme"), getattr(self, f"{stage}_landmark_nme_reannotated")):
             if metric.update_count:
                 for name, value in metric.compute().items():  # already gathered over processes
