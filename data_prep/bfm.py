@@ -23,7 +23,7 @@ train.configs      ``w_shp_sim.npy`` (3V, 40) and ``w_exp_sim.npy`` (3V, 10): th
                    beside it (3DDFA's ``visualize/tri.mat``, ``tri`` (3, T) 1-based) or else a
                    ``Model_Shape_Sim.mat`` beside it (its ``tri``). Its bases being leading columns, a
                    ``.mat``'s ``Shape_Para`` / ``Exp_Para`` apply cut to their first 40 / 10 values
-                   (:data:`LEADING_COMPONENT_MODELS`)
+                   (``FaceModel.leading_components``)
 mean only          ``Model_Shape_Sim.mat`` (``mu_shape``, ``tri``, ``keypoints``) + ``u_exp.npy``
                    (mean expression, (3V, 1)): the mean face with no bases (K = E = 0)
 =================  ==========================================================================
@@ -82,10 +82,6 @@ SIM_FILES = (SIM_SHAPE_BASIS_FILE, SIM_EXP_BASIS_FILE, SIM_MEAN_SHAPE_FILE, MEAN
 SIM_MARKERS = (SIM_SHAPE_BASIS_FILE, SIM_EXP_BASIS_FILE, SIM_MEAN_SHAPE_FILE, SIM_KEYPOINTS_FILE)
 """Any of these in a folder makes it a train.configs folder (``u_exp.npy`` is the mean-only layout's too)."""
 SIM_MODEL_NAME = "bfm-3ddfa-sim"
-LEADING_COMPONENT_MODELS = frozenset({SIM_MODEL_NAME})
-"""Models whose bases are the leading columns of the full BFM's (199 shape, 29 expression): a 300W-LP /
-AFLW2000-3D ``.mat``'s ``Shape_Para`` and ``Exp_Para`` apply cut to their first K and E values
-(:func:`data_prep.mat_faces.parameters_for_model`). Every other model needs exactly as many values as components."""
 LAYOUT_HINT = (f"give a folder or file of one layout: 3DDFA ({SHAPE_FILE_3DDFA} + {EXP_FILE_3DDFA}), face3d "
                f"({FACE3D_FILE}), 3DDFA_V2 ({NONECK_FILE}), 3DDFA train.configs (folder of "
                f"{', '.join(SIM_FILES)} and {' or '.join(SIM_TRIANGLE_FILES)}) or mean only "
@@ -97,7 +93,8 @@ class RawBFM:
     """A BFM as read, before the face-region cut: flat xyz-interleaved arrays, 0-based ids.
 
     ``mean`` (3V,), ``shape_basis`` (3V, K), ``expression_basis`` (3V, E) float32 micrometres;
-    ``triangles`` (T, 3) and ``keypoints`` (68,) int64 vertex ids; ``source`` names the files.
+    ``triangles`` (T, 3) and ``keypoints`` (68,) int64 vertex ids; ``source`` names the files;
+    ``leading_components``: as :class:`~data_prep.face_model.FaceModel`'s.
     """
 
     name: str
@@ -107,6 +104,7 @@ class RawBFM:
     expression_basis: np.ndarray
     triangles: np.ndarray
     keypoints: np.ndarray
+    leading_components: bool = False
 
 
 def load_bfm(path) -> FaceModel:
@@ -269,7 +267,8 @@ def _read_train_configs(shape_basis_path: Path) -> RawBFM:
         expression_basis=_basis(_load_npy(folder / SIM_EXP_BASIS_FILE), mean_shape.size, folder / SIM_EXP_BASIS_FILE,
                                 "the array"),
         triangles=_triangles(_field(_loadmat(tri_path), "tri", tri_path), tri_path, one_based=True),
-        keypoints=_flat_keypoint_ids(_load_npy(folder / SIM_KEYPOINTS_FILE), folder / SIM_KEYPOINTS_FILE, "the array"))
+        keypoints=_flat_keypoint_ids(_load_npy(folder / SIM_KEYPOINTS_FILE), folder / SIM_KEYPOINTS_FILE, "the array"),
+        leading_components=True)
 
 
 def _read_mean_only(shape_path: Path) -> RawBFM:
@@ -399,6 +398,7 @@ def face_model_from_raw(raw: RawBFM) -> FaceModel:
         triangles=front_facing(mean_kept, triangles),
         landmark_vertices=new_id[raw.keypoints],
         face_region=np.arange(len(kept), dtype=np.int64),
+        leading_components=raw.leading_components,
     )
     return model.validate()
 

@@ -49,7 +49,9 @@ class FaceModel:
     (coefficient 1.0 = the full expression) named by ``expression_names``; ``triangles`` (T, 3)
     int64, counter-clockwise seen from the front (normals toward +z); ``landmark_vertices`` (68,)
     int64 vertex ids of the iBUG-68 landmarks (0-based iBUG order); ``face_region`` (F,) int64
-    vertex ids used for NME.
+    vertex ids used for NME; ``leading_components``: the bases are the leading columns of a larger model's
+    (3DDFA's train.configs: the first 40 shape and 10 expression columns of the BFM's 199 and 29), so a longer
+    parameter vector applies cut to its first values (:func:`data_prep.mat_faces.parameters_for_model`).
     """
 
     name: str
@@ -60,6 +62,7 @@ class FaceModel:
     triangles: np.ndarray
     landmark_vertices: np.ndarray
     face_region: np.ndarray
+    leading_components: bool = False
 
     @property
     def expression_label_names(self) -> tuple[str, ...]:

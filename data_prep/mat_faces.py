@@ -58,7 +58,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.arguments import add_grid_and_workers
-from data_prep.bfm import LEADING_COMPONENT_MODELS
 from data_prep.face_model import FaceModel, load_face_model
 from data_prep.writing import check_finished, check_output, parallel_map, write_pending
 from lightning_vrn.atomic import atomic_path
@@ -187,13 +186,13 @@ def read_mat(path: Path, landmark_field: str) -> MatParams:
 def parameters_for_model(model: FaceModel, params: MatParams, mean_only: bool) -> MatParams:
     """``params`` as ``model`` applies them; :class:`SampleSkipped` unless they fit its bases.
 
-    Any count with ``mean_only`` (unused). A model of :data:`data_prep.bfm.LEADING_COMPONENT_MODELS` (3DDFA's
-    train.configs: the first 40 shape and 10 expression columns) takes the first K ``Shape_Para`` and E
+    Any count with ``mean_only`` (unused). A model with ``leading_components`` (3DDFA's train.configs: the first
+    40 shape and 10 expression columns) takes the first K ``Shape_Para`` and E
     ``Exp_Para`` of longer vectors; every other model needs exactly as many values as components.
     """
     if mean_only:
         return params
-    leading = model.name in LEADING_COMPONENT_MODELS
+    leading = model.leading_components
     for label, values, basis in (("Shape_Para", params.shape, model.identity_basis),
                                  ("Exp_Para", params.expression, model.expression_basis)):
         if len(values) < len(basis) or (len(values) > len(basis) and not leading):
@@ -209,7 +208,7 @@ def ground_truth(model: FaceModel, mean_only: bool) -> str:
     if mean_only:
         return f"mean face of {model.name} at the fitted pose (Shape_Para and Exp_Para ignored)"
     shape, expression = len(model.identity_basis), len(model.expression_basis)
-    if model.name in LEADING_COMPONENT_MODELS:
+    if model.leading_components:
         return f"first {shape} Shape_Para and first {expression} Exp_Para on the {model.name} bases"
     return f"all {shape} Shape_Para and {expression} Exp_Para on the {model.name} bases"
 

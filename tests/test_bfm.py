@@ -44,6 +44,7 @@ def _written(folder, content, layout):
 
 def test_model_applies_parameters_unscaled_in_micrometres(tmp_path, content):
     model = load_bfm(_written(tmp_path, content, "3ddfa"))
+    assert not model.leading_components  # all 199 and 29 columns: a .mat's parameters must match them exactly
     full = (content["mean_shape"] + content["mean_exp"]).reshape(-1, 3)
     kept = _kept_ids(model, full)
     shape, expression = np.arange(1.0, NUM_SHAPE + 1), np.array([0.5, -1.0, 2.0])
@@ -73,7 +74,8 @@ def test_face_region_cuts_neck_and_ear_keeps_face(tmp_path, content):
 def test_train_configs_layout_reads_the_fake_arrays(tmp_path, content, triangles_in):
     write_train_configs(tmp_path, content, triangles_in)
     raw = read_bfm(tmp_path)
-    assert raw.name == "bfm-3ddfa-sim" and triangles_in in raw.source
+    assert raw.name == "bfm-3ddfa-sim" and triangles_in in raw.source and raw.leading_components
+    assert load_bfm(tmp_path).leading_components  # so a .mat's longer parameter vectors are cut to its columns
     np.testing.assert_array_equal(raw.mean, content["mean_shape"] + content["mean_exp"])
     np.testing.assert_array_equal(raw.shape_basis, content["w"][:, :SIM_SHAPE])
     np.testing.assert_array_equal(raw.expression_basis, content["w_exp"][:, :SIM_EXP])

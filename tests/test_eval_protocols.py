@@ -8,39 +8,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import default_collate
 
 from datamodules.dataset import FaceVolumeDataset
 from experiments import evaluate
 from lightning_vrn.dataset_file import DatasetError, DatasetWriter, open_dataset, unpack_volume
 from lightning_vrn.models import build_model, load_model
+from tests.helpers.training import TINY, save, trained
 
-TINY = {"features": 16, "hourglass_depth": 2, "stacks": 1}
 BUCKETS = ((0, 30), (30, 60), (60, 90))
 LANDMARK_KEYS = ["landmark_nme", *(f"landmark_nme_yaw_{lo}_{hi}" for lo, hi in BUCKETS), "landmark_nme_balanced"]
-
-
-def save(model, path):
-    """A checkpoint ``load_model`` reads: the record, the hyper-parameters and the weights."""
-    torch.save({"lightning_vrn": model.record(), "hyper_parameters": dict(model.hparams),
-                "state_dict": model.state_dict()}, path)
-    return path
-
-
-def trained(name, data_dir, steps=10):
-    """Model ``name`` (tiny net) after ``steps`` RMSprop steps on the 8 training samples: enough for surfaces."""
-    torch.manual_seed(0)
-    model = build_model(name, grid=open_dataset(data_dir / "train.h5").grid, net=TINY, optim={"lr": 1e-3})
-    dataset = FaceVolumeDataset(data_dir / "train.h5", heatmap_sigma=model.heatmap_sigma)
-    batch = default_collate([dataset[i] for i in range(len(dataset))])
-    optimizer = model.configure_optimizers()["optimizer"]
-    for _ in range(steps):
-        loss = model.losses(model(batch), batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
