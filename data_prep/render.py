@@ -16,9 +16,11 @@ the camera): the model -> crop transform is a proper rotation, so the normal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import io
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from lightning_vrn.geometry.mesh_check import check_mesh
@@ -27,6 +29,9 @@ from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.landmark_scheme import GROUPS
 
 TEXTURE_KINDS = ("noise", "gradient", "stripes", "checker")
+CAMERAS = ("basic", "photographic")
+"""What the camera does to an image: ``basic`` a little defocus, sensor noise and gamma; ``photographic`` also
+stronger defocus, white balance, a lower resolution scaled back up and JPEG (:meth:`RenderSettings.sample`)."""
 OCCLUDER_SHAPES = ("ellipse", "rectangle", "hand")
 REFERENCE_SIZE = 192  # crop size (px) at which blur sigmas are given
 
@@ -113,17 +118,24 @@ class RenderSettings:
     sensor_noise: float = 0.0          # std of additive pixel noise, in [0, 1] intensity units
     gamma: float = 1.0                 # output = intensity ** (1 / gamma)
     noise_seed: int = 0
+    white_balance: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) RGB gains, mean 1
+    downscale: float = 1.0             # the image is made at size / downscale px, then scaled back up (bilinear)
+    jpeg_quality: int = 0              # JPEG quality the image went through (0: none)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, occluders: bool = False) -> "RenderSettings":
-        """Random settings; ``occluders=True`` adds one or two occluders."""
+    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic") -> "RenderSettings":
+        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`. The
+        photographic camera's draws come last, so the rest of the settings (and anything drawn before them from
+        ``rng``) are the same under either camera."""
+        if camera not in CAMERAS:
+            raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
         # Light within 75 degrees of the camera axis, uniform on that spherical cap.
         cos_polar = rng.uniform(np.cos(np.radians(75.0)), 1.0)
         azimuth = rng.uniform(0.0, 2.0 * np.pi)
         sin_polar = np.sqrt(1.0 - cos_polar**2)
         direction = np.array([sin_polar * np.cos(azimuth), sin_polar * np.sin(azimuth), -cos_polar])
         hair = rng.uniform()
-        return cls(
+        settings = cls(
             light_direction=direction,
             light_colour=rng.uniform(0.55, 0.95) * rng.uniform(0.88, 1.12, size=3),
             ambient=float(rng.uniform(0.15, 0.45)),
@@ -143,6 +155,12 @@ class RenderSettings:
             gamma=float(rng.uniform(0.85, 1.15)),
             noise_seed=int(rng.integers(2**31)),
         )
+        if camera == "photographic":
+            gains = rng.uniform(0.85, 1.15, size=3)
+            settings = replace(settings, blur_sigma=float(rng.uniform(0.0, 2.0)), white_balance=gains / gains.mean(),
+                               downscale=float(rng.choice([1.0, rng.uniform(1.0, 3.0)])),
+                               jpeg_quality=int(rng.integers(30, 96)))
+        return settings
 
 
 def _sample_skin_tone(rng: np.random.Generator) -> np.ndarray:
@@ -409,5 +427,20 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     if settings.sensor_noise > 0:
         intensity = intensity + settings.sensor_noise * np.random.default_rng(settings.noise_seed).standard_normal(
             intensity.shape)
+    intensity = intensity * np.asarray(settings.white_balance)
     image = np.clip(intensity, 0.0, 1.0) ** (1.0 / settings.gamma)
-    return np.round(image * 255.0).astype(np.uint8), face_mask
+    return photographed(np.round(image * 255.0).astype(np.uint8), settings), face_mask
+
+
+def photographed(image: np.ndarray, settings: RenderSettings) -> np.ndarray:
+    """``(S, S, 3)`` uint8 through the camera's lower resolution (scaled down by ``downscale``, back up) and JPEG."""
+    size = image.shape[0]
+    if settings.downscale > 1.0:
+        small = max(1, round(size / settings.downscale))
+        picture = Image.fromarray(image).resize((small, small), Image.Resampling.BILINEAR, reducing_gap=None)
+        image = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR))
+    if settings.jpeg_quality:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=settings.jpeg_quality)
+        image = np.asarray(Image.open(buffer).convert("RGB"))
+    return image

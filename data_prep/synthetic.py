@@ -38,7 +38,7 @@ import numpy as np
 
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import FaceModel, expression_label, load_face_model
-from data_prep.render import RenderSettings, render, vertex_albedo
+from data_prep.render import CAMERAS, RenderSettings, render, vertex_albedo
 from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
@@ -56,7 +56,7 @@ PITCH_ROLL_STD_DEG = (10.0, 8.0)
 SCALE_JITTER = (0.9, 1.1)
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
-FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "split")
+FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -104,7 +104,7 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
 
 
 def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, with_frontal: bool = False,
-                occluder_prob: float = 0.0) -> dict[str, np.ndarray]:
+                occluder_prob: float = 0.0, camera: str = "basic") -> dict[str, np.ndarray]:
     """One random sample as :meth:`DatasetWriter.write` takes it.
 
     Keys: ``image`` (S, S, 3) uint8, ``volume`` (D, H, W) bool (and ``volume_frontal`` when
@@ -121,7 +121,7 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
     with_occluders = rng.random() < occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders)
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera)
     albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices)
     image, _ = render(vertices, model.triangles, albedo, grid.crop_size, settings)
     return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
@@ -152,20 +152,21 @@ def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
 # --- generation ------------------------------------------------------------------------------------
 
 def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
-           occluder_prob: float) -> dict:
+           occluder_prob: float, camera: str) -> dict:
     """State of a sample-making process (:func:`data_prep.writing.write_pending`): the face model is loaded once."""
     return dict(model=load_face_model(model_spec), grid=grid, seed=seed, split=split, with_frontal=with_frontal,
-                occluder_prob=occluder_prob)
+                occluder_prob=occluder_prob, camera=camera)
 
 
 def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
     """Sample ``index`` and its flag ``leaves_grid`` (:func:`leaves_grid`)."""
     sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], index),
-                         state["with_frontal"], state["occluder_prob"])
+                         state["with_frontal"], state["occluder_prob"], state["camera"])
     return sample, {"leaves_grid": leaves_grid(sample["vertices"], state["grid"])}
 
 
-def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float) -> dict:
+def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float,
+                camera: str = "basic") -> dict:
     return {
         "face_model": model.name,
         "face_model_spec": model_spec,
@@ -178,12 +179,14 @@ def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occlud
         "landmark_box_fraction": LANDMARK_BOX_FRACTION,
         "scale_jitter": np.asarray(SCALE_JITTER),
         "translation_jitter_fraction": TRANSLATION_JITTER_FRACTION,
+        # Only a non-default camera is recorded, so a basic file stays byte-identical to one made before the option.
+        **({} if camera == "basic" else {"camera": camera}),
     }
 
 
 def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int, seed: int, split: str,
-                   workers: int = 1, with_frontal: bool = False, occluder_prob: float = 0.0, progress: bool = True,
-                   restart: bool = False) -> Path:
+                   workers: int = 1, with_frontal: bool = False, occluder_prob: float = 0.0, camera: str = "basic",
+                   progress: bool = True, restart: bool = False) -> Path:
     """Write ``num_samples`` synthetic samples of ``split`` to ``out_path`` (HDF5); returns the path.
 
     Resumes an unfinished ``<out_path>.partial`` written with the same arguments; ``restart``
@@ -194,7 +197,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     """
     out_path = Path(out_path)
     model = load_face_model(model_spec)
-    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob)
+    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob, camera)
     if not restart and _finished_split(out_path, grid, num_samples, attrs, with_frontal):
         if progress:
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
@@ -203,7 +206,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
                        model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart,
                        flags=("leaves_grid",), expression_names=model.expression_label_names,
                        num_expression_coefficients=len(model.expression_basis)) as writer:
-        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob), _make,
+        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob, camera), _make,
                       workers, desc=split, progress=progress)
         writer.finish()
     clipped = int(open_dataset(out_path).attrs["num_leaves_grid"])  # every sample of the file, resumed or not
@@ -241,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
     parser.add_argument("--occluders", type=unit_interval_argument("probability", include_one=True), default=0.0,
                         metavar="P", help="probability that a sample gets occluders (default 0)")
+    parser.add_argument("--camera", choices=CAMERAS, default="basic",
+                        help="basic: light defocus, noise, gamma; photographic: also white balance, stronger "
+                             "defocus, lower resolution and JPEG (default basic; benchmarks/results_synthetic_to_real.md)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 
@@ -258,11 +264,11 @@ def main(argv=None) -> int:
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
-                        _file_attrs(model, args.face_model, args.seed, name, args.occluders), args.frontal)
+                        _file_attrs(model, args.face_model, args.seed, name, args.occluders, args.camera), args.frontal)
     for name, count in args.split:
         path = generate_split(args.out / f"{name}.h5", args.face_model, args.grid, count, args.seed, name,
                               workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,
-                              restart=args.restart)
+                              camera=args.camera, restart=args.restart)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

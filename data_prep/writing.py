@@ -157,7 +157,7 @@ def check_finished(path: Path, grid: VoxelGrid, num_samples: int | None, attrs: 
     if need_expression and not dataset.has_expression:
         differences.append("no expression labels (made by older code)")
     for key in keys:
-        stored, wanted = dataset.attrs.get(key), attrs[key]
+        stored, wanted = dataset.attrs.get(key), attrs.get(key)  # absent from both: the same
         if not np.array_equal(np.asarray(stored), np.asarray(wanted)):  # scalars, strings and arrays alike
             differences.append(f"{key} {stored!r} vs {wanted!r}")
     if differences:

@@ -12,6 +12,7 @@ from data_prep.render import (
     OccluderSettings,
     RenderSettings,
     TextureSettings,
+    photographed,
     render,
     texture_image,
     vertex_albedo,
@@ -240,3 +241,20 @@ def test_vertex_albedo_paints_lips_mouth_eyes_and_brows():
     no_lips[48] = -1
     np.testing.assert_allclose(albedo_at(vertices, vertex_albedo(vertices, settings, no_lips), 0.0, -42.0),
                                settings.skin_tone, atol=1e-9)
+
+
+def test_the_photographic_camera_draws_last_and_what_it_does_to_an_image():
+    basic = RenderSettings.sample(np.random.default_rng(21))
+    photographic = RenderSettings.sample(np.random.default_rng(21), camera="photographic")
+    for name in ("light_direction", "skin_tone", "noise_seed", "gamma"):
+        np.testing.assert_array_equal(getattr(basic, name), getattr(photographic, name))
+    assert photographic.white_balance.mean() == pytest.approx(1.0) and 30 <= photographic.jpeg_quality <= 95
+    with pytest.raises(ValueError, match="camera must be one of"):
+        RenderSettings.sample(np.random.default_rng(0), camera="film")
+    # Scaled down 4x and back up, a one-pixel checkerboard averages to grey; JPEG at quality 30 moves pixels.
+    checker = np.zeros((32, 32, 3), np.uint8)
+    checker[::2, ::2] = checker[1::2, 1::2] = 255
+    smoothed = photographed(checker, replace(basic, downscale=4.0))
+    assert np.abs(smoothed.astype(float) - 127.5).max() < 20
+    assert np.array_equal(photographed(checker, basic), checker)  # the basic camera leaves it as it is
+    assert np.abs(photographed(checker, replace(basic, jpeg_quality=30)).astype(float) - checker).mean() > 3

@@ -108,6 +108,23 @@ def test_occluders_change_only_the_image(model):
     assert occluded["volume_frontal"].shape == GRID.shape and occluded["volume_frontal"].any()
 
 
+def test_the_photographic_camera_changes_only_the_image(model):
+    basic = make_sample(model, GRID, sample_rng(5, "val", 1))
+    photographic = make_sample(model, GRID, sample_rng(5, "val", 1), camera="photographic")
+    for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
+        np.testing.assert_array_equal(basic[key], photographic[key])
+    assert np.abs(basic["image"].astype(int) - photographic["image"]).mean() > 2
+
+
+def test_the_camera_is_recorded_only_when_photographic_and_a_rerun_with_another_is_refused(tmp_path, reference):
+    assert "camera" not in open_dataset(reference).attrs  # basic files stay as they were before the option
+    path = generate(tmp_path / "train.h5", camera="photographic", workers=2)
+    assert open_dataset(path).attrs["camera"] == "photographic"
+    assert generate(tmp_path / "again.h5", camera="photographic").read_bytes() == path.read_bytes()
+    with pytest.raises(FileExistsError, match="camera 'photographic' vs None"):
+        generate(path)
+
+
 def test_landmarks_are_the_projected_landmark_vertices(samples, model):
     for sample in samples:
         np.testing.assert_array_equal(sample["landmarks_3d"], sample["vertices"][model.landmark_vertices])
