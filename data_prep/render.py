@@ -98,6 +98,31 @@ class OccluderSettings:
 
 
 @dataclass(eq=False)
+class HeadSettings:
+    """A head drawn behind the face (image only: the volume stays the face's): a hair-covered skull and a neck.
+
+    Placed from the face's 2D box and the direction it faces in the image (the mean of its visible normals):
+    the skull, an ellipse ``width`` face-box widths across and ``height`` face-box heights tall, has its centre
+    ``raise_`` face-box heights above the face box's centre and ``back`` face-box widths behind it (away from
+    where the face looks); the neck, a ``neck_width`` face-box widths wide band of skin, runs from the face
+    box's centre to the bottom of the crop.
+    """
+
+    hair: TextureSettings
+    width: float
+    height: float
+    raise_: float
+    back: float
+    neck_width: float
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, hair_colour: np.ndarray) -> "HeadSettings":
+        return cls(hair=TextureSettings.sample(rng, base_colour=hair_colour), width=float(rng.uniform(1.1, 1.5)),
+                   height=float(rng.uniform(1.05, 1.35)), raise_=float(rng.uniform(0.1, 0.3)),
+                   back=float(rng.uniform(0.15, 0.35)), neck_width=float(rng.uniform(0.45, 0.7)))
+
+
+@dataclass(eq=False)
 class RenderSettings:
     """All randomness of one rendered image (lighting, albedo, background, occluders, camera)."""
 
@@ -121,12 +146,15 @@ class RenderSettings:
     white_balance: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) RGB gains, mean 1
     downscale: float = 1.0             # the image is made at size / downscale px, then scaled back up (bilinear)
     jpeg_quality: int = 0              # JPEG quality the image went through (0: none)
+    head: HeadSettings | None = None   # a head behind the face (None: the face alone)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic") -> "RenderSettings":
-        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`. The
-        photographic camera's draws come last, so the rest of the settings (and anything drawn before them from
-        ``rng``) are the same under either camera."""
+    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic",
+               head: bool = False) -> "RenderSettings":
+        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`;
+        ``head=True`` a head behind the face (:class:`HeadSettings`, hair the colour of the brows). The
+        photographic camera's and the head's draws come last, so the rest of the settings (and anything drawn
+        before them from ``rng``) are the same either way."""
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
         # Light within 75 degrees of the camera axis, uniform on that spherical cap.
@@ -160,6 +188,8 @@ class RenderSettings:
             settings = replace(settings, blur_sigma=float(rng.uniform(0.0, 2.0)), white_balance=gains / gains.mean(),
                                downscale=float(rng.choice([1.0, rng.uniform(1.0, 3.0)])),
                                jpeg_quality=int(rng.integers(30, 96)))
+        if head:
+            settings = replace(settings, head=HeadSettings.sample(rng, settings.brow_colour))
         return settings
 
 
@@ -342,6 +372,28 @@ def texture_image(texture: TextureSettings, size: int) -> np.ndarray:
     return np.clip(colour * shading * grain, 0.0, 1.0)
 
 
+# ----------------------------------------------------------------------------- head
+
+
+def _draw_head(intensity: np.ndarray, settings: RenderSettings, covered: np.ndarray, normals: np.ndarray) -> None:
+    """Paint ``settings.head`` (:class:`HeadSettings`) into the ``(S, S, 3)`` image, where the face will go over it;
+    ``covered`` (S, S) the face's pixels, ``normals`` (P, 3) their unit normals."""
+    head, size = settings.head, intensity.shape[0]
+    rows, cols = np.nonzero(covered)
+    centre = np.array([cols.min() + cols.max(), rows.min() + rows.max()]) / 2.0
+    extent = np.array([cols.max() - cols.min(), rows.max() - rows.min()], dtype=np.float64) + 1.0
+    facing = -normals[:, :2].mean(axis=0)  # normals point to the camera (-z); their x, y lean where the face looks
+    facing = facing / max(np.linalg.norm(facing), 1e-6) * min(np.linalg.norm(facing) * 3.0, 1.0)
+    skull = centre - np.array([head.back * extent[0] * facing[0], head.raise_ * extent[1]])
+    y, x = np.mgrid[0:size, 0:size]
+    neck = (np.abs(x - centre[0] - 0.2 * extent[0] * facing[0]) <= head.neck_width * extent[0] / 2) & (y >= centre[1])
+    skin = settings.skin_tone * (settings.ambient + 0.5 * np.asarray(settings.light_colour))
+    intensity[neck] = skin * (0.8 + 0.2 * (1 - (y[neck] - centre[1]) / size))[:, None]
+    inside = ((x - skull[0]) / (head.width * extent[0] / 2)) ** 2 + ((y - skull[1]) / (head.height * extent[1] / 2)) ** 2
+    hair = inside <= 1.0
+    intensity[hair] = texture_image(head.hair, size)[hair] * (settings.ambient + 0.6 * np.asarray(settings.light_colour))
+
+
 # ----------------------------------------------------------------------------- occluders
 
 
@@ -410,6 +462,8 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     light = light / np.linalg.norm(light)
     lambert = np.maximum(pixel_normal @ light, 0.0)[:, None]
     intensity = texture_image(settings.background, size)
+    if settings.head is not None and covered.any():
+        _draw_head(intensity, settings, covered, pixel_normal)
     intensity[covered] = pixel_albedo * (settings.ambient + np.asarray(settings.light_colour) * lambert)
 
     face_mask = covered.copy()

@@ -56,7 +56,7 @@ PITCH_ROLL_STD_DEG = (10.0, 8.0)
 SCALE_JITTER = (0.9, 1.1)
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
-FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "split")
+FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -104,7 +104,7 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
 
 
 def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, with_frontal: bool = False,
-                occluder_prob: float = 0.0, camera: str = "basic") -> dict[str, np.ndarray]:
+                occluder_prob: float = 0.0, camera: str = "basic", heads: bool = False) -> dict[str, np.ndarray]:
     """One random sample as :meth:`DatasetWriter.write` takes it.
 
     Keys: ``image`` (S, S, 3) uint8, ``volume`` (D, H, W) bool (and ``volume_frontal`` when
@@ -121,7 +121,7 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
     with_occluders = rng.random() < occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera)
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera, head=heads)
     albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices)
     image, _ = render(vertices, model.triangles, albedo, grid.crop_size, settings)
     return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
@@ -152,21 +152,21 @@ def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
 # --- generation ------------------------------------------------------------------------------------
 
 def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
-           occluder_prob: float, camera: str) -> dict:
+           occluder_prob: float, camera: str, heads: bool) -> dict:
     """State of a sample-making process (:func:`data_prep.writing.write_pending`): the face model is loaded once."""
     return dict(model=load_face_model(model_spec), grid=grid, seed=seed, split=split, with_frontal=with_frontal,
-                occluder_prob=occluder_prob, camera=camera)
+                occluder_prob=occluder_prob, camera=camera, heads=heads)
 
 
 def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
     """Sample ``index`` and its flag ``leaves_grid`` (:func:`leaves_grid`)."""
     sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], index),
-                         state["with_frontal"], state["occluder_prob"], state["camera"])
+                         state["with_frontal"], state["occluder_prob"], state["camera"], state["heads"])
     return sample, {"leaves_grid": leaves_grid(sample["vertices"], state["grid"])}
 
 
 def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float,
-                camera: str = "basic") -> dict:
+                camera: str = "basic", heads: bool = False) -> dict:
     return {
         "face_model": model.name,
         "face_model_spec": model_spec,
@@ -179,14 +179,15 @@ def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occlud
         "landmark_box_fraction": LANDMARK_BOX_FRACTION,
         "scale_jitter": np.asarray(SCALE_JITTER),
         "translation_jitter_fraction": TRANSLATION_JITTER_FRACTION,
-        # Only a non-default camera is recorded, so a basic file stays byte-identical to one made before the option.
+        # Only non-default options are recorded, so a default file stays byte-identical to one made before them.
         **({} if camera == "basic" else {"camera": camera}),
+        **({"heads": True} if heads else {}),
     }
 
 
 def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int, seed: int, split: str,
                    workers: int = 1, with_frontal: bool = False, occluder_prob: float = 0.0, camera: str = "basic",
-                   progress: bool = True, restart: bool = False) -> Path:
+                   heads: bool = False, progress: bool = True, restart: bool = False) -> Path:
     """Write ``num_samples`` synthetic samples of ``split`` to ``out_path`` (HDF5); returns the path.
 
     Resumes an unfinished ``<out_path>.partial`` written with the same arguments; ``restart``
@@ -197,7 +198,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     """
     out_path = Path(out_path)
     model = load_face_model(model_spec)
-    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob, camera)
+    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob, camera, heads)
     if not restart and _finished_split(out_path, grid, num_samples, attrs, with_frontal):
         if progress:
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
@@ -206,7 +207,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
                        model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart,
                        flags=("leaves_grid",), expression_names=model.expression_label_names,
                        num_expression_coefficients=len(model.expression_basis)) as writer:
-        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob, camera), _make,
+        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob, camera, heads), _make,
                       workers, desc=split, progress=progress)
         writer.finish()
     clipped = int(open_dataset(out_path).attrs["num_leaves_grid"])  # every sample of the file, resumed or not
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera", choices=CAMERAS, default="basic",
                         help="basic: light defocus, noise, gamma; photographic: also white balance, stronger "
                              "defocus, lower resolution and JPEG (default basic; benchmarks/results_synthetic_to_real.md)")
+    parser.add_argument("--heads", action="store_true",
+                        help="draw a hair-covered head and a neck behind each face (image only; the volume stays the "
+                             "face's; benchmarks/results_synthetic_to_real.md)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 
@@ -264,11 +268,12 @@ def main(argv=None) -> int:
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
-                        _file_attrs(model, args.face_model, args.seed, name, args.occluders, args.camera), args.frontal)
+                        _file_attrs(model, args.face_model, args.seed, name, args.occluders, args.camera, args.heads),
+                        args.frontal)
     for name, count in args.split:
         path = generate_split(args.out / f"{name}.h5", args.face_model, args.grid, count, args.seed, name,
                               workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,
-                              camera=args.camera, restart=args.restart)
+                              camera=args.camera, heads=args.heads, restart=args.restart)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

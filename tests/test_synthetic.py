@@ -116,6 +116,15 @@ def test_the_photographic_camera_changes_only_the_image(model):
     assert np.abs(basic["image"].astype(int) - photographic["image"]).mean() > 2
 
 
+def test_heads_change_only_the_image_and_are_recorded(model, tmp_path):
+    plain = make_sample(model, GRID, sample_rng(5, "val", 2))
+    headed = make_sample(model, GRID, sample_rng(5, "val", 2), heads=True)
+    for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
+        np.testing.assert_array_equal(plain[key], headed[key])
+    assert np.abs(plain["image"].astype(int) - headed["image"]).mean() > 2
+    assert open_dataset(generate(tmp_path / "heads.h5", heads=True)).attrs["heads"]
+
+
 def test_the_camera_is_recorded_only_when_photographic_and_a_rerun_with_another_is_refused(tmp_path, reference):
     assert "camera" not in open_dataset(reference).attrs  # basic files stay as they were before the option
     path = generate(tmp_path / "train.h5", camera="photographic", workers=2)
