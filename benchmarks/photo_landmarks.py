@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks.face_detectors import read_truth
 from lightning_vrn.atomic import write_text
 from lightning_vrn.faces import FaceDetector
 from lightning_vrn.faces.reconstruction import CONFIDENT_PEAK, detector_box_crop, hourglass_landmarks, image_batch
@@ -38,12 +38,6 @@ from lightning_vrn.geometry.crop import CropTransform, landmark_crop, resample_c
 from lightning_vrn.heatmaps import decode_heatmaps
 from lightning_vrn.metrics.landmark_nme import LandmarkNME
 from lightning_vrn.models import load_model
-
-
-def true_landmarks_and_yaw(mat_path: Path) -> tuple[np.ndarray, float]:
-    """``(68, 2)`` true landmarks (0-based photo pixels) and yaw (radians) of an AFLW2000-3D ``.mat``."""
-    mat = scipy.io.loadmat(mat_path)
-    return mat["pt3d_68"][:2].T - 1.0, float(mat["Pose_Para"][0, 1])
 
 
 def nearest_face(faces, truth: np.ndarray):
@@ -96,7 +90,8 @@ def main() -> None:
     seconds = 0.0
     for photo in tqdm(photos, desc="photos", unit="photo"):
         image = np.asarray(Image.open(photo).convert("RGB"))
-        truth, yaw = true_landmarks_and_yaw(photo.with_suffix(".mat"))
+        truth, abs_yaw_deg = read_truth(photo.with_suffix(".mat"))
+        yaw = np.radians(abs_yaw_deg)  # the buckets take |yaw|
         crop = landmark_crop(truth, size)
         heatmaps = model.eval()({"image": image_batch([resample_crop(image, crop, size)])})["heatmaps"]
         true_crop_rows.append((crop.invert(decode_heatmaps(heatmaps)[0].numpy()), truth, yaw))

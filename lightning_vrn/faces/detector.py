@@ -6,7 +6,7 @@ five points (eye centres, nose tip, mouth corners). Each stage refines its boxes
 makes them square and drops overlapping ones (non-maximum suppression).
 
 Why this detector (docs/reconstruct.md has the measurements): its weights ship inside the
-``facenet-pytorch==2.5.3`` wheel (MIT, 2.8 MB), so nothing downloads at run time, and it needs only torch.
+``facenet-pytorch==2.5.3`` wheel (MIT; 2.0 MB of weight files), so nothing downloads at run time, and it needs only torch.
 The package itself cannot be imported beside the suite's CPU torch build: it imports torchvision, whose
 PyPI wheels link the CUDA torch libraries. So the Makefile installs it with ``--no-deps`` and this module
 reads its three weight files and runs the cascade itself (the networks' layer names are the files' keys).
