@@ -1,4 +1,4 @@
-"""One interface for linear 3D morphable face models (built-in procedural model or the Surrey Face Model).
+"""One interface for linear 3D morphable face models (the built-in procedural model, the Surrey, Basel or ICT model).
 
 Model frame (millimetres): x = image right when the face is frontal (the subject's left), y up,
 z toward the camera, roughly centred at the origin. A face is
@@ -40,6 +40,41 @@ def expression_label(expression: np.ndarray) -> int:
     return 0 if not len(magnitude) or magnitude.max() < NEUTRAL_THRESHOLD else 1 + int(magnitude.argmax())
 
 
+HEAD_PARTS = ("skin", "mouth", "teeth", "gums", "eye", "lashes")
+"""What each vertex of a :class:`ModelHead` is, for its colour (:func:`data_prep.synthetic.head_part_albedo`)."""
+
+
+@dataclass
+class ModelHead:
+    """Geometry a face model renders around its face but leaves out of the volume (the ICT model's head and neck,
+    mouth, teeth, eyeballs, eyelashes).
+
+    ``mean`` (R, 3) float32 mm; ``identity_basis`` (K_id, R, 3) and ``expression_basis`` (K_exp, R, 3) float32,
+    moved by the face's own coefficients; ``triangles`` (T, 3) int64 ids into the face's V vertices followed by
+    these R; ``part`` (R,) uint8, an index into :data:`HEAD_PARTS`.
+    """
+
+    mean: np.ndarray
+    identity_basis: np.ndarray
+    expression_basis: np.ndarray
+    triangles: np.ndarray
+    part: np.ndarray
+
+
+def _linear_shape(mean: np.ndarray, bases: tuple[np.ndarray, np.ndarray], coefficients: tuple, model: str) -> np.ndarray:
+    """``mean`` (N, 3) plus each basis (K, N, 3) weighted by its ``(K,)`` coefficients (None: left out), float32."""
+    vertices = mean.astype(np.float32, copy=True)
+    for name, values, basis in zip(("identity", "expression"), coefficients, bases):
+        if values is None:
+            continue
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (len(basis),):
+            raise ValueError(f"face model {model!r}: {name} coefficients must have shape ({len(basis)},), "
+                             f"got {values.shape}")
+        vertices += np.tensordot(values, basis, axes=1)
+    return vertices
+
+
 @dataclass
 class FaceModel:
     """A linear face model with a fixed mesh topology.
@@ -51,7 +86,8 @@ class FaceModel:
     int64 vertex ids of the iBUG-68 landmarks (0-based iBUG order); ``face_region`` (F,) int64
     vertex ids used for NME; ``leading_components``: the bases are the leading columns of a larger model's
     (3DDFA's train.configs: the first 40 shape and 10 expression columns of the BFM's 199 and 29), so a longer
-    parameter vector applies cut to its first values (:func:`data_prep.mat_faces.parameters_for_model`).
+    parameter vector applies cut to its first values (:func:`data_prep.mat_faces.parameters_for_model`);
+    ``head``: geometry rendered around the face but not voxelised (:class:`ModelHead`; None: the face alone).
     """
 
     name: str
@@ -63,6 +99,7 @@ class FaceModel:
     landmark_vertices: np.ndarray
     face_region: np.ndarray
     leading_components: bool = False
+    head: ModelHead | None = None
 
     @property
     def expression_label_names(self) -> tuple[str, ...]:
@@ -79,17 +116,14 @@ class FaceModel:
 
         ``None`` (or zeros) for either gives the mean identity / the neutral expression.
         """
-        vertices = self.mean.astype(np.float32, copy=True)
-        for name, coefficients, basis in (("identity", identity, self.identity_basis),
-                                          ("expression", expression, self.expression_basis)):
-            if coefficients is None:
-                continue
-            coefficients = np.asarray(coefficients, dtype=np.float32)
-            if coefficients.shape != (len(basis),):
-                raise ValueError(f"face model {self.name!r}: {name} coefficients must have shape "
-                                 f"({len(basis)},), got {coefficients.shape}")
-            vertices += np.tensordot(coefficients, basis, axes=1)
-        return vertices
+        return _linear_shape(self.mean, (self.identity_basis, self.expression_basis), (identity, expression), self.name)
+
+    def head_shape(self, identity=None, expression=None) -> np.ndarray:
+        """(R, 3) float32 vertices of :attr:`head` (mm) for the same coefficients as :meth:`shape`."""
+        if self.head is None:
+            raise ValueError(f"face model {self.name!r} has no head geometry of its own")
+        return _linear_shape(self.head.mean, (self.head.identity_basis, self.head.expression_basis),
+                             (identity, expression), self.name)
 
     def sample_coefficients(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Random ``(K_id,)`` identity ~ N(0, 1) clipped to +-3 and a sparse ``(K_exp,)`` expression mix.
@@ -132,12 +166,23 @@ class FaceModel:
         for label, ids in (("triangles", self.triangles), ("landmark_vertices", self.landmark_vertices),
                            ("face_region", self.face_region)):
             as_vertex_ids(ids, num_vertices, f"face model {self.name!r}: {label}", unique=label in UNIQUE_ID_FIELDS)
+        if self.head is not None:
+            head, num_head = self.head, len(self.head.mean)
+            for label, basis, count in (("identity", head.identity_basis, len(self.identity_basis)),
+                                        ("expression", head.expression_basis, len(self.expression_basis))):
+                if basis.shape != (count, num_head, 3):
+                    fail(f"head {label} basis must have shape ({count}, {num_head}, 3), got {basis.shape}")
+            if head.part.shape != (num_head,) or head.part.max(initial=0) >= len(HEAD_PARTS):
+                fail(f"head part labels must be (R,) = ({num_head},) ids below {len(HEAD_PARTS)}")
+            as_vertex_ids(head.triangles, num_vertices + num_head, f"face model {self.name!r}: head triangles",
+                          unique=False)
         return self
 
 
 def load_face_model(spec: str) -> FaceModel:
-    """Load a face model by spec: ``"builtin"``, ``"sfm:/path/to/dir"`` (Surrey Face Model files) or
-    ``"bfm:/path"`` (a Basel Face Model file or folder, :mod:`data_prep.bfm`; micrometres, not mm).
+    """Load a face model by spec: ``"builtin"``, ``"sfm:/path/to/dir"`` (Surrey Face Model files),
+    ``"bfm:/path"`` (a Basel Face Model file or folder, :mod:`data_prep.bfm`; micrometres, not mm) or
+    ``"ict:/path/to/ict_face_model.npz"`` (the ICT Face Model with its head, :mod:`data_prep.ict`).
 
     Raises ValueError for an unknown spec and FileNotFoundError for a missing directory or file.
     """
@@ -152,6 +197,13 @@ def load_face_model(spec: str) -> FaceModel:
         if not directory:
             raise ValueError("face model spec 'sfm:' needs a directory, e.g. 'sfm:/path/to/sfm'")
         return load_sfm(Path(directory).expanduser())
+    if spec.startswith("ict:"):
+        from data_prep.ict import load_ict
+
+        location = spec[len("ict:"):]
+        if not location:
+            raise ValueError("face model spec 'ict:' needs the ICT Face Model file, e.g. 'ict:/path/to/ict_face_model.npz'")
+        return load_ict(location)
     if spec.startswith("bfm:"):
         from data_prep.bfm import load_bfm
 
@@ -159,5 +211,5 @@ def load_face_model(spec: str) -> FaceModel:
         if not location:
             raise ValueError("face model spec 'bfm:' needs a file or folder, e.g. 'bfm:/path/to/Model_Shape.mat'")
         return load_bfm(location)
-    raise ValueError(f"unknown face model spec {spec!r}: use 'builtin', 'sfm:/path/to/sfm_dir' or "
-                     f"'bfm:/path/to/bfm_file_or_dir'")
+    raise ValueError(f"unknown face model spec {spec!r}: use 'builtin', 'sfm:/path/to/sfm_dir', "
+                     f"'bfm:/path/to/bfm_file_or_dir' or 'ict:/path/to/ict_face_model.npz'")

@@ -39,6 +39,7 @@ REFERENCE_SIZE = 192  # crop size (px) at which blur sigmas are given
 LIGHT_SKIN = np.array([0.95, 0.80, 0.70])
 DARK_SKIN = np.array([0.36, 0.23, 0.16])
 SCLERA = np.array([0.85, 0.80, 0.76])
+TEETH = np.array([0.85, 0.82, 0.72])
 
 
 @dataclass(eq=False)
@@ -98,31 +99,6 @@ class OccluderSettings:
 
 
 @dataclass(eq=False)
-class HeadSettings:
-    """A head drawn behind the face (image only: the volume stays the face's): a hair-covered skull and a neck.
-
-    Placed from the face's 2D box and the direction it faces in the image (the mean of its visible normals):
-    the skull, an ellipse ``width`` face-box widths across and ``height`` face-box heights tall, has its centre
-    ``raise_`` face-box heights above the face box's centre and ``back`` face-box widths behind it (away from
-    where the face looks); the neck, a ``neck_width`` face-box widths wide band of skin, runs from the face
-    box's centre to the bottom of the crop.
-    """
-
-    hair: TextureSettings
-    width: float
-    height: float
-    raise_: float
-    back: float
-    neck_width: float
-
-    @classmethod
-    def sample(cls, rng: np.random.Generator, hair_colour: np.ndarray) -> "HeadSettings":
-        return cls(hair=TextureSettings.sample(rng, base_colour=hair_colour), width=float(rng.uniform(1.1, 1.5)),
-                   height=float(rng.uniform(1.05, 1.35)), raise_=float(rng.uniform(0.1, 0.3)),
-                   back=float(rng.uniform(0.15, 0.35)), neck_width=float(rng.uniform(0.45, 0.7)))
-
-
-@dataclass(eq=False)
 class RenderSettings:
     """All randomness of one rendered image (lighting, albedo, background, occluders, camera)."""
 
@@ -146,15 +122,12 @@ class RenderSettings:
     white_balance: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) RGB gains, mean 1
     downscale: float = 1.0             # the image is made at size / downscale px, then scaled back up (bilinear)
     jpeg_quality: int = 0              # JPEG quality the image went through (0: none)
-    head: HeadSettings | None = None   # a head behind the face (None: the face alone)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic",
-               head: bool = False) -> "RenderSettings":
-        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`;
-        ``head=True`` a head behind the face (:class:`HeadSettings`, hair the colour of the brows). The
-        photographic camera's and the head's draws come last, so the rest of the settings (and anything drawn
-        before them from ``rng``) are the same either way."""
+    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic") -> "RenderSettings":
+        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`. The
+        photographic camera's draws come last, so the rest of the settings (and anything drawn before them from
+        ``rng``) are the same either way."""
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
         # Light within 75 degrees of the camera axis, uniform on that spherical cap.
@@ -188,8 +161,6 @@ class RenderSettings:
             settings = replace(settings, blur_sigma=float(rng.uniform(0.0, 2.0)), white_balance=gains / gains.mean(),
                                downscale=float(rng.choice([1.0, rng.uniform(1.0, 3.0)])),
                                jpeg_quality=int(rng.integers(30, 96)))
-        if head:
-            settings = replace(settings, head=HeadSettings.sample(rng, settings.brow_colour))
         return settings
 
 
@@ -204,14 +175,14 @@ def _sample_skin_tone(rng: np.random.Generator) -> np.ndarray:
 
 
 def vertex_albedo(vertices_model_mm: np.ndarray, settings: RenderSettings,
-                  landmark_vertices: np.ndarray | None = None) -> np.ndarray:
+                  landmark_vertices: np.ndarray | None = None, paint_eyes: bool = True) -> np.ndarray:
     """``(V, 3)`` per-vertex albedo in [0, 1] for a model-frame mesh ``(V, 3)`` in mm.
 
     Skin tone times a smooth random variation (sinusoids of 40-150 mm wavelength) plus
     per-vertex noise. With ``landmark_vertices`` ((68,) iBUG-68 vertex ids; -1 = missing, which
     skips that feature), lips are tinted, the mouth opening darkened, eyes get sclera and iris,
-    and brows are painted with ``settings.brow_colour``. Features are located in the frontal
-    model x-y plane (y up), so call this on the unposed mesh.
+    and brows are painted with ``settings.brow_colour``; ``paint_eyes=False`` leaves the eyes to a model's
+    own eyeballs. Features are located in the frontal model x-y plane (y up), so call this on the unposed mesh.
     """
     vertices = np.asarray(vertices_model_mm, dtype=np.float64)
     if vertices.ndim != 2 or vertices.shape[1] != 3 or not np.isfinite(vertices).all():
@@ -231,12 +202,13 @@ def vertex_albedo(vertices_model_mm: np.ndarray, settings: RenderSettings,
     albedo = albedo + settings.albedo_noise * rng.standard_normal(vertices.shape)
 
     if landmark_vertices is not None:
-        albedo = _paint_features(vertices, albedo, np.asarray(landmark_vertices, dtype=np.int64), settings, rng)
+        albedo = _paint_features(vertices, albedo, np.asarray(landmark_vertices, dtype=np.int64), settings, rng,
+                                 paint_eyes)
     return np.clip(albedo, 0.0, 1.0)
 
 
 def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices: np.ndarray,
-                    settings: RenderSettings, rng: np.random.Generator) -> np.ndarray:
+                    settings: RenderSettings, rng: np.random.Generator, paint_eyes: bool = True) -> np.ndarray:
     """Blend lips, mouth opening, eyes and brows into ``(V, 3)`` albedo using the landmark vertex ids."""
     if landmark_vertices.shape != (68,) or landmark_vertices.max() >= len(vertices):
         raise ValueError(f"landmark_vertices must be (68,) vertex ids below {len(vertices)}, "
@@ -261,7 +233,7 @@ def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices:
         albedo = _blend(albedo, albedo / np.maximum(settings.skin_tone, 1e-3) * lip_colour, lips * (1 - mouth))
         albedo = _blend(albedo, 0.25 * lip_colour, mouth)
 
-    for group in ("right_eye", "left_eye"):
+    for group in ("right_eye", "left_eye") if paint_eyes else ():
         eye = feature(GROUPS[group])
         if eye is None:
             continue
@@ -372,28 +344,6 @@ def texture_image(texture: TextureSettings, size: int) -> np.ndarray:
     return np.clip(colour * shading * grain, 0.0, 1.0)
 
 
-# ----------------------------------------------------------------------------- head
-
-
-def _draw_head(intensity: np.ndarray, settings: RenderSettings, covered: np.ndarray, normals: np.ndarray) -> None:
-    """Paint ``settings.head`` (:class:`HeadSettings`) into the ``(S, S, 3)`` image, where the face will go over it;
-    ``covered`` (S, S) the face's pixels, ``normals`` (P, 3) their unit normals."""
-    head, size = settings.head, intensity.shape[0]
-    rows, cols = np.nonzero(covered)
-    centre = np.array([cols.min() + cols.max(), rows.min() + rows.max()]) / 2.0
-    extent = np.array([cols.max() - cols.min(), rows.max() - rows.min()], dtype=np.float64) + 1.0
-    facing = -normals[:, :2].mean(axis=0)  # normals point to the camera (-z); their x, y lean where the face looks
-    facing = facing / max(np.linalg.norm(facing), 1e-6) * min(np.linalg.norm(facing) * 3.0, 1.0)
-    skull = centre - np.array([head.back * extent[0] * facing[0], head.raise_ * extent[1]])
-    y, x = np.mgrid[0:size, 0:size]
-    neck = (np.abs(x - centre[0] - 0.2 * extent[0] * facing[0]) <= head.neck_width * extent[0] / 2) & (y >= centre[1])
-    skin = settings.skin_tone * (settings.ambient + 0.5 * np.asarray(settings.light_colour))
-    intensity[neck] = skin * (0.8 + 0.2 * (1 - (y[neck] - centre[1]) / size))[:, None]
-    inside = ((x - skull[0]) / (head.width * extent[0] / 2)) ** 2 + ((y - skull[1]) / (head.height * extent[1] / 2)) ** 2
-    hair = inside <= 1.0
-    intensity[hair] = texture_image(head.hair, size)[hair] * (settings.ambient + 0.6 * np.asarray(settings.light_colour))
-
-
 # ----------------------------------------------------------------------------- occluders
 
 
@@ -439,13 +389,14 @@ def _check_inputs(vertices_crop, triangles, albedo, size: int) -> tuple[np.ndarr
 
 
 def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, size: int,
-           settings: RenderSettings) -> tuple[np.ndarray, np.ndarray]:
+           settings: RenderSettings, face_triangles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render a posed mesh into a ``size x size`` crop.
 
     ``vertices_crop`` (V, 3) crop coordinates in px, ``triangles`` (T, 3) vertex ids
     (counter-clockwise seen from the front in the model frame), ``albedo`` (V, 3) in [0, 1].
     Returns the ``(size, size, 3)`` uint8 RGB image and the ``(size, size)`` bool face mask:
-    pixels covered by the mesh and not hidden by an occluder.
+    pixels where the face is the front-most surface and no occluder hides it. The face is the first
+    ``face_triangles`` triangles (None: all of them; the rest are a head around it, :mod:`data_prep.head`).
     """
     vertices, triangles, albedo = _check_inputs(vertices_crop, triangles, albedo, size)
     raster = rasterise(vertices, triangles, size, size)
@@ -462,13 +413,11 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     light = light / np.linalg.norm(light)
     lambert = np.maximum(pixel_normal @ light, 0.0)[:, None]
     intensity = texture_image(settings.background, size)
-    if settings.head is not None and covered.any():
-        _draw_head(intensity, settings, covered, pixel_normal)
     intensity[covered] = pixel_albedo * (settings.ambient + np.asarray(settings.light_colour) * lambert)
 
-    face_mask = covered.copy()
+    face_mask = covered & (raster.triangle < (len(triangles) if face_triangles is None else face_triangles))
     if settings.occluders:
-        rows, cols = np.nonzero(covered) if covered.any() else (np.array([0, size - 1]),) * 2
+        rows, cols = np.nonzero(face_mask) if face_mask.any() else (np.array([0, size - 1]),) * 2
         face_box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
         for occluder in settings.occluders:
             hidden = _occluder_mask(occluder, face_box, size)

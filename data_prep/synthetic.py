@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
-from data_prep.face_model import FaceModel, expression_label, load_face_model
-from data_prep.render import CAMERAS, RenderSettings, render, vertex_albedo
+from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead, expression_label, load_face_model
+from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
+from data_prep.render import CAMERAS, SCLERA, TEETH, RenderSettings, render, vertex_albedo
 from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
@@ -56,6 +57,9 @@ PITCH_ROLL_STD_DEG = (10.0, 8.0)
 SCALE_JITTER = (0.9, 1.1)
 TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 """Largest shift of the landmark box centre from the crop centre, as a fraction of the crop size."""
+HEADS_VERSION = "skull, ears, neck, shoulders, hair"
+"""What ``--heads`` draws, as recorded in a file's ``heads`` attribute (a file of the earlier flat heads, recorded
+as True, is not taken for one of these)."""
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
@@ -121,12 +125,71 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
     with_occluders = rng.random() < occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera, head=heads)
-    albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices)
-    image, _ = render(vertices, model.triangles, albedo, grid.crop_size, settings)
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera)
+    # The head's draws come last, so the face, pose, crop and render settings are those without a head.
+    head = HeadSettings.sample(rng, settings.brow_colour) if heads else None
+    scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, settings, head)
+    image, _ = render(model_to_crop(scene, pose, scale, translation), triangles, albedo, grid.crop_size, settings,
+                      face_triangles=len(model.triangles))
     return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
                         with_frontal, expression=expression,
                         expression_label=np.uint8(expression_label(expression)))
+
+
+def _scene(model: FaceModel, mesh_mm: np.ndarray, identity: np.ndarray, expression: np.ndarray,
+           settings: RenderSettings, head: HeadSettings | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Everything rendered of one sample, in the model frame: vertices (N, 3) mm, triangles (T, 3), albedo (N, 3).
+
+    The face ``mesh_mm`` (V, 3) and its triangles come first (the face's triangles are the first
+    ``len(model.triangles)``); then the model's own head (:class:`~data_prep.face_model.ModelHead`, moved by the
+    same coefficients); then, with ``head``, the head of :mod:`data_prep.head` (only its hair and shoulders when the
+    model has a head of its own) and a beard painted over the face."""
+    own_head = model.head is not None
+    albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices, paint_eyes=not own_head)
+    if head is not None:  # a beard and the hair above the hairline change the face's colour, never its shape
+        albedo += (head.hair_colour - albedo) * beard_weight(mesh_mm, model.landmark_vertices, head)[:, None]
+        albedo = hair_albedo(mesh_mm, albedo, face_hair(mesh_mm, model.landmark_vertices, head), head)
+    vertices, triangles, colours = [mesh_mm], [model.triangles], [albedo]
+    if own_head:
+        head_vertices = model.head_shape(identity, expression)
+        head_colours = head_part_albedo(model.head, vertex_albedo(head_vertices, settings), settings)
+        if head is not None:  # hair on the model's own scalp
+            skin = model.head.part == HEAD_PARTS.index("skin")
+            head_vertices[skin], hair = scalp_hair(head_vertices[skin], mesh_mm, model.landmark_vertices, head)
+            head_colours[skin] = hair_albedo(head_vertices[skin], head_colours[skin], hair, head)
+        vertices.append(head_vertices)
+        triangles.append(model.head.triangles)
+        colours.append(head_colours)
+    if head is not None:
+        mesh = head_mesh(mesh_mm, model.triangles, model.landmark_vertices, head, own_head=own_head)
+        triangles.append(mesh.triangles + sum(map(len, vertices)))
+        vertices.append(mesh.vertices)
+        colours.append(head_albedo(mesh, vertex_albedo(mesh.vertices, settings), head))
+    return np.vstack(vertices), np.vstack(triangles), np.vstack(colours)
+
+
+def head_part_albedo(head: ModelHead, skin: np.ndarray, settings: RenderSettings) -> np.ndarray:
+    """``(R, 3)`` albedo of a model's own head: ``skin`` (R, 3) on the skin; a dark
+    mouth; teeth; gums; eyeballs with sclera, iris and pupil around the axis through each eyeball's front (found
+    on the model's mean head, so the iris turns with the eye); lashes in the brows' colour."""
+    albedo = skin.copy()
+    lip_colour = settings.skin_tone * settings.lip_tint
+    for name, colour in (("mouth", 0.25 * lip_colour), ("teeth", TEETH), ("gums", 0.8 * lip_colour),
+                         ("lashes", settings.brow_colour)):
+        albedo[head.part == HEAD_PARTS.index(name)] = colour
+    eye = head.part == HEAD_PARTS.index("eye")
+    for side in (head.mean[:, 0] < 0, head.mean[:, 0] >= 0):
+        ball = eye & side
+        if not ball.any():
+            continue
+        centre = head.mean[ball].mean(axis=0)
+        direction = head.mean[ball] - centre
+        forward = direction[:, 2] / np.maximum(np.linalg.norm(direction, axis=1), 1e-9)   # cos of angle to +z
+        iris = np.clip((forward - 0.86) / 0.02, 0.0, 1.0)[:, None]     # within about 30 degrees of the axis
+        pupil = np.clip((forward - 0.96) / 0.01, 0.0, 1.0)[:, None]    # within about 16 degrees
+        colour = SCLERA + (settings.iris_colour - SCLERA) * iris
+        albedo[ball] = colour + (0.03 - colour) * pupil
+    return albedo
 
 
 def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, rotation: np.ndarray, grid: VoxelGrid,
@@ -181,7 +244,7 @@ def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occlud
         "translation_jitter_fraction": TRANSLATION_JITTER_FRACTION,
         # Only non-default options are recorded, so a default file stays byte-identical to one made before them.
         **({} if camera == "basic" else {"camera": camera}),
-        **({"heads": True} if heads else {}),
+        **({"heads": HEADS_VERSION} if heads else {}),
     }
 
 
@@ -239,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder; writes OUT/NAME.h5 per split")
     parser.add_argument("--split", type=_parse_split, action="append", required=True, metavar="NAME=COUNT",
                         help="a split and its number of samples; repeat for several (train=4000 val=200 test=500)")
-    parser.add_argument("--face-model", default="builtin", help="'builtin' or 'sfm:PATH' (default builtin)")
+    parser.add_argument("--face-model", default="builtin", help="'builtin' (default), 'sfm:DIR', 'bfm:PATH' or 'ict:PATH.npz' (the ICT "
+                             "Face Model: its whole head rendered, its face region voxelised)")
     parser.add_argument("--seed", type=int, default=0)
     add_grid_and_workers(parser, "processes generating samples")
     parser.add_argument("--frontal", action="store_true", help="also store frontal volumes (no-alignment ablation)")
@@ -249,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="basic: light defocus, noise, gamma; photographic: also white balance, stronger "
                              "defocus, lower resolution and JPEG (default basic; benchmarks/results_synthetic_to_real.md)")
     parser.add_argument("--heads", action="store_true",
-                        help="draw a hair-covered head and a neck behind each face (image only; the volume stays the "
-                             "face's; benchmarks/results_synthetic_to_real.md)")
+                        help="draw a head around each face: skull, ears, neck, shoulders, hair (image only; the volume "
+                             "stays the face's; data_prep/head.py, benchmarks/results_synthetic_to_real.md)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 

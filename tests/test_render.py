@@ -9,7 +9,6 @@ from data_prep.render import (
     OCCLUDER_SHAPES,
     SCLERA,
     TEXTURE_KINDS,
-    HeadSettings,
     OccluderSettings,
     RenderSettings,
     TextureSettings,
@@ -261,18 +260,15 @@ def test_the_photographic_camera_draws_last_and_what_it_does_to_an_image():
     assert np.abs(photographed(checker, replace(basic, jpeg_quality=30)).astype(float) - checker).mean() > 3
 
 
-def test_a_head_is_drawn_behind_the_face_and_leaves_the_face_and_far_background_alone():
+def test_the_face_mask_is_where_the_face_is_in_front_of_the_geometry_rendered_with_it():
     unit_sphere, triangles = model_sphere()
     face = model_to_crop(unit_sphere, (0.0, 0.0, 0.0), 12.0, CENTRE)  # a frontal "face" 24 px across
-    settings = plain_settings(5, skin_tone=np.array([0.8, 0.5, 0.4]), light_colour=np.full(3, 0.7))
-    head = HeadSettings(hair=replace(settings.background, colour_a=np.full(3, 0.1), colour_b=np.full(3, 0.1)),
-                        width=1.4, height=1.2, raise_=0.25, back=0.0, neck_width=0.5)
+    ball = model_to_crop(unit_sphere, (0.0, 0.0, 0.0), 6.0, CENTRE + np.array([12.0, 0.0, -20.0]))  # in front, right
+    settings = plain_settings(5)
     alone, mask = render(face, triangles, uniform_albedo(len(face)), SIZE, settings)
-    with_head, same_mask = render(face, triangles, uniform_albedo(len(face)), SIZE, replace(settings, head=head))
-    np.testing.assert_array_equal(same_mask, mask)
-    np.testing.assert_array_equal(with_head[mask], alone[mask])  # the face goes over the head
-    above, below, aside = (48, 48 - 14), (48, 90), (5, 5)  # (x, y): just above the face, the neck, a far corner
-    assert with_head[above[1], above[0]].max() < 60 and alone[above[1], above[0]].max() != with_head[above[1], above[0]].max()
-    red, green = with_head[below[1], below[0], :2].astype(float)
-    assert red / green == pytest.approx(0.8 / 0.5, rel=0.03)  # the neck is skin
-    np.testing.assert_array_equal(with_head[aside[1], aside[0]], alone[aside[1], aside[0]])
+    both, both_mask = render(np.vstack([face, ball]), np.vstack([triangles, triangles + len(face)]),
+                             uniform_albedo(2 * len(face)), SIZE, settings, face_triangles=len(triangles))
+    hidden = rasterise(ball, triangles, SIZE, SIZE).mask
+    np.testing.assert_array_equal(both_mask, mask & ~hidden)
+    assert (mask & hidden).sum() > 40
+    np.testing.assert_array_equal(both[~hidden], alone[~hidden])  # elsewhere the image is the face's alone
