@@ -9,13 +9,13 @@ forehead), and never voxelised: the target volume stays exactly the face's.
 Geometry is in the face model's frame (mm; x image right, y up, z toward the camera) and sized from the face's
 own landmarks, so it fits any model: the unit is the outer interocular distance ``io`` (about 90 mm on an adult):
 
-- skull: an ellipsoid ``width * io`` across, ``length * io`` from front to back with its front at the brows'
-  depth, its top ``height * io`` above the eye line;
+- skull: an ellipsoid ``width * io`` across, ``length * io`` from front to back with its front 5 mm behind the
+  brows, its top ``height * io`` above the eye line;
 - ears: flat ellipsoids ``ear_size * io`` tall on the skull's sides, between the eye line and the nose's base;
 - neck: a vertical ellipsoid ``neck_width * io`` across, from inside the skull to inside the shoulders;
 - shoulders: a wide ellipsoid under the neck, in clothing colour;
-- hair: the skull above a hairline ``hairline * io`` above the brows at the front, falling to the ears at the
-  back, standing ``hair_thickness`` mm off the skull; ``long`` hair adds a curtain behind the face down to
+- hair: the skull above a hairline ``hairline * io`` above the brows at the front, falling below the ears at the
+  back, standing ``hair_thickness`` mm off the skull; ``long`` hair adds a curtain behind the ears down to
   ``hair_length * io`` below the chin; a ``fringe`` is a sheet of hair just in front of the forehead, reaching
   that fraction of the way from the hairline to the brows; a ``beard`` paints hair over the lower face.
 
@@ -74,7 +74,7 @@ class HeadSettings:
                    neck_width=float(rng.uniform(1.0, 1.3)), hair_style=style,
                    hairline=float(rng.uniform(0.35, 0.8)), hair_thickness=float(rng.uniform(2.0, 14.0)),
                    hair_length=float(rng.uniform(0.0, 1.5)),
-                   fringe=float(rng.uniform(0.3, 1.0)) if style != "bald" and rng.random() < 0.35 else 0.0,
+                   fringe=float(rng.uniform(0.3, 0.85)) if style != "bald" and rng.random() < 0.35 else 0.0,
                    beard=float(rng.uniform(0.2, 0.9)) if rng.random() < 0.15 else 0.0,
                    hair_colour=np.asarray(hair_colour, dtype=np.float64),
                    clothing_colour=rng.uniform(0.05, 0.9, size=3), seed=int(rng.integers(2**31)))
@@ -180,6 +180,8 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
         bottom = frame.chin_y - settings.hair_length * io
         curtain_radii[1] = centre[1] - bottom
         curtain, curtain_triangles = ellipsoid(centre, curtain_radii, 30, 60)
+        # Only its back: a closed curtain's front would cut across the face between the depth map's samples.
+        curtain_triangles = curtain_triangles[(curtain[curtain_triangles, 2] < centre[2] + 0.35 * radii[2]).all(1)]
         parts.append((curtain, curtain_triangles, np.ones(len(curtain)), "curtain"))
 
     depth = _FrontalDepth(face, face_triangles)
@@ -263,7 +265,7 @@ class _FrontalDepth:
     """The face seen from the front: its nearest z (mm) on a :data:`DEPTH_MAP_MM` grid over x, y."""
 
     def __init__(self, face: np.ndarray, triangles: np.ndarray):
-        self.origin = np.array([face[:, 0].min(), face[:, 1].max()]) - DEPTH_MAP_MM
+        self.origin = np.array([face[:, 0].min() - DEPTH_MAP_MM, face[:, 1].max() + DEPTH_MAP_MM])
         width, height = np.ceil((face[:, :2].max(0) - face[:, :2].min(0)) / DEPTH_MAP_MM).astype(int) + 3
         # rasterise takes image coordinates: x right, y down, z away from the viewer.
         image = np.column_stack([(face[:, 0] - self.origin[0]) / DEPTH_MAP_MM,
@@ -315,5 +317,6 @@ def beard_weight(face: np.ndarray, landmark_vertices: np.ndarray, settings: Head
     lip_centre, lip_radii = lips[:, :2].mean(0), (lips[:, :2].max(0) - lips[:, :2].min(0)) / 2 + 2.0
     outside_lips = (((face[:, :2] - lip_centre) / lip_radii) ** 2).sum(1) > 1.0
     below_nose = np.clip((frame.nose_base_y - 0.1 * frame.io - face[:, 1]) / 5.0, 0.0, 1.0)
+    below_nose *= np.clip((face[:, 1] - frame.chin_y + 15.0) / 5.0, 0.0, 1.0)  # down to 15 mm under the chin
     noise = np.random.default_rng(settings.seed + 2).uniform(0.6, 1.0, size=len(face))
     return settings.beard * below_nose * outside_lips * noise

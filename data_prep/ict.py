@@ -8,10 +8,10 @@ Arrays read (the layout of ``ict_face_model.npz``; a user converts the toolkit's
 full weight; ``expression_names`` (K_exp,); ``landmarks_68`` (68,) iBUG-68 vertex ids; ``region_names`` and
 ``region_ranges`` (P, 2) inclusive vertex ranges of each part, the ``face`` region first.
 
-The face region (``face``: forehead to chin, between the ears, without ears and neck; the vertices
-``0 .. face[1]``) becomes the :class:`~data_prep.face_model.FaceModel`'s mesh, the one voxelised, stored and
-scored: it matches the Basel face region of 300W-LP and AFLW2000-3D's ground truth, which also stops at the
-ears. Every other vertex becomes its :class:`~data_prep.face_model.ModelHead`, rendered and never voxelised:
+The face region (``face``: the vertices ``0 .. face[1]``, the face between the ears without ears and neck, which
+also reaches 89 mm under the chin) becomes the :class:`~data_prep.face_model.FaceModel`'s mesh, the one
+voxelised, stored and scored; of the ICT regions it is the one closest to the Basel face region of AFLW2000-3D's
+ground truth (docs/synthetic_heads.md). Every other vertex becomes its :class:`~data_prep.face_model.ModelHead`, rendered and never voxelised:
 head and neck, mouth socket, eye sockets, gums and tongue, teeth, eyeballs, eyelashes. The lacrimal fluid,
 eye blend and eye occlusion meshes are left out: they are transparent overlays that an opaque renderer would
 draw as grey films over the eyes; so is the corrective expression ``mouthClose`` (:data:`CORRECTIVE_EXPRESSIONS`).

@@ -24,7 +24,9 @@ from data_prep.synthetic import (
 from lightning_vrn.dataset_file import open_dataset, pack_volume, unpack_volume
 from lightning_vrn.geometry.crop import LANDMARK_BOX_FRACTION
 from lightning_vrn.geometry.grid import PAPER_GRID, VoxelGrid
+from lightning_vrn.geometry.pose import crop_rotation
 from lightning_vrn.geometry.raster import rasterise
+from lightning_vrn.geometry.voxelise import voxelise
 from tests.helpers.cli import run_cli, run_killed
 from tests.helpers.files import files_under
 from tests.helpers.paths import REPO
@@ -121,6 +123,9 @@ def test_heads_change_only_the_image_and_are_recorded(model, tmp_path):
     headed = make_sample(model, GRID, sample_rng(5, "val", 2), heads=True)
     for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
         np.testing.assert_array_equal(plain[key], headed[key])
+    # The volume is the face's alone: no skull, ears, neck or hair in it.
+    np.testing.assert_array_equal(headed["volume"], voxelise(headed["vertices"], model.triangles,
+                                                             crop_rotation(headed["pose"]), GRID))
     assert np.abs(plain["image"].astype(int) - headed["image"]).mean() > 2
     path = generate(tmp_path / "heads.h5", heads=True, workers=2)
     assert open_dataset(path).attrs["heads"] == synthetic.HEADS_VERSION
