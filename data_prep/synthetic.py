@@ -32,6 +32,7 @@ import argparse
 import sys
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,28 @@ TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 HEADS_VERSION = "skull, ears, neck, shoulders, hair"
 """What ``--heads`` draws, as recorded in a file's ``heads`` attribute (a file of the earlier flat heads, recorded
 as True, is not taken for one of these)."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What the generator's options change in the image alone (faces, poses, crops and volumes stay the same).
+
+    ``occluder_prob``: probability that a sample gets occluders; ``camera``: one of
+    :data:`~data_prep.render.CAMERAS`; ``heads``: a head around the face (:mod:`data_prep.head`).
+    """
+
+    occluder_prob: float = 0.0
+    camera: str = "basic"
+    heads: bool = False
+
+    def attrs(self) -> dict:
+        """The file attributes that record these options. ``occluder_prob`` is always recorded; the later options
+        only when not their default, so a default file stays byte-identical to one made before them."""
+        return {"occluder_prob": float(self.occluder_prob),
+                **({} if self.camera == "basic" else {"camera": self.camera}),
+                **({"heads": HEADS_VERSION} if self.heads else {})}
+
+
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
@@ -108,15 +131,15 @@ def crop_transform(mesh_mm: np.ndarray, landmark_vertices: np.ndarray, pose: np.
 
 
 def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, with_frontal: bool = False,
-                occluder_prob: float = 0.0, camera: str = "basic", heads: bool = False) -> dict[str, np.ndarray]:
+                options: ImageOptions = ImageOptions()) -> dict[str, np.ndarray]:
     """One random sample as :meth:`DatasetWriter.write` takes it.
 
     Keys: ``image`` (S, S, 3) uint8, ``volume`` (D, H, W) bool (and ``volume_frontal`` when
     ``with_frontal``), ``landmarks_2d`` (68, 2) and ``landmarks_3d`` (68, 3) crop px, ``pose`` (3,)
     radians, ``vertices`` (V, 3) crop px, ``expression`` (K_exp,) blendshape weights (1 = the full
-    expression), float32; ``expression_label`` uint8 (:func:`expression_label`). The face, pose and
-    crop do not depend on ``occluder_prob`` or ``with_frontal``: the random draws happen in the same
-    order regardless.
+    expression), float32; ``expression_label`` uint8 (:func:`expression_label`). The face, pose,
+    crop and volume do not depend on the image ``options`` or ``with_frontal``: the random draws of the face come
+    first, in the same order regardless.
     """
     identity, expression = model.sample_coefficients(rng)
     mesh_mm = model.shape(identity, expression)
@@ -124,10 +147,10 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     scale, translation = crop_transform(mesh_mm, model.landmark_vertices, pose, grid, rng)
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
-    with_occluders = rng.random() < occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=camera)
+    with_occluders = rng.random() < options.occluder_prob
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera)
     # The head's draws come last, so the face, pose, crop and render settings are those without a head.
-    head = HeadSettings.sample(rng, settings.brow_colour) if heads else None
+    head = HeadSettings.sample(rng, settings.brow_colour) if options.heads else None
     scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, settings, head)
     image, _ = render(model_to_crop(scene, pose, scale, translation), triangles, albedo, grid.crop_size, settings,
                       face_triangles=len(model.triangles))
@@ -214,22 +237,20 @@ def posed_sample(image: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
 
 # --- generation ------------------------------------------------------------------------------------
 
-def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool,
-           occluder_prob: float, camera: str, heads: bool) -> dict:
+def _setup(model_spec: str, grid: VoxelGrid, seed: int, split: str, with_frontal: bool, options: ImageOptions) -> dict:
     """State of a sample-making process (:func:`data_prep.writing.write_pending`): the face model is loaded once."""
     return dict(model=load_face_model(model_spec), grid=grid, seed=seed, split=split, with_frontal=with_frontal,
-                occluder_prob=occluder_prob, camera=camera, heads=heads)
+                options=options)
 
 
 def _make(state: dict, index: int) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
     """Sample ``index`` and its flag ``leaves_grid`` (:func:`leaves_grid`)."""
     sample = make_sample(state["model"], state["grid"], sample_rng(state["seed"], state["split"], index),
-                         state["with_frontal"], state["occluder_prob"], state["camera"], state["heads"])
+                         state["with_frontal"], state["options"])
     return sample, {"leaves_grid": leaves_grid(sample["vertices"], state["grid"])}
 
 
-def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occluder_prob: float,
-                camera: str = "basic", heads: bool = False) -> dict:
+def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, options: ImageOptions) -> dict:
     return {
         "face_model": model.name,
         "face_model_spec": model_spec,
@@ -237,20 +258,17 @@ def _file_attrs(model: FaceModel, model_spec: str, seed: int, split: str, occlud
         "seed": int(seed),
         "split": split,
         "created_by": CREATED_BY,
-        "occluder_prob": float(occluder_prob),
         "pose_limits_deg": np.asarray(POSE_LIMITS_DEG),
         "landmark_box_fraction": LANDMARK_BOX_FRACTION,
         "scale_jitter": np.asarray(SCALE_JITTER),
         "translation_jitter_fraction": TRANSLATION_JITTER_FRACTION,
-        # Only non-default options are recorded, so a default file stays byte-identical to one made before them.
-        **({} if camera == "basic" else {"camera": camera}),
-        **({"heads": HEADS_VERSION} if heads else {}),
+        **options.attrs(),
     }
 
 
 def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int, seed: int, split: str,
-                   workers: int = 1, with_frontal: bool = False, occluder_prob: float = 0.0, camera: str = "basic",
-                   heads: bool = False, progress: bool = True, restart: bool = False) -> Path:
+                   workers: int = 1, with_frontal: bool = False, options: ImageOptions = ImageOptions(),
+                   progress: bool = True, restart: bool = False) -> Path:
     """Write ``num_samples`` synthetic samples of ``split`` to ``out_path`` (HDF5); returns the path.
 
     Resumes an unfinished ``<out_path>.partial`` written with the same arguments; ``restart``
@@ -261,7 +279,7 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
     """
     out_path = Path(out_path)
     model = load_face_model(model_spec)
-    attrs = _file_attrs(model, model_spec, seed, split, occluder_prob, camera, heads)
+    attrs = _file_attrs(model, model_spec, seed, split, options)
     if not restart and _finished_split(out_path, grid, num_samples, attrs, with_frontal):
         if progress:
             print(f"{out_path} is already complete; skipping (--restart regenerates it)", file=sys.stderr)
@@ -270,8 +288,8 @@ def generate_split(out_path, model_spec: str, grid: VoxelGrid, num_samples: int,
                        model.landmark_vertices, attrs, with_frontal=with_frontal, restart=restart,
                        flags=("leaves_grid",), expression_names=model.expression_label_names,
                        num_expression_coefficients=len(model.expression_basis)) as writer:
-        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, occluder_prob, camera, heads), _make,
-                      workers, desc=split, progress=progress)
+        write_pending(writer, _setup, (model_spec, grid, seed, split, with_frontal, options), _make, workers,
+                      desc=split, progress=progress)
         writer.finish()
     clipped = int(open_dataset(out_path).attrs["num_leaves_grid"])  # every sample of the file, resumed or not
     if clipped:
@@ -330,14 +348,13 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError) as err:
         parser.error(f"--face-model {args.face_model!r}: {err}")
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
+    options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
-                        _file_attrs(model, args.face_model, args.seed, name, args.occluders, args.camera, args.heads),
-                        args.frontal)
+                        _file_attrs(model, args.face_model, args.seed, name, options), args.frontal)
     for name, count in args.split:
         path = generate_split(args.out / f"{name}.h5", args.face_model, args.grid, count, args.seed, name,
-                              workers=args.workers, with_frontal=args.frontal, occluder_prob=args.occluders,
-                              camera=args.camera, heads=args.heads, restart=args.restart)
+                              workers=args.workers, with_frontal=args.frontal, options=options, restart=args.restart)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -12,6 +13,7 @@ from data_prep import synthetic
 from data_prep.face_model import expression_label, load_face_model
 from data_prep.render import vertex_normals
 from data_prep.synthetic import (
+    ImageOptions,
     PITCH_ROLL_STD_DEG,
     POSE_LIMITS_DEG,
     TRANSLATION_JITTER_FRACTION,
@@ -33,13 +35,16 @@ from tests.helpers.paths import REPO
 
 GRID = VoxelGrid.parse("100,96,96")
 N = 4
-ARGS = dict(model_spec="builtin", grid=GRID, num_samples=N, seed=0, split="train", occluder_prob=0.5, progress=False)
+ARGS = dict(model_spec="builtin", grid=GRID, num_samples=N, seed=0, split="train", progress=False)
+OPTIONS = ImageOptions(occluder_prob=0.5)
 
 
 def generate(path, **overrides):
+    """The test split at ``path``: ARGS and OPTIONS, with ``overrides`` of either."""
+    options = {key: overrides.pop(key) for key in list(overrides) if key in ImageOptions.__dataclass_fields__}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # clipped backs at large yaw are expected
-        return generate_split(path, **{**ARGS, **overrides})
+        return generate_split(path, **{**ARGS, **overrides}, options=replace(OPTIONS, **options))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,7 @@ def test_samples_carry_their_expression_and_its_label(reference, samples, model)
 
 def test_every_sample_comes_from_its_own_generator(samples, model):
     """Sample i is make_sample with default_rng([seed, crc32(split), i]): nothing else is random."""
-    again = make_sample(model, GRID, sample_rng(0, "train", 2), occluder_prob=0.5)
+    again = make_sample(model, GRID, sample_rng(0, "train", 2), options=OPTIONS)
     np.testing.assert_array_equal(samples[2]["volumes"], pack_volume(again["volume"]))
     np.testing.assert_array_equal(samples[2]["images"], again["image"])
     np.testing.assert_array_equal(samples[2]["vertices"], again["vertices"])
@@ -102,8 +107,8 @@ def test_every_sample_comes_from_its_own_generator(samples, model):
 
 
 def test_occluders_change_only_the_image(model):
-    plain = make_sample(model, GRID, sample_rng(5, "val", 0), occluder_prob=0.0)
-    occluded = make_sample(model, GRID, sample_rng(5, "val", 0), occluder_prob=1.0, with_frontal=True)
+    plain = make_sample(model, GRID, sample_rng(5, "val", 0))
+    occluded = make_sample(model, GRID, sample_rng(5, "val", 0), True, ImageOptions(occluder_prob=1.0))
     for key in ("volume", "vertices", "pose", "landmarks_3d"):
         np.testing.assert_array_equal(plain[key], occluded[key])
     assert not np.array_equal(plain["image"], occluded["image"])
@@ -112,7 +117,7 @@ def test_occluders_change_only_the_image(model):
 
 def test_the_photographic_camera_changes_only_the_image(model):
     basic = make_sample(model, GRID, sample_rng(5, "val", 1))
-    photographic = make_sample(model, GRID, sample_rng(5, "val", 1), camera="photographic")
+    photographic = make_sample(model, GRID, sample_rng(5, "val", 1), options=ImageOptions(camera="photographic"))
     for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
         np.testing.assert_array_equal(basic[key], photographic[key])
     assert np.abs(basic["image"].astype(int) - photographic["image"]).mean() > 2
@@ -120,7 +125,7 @@ def test_the_photographic_camera_changes_only_the_image(model):
 
 def test_heads_change_only_the_image_and_are_recorded(model, tmp_path):
     plain = make_sample(model, GRID, sample_rng(5, "val", 2))
-    headed = make_sample(model, GRID, sample_rng(5, "val", 2), heads=True)
+    headed = make_sample(model, GRID, sample_rng(5, "val", 2), options=ImageOptions(heads=True))
     for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
         np.testing.assert_array_equal(plain[key], headed[key])
     # The volume is the face's alone: no skull, ears, neck or hair in it.
