@@ -29,6 +29,12 @@ from lightning_vrn.geometry.raster import rasterise
 from lightning_vrn.landmark_scheme import GROUPS
 
 TEXTURE_KINDS = ("noise", "gradient", "stripes", "checker")
+LIGHTINGS = ("lambert", "rich")
+"""How a face is lit: ``lambert`` one directional light plus a flat ambient; ``rich`` also an ambient that varies
+with the normal (first-order spherical harmonics), colour temperature, cast shadows and specular highlights
+(:meth:`RenderSettings.sample`)."""
+SHADOW_BIAS_PX = 2.5
+"""How far (px) a point must lie behind the surface nearest the light to be in its shadow."""
 CAMERAS = ("basic", "photographic")
 """What the camera does to an image: ``basic`` a little defocus, sensor noise and gamma; ``photographic`` also
 stronger defocus, white balance, a lower resolution scaled back up and JPEG (:meth:`RenderSettings.sample`)."""
@@ -122,14 +128,21 @@ class RenderSettings:
     white_balance: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) RGB gains, mean 1
     downscale: float = 1.0             # the image is made at size / downscale px, then scaled back up (bilinear)
     jpeg_quality: int = 0              # JPEG quality the image went through (0: none)
+    environment: np.ndarray | None = None  # (4, 3) ambient RGB = row 0 + normal @ rows 1-3 (None: flat ``ambient``)
+    shadows: bool = False              # the directional light casts shadows
+    specular: float = 0.0              # strength of the Blinn-Phong highlight
+    shininess: float = 20.0            # its exponent
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic") -> "RenderSettings":
-        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`. The
-        photographic camera's draws come last, so the rest of the settings (and anything drawn before them from
-        ``rng``) are the same either way."""
+    def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic",
+               lighting: str = "lambert") -> "RenderSettings":
+        """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`;
+        ``lighting`` one of :data:`LIGHTINGS`. The photographic camera's draws, then the rich lighting's, come
+        last, so the rest of the settings (and anything drawn before them from ``rng``) are the same either way."""
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
+        if lighting not in LIGHTINGS:
+            raise ValueError(f"lighting must be one of {LIGHTINGS}, got {lighting!r}")
         # Light within 75 degrees of the camera axis, uniform on that spherical cap.
         cos_polar = rng.uniform(np.cos(np.radians(75.0)), 1.0)
         azimuth = rng.uniform(0.0, 2.0 * np.pi)
@@ -161,7 +174,29 @@ class RenderSettings:
             settings = replace(settings, blur_sigma=float(rng.uniform(0.0, 2.0)), white_balance=gains / gains.mean(),
                                downscale=float(rng.choice([1.0, rng.uniform(1.0, 3.0)])),
                                jpeg_quality=int(rng.integers(30, 96)))
+        if lighting == "rich":
+            settings = _rich_lighting(settings, rng)
         return settings
+
+
+WARM_LIGHT, COOL_LIGHT = np.array([1.0, 0.82, 0.64]), np.array([0.82, 0.92, 1.06])
+"""RGB of a warm (about 3,000 K) and a cool (about 8,000 K) light relative to daylight."""
+
+
+def _rich_lighting(settings: RenderSettings, rng: np.random.Generator) -> RenderSettings:
+    """``settings`` with the ambient turned into a first-order spherical-harmonic environment (its level kept, a
+    gradient up to half of it toward a random direction), the key and ambient lights each given a colour
+    temperature between :data:`WARM_LIGHT` and :data:`COOL_LIGHT`, shadows (80% of faces) and a highlight."""
+    def temperature():
+        mix = rng.uniform()
+        return (1 - mix) * WARM_LIGHT + mix * COOL_LIGHT
+
+    environment = settings.ambient * temperature()
+    gradient = rng.normal(size=3)
+    gradient *= rng.uniform(0.0, 0.5) / np.linalg.norm(gradient)
+    return replace(settings, environment=np.vstack([environment, np.outer(gradient, environment)]),
+                   light_colour=np.asarray(settings.light_colour) * temperature(), shadows=bool(rng.random() < 0.8),
+                   specular=float(rng.uniform(0.0, 0.35)), shininess=float(rng.uniform(8.0, 60.0)))
 
 
 def _sample_skin_tone(rng: np.random.Generator) -> np.ndarray:
@@ -411,9 +446,19 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
                          "seen from the front in the model frame (reverse them with triangles[:, ::-1])")
     light = np.asarray(settings.light_direction, dtype=np.float64)
     light = light / np.linalg.norm(light)
-    lambert = np.maximum(pixel_normal @ light, 0.0)[:, None]
+    lit = np.maximum(pixel_normal @ light, 0.0)[:, None]
+    if settings.shadows and covered.any():
+        points = raster.interpolate(vertices, triangles)[covered]
+        lit = lit * ~_in_shadow(vertices, triangles, points, light)[:, None]
+    ambient = settings.ambient if settings.environment is None else \
+        np.maximum(settings.environment[0] + pixel_normal @ settings.environment[1:], 0.0)
+    light_colour = np.asarray(settings.light_colour)
     intensity = texture_image(settings.background, size)
-    intensity[covered] = pixel_albedo * (settings.ambient + np.asarray(settings.light_colour) * lambert)
+    intensity[covered] = pixel_albedo * (ambient + light_colour * lit)
+    if settings.specular > 0:  # Blinn-Phong, the camera along +z
+        halfway = (light + [0.0, 0.0, -1.0]) / np.linalg.norm(light + [0.0, 0.0, -1.0])
+        highlight = np.maximum(pixel_normal @ halfway, 0.0)[:, None] ** settings.shininess * (lit > 0)
+        intensity[covered] += settings.specular * light_colour * highlight
 
     face_mask = covered & (raster.triangle < (len(triangles) if face_triangles is None else face_triangles))
     if settings.occluders:
@@ -433,6 +478,30 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     intensity = intensity * np.asarray(settings.white_balance)
     image = np.clip(intensity, 0.0, 1.0) ** (1.0 / settings.gamma)
     return photographed(np.round(image * 255.0).astype(np.uint8), settings), face_mask
+
+
+def _in_shadow(vertices: np.ndarray, triangles: np.ndarray, points: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """(P,) whether each of ``points`` (P, 3) crop px lies more than :data:`SHADOW_BIAS_PX` behind the surface
+    of the mesh nearest the light (unit ``light``, from the surface toward it): a shadow map, the mesh
+    z-buffered as seen from the light at one pixel per crop pixel."""
+    toward_camera = np.array([0.0, 0.0, -1.0])
+    axis = np.cross(light, toward_camera)
+    sine, cosine = np.linalg.norm(axis), float(light @ toward_camera)
+    if sine < 1e-9:  # the light is the camera
+        rotation = np.eye(3)
+    else:
+        k = axis / sine
+        cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        rotation = np.eye(3) + sine * cross + (1 - cosine) * cross @ cross  # takes the light's direction to -z
+    seen, queried = vertices @ rotation.T, points @ rotation.T
+    origin = seen[:, :2].min(axis=0) - 1.0
+    width, height = (np.ceil(seen[:, :2].max(axis=0) - origin) + 2).astype(int)
+    depth = rasterise(seen - [*origin, 0.0], triangles, height, width).depth
+    col, row = np.round(queried[:, :2] - origin).astype(int).T
+    inside = (col >= 0) & (row >= 0) & (col < width) & (row < height)
+    nearest = np.full(len(points), np.inf)
+    nearest[inside] = depth[row[inside], col[inside]]
+    return queried[:, 2] > nearest + SHADOW_BIAS_PX
 
 
 def photographed(image: np.ndarray, settings: RenderSettings) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead, expression_label, load_face_model
 from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
-from data_prep.render import CAMERAS, SCLERA, TEETH, RenderSettings, render, vertex_albedo
+from data_prep.render import CAMERAS, LIGHTINGS, SCLERA, TEETH, RenderSettings, render, vertex_albedo
 from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
@@ -61,6 +61,13 @@ TRANSLATION_JITTER_FRACTION = 3.0 / 192.0
 HEADS_VERSION = "skull, ears, neck, shoulders, hair"
 """What ``--heads`` draws, as recorded in a file's ``heads`` attribute (a file of the earlier flat heads, recorded
 as True, is not taken for one of these)."""
+PHOTO_EDGE_MARGIN = (0.25, 0.75)
+"""Range of the distance from the landmark box to a photo edge, in landmark-box sizes: in the 190 aflw2000_val crops
+the edges lie 0.23-0.41 (10th percentile), 0.40-0.56 (median) and 0.55-0.58 (90th) box sizes out, per side."""
+PHOTO_EDGE_ABSENT = 0.2
+"""Chance that one side of the crop has no photo edge in it. With ``--photo-edges 0.9`` the black share of a crop
+has quantiles 0 / 0.06 / 0.14 / 0.21 / 0.26 (10/25/50/75/90%, 60 demo-grid samples) against 0.01 / 0.06 / 0.13 /
+0.26 / 0.44 in the 190 aflw2000_val crops."""
 
 
 @dataclass(frozen=True)
@@ -68,22 +75,30 @@ class ImageOptions:
     """What the generator's options change in the image alone (faces, poses, crops and volumes stay the same).
 
     ``occluder_prob``: probability that a sample gets occluders; ``camera``: one of
-    :data:`~data_prep.render.CAMERAS`; ``heads``: a head around the face (:mod:`data_prep.head`).
+    :data:`~data_prep.render.CAMERAS`; ``heads``: a head around the face (:mod:`data_prep.head`);
+    ``photo_edges``: probability that the crop reaches past the edges of the photo it was cut from (black
+    beyond them, :func:`cut_at_photo_edges`; an edge may still fall outside the crop); ``lighting``: one of
+    :data:`~data_prep.render.LIGHTINGS`.
     """
 
     occluder_prob: float = 0.0
     camera: str = "basic"
     heads: bool = False
+    photo_edges: float = 0.0
+    lighting: str = "lambert"
 
     def attrs(self) -> dict:
         """The file attributes that record these options. ``occluder_prob`` is always recorded; the later options
         only when not their default, so a default file stays byte-identical to one made before them."""
         return {"occluder_prob": float(self.occluder_prob),
                 **({} if self.camera == "basic" else {"camera": self.camera}),
-                **({"heads": HEADS_VERSION} if self.heads else {})}
+                **({"heads": HEADS_VERSION} if self.heads else {}),
+                **({"photo_edges": float(self.photo_edges)} if self.photo_edges else {}),
+                **({} if self.lighting == "lambert" else {"lighting": self.lighting})}
 
 
-FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "split")
+FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "photo_edges", "lighting",
+                 "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -148,15 +163,39 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
     with_occluders = rng.random() < options.occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera)
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera, lighting=options.lighting)
     # The head's draws come last, so the face, pose, crop and render settings are those without a head.
     head = HeadSettings.sample(rng, settings.brow_colour) if options.heads else None
+    edges = sample_photo_edges(rng) if options.photo_edges and rng.random() < options.photo_edges else None  # last
     scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, settings, head)
     image, _ = render(model_to_crop(scene, pose, scale, translation), triangles, albedo, grid.crop_size, settings,
                       face_triangles=len(model.triangles))
+    if edges is not None:
+        image = cut_at_photo_edges(image, vertices[model.landmark_vertices, :2], edges)
     return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
                         with_frontal, expression=expression,
                         expression_label=np.uint8(expression_label(expression)))
+
+
+def sample_photo_edges(rng: np.random.Generator) -> np.ndarray:
+    """``(4,)`` distances from the landmark box to the photo's left, right, top and bottom edges, in landmark-box
+    sizes (``sqrt(w * h)``): each uniform in :data:`PHOTO_EDGE_MARGIN`, or ``inf`` (no edge in the crop) with
+    probability :data:`PHOTO_EDGE_ABSENT`."""
+    margins = rng.uniform(*PHOTO_EDGE_MARGIN, size=4)
+    return np.where(rng.random(4) < PHOTO_EDGE_ABSENT, np.inf, margins)
+
+
+def cut_at_photo_edges(image: np.ndarray, landmarks_2d: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """``image`` (S, S, 3) with black beyond the photo's edges: pixels whose centre lies more than ``margins`` (4,)
+    (left, right, top, bottom, in landmark-box sizes; inf: no edge) outside the ``(68, 2)`` landmarks' box, as
+    the authors' crop pads a photo that ends close to the face (166 of the 190 aflw2000_val crops)."""
+    low, high = landmarks_2d.min(axis=0), landmarks_2d.max(axis=0)
+    size = np.sqrt(np.prod(high - low))
+    left, right, top, bottom = margins * size
+    cols, rows = np.arange(image.shape[1]), np.arange(image.shape[0])
+    inside = ((rows >= low[1] - top) & (rows <= high[1] + bottom))[:, None] & \
+        ((cols >= low[0] - left) & (cols <= high[0] + right))[None, :]
+    return np.where(inside[..., None], image, 0).astype(image.dtype)
 
 
 def _scene(model: FaceModel, mesh_mm: np.ndarray, identity: np.ndarray, expression: np.ndarray,
@@ -330,9 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera", choices=CAMERAS, default="basic",
                         help="basic: light defocus, noise, gamma; photographic: also white balance, stronger "
                              "defocus, lower resolution and JPEG (default basic; benchmarks/results_synthetic_to_real.md)")
+    parser.add_argument("--lighting", choices=LIGHTINGS, default="lambert",
+                        help="lambert: one directional light and a flat ambient; rich: also an ambient varying with "
+                             "the normal, colour temperature, cast shadows, highlights (default lambert)")
     parser.add_argument("--heads", action="store_true",
                         help="draw a head around each face: skull, ears, neck, shoulders, hair (image only; the volume "
                              "stays the face's; data_prep/head.py, benchmarks/results_synthetic_to_real.md)")
+    parser.add_argument("--photo-edges", type=unit_interval_argument("probability", include_one=True), default=0.0,
+                        metavar="P", help="probability that the crop reaches past the photo's edges, black beyond "
+                                          "them, as in most crops of real photos (default 0; "
+                                          "benchmarks/results_synthetic_to_real.md)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 
@@ -348,7 +394,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError) as err:
         parser.error(f"--face-model {args.face_model!r}: {err}")
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
-    options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads)
+    options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads,
+                           photo_edges=args.photo_edges, lighting=args.lighting)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
                         _file_attrs(model, args.face_model, args.seed, name, options), args.frontal)

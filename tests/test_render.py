@@ -12,6 +12,7 @@ from data_prep.render import (
     OccluderSettings,
     RenderSettings,
     TextureSettings,
+    _in_shadow,
     photographed,
     render,
     texture_image,
@@ -272,3 +273,48 @@ def test_the_face_mask_is_where_the_face_is_in_front_of_the_geometry_rendered_wi
     np.testing.assert_array_equal(both_mask, mask & ~hidden)
     assert (mask & hidden).sum() > 40
     np.testing.assert_array_equal(both[~hidden], alone[~hidden])  # elsewhere the image is the face's alone
+
+
+def test_a_ball_between_the_light_and_a_wall_shadows_exactly_the_wall_behind_it():
+    unit_sphere, triangles = model_sphere()
+    wall = model_to_crop(unit_sphere, (0.0, 0.0, 0.0), 200.0, CENTRE + [0.0, 0.0, 220.0])  # nearly flat, z = 20 ahead
+    ball = model_to_crop(unit_sphere, (0.0, 0.0, 0.0), 8.0, CENTRE + [0.0, 0.0, -5.0])      # 25 px in front of it
+    vertices, both = np.vstack([wall, ball]), np.vstack([triangles, triangles + len(wall)])
+    raster = rasterise(vertices, both, SIZE, SIZE)
+    points = raster.interpolate(vertices, both)[raster.mask & (raster.triangle < len(triangles))]
+    assert not _in_shadow(vertices, both, points, np.array([0.0, 0.0, -1.0])).any()  # lit from the camera
+    # Lit from 45 degrees to the right: a wall point is in shadow when the ray toward the light meets the ball.
+    light = np.array([np.sin(np.pi / 4), 0.0, -np.cos(np.pi / 4)])
+    at_ball_depth = points[:, 0] + (points[:, 2] - (CENTRE[2] - 5.0))  # x where that ray crosses the ball's centre z
+    miss = np.hypot(at_ball_depth - CENTRE[0], points[:, 1] - CENTRE[1]) / 8.0  # in ball radii (its section is wider)
+    shade = _in_shadow(vertices, both, points, light)
+    assert (miss < 0.8).sum() > 50 and shade[miss < 0.8].all()
+    assert not shade[miss > 1.6].any()
+
+
+def test_rich_lighting_highlights_where_the_normal_is_halfway_and_grades_the_ambient(sphere):
+    vertices, triangles = sphere
+    settings = plain_settings(4, light_direction=np.array([0.0, 0.0, -1.0]), light_colour=np.full(3, 0.5),
+                              ambient=0.2, skin_tone=np.full(3, 0.5))
+    plain, _ = render(vertices, triangles, uniform_albedo(len(vertices), 0.5), SIZE, settings)
+    shiny, _ = render(vertices, triangles, uniform_albedo(len(vertices), 0.5), SIZE,
+                      replace(settings, specular=0.3, shininess=30.0, shadows=True))
+    centre = tuple(np.round(vertices[np.argmin(vertices[:, 2])][:2]).astype(int)[::-1])  # the point facing the camera
+    assert int(shiny[centre].max()) - int(plain[centre].max()) > 30  # the highlight, where n = the halfway vector
+    assert int(shiny[centre[0], centre[1] + 30].max()) - int(plain[centre[0], centre[1] + 30].max()) <= 2  # off it
+    environment = np.array([[0.2, 0.2, 0.2], [0.0, 0.0, 0.0], [-0.2, -0.2, -0.2], [0.0, 0.0, 0.0]])  # bright on top
+    graded, _ = render(vertices, triangles, uniform_albedo(len(vertices), 0.5), SIZE,
+                       replace(settings, environment=environment, light_colour=np.zeros(3)))
+    top, bottom = graded[centre[0] - 25, centre[1]].astype(int), graded[centre[0] + 25, centre[1]].astype(int)
+    assert (top - bottom).min() > 10  # y down: a normal pointing up (-y) gets more ambient
+
+
+def test_rich_lighting_draws_come_last():
+    for seed in range(3):
+        lambert = RenderSettings.sample(np.random.default_rng(seed))
+        rich = RenderSettings.sample(np.random.default_rng(seed), lighting="rich")
+        np.testing.assert_array_equal(lambert.light_direction, rich.light_direction)
+        assert lambert.background.seed == rich.background.seed and lambert.environment is None
+        assert rich.environment.shape == (4, 3) and rich.specular >= 0
+    with pytest.raises(ValueError, match="lighting must be one of"):
+        RenderSettings.sample(np.random.default_rng(0), lighting="studio")

@@ -137,6 +137,53 @@ def test_heads_change_only_the_image_and_are_recorded(model, tmp_path):
     assert generate(tmp_path / "again.h5", heads=True).read_bytes() == path.read_bytes()  # whatever the workers
 
 
+def test_photo_edges_black_out_what_lies_beyond_the_photo_and_nothing_else(model):
+    blacked = 0
+    for index in range(4):
+        plain = make_sample(model, GRID, sample_rng(5, "val", index))
+        cut = make_sample(model, GRID, sample_rng(5, "val", index), options=ImageOptions(photo_edges=1.0))
+        for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
+            np.testing.assert_array_equal(plain[key], cut[key])
+        black = (cut["image"] == 0).all(axis=-1) & (plain["image"] != 0).any(axis=-1)
+        np.testing.assert_array_equal(cut["image"][~black], plain["image"][~black])
+        rows, cols = np.nonzero(~black)  # what is left is one axis-aligned rectangle around the landmarks
+        assert (~black).sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+        low, high = cut["landmarks_2d"].min(0), cut["landmarks_2d"].max(0)
+        assert cols.min() <= low[0] and cols.max() >= high[0] and rows.min() <= low[1] and rows.max() >= high[1]
+        blacked += black.any()
+    assert blacked >= 2  # an edge may also fall outside the crop
+
+
+def test_cut_at_photo_edges_measures_margins_in_landmark_box_sizes():
+    image = np.full((40, 40, 3), 200, np.uint8)
+    landmarks = np.array([[10.0, 12.0], [20.0, 22.0]])  # a 10 x 10 box
+    cut = synthetic.cut_at_photo_edges(image, landmarks, np.array([0.5, np.inf, 0.0, 1.0]))
+    kept = (cut > 0).all(-1)
+    rows, cols = np.nonzero(kept)
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (5, 39, 12, 32)
+
+
+def test_photo_edges_come_with_their_probability_and_are_recorded(model, tmp_path, reference):
+    edged = [(make_sample(model, GRID, sample_rng(2, "p", i), options=ImageOptions(photo_edges=0.5))["image"] == 0)
+             .all(-1).any() for i in range(60)]
+    assert 0.3 < np.mean(edged) < 0.7
+    assert "photo_edges" not in open_dataset(reference).attrs
+    path = generate(tmp_path / "edges.h5", photo_edges=0.9)
+    assert open_dataset(path).attrs["photo_edges"] == 0.9
+    with pytest.raises(FileExistsError, match="photo_edges"):
+        generate(path, photo_edges=0.5)
+
+
+def test_rich_lighting_changes_only_the_image_and_is_recorded(model, tmp_path, reference):
+    plain = make_sample(model, GRID, sample_rng(5, "val", 6))
+    rich = make_sample(model, GRID, sample_rng(5, "val", 6), options=ImageOptions(lighting="rich"))
+    for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
+        np.testing.assert_array_equal(plain[key], rich[key])
+    assert np.abs(plain["image"].astype(int) - rich["image"]).mean() > 1
+    assert "lighting" not in open_dataset(reference).attrs
+    assert open_dataset(generate(tmp_path / "rich.h5", lighting="rich")).attrs["lighting"] == "rich"
+
+
 def test_the_camera_is_recorded_only_when_photographic_and_a_rerun_with_another_is_refused(tmp_path, reference):
     assert "camera" not in open_dataset(reference).attrs  # basic files stay as they were before the option
     path = generate(tmp_path / "train.h5", camera="photographic", workers=2)
@@ -271,6 +318,7 @@ def test_cli_end_to_end(tmp_path):
     (["--split", "a=1", "--face-model", "bfm"], "unknown face model"),
     (["--split", "a=1", "--face-model", "sfm:/no/such/dir"], "/no/such/dir"),
     (["--split", "a=1", "--occluders", "2"], "probability"),
+    (["--split", "a=1", "--photo-edges", "-0.1"], "probability"),
     (["--split", "a=1", "--workers", "0"], "--workers"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, message):
