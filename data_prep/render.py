@@ -424,7 +424,8 @@ def _check_inputs(vertices_crop, triangles, albedo, size: int) -> tuple[np.ndarr
 
 
 def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, size: int,
-           settings: RenderSettings, face_triangles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           settings: RenderSettings, face_triangles: int | None = None,
+           background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render a posed mesh into a ``size x size`` crop.
 
     ``vertices_crop`` (V, 3) crop coordinates in px, ``triangles`` (T, 3) vertex ids
@@ -432,7 +433,32 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     Returns the ``(size, size, 3)`` uint8 RGB image and the ``(size, size)`` bool face mask:
     pixels where the face is the front-most surface and no occluder hides it. The face is the first
     ``face_triangles`` triangles (None: all of them; the rest are a head around it, :mod:`data_prep.head`).
+    ``background``: (S, S, 3) float RGB in [0, 1] behind the mesh (None: ``settings.background``'s texture).
     """
+    intensity, face_mask = shade(vertices_crop, triangles, albedo, size, settings, face_triangles, background)
+    if settings.occluders:
+        rows, cols = np.nonzero(face_mask) if face_mask.any() else (np.array([0, size - 1]),) * 2
+        face_box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+        for occluder in settings.occluders:
+            hidden = _occluder_mask(occluder, face_box, size)
+            intensity[hidden] = texture_image(occluder.texture, size)[hidden]
+            face_mask &= ~hidden
+
+    if settings.blur_sigma > 0:
+        sigma = settings.blur_sigma * size / REFERENCE_SIZE
+        intensity = gaussian_filter(intensity, sigma=(sigma, sigma, 0), mode="nearest")
+    if settings.sensor_noise > 0:
+        intensity = intensity + settings.sensor_noise * np.random.default_rng(settings.noise_seed).standard_normal(
+            intensity.shape)
+    intensity = intensity * np.asarray(settings.white_balance)
+    image = np.clip(intensity, 0.0, 1.0) ** (1.0 / settings.gamma)
+    return photographed(np.round(image * 255.0).astype(np.uint8), settings), face_mask
+
+
+def shade(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, size: int, settings: RenderSettings,
+          face_triangles: int | None = None, background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The lit mesh over ``background`` (or ``settings.background``'s texture) as :func:`render` takes them, before
+    occluders and the camera: ``(S, S, 3)`` float RGB (linear, not clipped) and the ``(S, S)`` face mask."""
     vertices, triangles, albedo = _check_inputs(vertices_crop, triangles, albedo, size)
     raster = rasterise(vertices, triangles, size, size)
     covered = raster.mask
@@ -453,31 +479,13 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     ambient = settings.ambient if settings.environment is None else \
         np.maximum(settings.environment[0] + pixel_normal @ settings.environment[1:], 0.0)
     light_colour = np.asarray(settings.light_colour)
-    intensity = texture_image(settings.background, size)
+    intensity = texture_image(settings.background, size) if background is None else np.array(background, float)
     intensity[covered] = pixel_albedo * (ambient + light_colour * lit)
     if settings.specular > 0:  # Blinn-Phong, the camera along +z
         halfway = (light + [0.0, 0.0, -1.0]) / np.linalg.norm(light + [0.0, 0.0, -1.0])
         highlight = np.maximum(pixel_normal @ halfway, 0.0)[:, None] ** settings.shininess * (lit > 0)
         intensity[covered] += settings.specular * light_colour * highlight
-
-    face_mask = covered & (raster.triangle < (len(triangles) if face_triangles is None else face_triangles))
-    if settings.occluders:
-        rows, cols = np.nonzero(face_mask) if face_mask.any() else (np.array([0, size - 1]),) * 2
-        face_box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
-        for occluder in settings.occluders:
-            hidden = _occluder_mask(occluder, face_box, size)
-            intensity[hidden] = texture_image(occluder.texture, size)[hidden]
-            face_mask &= ~hidden
-
-    if settings.blur_sigma > 0:
-        sigma = settings.blur_sigma * size / REFERENCE_SIZE
-        intensity = gaussian_filter(intensity, sigma=(sigma, sigma, 0), mode="nearest")
-    if settings.sensor_noise > 0:
-        intensity = intensity + settings.sensor_noise * np.random.default_rng(settings.noise_seed).standard_normal(
-            intensity.shape)
-    intensity = intensity * np.asarray(settings.white_balance)
-    image = np.clip(intensity, 0.0, 1.0) ** (1.0 / settings.gamma)
-    return photographed(np.round(image * 255.0).astype(np.uint8), settings), face_mask
+    return intensity, covered & (raster.triangle < (len(triangles) if face_triangles is None else face_triangles))
 
 
 def _in_shadow(vertices: np.ndarray, triangles: np.ndarray, points: np.ndarray, light: np.ndarray) -> np.ndarray:

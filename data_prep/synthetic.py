@@ -40,7 +40,8 @@ import numpy as np
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead, expression_label, load_face_model
 from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
-from data_prep.render import CAMERAS, LIGHTINGS, SCLERA, TEETH, RenderSettings, render, vertex_albedo
+from data_prep.render import (CAMERAS, LIGHTINGS, SCLERA, TEETH, RenderSettings, render, shade, texture_image,
+                              vertex_albedo)
 from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
 from lightning_vrn.cli import run_command
@@ -78,7 +79,8 @@ class ImageOptions:
     :data:`~data_prep.render.CAMERAS`; ``heads``: a head around the face (:mod:`data_prep.head`);
     ``photo_edges``: probability that the crop reaches past the edges of the photo it was cut from (black
     beyond them, :func:`cut_at_photo_edges`; an edge may still fall outside the crop); ``lighting``: one of
-    :data:`~data_prep.render.LIGHTINGS`.
+    :data:`~data_prep.render.LIGHTINGS`; ``bystanders``: probability that one or two other people stand behind
+    the face, partly in view (:func:`bystanders_behind`).
     """
 
     occluder_prob: float = 0.0
@@ -86,6 +88,7 @@ class ImageOptions:
     heads: bool = False
     photo_edges: float = 0.0
     lighting: str = "lambert"
+    bystanders: float = 0.0
 
     def attrs(self) -> dict:
         """The file attributes that record these options. ``occluder_prob`` is always recorded; the later options
@@ -94,11 +97,12 @@ class ImageOptions:
                 **({} if self.camera == "basic" else {"camera": self.camera}),
                 **({"heads": HEADS_VERSION} if self.heads else {}),
                 **({"photo_edges": float(self.photo_edges)} if self.photo_edges else {}),
-                **({} if self.lighting == "lambert" else {"lighting": self.lighting})}
+                **({} if self.lighting == "lambert" else {"lighting": self.lighting}),
+                **({"bystanders": float(self.bystanders)} if self.bystanders else {})}
 
 
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "photo_edges", "lighting",
-                 "split")
+                 "bystanders", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -166,15 +170,42 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera, lighting=options.lighting)
     # The head's draws come last, so the face, pose, crop and render settings are those without a head.
     head = HeadSettings.sample(rng, settings.brow_colour) if options.heads else None
-    edges = sample_photo_edges(rng) if options.photo_edges and rng.random() < options.photo_edges else None  # last
+    edges = sample_photo_edges(rng) if options.photo_edges and rng.random() < options.photo_edges else None
+    crowd = int(rng.integers(2**31)) if options.bystanders and rng.random() < options.bystanders else None  # last
+    background = None if crowd is None else bystanders_behind(model, np.random.default_rng(crowd), grid.crop_size,
+                                                               scale, settings, options)
     scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, settings, head)
     image, _ = render(model_to_crop(scene, pose, scale, translation), triangles, albedo, grid.crop_size, settings,
-                      face_triangles=len(model.triangles))
+                      face_triangles=len(model.triangles), background=background)
     if edges is not None:
         image = cut_at_photo_edges(image, vertices[model.landmark_vertices, :2], edges)
     return posed_sample(image, vertices, model.triangles, rotation, grid, vertices[model.landmark_vertices], pose,
                         with_frontal, expression=expression,
                         expression_label=np.uint8(expression_label(expression)))
+
+
+def bystanders_behind(model: FaceModel, rng: np.random.Generator, size: int, scale: float, settings: RenderSettings,
+                      options: ImageOptions) -> np.ndarray:
+    """``(S, S, 3)`` float background: ``settings.background``'s texture with one or two other people of ``model``
+    drawn over it (each its own identity, expression, pose, light and skin; a head when ``options.heads``), their
+    landmark box centred 0.35-0.65 of the crop from its centre (partly in view) at 0.6-1.2 times the face's
+    ``scale`` (px/mm). The face is drawn over all of it, so they are always behind."""
+    background = texture_image(settings.background, size)
+    for _ in range(int(rng.integers(1, 3))):
+        identity, expression = model.sample_coefficients(rng)
+        mesh_mm = model.shape(identity, expression)
+        pose = sample_pose(rng)
+        their_scale = scale * rng.uniform(0.6, 1.2)
+        angle, distance = rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.65) * size
+        posed = model_to_crop(mesh_mm[model.landmark_vertices], pose, their_scale, np.zeros(3))
+        centre = (size - 1) / 2 + distance * np.array([np.cos(angle), np.sin(angle)])
+        translation = np.append(centre - 0.5 * (posed[:, :2].min(0) + posed[:, :2].max(0)), 0.0)
+        their = RenderSettings.sample(rng, lighting=options.lighting)
+        head = HeadSettings.sample(rng, their.brow_colour) if options.heads else None
+        scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, their, head)
+        background, _ = shade(model_to_crop(scene, pose, their_scale, translation), triangles, albedo, size, their,
+                              background=background)
+    return background
 
 
 def sample_photo_edges(rng: np.random.Generator) -> np.ndarray:
@@ -379,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="P", help="probability that the crop reaches past the photo's edges, black beyond "
                                           "them, as in most crops of real photos (default 0; "
                                           "benchmarks/results_synthetic_to_real.md)")
+    parser.add_argument("--bystanders", type=unit_interval_argument("probability", include_one=True), default=0.0,
+                        metavar="P", help="probability that one or two other people stand behind the face, partly "
+                                          "in view (default 0)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 
@@ -395,7 +429,7 @@ def main(argv=None) -> int:
         parser.error(f"--face-model {args.face_model!r}: {err}")
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
     options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads,
-                           photo_edges=args.photo_edges, lighting=args.lighting)
+                           photo_edges=args.photo_edges, lighting=args.lighting, bystanders=args.bystanders)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
                         _file_attrs(model, args.face_model, args.seed, name, options), args.frontal)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import h5py
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion
 
 from data_prep import synthetic
 from data_prep.face_model import expression_label, load_face_model
@@ -182,6 +183,18 @@ def test_rich_lighting_changes_only_the_image_and_is_recorded(model, tmp_path, r
     assert np.abs(plain["image"].astype(int) - rich["image"]).mean() > 1
     assert "lighting" not in open_dataset(reference).attrs
     assert open_dataset(generate(tmp_path / "rich.h5", lighting="rich")).attrs["lighting"] == "rich"
+
+
+def test_bystanders_stand_behind_the_face_and_change_nothing_else(model, tmp_path):
+    plain = make_sample(model, GRID, sample_rng(5, "val", 7))
+    crowd = make_sample(model, GRID, sample_rng(5, "val", 7), options=ImageOptions(bystanders=1.0))
+    for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
+        np.testing.assert_array_equal(plain[key], crowd[key])
+    face = binary_erosion(rasterise(plain["vertices"].astype(float), model.triangles, GRID.height, GRID.width).mask,
+                          iterations=2)  # away from the outline, where blur mixes in the background
+    np.testing.assert_array_equal(crowd["image"][face], plain["image"][face])
+    assert (np.abs(crowd["image"].astype(int) - plain["image"])[~face].max(-1) > 20).mean() > 0.05  # someone is there
+    assert open_dataset(generate(tmp_path / "crowd.h5", bystanders=0.5)).attrs["bystanders"] == 0.5
 
 
 def test_the_camera_is_recorded_only_when_photographic_and_a_rerun_with_another_is_refused(tmp_path, reference):
