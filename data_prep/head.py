@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import binary_fill_holes, distance_transform_edt
 
 from lightning_vrn.geometry.raster import rasterise
 
@@ -156,22 +157,8 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
     frame = _FaceFrame.of(face, landmark_vertices)
     io = frame.io
     centre, radii = _skull(frame, settings)
-    skull, skull_triangles = ellipsoid(centre, radii, 36, 72)
-    skull, hair = _with_hair(skull, centre, radii, frame, settings)
-    parts = [] if own_head else [(skull, skull_triangles, hair, "skull")]
-    ear_y = 0.5 * (frame.eye_y + frame.nose_base_y)
-    ear_z = centre[2] + 0.1 * radii[2]
-    ear_radii = np.array([0.09, settings.ear_size / 2, 0.2]) * io
-    for side in () if own_head else (-1.0, 1.0):
-        reach = 1.0 - ((ear_y - centre[1]) / radii[1]) ** 2 - ((ear_z - centre[2]) / radii[2]) ** 2
-        ear_x = centre[0] + side * (radii[0] * np.sqrt(max(reach, 0.0)) + 0.05 * io)
-        ear, ear_triangles = ellipsoid((ear_x, ear_y, ear_z), ear_radii, 10, 20)
-        parts.append((ear, ear_triangles, np.zeros(len(ear)), "ear"))
-    neck_radii = np.array([settings.neck_width / 2, 1.1, 0.6]) * io
     neck_centre = (frame.centre_x, frame.chin_y - 0.6 * io, centre[2] + 0.2 * radii[2])
-    neck, neck_triangles = ellipsoid(neck_centre, neck_radii, 24, 32)
-    if not own_head:
-        parts.append((neck, neck_triangles, np.zeros(len(neck)), "neck"))
+    parts = [] if own_head else _skull_ears_neck(frame, settings, centre, radii, neck_centre)
     shoulders, shoulder_triangles = ellipsoid((frame.centre_x, frame.chin_y - 2.1 * io, neck_centre[2]),
                                               np.array([2.1, 0.75, 0.9]) * io, 20, 48)
     parts.append((shoulders, shoulder_triangles, np.zeros(len(shoulders)), "shoulders"))
@@ -228,6 +215,27 @@ def _with_hair(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame:
     return points + outward * (settings.hair_thickness * hair)[:, None], hair
 
 
+def _skull_ears_neck(frame: _FaceFrame, settings: HeadSettings, centre: np.ndarray, radii: np.ndarray,
+                     neck_centre: tuple) -> list[tuple]:
+    """The skull (with its hair), two ears and the neck as :func:`head_mesh`'s parts:
+    ``(vertices, triangles, hair cover, part name)`` each."""
+    io = frame.io
+    skull, skull_triangles = ellipsoid(centre, radii, 36, 72)
+    skull, hair = _with_hair(skull, centre, radii, frame, settings)
+    parts = [(skull, skull_triangles, hair, "skull")]
+    ear_y = 0.5 * (frame.eye_y + frame.nose_base_y)
+    ear_z = centre[2] + 0.1 * radii[2]
+    ear_radii = np.array([0.09, settings.ear_size / 2, 0.2]) * io
+    for side in (-1.0, 1.0):
+        reach = 1.0 - ((ear_y - centre[1]) / radii[1]) ** 2 - ((ear_z - centre[2]) / radii[2]) ** 2
+        ear_x = centre[0] + side * (radii[0] * np.sqrt(max(reach, 0.0)) + 0.05 * io)
+        ear, ear_triangles = ellipsoid((ear_x, ear_y, ear_z), ear_radii, 10, 20)
+        parts.append((ear, ear_triangles, np.zeros(len(ear)), "ear"))
+    neck, neck_triangles = ellipsoid(neck_centre, np.array([settings.neck_width / 2, 1.1, 0.6]) * io, 24, 32)
+    parts.append((neck, neck_triangles, np.zeros(len(neck)), "neck"))
+    return parts
+
+
 def _hair_cover(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: _FaceFrame,
                 settings: HeadSettings) -> np.ndarray:
     """(R,) hair cover of head points: 1 above the hairline (the brows' height plus ``hairline * io`` at the
@@ -270,7 +278,13 @@ class _FrontalDepth:
         # rasterise takes image coordinates: x right, y down, z away from the viewer.
         image = np.column_stack([(face[:, 0] - self.origin[0]) / DEPTH_MAP_MM,
                                  (self.origin[1] - face[:, 1]) / DEPTH_MAP_MM, -face[:, 2]])
-        self.depth = -rasterise(image, triangles, height, width).depth   # -inf where the face is not
+        depth = -rasterise(image, triangles, height, width).depth   # -inf where the face is not
+        # Openings (eyes, mouth) take the depth of the nearest face pixel, so nothing shows through them.
+        holes = binary_fill_holes(np.isfinite(depth)) & ~np.isfinite(depth)
+        if holes.any():
+            nearest = distance_transform_edt(~np.isfinite(depth), return_distances=False, return_indices=True)
+            depth[holes] = depth[tuple(index[holes] for index in nearest)]
+        self.depth = depth
 
     def at(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The face's front z (mm) at ``(N, 2)`` model x, y (its nearest pixel) and whether the face is there."""

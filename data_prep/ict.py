@@ -11,10 +11,11 @@ full weight; ``expression_names`` (K_exp,); ``landmarks_68`` (68,) iBUG-68 verte
 The face region (``face``: the vertices ``0 .. face[1]``, the face between the ears without ears and neck, which
 also reaches 89 mm under the chin) becomes the :class:`~data_prep.face_model.FaceModel`'s mesh, the one
 voxelised, stored and scored; of the ICT regions it is the one closest to the Basel face region of AFLW2000-3D's
-ground truth (docs/synthetic_heads.md). Every other vertex becomes its :class:`~data_prep.face_model.ModelHead`, rendered and never voxelised:
-head and neck, mouth socket, eye sockets, gums and tongue, teeth, eyeballs, eyelashes. The lacrimal fluid,
-eye blend and eye occlusion meshes are left out: they are transparent overlays that an opaque renderer would
-draw as grey films over the eyes; so is the corrective expression ``mouthClose`` (:data:`CORRECTIVE_EXPRESSIONS`).
+ground truth (docs/synthetic_images.md). Every other vertex becomes its
+:class:`~data_prep.face_model.ModelHead`, rendered and never voxelised: head and neck, mouth socket, eye sockets,
+gums and tongue, teeth, eyeballs, eyelashes. The lacrimal fluid, eye blend and eye occlusion meshes are not
+rendered (their vertices stay, unused): they are transparent overlays that an opaque renderer would draw as grey
+films over the eyes. The corrective expression ``mouthClose`` is left out (:data:`CORRECTIVE_EXPRESSIONS`).
 Lengths are converted to mm; quads are split into two triangles.
 """
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from data_prep.face_model import load_face_model
-from data_prep.head import PARTS, HeadSettings, beard_weight, ellipsoid, face_hair, head_mesh
+from data_prep.head import BEHIND_FACE_MM, PARTS, HeadSettings, _FrontalDepth, beard_weight, ellipsoid, face_hair, head_mesh
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
@@ -113,3 +113,20 @@ def test_hair_and_beard_follow_the_hairline_and_the_lower_face(model):
     lips = face[ids[48:60]]
     mouth = (np.abs(face[:, 0] - lips[:, 0].mean()) < 5) & (np.abs(face[:, 1] - lips[:, 1].mean()) < 3)
     assert beard[mouth].max() == 0  # not over the lips
+
+
+def test_the_depth_map_closes_the_face_s_openings():
+    """A face with a square hole (an eye or a mouth): what lies behind the hole is pushed back as behind the face."""
+    x, y = np.meshgrid(np.arange(-30.0, 31.0, 3.0), np.arange(30.0, -31.0, -3.0))
+    grid = np.stack([x, y, np.zeros_like(x)], -1).reshape(-1, 3)
+    columns = x.shape[1]
+    a = (np.arange(x.shape[0] - 1)[:, None] * columns + np.arange(columns - 1)).ravel()
+    triangles = np.concatenate([np.stack([a, a + columns, a + 1], 1), np.stack([a + 1, a + columns, a + columns + 1], 1)])
+    centre = grid[triangles].mean(1)
+    triangles = triangles[(np.abs(centre[:, 0]) > 7) | (np.abs(centre[:, 1]) > 7)]  # a 14 mm hole in the middle
+    depth = _FrontalDepth(grid, triangles)
+    z, covered = depth.at(np.array([[0.0, 0.0], [20.0, 20.0], [60.0, 0.0]]))
+    np.testing.assert_array_equal(covered, [True, True, False])
+    np.testing.assert_allclose(z[:2], 0.0)
+    pushed = depth.push_behind(np.array([[0.0, 0.0, 5.0], [60.0, 0.0, 5.0]]))
+    np.testing.assert_allclose(pushed[:, 2], [-BEHIND_FACE_MM, 5.0])
