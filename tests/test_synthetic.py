@@ -141,7 +141,7 @@ def test_heads_change_only_the_image_and_are_recorded(model, tmp_path):
 def test_photo_edges_black_out_what_lies_beyond_the_photo_and_nothing_else(model):
     blacked = 0
     for index in range(4):
-        plain = make_sample(model, GRID, sample_rng(5, "val", index))
+        plain = make_sample(model, GRID, sample_rng(5, "val", index), options=ImageOptions(photo_edges=0.0))
         cut = make_sample(model, GRID, sample_rng(5, "val", index), options=ImageOptions(photo_edges=1.0))
         for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
             np.testing.assert_array_equal(plain[key], cut[key])
@@ -168,11 +168,11 @@ def test_photo_edges_come_with_their_probability_and_are_recorded(model, tmp_pat
     edged = [(make_sample(model, GRID, sample_rng(2, "p", i), options=ImageOptions(photo_edges=0.5))["image"] == 0)
              .all(-1).any() for i in range(60)]
     assert 0.3 < np.mean(edged) < 0.7
-    assert "photo_edges" not in open_dataset(reference).attrs
-    path = generate(tmp_path / "edges.h5", photo_edges=0.9)
-    assert open_dataset(path).attrs["photo_edges"] == 0.9
+    assert open_dataset(reference).attrs["photo_edges"] == synthetic.PHOTO_EDGES == 0.9  # the default
+    path = generate(tmp_path / "none.h5", photo_edges=0.0)
+    assert "photo_edges" not in open_dataset(path).attrs  # as in files made before the option
     with pytest.raises(FileExistsError, match="photo_edges"):
-        generate(path, photo_edges=0.5)
+        generate(path)
 
 
 def test_rich_lighting_changes_only_the_image_and_is_recorded(model, tmp_path, reference):
