@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from scipy.spatial import cKDTree
 
 from lightning_vrn.geometry.mesh_check import check_mesh
 from lightning_vrn.geometry.normals import vertex_normals
@@ -35,6 +36,9 @@ with the normal (first-order spherical harmonics), colour temperature, cast shad
 (:meth:`RenderSettings.sample`)."""
 SHADOW_BIAS_PX = 2.5
 """How far (px) a point must lie behind the surface nearest the light to be in its shadow."""
+SKINS = ("plain", "detailed")
+"""How much a face's albedo shows: ``plain`` skin tone, smooth variation, lips, eyes, brows; ``detailed`` also
+pores, freckles, moles, blush, eye shadow, stubble and teeth in an open mouth (:class:`SkinDetail`)."""
 CAMERAS = ("basic", "photographic")
 """What the camera does to an image: ``basic`` a little defocus, sensor noise and gamma; ``photographic`` also
 stronger defocus, white balance, a lower resolution scaled back up and JPEG (:meth:`RenderSettings.sample`)."""
@@ -105,6 +109,28 @@ class OccluderSettings:
 
 
 @dataclass(eq=False)
+class SkinDetail:
+    """Small-scale appearance painted over a face's albedo (mm in the model frame)."""
+
+    pores: float            # std of per-vertex brightness noise (relative)
+    freckles: int           # number of freckles over the cheeks and nose
+    moles: int              # number of moles anywhere on the face
+    blush: float            # redness added on the cheeks (relative)
+    eye_shadow: float       # how much the lids take ``shadow_colour``
+    shadow_colour: np.ndarray  # (3,) RGB
+    stubble: float          # darkening of the lower face by stubble
+    seed: int
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> "SkinDetail":
+        return cls(pores=float(rng.uniform(0.0, 0.06)), freckles=int(rng.choice([0, 0, rng.integers(10, 150)])),
+                   moles=int(rng.integers(0, 4)), blush=float(rng.uniform(0.0, 0.2)),
+                   eye_shadow=float(rng.choice([0.0, rng.uniform(0.2, 0.6)])),
+                   shadow_colour=rng.uniform(0.1, 0.6, size=3),
+                   stubble=float(rng.choice([0.0, 0.0, rng.uniform(0.1, 0.4)])), seed=int(rng.integers(2**31)))
+
+
+@dataclass(eq=False)
 class RenderSettings:
     """All randomness of one rendered image (lighting, albedo, background, occluders, camera)."""
 
@@ -132,17 +158,21 @@ class RenderSettings:
     shadows: bool = False              # the directional light casts shadows
     specular: float = 0.0              # strength of the Blinn-Phong highlight
     shininess: float = 20.0            # its exponent
+    skin_detail: SkinDetail | None = None  # pores, freckles, moles, makeup, stubble, teeth (None: plain skin)
 
     @classmethod
     def sample(cls, rng: np.random.Generator, occluders: bool = False, camera: str = "basic",
-               lighting: str = "lambert") -> "RenderSettings":
+               lighting: str = "lambert", skin: str = "plain") -> "RenderSettings":
         """Random settings; ``occluders=True`` adds one or two occluders; ``camera`` one of :data:`CAMERAS`;
-        ``lighting`` one of :data:`LIGHTINGS`. The photographic camera's draws, then the rich lighting's, come
-        last, so the rest of the settings (and anything drawn before them from ``rng``) are the same either way."""
+        ``lighting`` one of :data:`LIGHTINGS`; ``skin`` one of :data:`SKINS`. The photographic camera's draws,
+        then the rich lighting's, then the skin's come last, so the rest of the settings (and anything drawn
+        before them from ``rng``) are the same either way."""
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
         if lighting not in LIGHTINGS:
             raise ValueError(f"lighting must be one of {LIGHTINGS}, got {lighting!r}")
+        if skin not in SKINS:
+            raise ValueError(f"skin must be one of {SKINS}, got {skin!r}")
         # Light within 75 degrees of the camera axis, uniform on that spherical cap.
         cos_polar = rng.uniform(np.cos(np.radians(75.0)), 1.0)
         azimuth = rng.uniform(0.0, 2.0 * np.pi)
@@ -176,6 +206,8 @@ class RenderSettings:
                                jpeg_quality=int(rng.integers(30, 96)))
         if lighting == "rich":
             settings = _rich_lighting(settings, rng)
+        if skin == "detailed":
+            settings = replace(settings, skin_detail=SkinDetail.sample(rng))
         return settings
 
 
@@ -239,7 +271,52 @@ def vertex_albedo(vertices_model_mm: np.ndarray, settings: RenderSettings,
     if landmark_vertices is not None:
         albedo = _paint_features(vertices, albedo, np.asarray(landmark_vertices, dtype=np.int64), settings, rng,
                                  paint_eyes)
+        if settings.skin_detail is not None:
+            albedo = _paint_detail(vertices, albedo, np.asarray(landmark_vertices, dtype=np.int64), settings)
     return np.clip(albedo, 0.0, 1.0)
+
+
+def _paint_detail(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices: np.ndarray,
+                  settings: RenderSettings) -> np.ndarray:
+    """``settings.skin_detail`` painted over ``(V, 3)`` albedo, located by the landmark vertices (68,): pores as
+    per-vertex noise; freckles (1-2 mm) on the cheeks and nose; moles (1.5-3 mm) anywhere; blush around each
+    cheek's centre; eye shadow between each eye and its brow; stubble below the nose outside the lips; teeth in
+    the upper part of an open mouth."""
+    detail = settings.skin_detail
+    rng = np.random.default_rng(detail.seed)
+    albedo = albedo * (1.0 + detail.pores * rng.standard_normal(len(vertices)))[:, None]
+    if (landmark_vertices < 0).any():  # a model without every landmark: pores alone
+        return albedo
+    mark = vertices[landmark_vertices]
+
+    def spots(centres: np.ndarray, radius: np.ndarray) -> np.ndarray:
+        """(V,) largest Gaussian bump of the spots (N, 3) of radii (N,) mm at each vertex."""
+        if not len(centres):
+            return np.zeros(len(vertices))
+        distance, nearest = cKDTree(centres).query(vertices)
+        return np.exp(-0.5 * (distance / radius[nearest]) ** 2)
+
+    cheeks = np.vstack([0.5 * (mark[41] + mark[48]), 0.5 * (mark[46] + mark[54])])   # between eye and mouth corner
+    around = np.vstack([cheeks, mark[30:31]])[None, :, :2]                          # the cheeks and the nose tip
+    freckled = np.flatnonzero(np.linalg.norm(vertices[:, None, :2] - around, axis=-1).min(axis=1) < 35.0)
+    freckles = rng.choice(freckled, size=detail.freckles)
+    albedo = albedo * (1.0 - 0.35 * spots(vertices[freckles], rng.uniform(0.5, 1.0, len(freckles))))[:, None]
+    moles = rng.choice(len(vertices), size=detail.moles)
+    albedo = _blend(albedo, np.array([0.18, 0.1, 0.07]), 0.9 * spots(vertices[moles], rng.uniform(0.8, 1.5, len(moles))))
+    blush = spots(cheeks, np.full(2, 18.0)) * detail.blush
+    albedo = albedo * (1.0 + blush[:, None] * [0.4, -0.25, -0.25])
+    lids = np.vstack([0.5 * (mark[38] + mark[20]), 0.5 * (mark[43] + mark[23])])   # between each eye and its brow
+    albedo = _blend(albedo, detail.shadow_colour, detail.eye_shadow * spots(lids, np.full(2, 7.0)))
+    lips = _polygon_signed_distance(vertices[:, :2], mark[48:60, :2]) < 2.0
+    below_nose = vertices[:, 1] < mark[33, 1] - 4.0
+    stubble = detail.stubble * below_nose * ~lips * rng.uniform(0.3, 1.0, len(vertices))
+    albedo = albedo * (1.0 - stubble[:, None])
+    inner = mark[60:68, :2]
+    opening = inner[:, 1].max() - inner[:, 1].min()
+    if opening > 3.0:  # an open mouth: teeth in the upper part, below the upper lip
+        teeth = (_polygon_signed_distance(vertices[:, :2], inner) < 0) & (vertices[:, 1] > inner[:, 1].max() - 0.4 * opening)
+        albedo[teeth] = TEETH
+    return albedo
 
 
 def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices: np.ndarray,

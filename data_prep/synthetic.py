@@ -40,7 +40,7 @@ import numpy as np
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead, expression_label, load_face_model
 from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
-from data_prep.render import (CAMERAS, LIGHTINGS, SCLERA, TEETH, RenderSettings, render, shade, texture_image,
+from data_prep.render import (CAMERAS, LIGHTINGS, SCLERA, SKINS, TEETH, RenderSettings, render, shade, texture_image,
                               vertex_albedo)
 from data_prep.writing import check_finished, check_output, write_pending
 from lightning_vrn import __version__
@@ -83,7 +83,7 @@ class ImageOptions:
     :data:`~data_prep.render.CAMERAS`; ``heads``: a head around the face (:mod:`data_prep.head`);
     ``photo_edges``: probability that the crop reaches past the edges of the photo it was cut from (black
     beyond them, :func:`cut_at_photo_edges`; an edge may still fall outside the crop); ``lighting``: one of
-    :data:`~data_prep.render.LIGHTINGS`; ``bystanders``: probability that one or two other people stand behind
+    :data:`~data_prep.render.LIGHTINGS`; ``skin``: one of :data:`~data_prep.render.SKINS`; ``bystanders``: probability that one or two other people stand behind
     the face, partly in view (:func:`bystanders_behind`).
     """
 
@@ -92,6 +92,7 @@ class ImageOptions:
     heads: bool = False
     photo_edges: float = PHOTO_EDGES
     lighting: str = "lambert"
+    skin: str = "plain"
     bystanders: float = 0.0
 
     def attrs(self) -> dict:
@@ -103,11 +104,12 @@ class ImageOptions:
                 **({"heads": HEADS_VERSION} if self.heads else {}),
                 **({"photo_edges": float(self.photo_edges)} if self.photo_edges else {}),
                 **({} if self.lighting == "lambert" else {"lighting": self.lighting}),
+                **({} if self.skin == "plain" else {"skin": self.skin}),
                 **({"bystanders": float(self.bystanders)} if self.bystanders else {})}
 
 
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "photo_edges", "lighting",
-                 "bystanders", "split")
+                 "skin", "bystanders", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -172,7 +174,8 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     vertices = model_to_crop(mesh_mm, pose, scale, translation)
     rotation = crop_rotation(pose)
     with_occluders = rng.random() < options.occluder_prob
-    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera, lighting=options.lighting)
+    settings = RenderSettings.sample(rng, occluders=with_occluders, camera=options.camera, lighting=options.lighting,
+                                     skin=options.skin)
     # The head's draws come last, so the face, pose, crop and render settings are those without a head.
     head = HeadSettings.sample(rng, settings.brow_colour) if options.heads else None
     edges = sample_photo_edges(rng) if options.photo_edges and rng.random() < options.photo_edges else None
@@ -205,7 +208,7 @@ def bystanders_behind(model: FaceModel, rng: np.random.Generator, size: int, sca
         posed = model_to_crop(mesh_mm[model.landmark_vertices], pose, their_scale, np.zeros(3))
         centre = (size - 1) / 2 + distance * np.array([np.cos(angle), np.sin(angle)])
         translation = np.append(centre - 0.5 * (posed[:, :2].min(0) + posed[:, :2].max(0)), 0.0)
-        their = RenderSettings.sample(rng, lighting=options.lighting)
+        their = RenderSettings.sample(rng, lighting=options.lighting, skin=options.skin)
         head = HeadSettings.sample(rng, their.brow_colour) if options.heads else None
         scene, triangles, albedo = _scene(model, mesh_mm, identity, expression, their, head)
         background, _ = shade(model_to_crop(scene, pose, their_scale, translation), triangles, albedo, size, their,
@@ -408,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lighting", choices=LIGHTINGS, default="lambert",
                         help="lambert: one directional light and a flat ambient; rich: also an ambient varying with "
                              "the normal, colour temperature, cast shadows, highlights (default lambert)")
+    parser.add_argument("--skin", choices=SKINS, default="plain",
+                        help="plain: skin tone, smooth variation, lips, eyes, brows; detailed: also pores, freckles, "
+                             "moles, blush, eye shadow, stubble, teeth in an open mouth (default plain)")
     parser.add_argument("--heads", action="store_true",
                         help="draw a head around each face: skull, ears, neck, shoulders, hair (image only; the volume "
                              "stays the face's; data_prep/head.py, benchmarks/results_synthetic_to_real.md)")
@@ -435,7 +441,8 @@ def main(argv=None) -> int:
         parser.error(f"--face-model {args.face_model!r}: {err}")
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
     options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads,
-                           photo_edges=args.photo_edges, lighting=args.lighting, bystanders=args.bystanders)
+                           photo_edges=args.photo_edges, lighting=args.lighting, skin=args.skin,
+                           bystanders=args.bystanders)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
                         _file_attrs(model, args.face_model, args.seed, name, options), args.frontal)

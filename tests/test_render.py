@@ -8,9 +8,11 @@ import pytest
 from data_prep.render import (
     OCCLUDER_SHAPES,
     SCLERA,
+    TEETH,
     TEXTURE_KINDS,
     OccluderSettings,
     RenderSettings,
+    SkinDetail,
     TextureSettings,
     _in_shadow,
     photographed,
@@ -318,3 +320,34 @@ def test_rich_lighting_draws_come_last():
         assert rich.environment.shape == (4, 3) and rich.specular >= 0
     with pytest.raises(ValueError, match="lighting must be one of"):
         RenderSettings.sample(np.random.default_rng(0), lighting="studio")
+
+
+def test_detailed_skin_paints_teeth_in_an_open_mouth_and_spots_where_asked():
+    from data_prep.face_model import load_face_model
+
+    model = load_face_model("builtin")
+    still = SkinDetail(pores=0.0, freckles=0, moles=0, blush=0.0, eye_shadow=0.0, shadow_colour=np.zeros(3),
+                       stubble=0.0, seed=1)
+    settings = RenderSettings.sample(np.random.default_rng(2))
+    opened = model.shape(None, np.eye(len(model.expression_names))[model.expression_names.index("mouth_open")])
+    for face, mouth_open in ((model.mean, False), (opened, True)):
+        plain = vertex_albedo(face, settings, model.landmark_vertices)
+        detailed = vertex_albedo(face, replace(settings, skin_detail=still), model.landmark_vertices)
+        teeth = (detailed != plain).any(axis=1)
+        assert teeth.any() == mouth_open
+        np.testing.assert_allclose(detailed[teeth], np.broadcast_to(TEETH, detailed[teeth].shape))
+    inner = opened[model.landmark_vertices[60:68]]
+    assert (opened[teeth, 1] > inner[:, 1].min()).all() and (opened[teeth, 1] < inner[:, 1].max()).all()
+    moles = vertex_albedo(model.mean, replace(settings, skin_detail=replace(still, moles=3)), model.landmark_vertices)
+    darker = (vertex_albedo(model.mean, settings, model.landmark_vertices) - moles).sum(axis=1) > 0.3
+    assert 3 <= darker.sum() < 200  # three small dark spots
+
+
+def test_skin_detail_draws_come_last():
+    for seed in range(3):
+        plain = RenderSettings.sample(np.random.default_rng(seed), lighting="rich")
+        detailed = RenderSettings.sample(np.random.default_rng(seed), lighting="rich", skin="detailed")
+        np.testing.assert_array_equal(plain.environment, detailed.environment)
+        assert plain.skin_detail is None and detailed.skin_detail is not None
+    with pytest.raises(ValueError, match="skin must be one of"):
+        RenderSettings.sample(np.random.default_rng(0), skin="oily")

@@ -175,14 +175,16 @@ def test_photo_edges_come_with_their_probability_and_are_recorded(model, tmp_pat
         generate(path)
 
 
-def test_rich_lighting_changes_only_the_image_and_is_recorded(model, tmp_path, reference):
+@pytest.mark.parametrize("option, value", [("lighting", "rich"), ("skin", "detailed")])
+def test_rich_lighting_and_detailed_skin_change_only_the_image_and_are_recorded(model, tmp_path, reference,
+                                                                               option, value):
     plain = make_sample(model, GRID, sample_rng(5, "val", 6))
-    rich = make_sample(model, GRID, sample_rng(5, "val", 6), options=ImageOptions(lighting="rich"))
+    changed = make_sample(model, GRID, sample_rng(5, "val", 6), options=ImageOptions(**{option: value}))
     for key in ("volume", "vertices", "pose", "landmarks_3d", "expression"):
-        np.testing.assert_array_equal(plain[key], rich[key])
-    assert np.abs(plain["image"].astype(int) - rich["image"]).mean() > 1
-    assert "lighting" not in open_dataset(reference).attrs
-    assert open_dataset(generate(tmp_path / "rich.h5", lighting="rich")).attrs["lighting"] == "rich"
+        np.testing.assert_array_equal(plain[key], changed[key])
+    assert np.abs(plain["image"].astype(int) - changed["image"]).mean() > 0.5
+    assert option not in open_dataset(reference).attrs
+    assert open_dataset(generate(tmp_path / "changed.h5", **{option: value})).attrs[option] == value
 
 
 def test_bystanders_stand_behind_the_face_and_change_nothing_else(model, tmp_path):
