@@ -199,6 +199,28 @@ def test_bystanders_stand_behind_the_face_and_change_nothing_else(model, tmp_pat
     assert open_dataset(generate(tmp_path / "crowd.h5", bystanders=0.5)).attrs["bystanders"] == 0.5
 
 
+def test_every_image_option_together_is_seeded_whatever_the_workers_and_resumes_to_the_same_samples(tmp_path,
+                                                                                                    monkeypatch):
+    everything = dict(occluder_prob=0.5, camera="photographic", heads=True, photo_edges=0.9, lighting="rich",
+                      skin="detailed", bystanders=1.0)
+    assert set(everything) == set(ImageOptions.__dataclass_fields__)  # a new option joins this test
+    one = generate(tmp_path / "one.h5", **everything)
+    assert generate(tmp_path / "two.h5", workers=2, **everything).read_bytes() == one.read_bytes()
+    real_make_sample, calls = synthetic.make_sample, []
+
+    def dies_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_make_sample(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "make_sample", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "resumed.h5", **everything)
+    monkeypatch.setattr(synthetic, "make_sample", real_make_sample)
+    assert_same_dataset(generate(tmp_path / "resumed.h5", **everything), one)
+
+
 def test_the_camera_is_recorded_only_when_photographic_and_a_rerun_with_another_is_refused(tmp_path, reference):
     assert "camera" not in open_dataset(reference).attrs  # basic files stay as they were before the option
     path = generate(tmp_path / "train.h5", camera="photographic", workers=2)
