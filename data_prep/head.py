@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes, distance_transform_edt
+from scipy.spatial import cKDTree
 
 from lightning_vrn.geometry.raster import rasterise
 
@@ -40,6 +41,8 @@ BEHIND_FACE_MM = 2.0
 """How far behind the face's surface (seen from the front) head parts that would cover it are pushed (mm)."""
 FRINGE_OFFSET_MM = 2.5
 """How far in front of the forehead the fringe's sheet lies (mm)."""
+HAIR_TAPER_MM = 15.0
+"""Distance from the face over which hair on a model's own scalp grows to its full thickness (mm)."""
 DEPTH_MAP_MM = 1.5
 """Pixel size (mm) of the face's frontal depth map used to push head parts behind the face."""
 
@@ -194,9 +197,15 @@ def _skull(frame: _FaceFrame, settings: HeadSettings) -> tuple[np.ndarray, np.nd
 def scalp_hair(scalp: np.ndarray, face: np.ndarray, landmark_vertices: np.ndarray,
                settings: HeadSettings) -> tuple[np.ndarray, np.ndarray]:
     """Hair on a face model's own head: its ``(R, 3)`` scalp vertices (mm) moved out by the hair's thickness where
-    hair covers them, and the (R,) cover, by the same hairline as the skull of :func:`head_mesh`."""
+    hair covers them, and the (R,) cover, by the same hairline as the skull of :func:`head_mesh`. The thickness
+    tapers to nothing over :data:`HAIR_TAPER_MM` toward the face, whose vertices never move (no step where the
+    scalp meets the face)."""
     frame = _FaceFrame.of(face, landmark_vertices)
-    return _with_hair(scalp, *_skull(frame, settings), frame, settings)
+    centre, radii = _skull(frame, settings)
+    cover = _hair_cover(scalp, centre, radii, frame, settings)
+    taper = np.clip(cKDTree(face).query(scalp)[0] / HAIR_TAPER_MM, 0.0, 1.0)
+    outward = (scalp - centre) / np.maximum(np.linalg.norm(scalp - centre, axis=1, keepdims=True), 1e-9)
+    return scalp + outward * (settings.hair_thickness * cover * taper)[:, None], cover
 
 
 def face_hair(face: np.ndarray, landmark_vertices: np.ndarray, settings: HeadSettings) -> np.ndarray:

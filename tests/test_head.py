@@ -7,7 +7,8 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from data_prep.face_model import load_face_model
-from data_prep.head import BEHIND_FACE_MM, PARTS, HeadSettings, _FrontalDepth, beard_weight, ellipsoid, face_hair, head_mesh
+from data_prep.head import (BEHIND_FACE_MM, PARTS, HeadSettings, _FrontalDepth, beard_weight, ellipsoid, face_hair,
+                            head_mesh, scalp_hair)
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
@@ -130,3 +131,13 @@ def test_the_depth_map_closes_the_face_s_openings():
     np.testing.assert_allclose(z[:2], 0.0)
     pushed = depth.push_behind(np.array([[0.0, 0.0, 5.0], [60.0, 0.0, 5.0]]))
     np.testing.assert_allclose(pushed[:, 2], [-BEHIND_FACE_MM, 5.0])
+
+
+def test_hair_on_a_model_s_own_scalp_thins_to_nothing_where_the_scalp_meets_the_face(model):
+    face = model.mean.astype(np.float64)
+    top = face[face[:, 1] > face[:, 1].max() - 5]                     # a scalp strip just above the face's top
+    scalp = np.vstack([top + [0.0, 0.5, 0.0], top + [0.0, 40.0, -20.0]])
+    moved, cover = scalp_hair(scalp, face, model.landmark_vertices, settings(hairline=0.2, hair_thickness=10.0))
+    shift = np.linalg.norm(moved - scalp, axis=1)
+    assert (cover > 0.99).all()
+    assert shift[: len(top)].max() < 0.5 and np.allclose(shift[len(top):], 10.0)  # at the seam, and 15 mm away

@@ -1,11 +1,13 @@
 """The ICT Face Model reader (data_prep.ict): its face region voxelised, its whole head rendered."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from data_prep.face_model import HEAD_PARTS, load_face_model
 from data_prep.ict import load_ict
-from data_prep.synthetic import make_sample, sample_rng
+from data_prep.synthetic import ImageOptions, make_sample, sample_rng
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
 from lightning_vrn.geometry.raster import rasterise
@@ -135,7 +137,8 @@ def test_a_sample_voxelises_the_face_region_and_renders_the_whole_head(ict, monk
 
     monkeypatch.setattr(synthetic, "sample_pose", lambda rng: np.radians([0.0, 90.0, 0.0]))
     monkeypatch.setattr(ict, "sample_coefficients", lambda rng: (np.zeros(50, np.float32), np.zeros(56, np.float32)))
-    sample = make_sample(ict, GRID, sample_rng(3, "test", 0))
+    whole = ImageOptions(photo_edges=0.0)  # nothing blacked out beyond a photo's edge
+    sample = make_sample(ict, GRID, sample_rng(3, "test", 0), options=whole)
     assert sample["vertices"].shape == (9409, 3)
     np.testing.assert_array_equal(sample["landmarks_3d"], sample["vertices"][ict.landmark_vertices])
     rotation = crop_rotation(sample["pose"])
@@ -151,6 +154,13 @@ def test_a_sample_voxelises_the_face_region_and_renders_the_whole_head(ict, monk
     head_pixels = raster.triangle >= len(ict.triangles)
     empty = ~sample["volume"].any(axis=0)
     assert (head_pixels & empty).sum() > 300  # of the 96 x 96 crop; the face fills about 4,600
+    # and the sample's image shows it there: without its head the same face leaves those pixels to the background
+    headless_model = replace(ict, head=None)
+    headless_model.sample_coefficients = ict.sample_coefficients  # the mean face, as above
+    headless = make_sample(headless_model, GRID, sample_rng(3, "test", 0), options=whole)
+    np.testing.assert_array_equal(headless["volume"], sample["volume"])
+    changed = np.abs(sample["image"].astype(int) - headless["image"]).max(axis=-1) > 10
+    assert changed[head_pixels & empty].mean() > 0.8
     # and the nose hides the far cheek: the far outer eye corner (landmark 36) is behind what is drawn there
     far = face[ict.landmark_vertices[36]]
     col, row = np.round(far[:2]).astype(int)
