@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_erosion
 
-from data_prep import synthetic
+from data_prep import scene, synthetic
 from data_prep.face_model import expression_label, load_face_model
 from data_prep.render import vertex_normals
 from data_prep.synthetic import (
@@ -158,7 +158,7 @@ def test_photo_edges_black_out_what_lies_beyond_the_photo_and_nothing_else(model
 def test_cut_at_photo_edges_measures_margins_in_landmark_box_sizes():
     image = np.full((40, 40, 3), 200, np.uint8)
     landmarks = np.array([[10.0, 12.0], [20.0, 22.0]])  # a 10 x 10 box
-    cut = synthetic.cut_at_photo_edges(image, landmarks, np.array([0.5, np.inf, 0.0, 1.0]))
+    cut = scene.cut_at_photo_edges(image, landmarks, np.array([0.5, np.inf, 0.0, 1.0]))
     kept = (cut > 0).all(-1)
     rows, cols = np.nonzero(kept)
     assert (cols.min(), cols.max(), rows.min(), rows.max()) == (5, 39, 12, 32)
