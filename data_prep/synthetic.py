@@ -63,9 +63,9 @@ HEADS_VERSION = "skull, ears, neck, shoulders, hair"
 """What ``--heads`` draws, as recorded in a file's ``heads`` attribute (a file of the earlier flat heads, recorded
 as True, is not taken for one of these)."""
 PHOTO_EDGES = 0.9
-"""Default share of samples cut by photo edges (``--photo-edges``): it lowered the make-demo model's NME on the
-190 aflw2000_val photos from 0.2349 to 0.2184, paired -0.0165 [-0.0296, -0.0041], its synthetic test NME
-unchanged (benchmarks/results_synthetic_to_real.md)."""
+"""Default share of samples cut by photo edges (``--photo-edges``): with two training seeds it lowered the make-demo
+model's NME on the 190 aflw2000_val photos from 0.2349 / 0.2552 to 0.2184 / 0.2239 (paired -0.0165 [-0.0296,
+-0.0041] and -0.0314 [-0.0466, -0.0158]), its synthetic test NME unchanged (benchmarks/results_synthetic_to_real.md)."""
 
 
 @dataclass(frozen=True)
