@@ -201,11 +201,8 @@ def scalp_hair(scalp: np.ndarray, face: np.ndarray, landmark_vertices: np.ndarra
     tapers to nothing over :data:`HAIR_TAPER_MM` toward the face, whose vertices never move (no step where the
     scalp meets the face)."""
     frame = _FaceFrame.of(face, landmark_vertices)
-    centre, radii = _skull(frame, settings)
-    cover = _hair_cover(scalp, centre, radii, frame, settings)
     taper = np.clip(cKDTree(face).query(scalp)[0] / HAIR_TAPER_MM, 0.0, 1.0)
-    outward = (scalp - centre) / np.maximum(np.linalg.norm(scalp - centre, axis=1, keepdims=True), 1e-9)
-    return scalp + outward * (settings.hair_thickness * cover * taper)[:, None], cover
+    return _with_hair(scalp, *_skull(frame, settings), frame, settings, taper)
 
 
 def face_hair(face: np.ndarray, landmark_vertices: np.ndarray, settings: HeadSettings) -> np.ndarray:
@@ -216,12 +213,12 @@ def face_hair(face: np.ndarray, landmark_vertices: np.ndarray, settings: HeadSet
 
 
 def _with_hair(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: _FaceFrame,
-               settings: HeadSettings) -> tuple[np.ndarray, np.ndarray]:
-    """``(R, 3)`` head points moved away from the skull's centre by ``hair_thickness`` times their hair cover,
-    and the (R,) cover (:func:`_hair_cover`)."""
+               settings: HeadSettings, taper=1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, 3)`` head points moved away from the skull's centre by ``hair_thickness`` times their hair cover and
+    ``taper`` (a scalar or (R,)), and the (R,) cover (:func:`_hair_cover`)."""
     hair = _hair_cover(points, centre, radii, frame, settings)
     outward = (points - centre) / np.maximum(np.linalg.norm(points - centre, axis=1, keepdims=True), 1e-9)
-    return points + outward * (settings.hair_thickness * hair)[:, None], hair
+    return points + outward * (settings.hair_thickness * hair * taper)[:, None], hair
 
 
 def _skull_ears_neck(frame: _FaceFrame, settings: HeadSettings, centre: np.ndarray, radii: np.ndarray,

@@ -69,6 +69,22 @@ def read_all(path):
     return ds, [ds.read(i, ds.fields) for i in range(len(ds))]
 
 
+def killed_after_two_samples(path, monkeypatch, **overrides):
+    """``generate(path, **overrides)`` interrupted (KeyboardInterrupt) when it asks for its third sample."""
+    real_make_sample, calls = synthetic.make_sample, []
+
+    def dies_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_make_sample(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "make_sample", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(path, **overrides)
+    monkeypatch.setattr(synthetic, "make_sample", real_make_sample)
+
+
 def assert_same_dataset(path_a, path_b):
     (a, samples_a), (b, samples_b) = read_all(path_a), read_all(path_b)
     assert a.attrs == b.attrs
@@ -206,18 +222,7 @@ def test_every_image_option_together_is_seeded_whatever_the_workers_and_resumes_
     assert set(everything) == set(ImageOptions.__dataclass_fields__)  # a new option joins this test
     one = generate(tmp_path / "one.h5", **everything)
     assert generate(tmp_path / "two.h5", workers=2, **everything).read_bytes() == one.read_bytes()
-    real_make_sample, calls = synthetic.make_sample, []
-
-    def dies_after_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return real_make_sample(*args, **kwargs)
-
-    monkeypatch.setattr(synthetic, "make_sample", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        generate(tmp_path / "resumed.h5", **everything)
-    monkeypatch.setattr(synthetic, "make_sample", real_make_sample)
+    killed_after_two_samples(tmp_path / "resumed.h5", monkeypatch, **everything)
     assert_same_dataset(generate(tmp_path / "resumed.h5", **everything), one)
 
 
@@ -297,19 +302,8 @@ def test_workers_give_byte_identical_files(tmp_path, reference):
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, reference, monkeypatch):
     path = tmp_path / "train.h5"
-    real_make_sample, calls = synthetic.make_sample, []
-
-    def dies_after_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return real_make_sample(*args, **kwargs)
-
-    monkeypatch.setattr(synthetic, "make_sample", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        generate(path)
+    killed_after_two_samples(path, monkeypatch)
     assert not path.exists() and path.with_name("train.h5.partial").exists()
-    monkeypatch.setattr(synthetic, "make_sample", real_make_sample)
     generate(path)
     assert_same_dataset(path, reference)
     # A finished file is left alone when the arguments match and refused when they differ.
