@@ -97,7 +97,7 @@ class HeadMesh:
 
 
 @dataclass(frozen=True)
-class _FaceFrame:
+class FaceFrame:
     """Where the face is, from its landmarks (mm): eye line ``eye_y``, brows ``brow_y`` and depth ``brow_z``,
     nose base ``nose_base_y``, chin ``chin_y``, midline ``centre_x`` and interocular ``io``."""
 
@@ -110,7 +110,7 @@ class _FaceFrame:
     chin_y: float
 
     @classmethod
-    def of(cls, face: np.ndarray, landmark_vertices: np.ndarray) -> "_FaceFrame":
+    def of(cls, face: np.ndarray, landmark_vertices: np.ndarray) -> "FaceFrame":
         needed = [*_JAW_ENDS, _CHIN, *_BROWS, *_EYE_CORNERS, _NOSE_BASE]
         ids = np.asarray(landmark_vertices, dtype=np.int64)
         if ids.shape != (68,) or (ids[needed] < 0).any():
@@ -157,7 +157,7 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
 
     ``own_head``: the face model renders a head of its own (the ICT model), so only the long hair's curtain, the
     fringe and the shoulders are made (its scalp gets hair from :func:`scalp_hair`)."""
-    frame = _FaceFrame.of(face, landmark_vertices)
+    frame = FaceFrame.of(face, landmark_vertices)
     io = frame.io
     centre, radii = _skull(frame, settings)
     neck_centre = (frame.centre_x, frame.chin_y - 0.6 * io, centre[2] + 0.2 * radii[2])
@@ -174,7 +174,7 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
         curtain_triangles = curtain_triangles[(curtain[curtain_triangles, 2] < centre[2] + 0.35 * radii[2]).all(1)]
         parts.append((curtain, curtain_triangles, np.ones(len(curtain)), "curtain"))
 
-    depth = _FrontalDepth(face, face_triangles)
+    depth = FrontalDepth(face, face_triangles)
     parts = [(depth.push_behind(part_vertices), *rest) for part_vertices, *rest in parts]
     if settings.fringe > 0:
         parts.append((*_fringe(depth, frame, settings), "fringe"))
@@ -188,7 +188,7 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
     return HeadMesh(np.vstack(vertices), np.vstack(triangles), np.concatenate(hair_cover), np.concatenate(labels))
 
 
-def _skull(frame: _FaceFrame, settings: HeadSettings) -> tuple[np.ndarray, np.ndarray]:
+def _skull(frame: FaceFrame, settings: HeadSettings) -> tuple[np.ndarray, np.ndarray]:
     """Centre (3,) and radii (3,) of the skull's ellipsoid (mm)."""
     radii = np.array([settings.width / 2, settings.height + 0.15, settings.length / 2]) * frame.io
     return np.array([frame.centre_x, frame.eye_y - 0.15 * frame.io, frame.brow_z - 5.0 - radii[2]]), radii
@@ -200,7 +200,7 @@ def scalp_hair(scalp: np.ndarray, face: np.ndarray, landmark_vertices: np.ndarra
     hair covers them, and the (R,) cover, by the same hairline as the skull of :func:`head_mesh`. The thickness
     tapers to nothing over :data:`HAIR_TAPER_MM` toward the face, whose vertices never move (no step where the
     scalp meets the face)."""
-    frame = _FaceFrame.of(face, landmark_vertices)
+    frame = FaceFrame.of(face, landmark_vertices)
     taper = np.clip(cKDTree(face).query(scalp)[0] / HAIR_TAPER_MM, 0.0, 1.0)
     return _with_hair(scalp, *_skull(frame, settings), frame, settings, taper)
 
@@ -208,11 +208,11 @@ def scalp_hair(scalp: np.ndarray, face: np.ndarray, landmark_vertices: np.ndarra
 def face_hair(face: np.ndarray, landmark_vertices: np.ndarray, settings: HeadSettings) -> np.ndarray:
     """(V,) hair cover of the face's own vertices above the hairline (their colour only: the face stays where it is,
     as the volume is made from it)."""
-    frame = _FaceFrame.of(face, landmark_vertices)
+    frame = FaceFrame.of(face, landmark_vertices)
     return _hair_cover(face, *_skull(frame, settings), frame, settings)
 
 
-def _with_hair(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: _FaceFrame,
+def _with_hair(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: FaceFrame,
                settings: HeadSettings, taper=1.0) -> tuple[np.ndarray, np.ndarray]:
     """``(R, 3)`` head points moved away from the skull's centre by ``hair_thickness`` times their hair cover and
     ``taper`` (a scalar or (R,)), and the (R,) cover (:func:`_hair_cover`)."""
@@ -221,7 +221,7 @@ def _with_hair(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame:
     return points + outward * (settings.hair_thickness * hair * taper)[:, None], hair
 
 
-def _skull_ears_neck(frame: _FaceFrame, settings: HeadSettings, centre: np.ndarray, radii: np.ndarray,
+def _skull_ears_neck(frame: FaceFrame, settings: HeadSettings, centre: np.ndarray, radii: np.ndarray,
                      neck_centre: tuple) -> list[tuple]:
     """The skull (with its hair), two ears and the neck as :func:`head_mesh`'s parts:
     ``(vertices, triangles, hair cover, part name)`` each."""
@@ -242,7 +242,7 @@ def _skull_ears_neck(frame: _FaceFrame, settings: HeadSettings, centre: np.ndarr
     return parts
 
 
-def _hair_cover(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: _FaceFrame,
+def _hair_cover(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame: FaceFrame,
                 settings: HeadSettings) -> np.ndarray:
     """(R,) hair cover of head points: 1 above the hairline (the brows' height plus ``hairline * io`` at the
     front, falling to below the ears at the back), a 3 mm ramp across it; 0 for a bald head."""
@@ -255,7 +255,7 @@ def _hair_cover(points: np.ndarray, centre: np.ndarray, radii: np.ndarray, frame
     return np.clip((points[:, 1] - hairline) / 3.0 + 0.5, 0.0, 1.0)
 
 
-def _fringe(depth: "_FrontalDepth", frame: _FaceFrame, settings: HeadSettings) -> tuple[np.ndarray, np.ndarray,
+def _fringe(depth: "FrontalDepth", frame: FaceFrame, settings: HeadSettings) -> tuple[np.ndarray, np.ndarray,
                                                                                         np.ndarray]:
     """A sheet of hair :data:`FRINGE_OFFSET_MM` in front of the forehead, from above the hairline down to
     ``fringe`` of the way to the brows, its lower edge uneven: vertices, triangles, hair cover (all 1)."""
@@ -275,7 +275,7 @@ def _fringe(depth: "_FrontalDepth", frame: _FaceFrame, settings: HeadSettings) -
     return np.nan_to_num(points, neginf=0.0), triangles, np.ones(len(points))
 
 
-class _FrontalDepth:
+class FrontalDepth:
     """The face seen from the front: its nearest z (mm) on a :data:`DEPTH_MAP_MM` grid over x, y."""
 
     def __init__(self, face: np.ndarray, triangles: np.ndarray):
@@ -332,7 +332,7 @@ def beard_weight(face: np.ndarray, landmark_vertices: np.ndarray, settings: Head
     border and outside the lips, with strand noise; zeros without a beard."""
     if settings.beard <= 0:
         return np.zeros(len(face))
-    frame = _FaceFrame.of(face, landmark_vertices)
+    frame = FaceFrame.of(face, landmark_vertices)
     lips = face[np.asarray(landmark_vertices)[list(_MOUTH)]]
     lip_centre, lip_radii = lips[:, :2].mean(0), (lips[:, :2].max(0) - lips[:, :2].min(0)) / 2 + 2.0
     outside_lips = (((face[:, :2] - lip_centre) / lip_radii) ** 2).sum(1) > 1.0

@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from data_prep.face_model import load_face_model
-from data_prep.head import (BEHIND_FACE_MM, PARTS, HeadSettings, _FrontalDepth, beard_weight, ellipsoid, face_hair,
+from data_prep.head import (BEHIND_FACE_MM, PARTS, HeadSettings, FrontalDepth, beard_weight, ellipsoid, face_hair,
                             head_mesh, scalp_hair)
 from lightning_vrn.geometry.grid import VoxelGrid
 from lightning_vrn.geometry.pose import crop_rotation, model_to_crop
@@ -125,7 +125,7 @@ def test_the_depth_map_closes_the_face_s_openings():
     triangles = np.concatenate([np.stack([a, a + columns, a + 1], 1), np.stack([a + 1, a + columns, a + columns + 1], 1)])
     centre = grid[triangles].mean(1)
     triangles = triangles[(np.abs(centre[:, 0]) > 7) | (np.abs(centre[:, 1]) > 7)]  # a 14 mm hole in the middle
-    depth = _FrontalDepth(grid, triangles)
+    depth = FrontalDepth(grid, triangles)
     z, covered = depth.at(np.array([[0.0, 0.0], [20.0, 20.0], [60.0, 0.0]]))
     np.testing.assert_array_equal(covered, [True, True, False])
     np.testing.assert_allclose(z[:2], 0.0)
