@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import convolve, gaussian_filter
 from scipy.spatial import cKDTree
 
 from lightning_vrn.geometry.mesh_check import check_mesh
@@ -41,7 +41,7 @@ SKINS = ("plain", "detailed")
 pores, freckles, moles, blush, eye shadow, stubble and teeth in an open mouth (:class:`SkinDetail`)."""
 CAMERAS = ("basic", "photographic")
 """What the camera does to an image: ``basic`` a little defocus, sensor noise and gamma; ``photographic`` also
-stronger defocus, white balance, a lower resolution scaled back up and JPEG (:meth:`RenderSettings.sample`)."""
+stronger defocus, motion blur, white balance, a lower resolution scaled back up and JPEG (:meth:`RenderSettings.sample`)."""
 OCCLUDER_SHAPES = ("ellipse", "rectangle", "hand")
 REFERENCE_SIZE = 192  # crop size (px) at which blur sigmas are given
 
@@ -148,6 +148,7 @@ class RenderSettings:
     iris_colour: np.ndarray = field(default_factory=lambda: np.array([0.25, 0.15, 0.08]))  # (3,)
     occluders: list[OccluderSettings] = field(default_factory=list)
     blur_sigma: float = 0.0            # Gaussian camera blur, px at a 192 px crop
+    motion_blur: np.ndarray = field(default_factory=lambda: np.zeros(2))  # (2,) px at 192 px: the exposure's smear
     sensor_noise: float = 0.0          # std of additive pixel noise, in [0, 1] intensity units
     gamma: float = 1.0                 # output = intensity ** (1 / gamma)
     noise_seed: int = 0
@@ -208,6 +209,10 @@ class RenderSettings:
             settings = _rich_lighting(settings, rng)
         if skin == "detailed":
             settings = replace(settings, skin_detail=SkinDetail.sample(rng))
+        if camera == "photographic":   # drawn last, so files made before it had motion blur keep their other draws
+            angle = rng.uniform(0.0, np.pi)
+            length = float(rng.choice([0.0, rng.uniform(1.0, 8.0)]))
+            settings = replace(settings, motion_blur=length * np.array([np.cos(angle), np.sin(angle)]))
         return settings
 
 
@@ -524,6 +529,8 @@ def render(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
     if settings.blur_sigma > 0:
         sigma = settings.blur_sigma * size / REFERENCE_SIZE
         intensity = gaussian_filter(intensity, sigma=(sigma, sigma, 0), mode="nearest")
+    if np.any(settings.motion_blur):
+        intensity = motion_blurred(intensity, np.asarray(settings.motion_blur) * size / REFERENCE_SIZE)
     if settings.sensor_noise > 0:
         intensity = intensity + settings.sensor_noise * np.random.default_rng(settings.noise_seed).standard_normal(
             intensity.shape)
@@ -563,6 +570,22 @@ def shade(vertices_crop: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, 
         highlight = np.maximum(pixel_normal @ halfway, 0.0)[:, None] ** settings.shininess * (lit > 0)
         intensity[covered] += settings.specular * light_colour * highlight
     return intensity, covered & (raster.triangle < (len(triangles) if face_triangles is None else face_triangles))
+
+
+def motion_blurred(image: np.ndarray, smear: np.ndarray) -> np.ndarray:
+    """``(S, S, C)`` float ``image`` averaged along the segment ``smear`` (2,) x, y px centred on each pixel, as
+    a camera moving at constant speed during the exposure records it (a line kernel, bilinear between pixels)."""
+    length = float(np.linalg.norm(smear))
+    reach = int(np.ceil(length / 2)) + 1
+    kernel = np.zeros((2 * reach + 1, 2 * reach + 1))
+    steps = np.linspace(-0.5, 0.5, 4 * int(np.ceil(length)) + 1)[:, None] * np.asarray(smear)[None] + reach
+    low = np.floor(steps).astype(int)
+    for dx in (0, 1):   # splat each point of the segment onto its four nearest kernel cells
+        for dy in (0, 1):
+            weight = (1 - np.abs(steps[:, 0] - low[:, 0] - dx)) * (1 - np.abs(steps[:, 1] - low[:, 1] - dy))
+            np.add.at(kernel, (low[:, 1] + dy, low[:, 0] + dx), weight)
+    kernel /= kernel.sum()
+    return np.stack([convolve(image[..., channel], kernel, mode="nearest") for channel in range(image.shape[2])], -1)
 
 
 def _in_shadow(vertices: np.ndarray, triangles: np.ndarray, points: np.ndarray, light: np.ndarray) -> np.ndarray:

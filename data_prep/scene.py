@@ -2,7 +2,8 @@
 
 :func:`scene_mesh` puts together everything rendered of one sample: the face (first, so the renderer can tell its
 pixels), a face model's own head (:class:`~data_prep.face_model.ModelHead`: the ICT model's head, mouth, teeth,
-eyeballs, lashes), the head of :mod:`data_prep.head` with ``--heads``. :func:`sample_photo_edges` and
+eyeballs, lashes), the head of :mod:`data_prep.head` with ``--heads``, the glasses, hats, microphones and locks
+of hair of :mod:`data_prep.accessories` with ``--accessories``. :func:`sample_photo_edges` and
 :func:`cut_at_photo_edges` black out what lies beyond the photo a crop was cut from (``--photo-edges``).
 Options and their measured effect on real photos: docs/synthetic_images.md.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_prep.accessories import Accessories, accessory_mesh
 from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead
 from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
 from data_prep.render import SCLERA, TEETH, RenderSettings, vertex_albedo
@@ -46,13 +48,15 @@ def cut_at_photo_edges(image: np.ndarray, landmarks_2d: np.ndarray, margins: np.
 
 
 def scene_mesh(model: FaceModel, mesh_mm: np.ndarray, identity: np.ndarray, expression: np.ndarray,
-           settings: RenderSettings, head: HeadSettings | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           settings: RenderSettings, head: HeadSettings | None,
+           accessories: Accessories | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Everything rendered of one sample, in the model frame: vertices (N, 3) mm, triangles (T, 3), albedo (N, 3).
 
     The face ``mesh_mm`` (V, 3) and its triangles come first (the face's triangles are the first
     ``len(model.triangles)``); then the model's own head (:class:`~data_prep.face_model.ModelHead`, moved by the
     same coefficients); then, with ``head``, the head of :mod:`data_prep.head` (only its hair and shoulders when the
-    model has a head of its own) and a beard painted over the face."""
+    model has a head of its own) and a beard painted over the face; last, the ``accessories``
+    (:mod:`data_prep.accessories`)."""
     own_head = model.head is not None
     albedo = vertex_albedo(mesh_mm, settings, model.landmark_vertices, paint_eyes=not own_head)
     if head is not None:  # a beard and the hair above the hairline change the face's colour, never its shape
@@ -74,6 +78,12 @@ def scene_mesh(model: FaceModel, mesh_mm: np.ndarray, identity: np.ndarray, expr
         triangles.append(mesh.triangles + sum(map(len, vertices)))
         vertices.append(mesh.vertices)
         colours.append(head_albedo(mesh, vertex_albedo(mesh.vertices, settings), head))
+    if accessories is not None:
+        worn, worn_triangles, worn_colours = accessory_mesh(mesh_mm, model.triangles, model.landmark_vertices,
+                                                            accessories, settings.brow_colour)
+        triangles.append(worn_triangles + sum(map(len, vertices)))
+        vertices.append(worn)
+        colours.append(worn_colours)
     return np.vstack(vertices), np.vstack(triangles), np.vstack(colours)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.accessories import Accessories
 from data_prep.arguments import add_grid_and_workers, unit_interval_argument
 from data_prep.face_model import FaceModel, expression_label, load_face_model
 from data_prep.head import HeadSettings
@@ -77,7 +78,8 @@ class ImageOptions:
     ``photo_edges``: probability that the crop reaches past the edges of the photo it was cut from (black
     beyond them, :func:`cut_at_photo_edges`; an edge may still fall outside the crop); ``lighting``: one of
     :data:`~data_prep.render.LIGHTINGS`; ``skin``: one of :data:`~data_prep.render.SKINS`; ``bystanders``: probability that one or two other people stand behind
-    the face, partly in view (:func:`bystanders_behind`).
+    the face, partly in view (:func:`bystanders_behind`); ``accessories``: probability that the face wears one or two
+    of glasses, a hat, a microphone, locks of hair (:mod:`data_prep.accessories`).
     """
 
     occluder_prob: float = 0.0
@@ -87,6 +89,7 @@ class ImageOptions:
     lighting: str = "lambert"
     skin: str = "plain"
     bystanders: float = 0.0
+    accessories: float = 0.0
 
     def attrs(self) -> dict:
         """The file attributes that record these options. ``occluder_prob`` is always recorded; the later options
@@ -98,11 +101,12 @@ class ImageOptions:
                 **({"photo_edges": float(self.photo_edges)} if self.photo_edges else {}),
                 **({} if self.lighting == "lambert" else {"lighting": self.lighting}),
                 **({} if self.skin == "plain" else {"skin": self.skin}),
-                **({"bystanders": float(self.bystanders)} if self.bystanders else {})}
+                **({"bystanders": float(self.bystanders)} if self.bystanders else {}),
+                **({"accessories": float(self.accessories)} if self.accessories else {})}
 
 
 FINISHED_KEYS = ("face_model", "face_model_spec", "seed", "occluder_prob", "camera", "heads", "photo_edges", "lighting",
-                 "skin", "bystanders", "split")
+                 "skin", "bystanders", "accessories", "split")
 """File attributes a finished file must share with a rerun's to be left as it is (:func:`check_finished`)."""
 
 
@@ -172,10 +176,11 @@ def make_sample(model: FaceModel, grid: VoxelGrid, rng: np.random.Generator, wit
     # The head's draws come last, so the face, pose, crop and render settings are those without a head.
     head = HeadSettings.sample(rng, settings.brow_colour) if options.heads else None
     edges = sample_photo_edges(rng) if options.photo_edges and rng.random() < options.photo_edges else None
-    crowd = int(rng.integers(2**31)) if options.bystanders and rng.random() < options.bystanders else None  # last
+    crowd = int(rng.integers(2**31)) if options.bystanders and rng.random() < options.bystanders else None
+    worn = Accessories.sample(rng) if options.accessories and rng.random() < options.accessories else None  # last
     background = None if crowd is None else bystanders_behind(model, np.random.default_rng(crowd), grid.crop_size,
                                                                scale, settings, options)
-    scene, triangles, albedo = scene_mesh(model, mesh_mm, identity, expression, settings, head)
+    scene, triangles, albedo = scene_mesh(model, mesh_mm, identity, expression, settings, head, worn)
     image, _ = render(model_to_crop(scene, pose, scale, translation), triangles, albedo, grid.crop_size, settings,
                       face_triangles=len(model.triangles), background=background)
     if edges is not None:
@@ -341,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bystanders", type=unit_interval_argument("probability", include_one=True), default=0.0,
                         metavar="P", help="probability that one or two other people stand behind the face, partly "
                                           "in view (default 0)")
+    parser.add_argument("--accessories", type=unit_interval_argument("probability", include_one=True), default=0.0,
+                        metavar="P", help="probability that the face wears one or two of glasses, a hat, a microphone, "
+                                          "locks of hair (image only; data_prep/accessories.py; default 0)")
     parser.add_argument("--restart", action="store_true", help="discard unfinished or finished files and start over")
     return parser
 
@@ -358,7 +366,7 @@ def main(argv=None) -> int:
     check_output(args.out, [args.out / f"{name}.h5" for name in names], args.restart)
     options = ImageOptions(occluder_prob=args.occluders, camera=args.camera, heads=args.heads,
                            photo_edges=args.photo_edges, lighting=args.lighting, skin=args.skin,
-                           bystanders=args.bystanders)
+                           bystanders=args.bystanders, accessories=args.accessories)
     for name, count in [] if args.restart else args.split:  # every refusal comes before any split is written
         _finished_split(args.out / f"{name}.h5", args.grid, count,
                         _file_attrs(model, args.face_model, args.seed, name, options), args.frontal)

@@ -218,7 +218,7 @@ def test_bystanders_stand_behind_the_face_and_change_nothing_else(model, tmp_pat
 def test_every_image_option_together_is_seeded_whatever_the_workers_and_resumes_to_the_same_samples(tmp_path,
                                                                                                     monkeypatch):
     everything = dict(occluder_prob=0.5, camera="photographic", heads=True, photo_edges=0.9, lighting="rich",
-                      skin="detailed", bystanders=1.0)
+                      skin="detailed", bystanders=1.0, accessories=1.0)
     assert set(everything) == set(ImageOptions.__dataclass_fields__)  # a new option joins this test
     one = generate(tmp_path / "one.h5", **everything)
     assert generate(tmp_path / "two.h5", workers=2, **everything).read_bytes() == one.read_bytes()
