@@ -23,6 +23,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from benchmarks.common import face_like_mesh, median_ms, report  # noqa: E402
 from data_prep.face_model import load_face_model  # noqa: E402
 from data_prep.synthetic import generate_split  # noqa: E402
+from lightning_vrn.dataset_file import REQUIRED_ATTRS, SAMPLE_KEYS, DatasetWriter, open_dataset  # noqa: E402
 from datamodules.augment import AugmentSettings  # noqa: E402
 from datamodules.dataset import FaceVolumeDataset, decode_batch  # noqa: E402
 from lightning_vrn.geometry import VoxelGrid, crop_rotation, model_to_crop  # noqa: E402
@@ -64,6 +65,39 @@ def generation_and_storage_rows(workdir: Path, count: int) -> tuple[list[tuple[s
         rows.append((f"stored bytes per sample, {name}", f"{total / 1024:.0f} KiB ({detail} KiB)"))
         files[name] = path
     return rows, files
+
+
+def generation_scaling_rows(workdir: Path, count: int) -> list[tuple[str, str]]:
+    """Samples/s at the paper grid with 1 and 2 workers (and every core, when more), from one run; and the writing
+    process's cost per sample, which bounds any number of workers (the projection for 16 cores, labelled so)."""
+    grid, rows, rates = GRIDS["paper 200x192x192"], [], {}
+    for workers in sorted({1, 2, len(os.sched_getaffinity(0))}):
+        path = workdir / f"scaling-{workers}.h5"
+        start = time.perf_counter()
+        generate_split(path, "builtin", grid, count, seed=0, split="bench", workers=workers, progress=False)
+        rates[workers] = count / (time.perf_counter() - start)
+        rows.append((f"generate samples, paper grid, {workers} worker(s), {len(os.sched_getaffinity(0))} cores",
+                     f"{rates[workers]:.1f} samples/s ({rates[workers] / rates[1]:.2f}x one worker)"))
+    source = open_dataset(workdir / "scaling-1.h5")
+    with DatasetWriter(workdir / "copy.h5", grid, count, source.num_vertices, source.triangles, source.face_region,
+                       source.landmark_vertices, {key: source.attrs[key] for key in REQUIRED_ATTRS}, restart=True,
+                       expression_names=source.expression_names,
+                       num_expression_coefficients=source.num_expression_coefficients) as writer:
+        key_of = {field: key for key, field in SAMPLE_KEYS.items()}
+        samples = [{key_of[field]: value for field, value in source.read(i, source.fields).items()}
+                   for i in range(count)]
+        encoded = [writer.encoder.encode(i, sample) for i, sample in enumerate(samples)]
+        start = time.perf_counter()
+        for index, sample in enumerate(encoded):
+            writer.write_encoded(index, sample)
+        write_s = (time.perf_counter() - start) / count
+    bound = 1.0 / write_s
+    rows.append(("writing process per encoded sample, paper grid", f"{1000 * write_s:.2f} ms (at most {bound:.0f} "
+                 f"samples/s whatever the workers)"))
+    projected = min(16 * rates[1], bound)
+    rows.append(("generate samples, paper grid, 16 workers on 16 cores (projected: 16x one worker, capped by the "
+                 "writing process)", f"{projected:.0f} samples/s ({projected / rates[1]:.1f}x one worker)"))
+    return rows
 
 
 def loader_rows(files: dict[str, Path]) -> list[tuple[str, str]]:
@@ -108,12 +142,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=24, help="samples generated per grid")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--scaling-only", action="store_true", help="only the generation rows against workers")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.scaling_only:
+            report(generation_scaling_rows(Path(tmp), args.samples), args.out)
+            return
         rows = voxelisation_rows()
         generation, files = generation_and_storage_rows(Path(tmp), args.samples)
-        rows += generation + loader_rows(files) + device_rows(files)
+        rows += generation + generation_scaling_rows(Path(tmp), args.samples) + loader_rows(files) + device_rows(files)
     report(rows, args.out)
 
 

@@ -2,11 +2,12 @@
 
 A producer gives two picklable module-level functions: ``setup(*setup_args) -> state``, run once
 in each process that makes samples (load a face model, open a source archive), and
-``make(state, index) -> (sample, flags)``, one :meth:`DatasetWriter.write` sample (volumes bool
-``(D, H, W)``: they are packed here) and its producer flags (``{name: bool}`` for the writer's
+``make(state, index) -> (sample, flags)``, one :meth:`DatasetWriter.write` sample and its producer flags (``{name: bool}`` for the writer's
 ``flags``, e.g. the generator's ``leaves_grid``; the finished file counts them for all its samples). :func:`write_pending` makes the samples the writer still lacks and writes them in
 index order, so the file does not depend on the number of workers, and a killed run rerun with
-the same writer parameters continues where it stopped. :func:`parallel_map` is the same pool for other
+the same writer parameters continues where it stopped. Each making process also encodes its samples as the file
+stores them (:class:`~lightning_vrn.dataset_file.SampleEncoder`: checked, packed, compressed, checksummed), so the
+writing process only copies bytes and more workers make more samples (benchmarks/results_data.md). :func:`parallel_map` is the same pool for other
 per-item work (checking sources, preparing scans). Before anything is written, :func:`check_output` refuses an
 output path that holds something else, and :func:`check_finished` a finished output made otherwise: the rerun
 rule of every producer.
@@ -23,14 +24,12 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from lightning_vrn.dataset_file import DatasetError, DatasetWriter, FaceDatasetFile, open_dataset, pack_volume
+from lightning_vrn.dataset_file import (DatasetError, DatasetWriter, EncodedSample, FaceDatasetFile, SampleEncoder,
+                                        open_dataset)
 from lightning_vrn.geometry.grid import VoxelGrid
 
-VOLUME_KEYS = ("volume", "volume_frontal")
-"""Sample keys packed in the making process: 8x fewer bytes to send to the writing one."""
-
-Made = tuple[int, dict[str, np.ndarray], dict[str, bool]]
-"""``(index, sample with packed volumes, flags)``: what a making process sends back."""
+Made = tuple[int, EncodedSample, dict[str, bool]]
+"""``(index, encoded sample, flags)``: what a making process sends back."""
 Make = Callable[[Any, int], tuple[dict[str, np.ndarray], dict[str, bool]]]
 
 _worker: dict[str, Any] = {}
@@ -51,11 +50,11 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
     written = 0
     with tqdm(total=writer.num_samples, initial=writer.num_samples - len(pending), desc=desc, unit="sample",
               disable=not progress) as bar:
-        results = parallel_map(_worker_chunk, chunks, workers, _init_worker, (setup, setup_args, make))
+        results = parallel_map(_worker_chunk, chunks, workers, _init_worker, (setup, setup_args, make, writer.encoder))
         try:
             for batch in results:
-                for index, sample, flags in batch:
-                    writer.write(index, sample, flags)
+                for index, encoded, flags in batch:
+                    writer.write_encoded(index, encoded, flags)
                     written += 1
                 bar.update(len(batch))
         finally:
@@ -64,26 +63,18 @@ def write_pending(writer: DatasetWriter, setup: Callable[..., Any], setup_args: 
     return written
 
 
-def _make_chunk(make: Make, state: Any, indices: np.ndarray) -> list[Made]:
-    """Make the samples ``indices`` and pack their volumes."""
-    results = []
-    for index in indices:
-        sample, flags = make(state, int(index))
-        for key in VOLUME_KEYS:
-            if key in sample:
-                sample[key] = pack_volume(sample[key])
-        results.append((int(index), sample, flags))
-    return results
-
-
-def _init_worker(setup: Callable[..., Any], setup_args: tuple, make: Make) -> None:
+def _init_worker(setup: Callable[..., Any], setup_args: tuple, make: Make, encoder: SampleEncoder) -> None:
     """Build this making process's state once (in a pool worker, or in this process with one worker)."""
-    _worker.update(state=setup(*setup_args), make=make)
+    _worker.update(state=setup(*setup_args), make=make, encoder=encoder)
 
 
 def _worker_chunk(indices: np.ndarray) -> list[Made]:
-    """:func:`_make_chunk` with this worker's state (what the pool runs)."""
-    return _make_chunk(_worker["make"], _worker["state"], indices)
+    """Make and encode the samples ``indices`` with this worker's state (what the pool runs)."""
+    results = []
+    for index in indices:
+        sample, flags = _worker["make"](_worker["state"], int(index))
+        results.append((int(index), _worker["encoder"].encode(int(index), sample), flags))
+    return results
 
 
 def parallel_map(function, jobs: Sequence, workers: int, initializer, initargs: tuple = (), chunksize: int = 1):

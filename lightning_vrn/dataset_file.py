@@ -271,6 +271,8 @@ class DatasetWriter:
                    "landmarks_2d_reannotated": bool(with_reannotated)}
         self._fields = [f for f in PER_SAMPLE_FIELDS + TEST_FIELDS if present.get(f, True)]
         self._flat_ends = {"vertices_flat": 0, "triangles_flat": 0}
+        self.encoder = SampleEncoder(self.path, grid, self._shapes, self._fields, self.expression_names,
+                                     self.per_sample_topology)
 
         if self.path.exists() and not restart:
             raise FileExistsError(f"{self.path} already exists; delete it or pass restart=True (--restart) to replace it")
@@ -423,38 +425,19 @@ class DatasetWriter:
         an integer id into ``expression_names``. A per-sample topology writer takes ``vertices`` (V_i, 3)
         of any V_i >= 3 and the sample's ``triangles`` (T_i, 3) integer ids into them (T_i >= 1).
         """
+        self.write_encoded(index, self.encoder.encode(index, sample), flags)
+
+    def write_encoded(self, index: int, encoded: "EncodedSample", flags: Mapping[str, bool] | None = None) -> None:
+        """Store sample ``index`` as :meth:`SampleEncoder.encode` made it (in this process or a making one):
+        its chunks are copied as they are, so the encoding's cost is paid where the sample was made."""
         if self._file is None:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} outside 0..{self.num_samples - 1} for {self.path}")
-        expected_keys = {key for key, field in SAMPLE_KEYS.items()
-                         if field in self._fields or (self.per_sample_topology and field in MESH_FIELDS)}
-        if set(sample) != expected_keys:
-            raise ValueError(f"sample {index} for {self.path}: keys {sorted(sample)} but expected {sorted(expected_keys)}")
-        if self.per_sample_topology:
-            self._write_mesh(index, sample["vertices"], sample["triangles"])
-        for key, value in sample.items():
-            field = SAMPLE_KEYS[key]
-            if field not in self._fields:
-                continue
-            value = np.asarray(value)
-            if field.startswith("volumes") and value.shape == self.grid.shape and value.dtype == bool:
-                value = pack_volume(value)
-            elif field.startswith("volumes") and (value.shape, value.dtype) != (self._shapes[field], np.uint8):
-                raise ValueError(f"{self.path}: sample {index} {key}: {value.dtype} {value.shape}, expected bool "
-                                 f"{self.grid.shape} or packed uint8 {self._shapes[field]}")
-            elif value.shape != self._shapes[field]:
-                raise ValueError(f"{self.path}: sample {index} {key}: shape {value.shape}, "
-                                 f"expected {self._shapes[field]}")
-            if field == "images" and value.dtype != np.uint8:
-                raise ValueError(f"{self.path}: sample {index} {key}: dtype {value.dtype}, expected uint8")
-            if field == "expression_label" and not (np.issubdtype(value.dtype, np.integer)
-                                                    and 0 <= value < len(self.expression_names)):
-                raise ValueError(f"{self.path}: sample {index} {key}: {value!r} is not an integer id into "
-                                 f"expression_names {list(self.expression_names)}")
-            if field in FLOAT_FIELDS and not np.isfinite(value).all():
-                raise ValueError(f"{self.path}: sample {index} {key}: contains NaN or inf")
-            self._file[field][index] = value.astype(_dtype(field), copy=False)
+        if encoded.mesh is not None:
+            self._write_mesh(index, *encoded.mesh)
+        for field, (filter_mask, chunk) in encoded.chunks.items():
+            self._file[field].id.write_direct_chunk((index, *[0] * len(self._shapes[field])), chunk, filter_mask)
         unknown = set(flags or {}) - set(self.flags)
         if unknown:
             raise ValueError(f"sample {index} for {self.path}: unknown flags {sorted(unknown)}; the writer has {self.flags}")
@@ -546,6 +529,78 @@ class DatasetWriter:
             source, target = ids[name]
             filter_mask, chunk = source.read_direct_chunk(offset)
             target.write_direct_chunk(offset, chunk, filter_mask)
+
+
+class EncodedSample:
+    """One sample as its file stores it: ``chunks`` {dataset: (filter mask, the chunk's compressed and checksummed
+    bytes)} and, in a per-sample topology file, its ``mesh`` (vertices (V_i, 3), triangles (T_i, 3)), else None."""
+
+    def __init__(self, chunks: dict[str, tuple[int, bytes]], mesh: tuple[np.ndarray, np.ndarray] | None):
+        self.chunks, self.mesh = chunks, mesh
+
+
+class SampleEncoder:
+    """Checks a sample against a :class:`DatasetWriter`'s per-sample datasets and encodes it as their chunks (one
+    per sample and dataset): HDF5's own filters (:data:`COMPRESSION`, :data:`CHECKSUM`) applied in a scratch
+    in-memory file, so the bytes are those the writer's file would make itself. Picklable: the processes that make
+    samples encode them (data_prep.writing), which spreads the compression over all of them."""
+
+    def __init__(self, path: Path, grid: VoxelGrid, shapes: Mapping[str, tuple[int, ...]], fields: Sequence[str],
+                 expression_names: tuple[str, ...] | None, per_sample_topology: bool):
+        self.path, self.grid, self.shapes, self.fields = path, grid, dict(shapes), tuple(fields)
+        self.expression_names, self.per_sample_topology = expression_names, per_sample_topology
+        self._scratch: h5py.File | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scratch": None}   # each process opens its own scratch file
+
+    def encode(self, index: int, sample: Mapping[str, np.ndarray]) -> EncodedSample:
+        """Sample ``index`` (as :meth:`DatasetWriter.write` takes it) checked and encoded."""
+        values = self.checked(index, sample)
+        if self._scratch is None:
+            self._scratch = h5py.File(f"scratch-{id(self)}", "w", driver="core", backing_store=False)
+            for field in self.fields:
+                shape = self.shapes[field]
+                self._scratch.create_dataset(field, shape=(1, *shape), dtype=_dtype(field), chunks=(1, *shape),
+                                             **COMPRESSION.get(field, {}), **CHECKSUM)
+        chunks = {}
+        for field, value in values.items():
+            self._scratch[field][0] = value
+            chunks[field] = self._scratch[field].id.read_direct_chunk((0, *[0] * len(self.shapes[field])))
+        mesh = (sample["vertices"], sample["triangles"]) if self.per_sample_topology else None
+        return EncodedSample(chunks, mesh)
+
+    def checked(self, index: int, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{dataset: sample ``index``'s value in its stored dtype}: the keys, shapes, dtypes and values checked
+        (a bool volume is packed), each problem a ValueError naming the file, the sample and the key."""
+        expected_keys = {key for key, field in SAMPLE_KEYS.items()
+                         if field in self.fields or (self.per_sample_topology and field in MESH_FIELDS)}
+        if set(sample) != expected_keys:
+            raise ValueError(f"sample {index} for {self.path}: keys {sorted(sample)} but expected {sorted(expected_keys)}")
+        values = {}
+        for key, value in sample.items():
+            field = SAMPLE_KEYS[key]
+            if field not in self.fields:
+                continue
+            value = np.asarray(value)
+            if field.startswith("volumes") and value.shape == self.grid.shape and value.dtype == bool:
+                value = pack_volume(value)
+            elif field.startswith("volumes") and (value.shape, value.dtype) != (self.shapes[field], np.uint8):
+                raise ValueError(f"{self.path}: sample {index} {key}: {value.dtype} {value.shape}, expected bool "
+                                 f"{self.grid.shape} or packed uint8 {self.shapes[field]}")
+            elif value.shape != self.shapes[field]:
+                raise ValueError(f"{self.path}: sample {index} {key}: shape {value.shape}, "
+                                 f"expected {self.shapes[field]}")
+            if field == "images" and value.dtype != np.uint8:
+                raise ValueError(f"{self.path}: sample {index} {key}: dtype {value.dtype}, expected uint8")
+            if field == "expression_label" and not (np.issubdtype(value.dtype, np.integer)
+                                                    and 0 <= value < len(self.expression_names)):
+                raise ValueError(f"{self.path}: sample {index} {key}: {value!r} is not an integer id into "
+                                 f"expression_names {list(self.expression_names)}")
+            if field in FLOAT_FIELDS and not np.isfinite(value).all():
+                raise ValueError(f"{self.path}: sample {index} {key}: contains NaN or inf")
+            values[field] = value.astype(_dtype(field), copy=False)
+        return values
 
 
 class FaceDatasetFile:

@@ -137,6 +137,25 @@ def test_reader_survives_pickle_and_fork(written, samples):
     np.testing.assert_array_equal(ds.read(1, ["pose"])["pose"], samples[1]["pose"])
 
 
+def test_encoded_chunks_are_the_bytes_hdf5_writes_itself_in_any_process(tmp_path, samples):
+    """The encoder's chunks (made in a making process) equal what h5py's own write stores with the same filters,
+    so a file is the same whether its samples were encoded here, in a pickled copy, or written the plain way."""
+    with new_writer(tmp_path / "x.h5") as writer:
+        here = writer.encoder.encode(1, samples[1])
+        copy = pickle.loads(pickle.dumps(writer.encoder))
+        there = copy.encode(1, samples[1])
+        with h5py.File(tmp_path / "plain.h5", "w") as plain:
+            for field, (mask, chunk) in here.chunks.items():
+                stored = writer._file[field]
+                dataset = plain.create_dataset(field, shape=stored.shape, dtype=stored.dtype, chunks=stored.chunks,
+                                               compression=stored.compression, compression_opts=stored.compression_opts,
+                                               shuffle=stored.shuffle, fletcher32=stored.fletcher32)
+                dataset[1] = writer.encoder.checked(1, samples[1])[field]
+                assert (mask, chunk) == dataset.id.read_direct_chunk((1, *[0] * (dataset.ndim - 1))), field
+                assert there.chunks[field] == (mask, chunk), field
+    assert set(here.chunks) == set(writer._fields) and here.mesh is None
+
+
 def test_writer_rejects_bad_samples(tmp_path, samples):
     with new_writer(tmp_path / "x.h5") as writer:
         bad_shape = dict(samples[0], vertices=np.zeros((V + 1, 3), np.float32))

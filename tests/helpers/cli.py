@@ -23,14 +23,14 @@ def run_cli(main, argv) -> tuple[int, list[str]]:
 KILLED_AT = """
 import importlib, os, signal, sys
 from lightning_vrn.dataset_file import DatasetWriter
-init, write = DatasetWriter.__init__, DatasetWriter.write
+init, write = DatasetWriter.__init__, DatasetWriter.write_encoded
 def flushing_every(self, *args, **kwargs):
     init(self, *args, **kwargs, flush_every=int(sys.argv[3]))
 def killed_at(self, index, *args):
     if index == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
     return write(self, index, *args)
-DatasetWriter.__init__, DatasetWriter.write = flushing_every, killed_at
+DatasetWriter.__init__, DatasetWriter.write_encoded = flushing_every, killed_at
 importlib.import_module(sys.argv[1]).main(sys.argv[4:])
 """
 
