@@ -4,7 +4,8 @@ and the balanced landmark NME's interval resamples within |yaw| buckets."""
 import numpy as np
 import pytest
 
-from lightning_vrn.metrics.bootstrap import bootstrap_balanced_mean, bootstrap_mean, paired_difference
+from lightning_vrn.metrics.bootstrap import (bootstrap_balanced_mean, bootstrap_mean, paired_difference,
+                                           seeds_and_faces_difference, seeds_and_faces_mean, training_spread, verdict)
 
 
 def test_the_interval_covers_a_known_mean_at_about_its_level():
@@ -51,3 +52,54 @@ def test_the_balanced_mean_is_the_mean_of_bucket_means_and_its_interval_resample
     assert profile.low > interval.high and profile.estimate == pytest.approx(interval.estimate + 1 / 3)
     frontal = bootstrap_balanced_mean(values[:30], yaw_deg[:30], resamples=500)  # empty buckets are left out
     assert frontal.estimate == pytest.approx(values[:30].mean())
+
+
+def paired_trainings(rng, training_sd: float, face_sd: float, shift: float = 0.0, trainings: int = 3,
+                     faces: int = 190) -> np.ndarray:
+    """(trainings, faces) differences between two methods: a true ``shift``, each training pair's own offset (sd
+    ``training_sd`` per training), a per-face difference shared by the trainings and one that is not."""
+    shared = rng.normal(0, 0.7 * face_sd, faces)
+    offsets = rng.normal(0, training_sd * np.sqrt(2), (trainings, 1))
+    return shift + offsets + shared + rng.normal(0, 0.7 * face_sd, (trainings, faces))
+
+
+@pytest.mark.parametrize("training_sd", [0.0, 0.005])
+def test_with_no_true_difference_the_two_level_verdict_is_within_noise_about_95_percent_of_the_time(training_sd):
+    rng = np.random.default_rng(4)
+    verdicts = [verdict(seeds_and_faces_difference(paired_trainings(rng, training_sd, 0.09), np.zeros((3, 190)),
+                                                   resamples=1000, seed=trial)) for trial in range(300)]
+    assert 0.92 <= verdicts.count("within noise") / len(verdicts) <= 0.98
+
+
+def test_a_known_difference_is_found_and_named():
+    rng = np.random.default_rng(5)
+    worse = paired_trainings(rng, 0.003, 0.09, shift=0.03)
+    assert verdict(seeds_and_faces_difference(worse, np.zeros_like(worse))) == "worse"
+    assert verdict(seeds_and_faces_difference(np.zeros_like(worse), worse)) == "better"
+    assert seeds_and_faces_mean(worse).estimate == pytest.approx(worse.mean())
+
+
+def test_the_two_level_interval_is_wider_than_the_faces_only_one_when_trainings_differ():
+    rng = np.random.default_rng(6)
+    faces = rng.gamma(2.0, 0.05, size=190)
+    same = np.tile(faces, (3, 1))
+    differing = same + np.array([[-0.02], [0.0], [0.02]])
+    faces_only = bootstrap_mean(differing.mean(axis=0))
+    two_level = seeds_and_faces_mean(differing)
+    assert two_level.estimate == pytest.approx(faces_only.estimate)
+    assert two_level.high - two_level.low > 1.5 * (faces_only.high - faces_only.low)
+    # Identical trainings add nothing: the interval is the faces-only one's width.
+    assert seeds_and_faces_mean(same).high - seeds_and_faces_mean(same).low == pytest.approx(
+        faces_only.high - faces_only.low, rel=0.15)
+    assert training_spread(differing) == pytest.approx((faces.mean() - 0.02, faces.mean() + 0.02))
+
+
+def test_two_level_statistics_leave_failed_cells_out_and_refuse_unpaired_tables():
+    values = np.array([[0.1, np.nan, 0.3], [0.2, 0.2, np.nan]])
+    assert seeds_and_faces_mean(values).estimate == pytest.approx(0.2)
+    one = seeds_and_faces_mean(values[:1])
+    assert one.estimate == pytest.approx(0.2) and one.low >= 0.1 and one.high <= 0.3
+    with pytest.raises(ValueError, match="same shape"):
+        seeds_and_faces_difference(values, values[:, :2])
+    with pytest.raises(ValueError, match="seeds, faces"):
+        seeds_and_faces_mean(np.ones(4))
