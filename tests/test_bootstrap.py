@@ -99,7 +99,21 @@ def test_two_level_statistics_leave_failed_cells_out_and_refuse_unpaired_tables(
     assert seeds_and_faces_mean(values).estimate == pytest.approx(0.2)
     one = seeds_and_faces_mean(values[:1])
     assert one.estimate == pytest.approx(0.2) and one.low >= 0.1 and one.high <= 0.3
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="same faces"):
         seeds_and_faces_difference(values, values[:, :2])
     with pytest.raises(ValueError, match="seeds, faces"):
         seeds_and_faces_mean(np.ones(4))
+
+
+def test_two_level_strata_balance_the_buckets_and_unequal_trainings_are_drawn_apart():
+    rng = np.random.default_rng(7)
+    strata = np.r_[np.zeros(150), np.ones(10)]   # many frontal faces, few profile ones
+    values = np.r_[rng.gamma(2.0, 0.02, 150), 1.0 + rng.gamma(2.0, 0.02, 10)][None].repeat(3, 0)
+    values += rng.normal(0, 0.002, values.shape)
+    balanced = seeds_and_faces_mean(values, strata=strata)
+    assert balanced.estimate == pytest.approx(0.5 * (values[:, :150].mean() + values[:, 150:].mean()))
+    assert balanced.low < balanced.estimate < balanced.high < 0.6   # the profile bucket keeps its half weight
+    two, five = values[:2], np.r_[values, values[:2]] + 0.01
+    difference = seeds_and_faces_difference(five, two)   # 5 trainings against 2: drawn apart, faces shared
+    assert difference.estimate == pytest.approx(five.mean() - two.mean())
+    assert verdict(difference) == "worse"

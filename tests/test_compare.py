@@ -43,8 +43,8 @@ REAL_PHOTOS = 4
 
 @pytest.fixture(scope="module")
 def tiny_comparison(tmp_path_factory):
-    """Every method trained for one epoch on 8 synthetic faces and scored on 5 of them and on 4 fake AFLW2000-3D
-    photos of a fake BFM without bases (converted as mean faces, like ../shared/data/bfm_meta)."""
+    """Every method trained twice (two seeds) for one epoch on 8 synthetic faces and scored on 5 of them and on 4
+    fake AFLW2000-3D photos of a fake BFM without bases (converted as mean faces, like ../shared/data/bfm_meta)."""
     out = tmp_path_factory.mktemp("compare")
     content, rng = fake_bfm_content(seed=1), np.random.default_rng(3)
     write_mean_only(out / "bfm", content)
@@ -72,6 +72,7 @@ fit_detector: detector
 reference: VRN
 batch_size: 5
 bootstrap_resamples: 200
+seeds: 2
 real_photos: {{root: {out / 'photos'}, bfm: {out / 'bfm'}}}
 """)
     settings = compare.load_compare_settings(config)
@@ -102,6 +103,10 @@ def test_compare_writes_every_table_and_figure(tiny_comparison):
     assert table[0]["real_difference"] == "" and all(row["real_difference"] != "" for row in table[1:])
     markdown = (out / "table.md").read_text()
     assert all(f"| {name} |" in markdown for name in METHODS) and "[95% CI]" in markdown
+    assert "2 trainings per method (seeds)" in markdown and all(f"| {name} | 2: " in markdown for name in METHODS)
+    seeds = [OmegaConf.load(out / "runs" / f"VRN{suffix}" / "config.yaml").seed for suffix in ("", "-seed1")]
+    assert seeds == [0, 1] and all(row["runs"][0] != row["runs"][1] for row in rows.values()
+                                   if row is rows["VRN"] or row is rows["VRN-Multitask"])
     assert f"(5 faces, grid 100,96,96) and on {REAL_PHOTOS} real photos" in markdown.splitlines()[0]
     assert f"Real photos: {REAL_PHOTOS} AFLW2000-3D photos of {out / 'photos'}; ground truth: mean face of bfm-mean " \
            f"at the fitted pose (Shape_Para and Exp_Para ignored)." in markdown
@@ -134,15 +139,20 @@ def test_the_real_columns_equal_a_direct_evaluate_of_the_same_checkpoint_on_the_
                                ("VRN-Guided (detected landmarks)", "VRN-Guided",
                                 ("--landmarks-model", _checkpoint(out, "detector")))):
         direct, row = evaluated(name, *extra), rows[label]["real"]
-        assert row["nme"].estimate == direct["model"]["nme_mean"], label
-        assert row["aligned"].estimate == direct["model"]["nme_aligned_mean"], label
-        assert (row["num_failed"], row["num_samples"]) == (direct["model"]["num_failed"], REAL_PHOTOS), label
         assert (out / "eval-real" / slug(label) / "test.csv").read_bytes() == \
-            (tmp_path / slug(name) / "real" / "model" / "test.csv").read_bytes(), label
-        landmarks = direct["landmarks"]["model"].get("landmark_nme_balanced")
-        assert (row.get("landmark") and row["landmark"].estimate) == landmarks, label
-    assert rows["VRN-Guided (detected landmarks)"]["real"]["landmark"].estimate == \
-        evaluated("detector")["landmarks"]["model"]["landmark_nme_balanced"]  # the detector's, scored alone
+            (tmp_path / slug(name) / "real" / "model" / "test.csv").read_bytes(), label   # the first training's
+        trainings = [read_per_sample_csv(out / folder / slug(label) / "test.csv")
+                     for folder in ("eval-real", "eval-real-seed1")]
+        assert np.mean(trainings[0]["nme"][~trainings[0]["failed"]]) == direct["model"]["nme_mean"], label
+        every = np.concatenate([t["nme"][~t["failed"]] for t in trainings])
+        assert row["nme"].estimate == pytest.approx(every.mean(), rel=1e-12), label   # the mean over both trainings
+        assert row["runs"] == pytest.approx([t["nme"][~t["failed"]].mean() for t in trainings], rel=1e-12), label
+        assert (row["num_samples"], row["nme"].low <= row["nme"].estimate <= row["nme"].high) == (REAL_PHOTOS, True)
+    detector = [json.loads((out / folder / "detector" / "landmarks.json").read_text())["landmark_nme_balanced"]
+                for folder in ("eval-real", "eval-real-seed1")]
+    assert detector[0] == evaluated("detector")["landmarks"]["model"]["landmark_nme_balanced"]  # scored alone
+    landmark = rows["VRN-Guided (detected landmarks)"]["real"]["landmark"]   # the detector's, over both trainings
+    assert landmark.estimate == pytest.approx(np.mean(detector), rel=1e-9) and landmark.low <= landmark.high
 
 
 @pytest.mark.slow
@@ -434,14 +444,20 @@ def test_paired_differences_use_the_faces_both_methods_were_tested_on():
                 "nme": np.array(nme, dtype=float), "nme_aligned": np.array(nme, dtype=float),
                 "nme_closest": np.array(nme, dtype=float), "failed": np.zeros(count, dtype=bool)}
 
-    tables = {"A": table([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4]), "B": table([3, 1, 5], [0.5, 0.1, 9.0])}
+    tables = {"A": [table([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4])], "B": [table([3, 1, 5], [0.5, 0.1, 9.0])]}
     rows = table_rows(tables, {}, "A", resamples=100)
     assert rows["B"]["paired"] == 2  # faces 3 and 1
     assert rows["B"]["difference"].estimate == pytest.approx(((0.5 - 0.4) + (0.1 - 0.2)) / 2)
     with pytest.raises(ValueError, match="C and A share no test sample"):
-        table_rows({**tables, "C": table([7], [0.1])}, {}, "A", resamples=100)
-    mean = seed_mean_table([tables["A"], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])])
+        table_rows({**tables, "C": [table([7], [0.1])]}, {}, "A", resamples=100)
+    mean = seed_mean_table([tables["A"][0], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])])
     assert mean["index"].tolist() == [0, 1, 2, 3] and mean["nme"] == pytest.approx([0.2, 0.1, 0.2, 0.3])
+    # Two trainings each, in other face orders: cells are their means, the difference paired by training and face.
+    two = {"A": [tables["A"][0], table([3, 2, 1, 0], [0.2, 0.1, 0.0, 0.3])],
+           "B": [table([0, 1, 2, 3], [0.2, 0.3, 0.4, 0.5]), table([0, 1, 2, 3], [0.4, 0.1, 0.2, 0.3])]}
+    rows = table_rows(two, {}, "A", resamples=100)
+    assert rows["A"]["runs"] == pytest.approx([0.25, 0.15]) and rows["A"]["nme"].estimate == pytest.approx(0.2)
+    assert rows["B"]["difference"].estimate == pytest.approx(0.1) and rows["B"]["paired"] == 4
 
 
 def test_each_method_is_its_trained_variant_and_landmarks_with_todays_label():

@@ -149,8 +149,9 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
 
     The runs are :func:`collect_run_dirs` (a run still training is refused) read by :func:`read_run` (a damaged
     file is refused), all tested on the same test file, by content (:func:`common_test_file`: else a ConfigError
-    names two runs that differ). The runs of one group are averaged per face (:func:`seed_mean_table`) before the
-    bootstrap over faces; ``reference`` (default the default model, ``vrn``, when present, else the first group) is the row every
+    names two runs that differ). The runs of one group are its trainings: each cell is their mean and every
+    interval a two-level bootstrap over them and the faces (:func:`~experiments.compare.stats.table_rows`);
+    ``reference`` (default the default model, ``vrn``, when present, else the first group) is the row every
     other is paired with. Writes ``table.md`` (titled with the test file's path and SHA-256 prefix), ``table.csv``,
     ``runs.csv`` (one row per run) and the figures into ``out``.
     """
@@ -160,24 +161,26 @@ def compare_runs(paths: list[str | Path], out: Path, group_by: str = "model.name
     reference = reference or (DEFAULT_MODEL if DEFAULT_MODEL in groups else next(iter(groups)))
     if reference not in groups:
         raise ConfigError(f"--reference {reference} is none of the {group_by} values of the runs: {sorted(groups)}")
-    tables = {label: seed_mean_table([run.table for run in group]) for label, group in groups.items()}
-    for label, table in tables.items():
-        if not len(table["index"]):
+    tables = {label: [run.table for run in group] for label, group in groups.items()}
+    for label, trainings in tables.items():
+        if not len(seed_mean_table(trainings)["index"]):
             raise ConfigError(f"the {label} runs share no test face: {', '.join(str(run.dir) for run in groups[label])}")
     rows = table_rows(tables, group_landmarks(groups), reference, resamples)
     for label, group in groups.items():
         rows[label]["runs"] = [run.summary["nme_mean"] for run in group]
     same_by_design = {"seed", "run_dir", "name", "resume", group_by}
-    notes = [f"One row per {group_by} ({len(runs)} runs). Where several runs (seeds) share a row, each face's "
-             "NME is averaged over them first (a face that failed in any run counts as failed), so the interval is "
-             "over test faces and leaves out seed-to-seed variation: the runs column gives the number of runs and "
-             "the range of their own mean NMEs, the seed spread; the landmark NME is their mean."]
+    notes = [f"One row per {group_by} ({len(runs)} runs). Where several runs (seeds) share a row, each cell is "
+             "their mean (a face that failed in any run counts as failed in the summary columns) and every interval "
+             "and difference a two-level bootstrap over the runs and the test faces, so it covers the spread "
+             "between trainings too; the runs column gives the number of runs and the range of their own mean NMEs; "
+             "the landmark NME is their mean. A row with one run has a faces-only interval."]
     notes += [f"{label} averages runs that also differ in {', '.join(keys)} (separate them with --group-by)."
               for label, group in groups.items()
               if (keys := differing_settings([run.config for run in group], same_by_design))]
     out.mkdir(parents=True, exist_ok=True)
     write_tables(out, rows, reference, f"runs: NME on {runs[0].test_file} (sha256 {digest[:12]})", notes + file_notes)
-    write_figures(out, tables, list(tables), _expression_names(runs[0].test_file), resamples)
+    write_figures(out, {label: seed_mean_table(trainings) for label, trainings in tables.items()}, list(tables),
+                  _expression_names(runs[0].test_file), resamples)
     write_run_list(out / "runs.csv", groups)
     return rows
 
@@ -194,7 +197,7 @@ def group_runs(runs: list[FinishedRun], group_by: str) -> dict[str, list[Finishe
     return groups
 
 
-def group_landmarks(groups: dict[str, list[FinishedRun]]) -> dict[str, dict[str, float]]:
+def group_landmarks(groups: dict[str, list[FinishedRun]]) -> dict[str, float]:
     """Each group's mean balanced landmark NME over its runs that recorded one (``test/landmark_nme_balanced``),
     as :func:`~experiments.compare.stats.table_rows` takes it; a group without any is left out."""
     landmarks = {}
@@ -202,7 +205,7 @@ def group_landmarks(groups: dict[str, list[FinishedRun]]) -> dict[str, dict[str,
         scores = [run.metrics["test/landmark_nme_balanced"] for run in group
                   if run.metrics.get("test/landmark_nme_balanced") is not None]
         if scores:
-            landmarks[label] = {"landmark_nme_balanced": float(np.mean(scores))}
+            landmarks[label] = float(np.mean(scores))
     return landmarks
 
 

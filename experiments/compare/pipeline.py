@@ -29,7 +29,7 @@ from experiments.compare.methods import (
 )
 from experiments.compare.report import write_figures, write_tables
 from experiments.compare.settings import CompareSettings
-from experiments.compare.stats import table_rows
+from experiments.compare.stats import seed_mean_table, table_rows
 from experiments.config import CONFIG_DIR, load_config
 from experiments.evaluation import (
     Evaluation,
@@ -71,16 +71,27 @@ def prepare_data(settings: CompareSettings) -> Path:
     return folder
 
 
-def trained_checkpoint(settings: CompareSettings, name: str, overrides: list[str], data_dir: Path) -> Path:
-    """The best checkpoint of training ``name``: trained, resumed, or reused when it finished before, through
+def trained_checkpoint(settings: CompareSettings, name: str, overrides: list[str], data_dir: Path,
+                       training: int = 0) -> Path:
+    """The best checkpoint of training number ``training`` (0-based) of ``name``, with seed ``seed + training``
+    (``seed`` the training config's): trained, resumed, or reused when it finished before, through
     ``experiments.train``, which refuses a finished or interrupted run trained with other learning settings (a
     changed preset, say) instead of reusing it."""
-    run_dir = Path(settings.out) / "runs" / slug(name)
-    cfg = load_config(CONFIG_DIR / settings.train_config,
-                      [f"data.dir={data_dir}", f"grid={settings.data.grid}", f"run_dir={run_dir}",
-                       f"name={slug(name)}", *settings.overrides, *overrides])
-    metrics = train.train(cfg, command=f"python -m experiments.compare ({settings.name}: {name})")
+    run_dir = Path(settings.out) / "runs" / (slug(name) + training_suffix(training))
+    composed = [f"data.dir={data_dir}", f"grid={settings.data.grid}", f"run_dir={run_dir}",
+                f"name={slug(name) + training_suffix(training)}", *settings.overrides, *overrides]
+    cfg = load_config(CONFIG_DIR / settings.train_config, composed)
+    if training:
+        cfg = load_config(CONFIG_DIR / settings.train_config, [*composed, f"seed={cfg.seed + training}"])
+    metrics = train.train(cfg, command=f"python -m experiments.compare ({settings.name}: {name}"
+                                       f"{'' if not training else f', training {training + 1}'})")
     return Path(metrics.get("best_checkpoint") or run_dir / "checkpoints" / "last.ckpt")
+
+
+def training_suffix(training: int) -> str:
+    """What the run and evaluation folders of training number ``training`` (0-based) add to their name: nothing
+    for the first (the folders a one-training comparison has), ``-seed1``, ``-seed2``, ... after it."""
+    return f"-seed{training}" if training else ""
 
 
 def real_photos_file(settings: CompareSettings) -> tuple[Path | None, str]:
@@ -161,12 +172,14 @@ class TrainedModels:
 
 
 def score_methods(settings: CompareSettings, models: TrainedModels, test_path: Path, folder: Path,
-                  progress: Progress, where: str = "") -> dict[str, Evaluation]:
+                  progress: Progress, where: str = "", untrained: dict[str, Evaluation] | None = None
+                  ) -> dict[str, Evaluation]:
     """Every method, guided method with detected landmarks, detector and baseline scored on the test file
     ``test_path``, by label, reported in ``folder`` (:func:`scored`: reused when what it scored is unchanged); a
     guided method with detected landmarks and the 3DMM fit carry their detector's landmark NMEs. ``where`` ends the
     progress lines (``" on real photos"``). The baselines built from a face model (the 3DMM fit, the oracle) use the
-    one the file records."""
+    one the file records. ``untrained``: the evaluations of another training of every model on the same file,
+    whose baselines that no training changes (the mean training volume, the oracle) are taken as they are."""
     trained, detected = trained_methods(settings), detected_methods(settings)
     data_dir, grid = Path(settings.data.dir), VoxelGrid.parse(settings.data.grid)
     test_digest = file_sha256(test_path)
@@ -205,6 +218,10 @@ def score_methods(settings: CompareSettings, models: TrainedModels, test_path: P
     baseline_inputs = {FIT: inputs(settings.fit_detector, fit_regularisation=settings.fit_regularisation),
                        MEAN_VOLUME: inputs(train_file_sha256=file_sha256(data_dir / "train.h5")), ORACLE: inputs()}
     for method in BASELINES:
+        if untrained is not None and method in (MEAN_VOLUME, ORACLE):
+            evaluations[method.label] = untrained[method.label]
+            progress(f"baseline {method.label}{where}: the same for every training")
+            continue
         evaluations[method.label] = scored(folder, method.label, builders[method], data, baseline_inputs[method])
         progress(f"evaluated baseline {method.label}{where}")
     landmarks_of = {**{method.label: settings.guidance[method.name] for method in detected},
@@ -217,53 +234,94 @@ def score_methods(settings: CompareSettings, models: TrainedModels, test_path: P
 
 def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
     """Every stage; returns ``{method: row of the table}`` (with ``real``, its row on the real photos, when they
-    are scored). ``wandb``: log each method's evaluation to W&B (:func:`log_wandb_runs`; None: when the trainings
-    had ``logger.wandb=true``)."""
+    are scored). Every detector and method is trained ``settings.seeds`` times (seeds ``seed``, ``seed + 1``, ...;
+    the first training's folders are those of a one-training comparison) and each training scored; the intervals
+    resample the trainings and the faces (:func:`~experiments.compare.stats.table_rows`). ``wandb``: log the first
+    training's evaluation of each method to W&B (:func:`log_wandb_runs`; None: when the trainings had
+    ``logger.wandb=true``)."""
     out = Path(settings.out)
     trained, detected = trained_methods(settings), detected_methods(settings)
+    trainings = range(settings.seeds)
     per_file = len(trained) + len(detected) + len(settings.detectors) + len(BASELINES)
-    progress = Progress(2 + len(settings.detectors) + len(settings.methods) + per_file + 1)
+    progress = Progress(2 + settings.seeds * (len(settings.detectors) + len(settings.methods) + per_file) + 1)
     data_dir = prepare_data(settings)
     progress(f"data: {data_dir} (train {settings.data.train}, val {settings.data.val}, test {settings.data.test}, "
              f"grid {settings.data.grid})")
     real_path, real_note = real_photos_file(settings)
-    progress.total += 0 if real_path is None else per_file
+    progress.total += 0 if real_path is None else settings.seeds * per_file
     progress(real_note)
 
-    checkpoints = {}
-    for name in {**settings.detectors, **settings.methods}:
-        checkpoints[name] = trained_checkpoint(settings, name, settings.training_overrides(name), data_dir)
-        progress(f"trained {name}: {checkpoints[name]}")
-    models = TrainedModels(checkpoints)
-    files = {"eval": score_methods(settings, models, data_dir / "test.h5", out / "eval", progress)}
-    if real_path is not None:
-        files["eval_real"] = score_methods(settings, models, real_path, out / "eval-real", progress, " on real photos")
+    checkpoints = [{} for _ in trainings]
+    for training in trainings:
+        for name in {**settings.detectors, **settings.methods}:
+            checkpoints[training][name] = trained_checkpoint(settings, name, settings.training_overrides(name),
+                                                             data_dir, training)
+            progress(f"trained {name}{_of_trainings(training, settings.seeds)}: {checkpoints[training][name]}")
+    files = {"eval": [], **({} if real_path is None else {"eval_real": []})}
+    for training in trainings:
+        models, suffix = TrainedModels(checkpoints[training]), training_suffix(training)
+        for key, path, folder, where in (("eval", data_dir / "test.h5", out / f"eval{suffix}", ""),
+                                         ("eval_real", real_path, out / f"eval-real{suffix}", " on real photos")):
+            if key in files:
+                files[key].append(score_methods(settings, models, path, folder, progress,
+                                                where + _of_trainings(training, settings.seeds),
+                                                untrained=files[key][0] if training else None))
 
     rows = file_rows(settings, files["eval"])
     title = f"{settings.name}: NME on the synthetic test split ({settings.data.test} faces, grid {settings.data.grid})"
-    notes = [] if settings.real_photos.root is None else [real_note]
+    notes = [_trainings_note(settings.seeds)] + ([] if settings.real_photos.root is None else [real_note])
     if real_path is not None:
         for name, row in file_rows(settings, files["eval_real"]).items():
             rows[name]["real"] = row
         title += f" and on {len(open_dataset(real_path))} real photos"
-        notes = [f"{real_note}. The real columns score every method on them as on the synthetic faces; the 3DMM fit "
-                 f"and the oracle use their file's face model. Real landmark NME: the balanced 68-point NME, its "
-                 f"interval from resampling the photos within each |yaw| bucket."]
+        notes[-1] = (f"{real_note}. The real columns score every method on them as on the synthetic faces; the 3DMM "
+                     f"fit and the oracle use their file's face model. Real landmark NME: the balanced 68-point NME, "
+                     f"its interval also resampling the photos within each |yaw| bucket.")
     write_tables(out, rows, settings.reference, title, notes)
     guided = [method.label for method in [*trained, *detected] if method.name in settings.guidance]
-    write_figures(out, nme_tables(files["eval"]), [settings.reference, *guided],
+    write_figures(out, mean_nme_tables(files["eval"]), [settings.reference, *guided],
                   open_dataset(data_dir / "test.h5").attrs.get("expression_names"), settings.bootstrap_resamples)
     progress(f"report: {out / 'table.md'}, {out / 'table.csv'}, ced.png, nme_vs_yaw.png, nme_per_expression.png")
-    log_wandb_runs(settings, files, wandb)
+    log_wandb_runs(settings, {key: evaluations[0] for key, evaluations in files.items()}, wandb)
     return rows
 
 
-def file_rows(settings: CompareSettings, evaluations: dict[str, Evaluation]) -> dict:
-    """The table's rows of one test file's ``evaluations`` (:func:`~experiments.compare.stats.table_rows`)."""
-    landmarks = {label: e.landmarks for label, e in evaluations.items()}
-    landmark_tables = {label: e.landmark_table for label, e in evaluations.items() if e.landmark_table is not None}
-    return table_rows(nme_tables(evaluations), landmarks, settings.reference, settings.bootstrap_resamples,
-                      landmark_tables)
+def _of_trainings(training: int, trainings: int) -> str:
+    """``" (training 2 of 3)"``; nothing when there is one training."""
+    return "" if trainings == 1 else f" (training {training + 1} of {trainings})"
+
+
+def _trainings_note(trainings: int) -> str:
+    """The table's note on what its intervals cover."""
+    if trainings == 1:
+        return ("One training per method: the intervals cover the test faces only, not the spread between "
+                "trainings, which can be as large as the differences judged; a verdict may flip on a rerun (seeds: 3 "
+                "covers both).")
+    return (f"{trainings} trainings per method (seeds): each cell is their mean, the runs column the range of their "
+            f"own means, and every interval and difference a two-level bootstrap over trainings and faces "
+            f"(lightning_vrn.metrics.bootstrap.seeds_and_faces_mean); a verdict is printed from it alone.")
+
+
+def file_rows(settings: CompareSettings, trainings: list[dict[str, Evaluation]]) -> dict:
+    """The table's rows of one test file's evaluations, one dict of them per training
+    (:func:`~experiments.compare.stats.table_rows`)."""
+    labels = [label for label, evaluation in trainings[0].items() if evaluation.table is not None]
+    landmarks = {}
+    for label in trainings[0]:
+        scores = [e[label].landmarks.get("landmark_nme_balanced") for e in trainings if e[label].landmarks]
+        if scores and None not in scores:
+            landmarks[label] = float(np.mean(scores))
+    landmark_tables = {label: [e[label].landmark_table for e in trainings] for label in trainings[0]
+                       if trainings[0][label].landmark_table is not None}
+    return table_rows({label: [e[label].table for e in trainings] for label in labels}, landmarks,
+                      settings.reference, settings.bootstrap_resamples, landmark_tables)
+
+
+def mean_nme_tables(trainings: list[dict[str, Evaluation]]) -> dict[str, dict]:
+    """Each method's per-sample NME table averaged per face over its trainings (:func:`seed_mean_table`), for the
+    figures."""
+    return {label: seed_mean_table([e[label].table for e in trainings]) for label, evaluation in trainings[0].items()
+            if evaluation.table is not None}
 
 
 def log_wandb_runs(settings: CompareSettings, files: dict[str, dict[str, Evaluation]], wanted: bool | None) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lightning_vrn.atomic import atomic_path, write_text
-from lightning_vrn.metrics.bootstrap import Interval, bootstrap_mean
+from lightning_vrn.metrics.bootstrap import Interval, bootstrap_mean, verdict
 from lightning_vrn.metrics.report import YAW_BUCKETS_DEG
 from lightning_vrn.visualise import save_ced, save_grouped_means, save_nme_vs_yaw
 
@@ -39,11 +39,12 @@ def _runs_text(run_means: list[float]) -> str:
 
 
 def _difference_text(row: dict) -> str:
-    """A row's paired difference from the reference with its interval, ``*within noise*`` when that holds 0."""
+    """A row's paired difference from the reference with its interval and the verdict of that interval:
+    ``*better*``, ``*worse*`` or ``*within noise*``."""
     difference = row.get("difference")
     if difference is None:
         return "reference"
-    return (difference.text(4) + ("" if difference.excludes_zero else " *within noise*")
+    return (f"{difference.text(4)} *{verdict(difference)}*"
             + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
 
 
@@ -76,9 +77,9 @@ def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[
     if with_runs:
         header.insert(1, RUNS_COLUMN)
     lines = [f"# {title}", "",
-             "Bootstrap 95% intervals over the test faces; the difference is each method's paired per-face "
-             f"difference from {reference} (negative: better), marked *within noise* when its "
-             "interval contains 0.", *(line for note in notes for line in ("", note)), "",
+             "Bootstrap 95% intervals; the difference is each method's paired difference from "
+             f"{reference} (negative: better), with the verdict of its interval: *better* or *worse* when it "
+             "excludes 0, else *within noise*.", *(line for note in notes for line in ("", note)), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
     for name, row in rows.items():

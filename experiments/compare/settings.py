@@ -46,8 +46,10 @@ class CompareSettings:
     docs/variants.md) and its own overrides, if any; ``guidance``: guided method -> the detector that
     guides it at evaluation; ``fit_detector``: the detector whose landmarks the 3DMM fit uses;
     ``fit_regularisation``: the fit's Tikhonov lambda; ``reference``: the method every other is
-    compared with; ``real_photos``: real photos every method is scored on too (:class:`RealPhotos`). A compare
-    config may extend another (``extends: compare_quickstart.yaml``)."""
+    compared with; ``real_photos``: real photos every method is scored on too (:class:`RealPhotos`); ``seeds``: how
+    many times every detector and method is trained (seeds ``seed``, ``seed + 1``, ...; the table's intervals then
+    cover the spread between trainings as well as between faces). A compare config may extend another
+    (``extends: compare_quickstart.yaml``)."""
 
     name: str = "compare"
     out: str = "runs/compare"
@@ -63,6 +65,7 @@ class CompareSettings:
     batch_size: int = EVAL_BATCH_SIZE
     bootstrap_resamples: int = 2000
     real_photos: RealPhotos = field(default_factory=RealPhotos)
+    seeds: int = 3
 
     def training_overrides(self, name: str) -> list[str]:
         """The ``key=value`` overrides that train the detector or method ``name``: its variant, then its own."""
@@ -77,6 +80,9 @@ def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> Compar
         raise ConfigError(f"compare config {path} does not exist; shipped: "
                           f"{', '.join(p.name for p in sorted(CONFIG_DIR.glob('compare_*.yaml')))}")
     settings = load_settings(CompareSettings, path, overrides)
+    if not isinstance(settings.seeds, int) or settings.seeds < 1:
+        raise ConfigError(f"{path}: seeds is {settings.seeds!r}; give how many times to train each method, 1 or more "
+                          f"(3 lets the intervals cover the spread between trainings)")
     _check_trainings(settings, path)
     unknown = sorted((set(settings.guidance.values()) | {settings.fit_detector}) - set(settings.detectors))
     if unknown:

@@ -1,41 +1,69 @@
-"""The numbers of a comparison's table: per-method summaries with bootstrap intervals and paired differences
-(:func:`table_rows`) over the test faces two per-sample tables share (:func:`shared_positions`), and the
-per-face mean of several runs (seeds) of one variant (:func:`seed_mean_table`)."""
+"""The numbers of a comparison's table: per-method summaries with two-level bootstrap intervals (over trainings,
+then faces) and paired differences (:func:`table_rows`), over the test faces per-sample tables share
+(:func:`shared_positions`), and the per-face mean of several trainings (:func:`seed_mean_table`: the summary
+columns and the figures)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from lightning_vrn.metrics.bootstrap import bootstrap_balanced_mean, bootstrap_mean, paired_difference
-from lightning_vrn.metrics.report import summarise
+from lightning_vrn.metrics.bootstrap import seeds_and_faces_difference, seeds_and_faces_mean
+from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, in_yaw_bucket, summarise
 
 
-def table_rows(tables: dict, landmarks: dict, reference: str, resamples: int,
-               landmark_tables: dict | None = None) -> dict:
-    """One row per method of ``tables``: its summary, bootstrap intervals of the NME (``nme``) and the rigidly
-    aligned NME (``aligned``), the balanced landmark NME of ``landmarks`` (``landmark_nme_balanced``) with its
-    interval (``landmark``) where ``landmark_tables`` has the method's per-sample landmark NMEs (``index``,
-    ``yaw_deg``, ``landmark_nme``), and the paired difference from ``reference`` over the test samples both were
-    scored on (``paired``: how many)."""
+def table_rows(tables: dict[str, list[dict]], landmarks: dict[str, float], reference: str, resamples: int,
+               landmark_tables: dict[str, list[dict]] | None = None) -> dict:
+    """One row per method of ``tables`` (method -> its trainings' per-sample tables, one or more):
+
+    the summary of the per-face mean over the trainings (:func:`seed_mean_table`; median, |yaw| buckets,
+    failures), two-level intervals of the NME (``nme``) and the rigidly aligned NME (``aligned``), each training's
+    mean NME (``runs``), the balanced landmark NME ``landmarks[method]`` (``landmark_nme_balanced``) with a
+    two-level interval balanced over |yaw| buckets (``landmark``) where ``landmark_tables`` has the trainings'
+    per-sample landmark NMEs (``index``, ``yaw_deg``, ``landmark_nme``), and the paired difference from
+    ``reference`` over the test faces both were scored on (``difference``, ``paired``: how many), trainings
+    paired by index when both have as many."""
     landmark_tables = landmark_tables or {}
     rows = {}
-    for name, table in tables.items():
-        summary = summarise(table)
-        ok = ~table["failed"]
-        row = {**summary, "nme": bootstrap_mean(table["nme"][ok], resamples),
-               "aligned": bootstrap_mean(table["nme_aligned"][ok], resamples),
-               "landmark_nme_balanced": landmarks.get(name, {}).get("landmark_nme_balanced")}
+    for name, trainings in tables.items():
+        mean_table = seed_mean_table(trainings)
+        nme, aligned = (_by_face(trainings, mean_table["index"], column) for column in ("nme", "nme_aligned"))
+        row = {**summarise(mean_table), "nme": seeds_and_faces_mean(nme, resamples),
+               "aligned": seeds_and_faces_mean(aligned, resamples), "runs": [float(np.nanmean(n)) for n in nme],
+               "landmark_nme_balanced": landmarks.get(name)}
         if name in landmark_tables:
-            samples = landmark_tables[name]
-            row["landmark"] = bootstrap_balanced_mean(samples["landmark_nme"], samples["yaw_deg"], resamples)
+            row["landmark"] = _balanced_landmarks(landmark_tables[name], resamples)
         if name != reference:
-            mine, theirs = shared_positions(table["index"], tables[reference]["index"])
+            theirs = seed_mean_table(tables[reference])["index"]
+            mine, _ = shared_positions(mean_table["index"], theirs)
             if not len(mine):
                 raise ValueError(f"{name} and {reference} share no test sample: there is no paired difference")
-            row["difference"] = paired_difference(table["nme"][mine], tables[reference]["nme"][theirs], resamples)
+            faces = mean_table["index"][mine]
+            row["difference"] = seeds_and_faces_difference(_by_face(trainings, faces, "nme"),
+                                                           _by_face(tables[reference], faces, "nme"), resamples)
             row["paired"] = len(mine)
         rows[name] = row
     return rows
+
+
+def _by_face(tables: list[dict], faces: np.ndarray, column: str) -> np.ndarray:
+    """(trainings, faces) ``column`` of each training's table at the dataset ``faces``; NaN where it failed."""
+    rows = []
+    for table in tables:
+        positions = shared_positions(faces, table["index"])[1]
+        rows.append(np.where(table["failed"][positions], np.nan, table[column][positions]))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _balanced_landmarks(tables: list[dict], resamples: int):
+    """The trainings' balanced 68-point landmark NME with its two-level interval, faces drawn within |yaw|
+    buckets, over the faces every training was scored on."""
+    faces = tables[0]["index"][np.all([np.isin(tables[0]["index"], t["index"]) for t in tables], axis=0)]
+    yaw = tables[0]["yaw_deg"][shared_positions(faces, tables[0]["index"])[1]]
+    bucket = np.full(len(faces), -1)
+    for number, (lo, hi) in enumerate(YAW_BUCKETS_DEG):
+        bucket[in_yaw_bucket(yaw, lo, hi)] = number
+    values = np.asarray([t["landmark_nme"][shared_positions(faces, t["index"])[1]] for t in tables], dtype=np.float64)
+    return seeds_and_faces_mean(values[:, bucket >= 0], resamples, strata=bucket[bucket >= 0])
 
 
 def shared_positions(indices: np.ndarray, other_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

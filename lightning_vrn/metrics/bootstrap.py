@@ -86,11 +86,12 @@ def paired_difference(values, reference, resamples: int = DEFAULT_RESAMPLES, lev
     return bootstrap_mean(values[both] - reference[both], resamples, level, seed)
 
 
-def seeds_and_faces_mean(values, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                         seed: int = 0) -> Interval:
+def seeds_and_faces_mean(values, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0,
+                         strata=None) -> Interval:
     """Mean of ``values`` (S, N): S trainings (seeds) of a method scored on the same N faces (NaN: a failed face,
     left out), with a two-level percentile bootstrap interval: each resample draws S trainings with replacement
-    and, independently, N faces with replacement, and averages the finite drawn cells.
+    and, independently, N faces with replacement, and averages the finite drawn cells. ``strata`` (N,) labels
+    (e.g. |yaw| buckets): the mean of the strata's means, faces drawn within each stratum.
 
     Drawing S of S trainings shrinks their spread by (S - 1) / S, so the trainings' mean deviations are first
     widened by sqrt(S / (S - 1)) (the usual variance correction; the estimate is unchanged). Measured coverage of
@@ -100,38 +101,84 @@ def seeds_and_faces_mean(values, resamples: int = DEFAULT_RESAMPLES, level: floa
     (0.02 against faces' 0.03); 5 trainings bring the large case to 0.94. With 3 trainings no interval knows
     their spread well. One training (S = 1) gives the faces-only interval.
     """
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or 0 in values.shape:
-        raise ValueError(f"values must be (seeds, faces) with at least one of each, got shape {values.shape}")
-    finite = np.isfinite(values)
-    if not finite.any():
-        return Interval(float("nan"), float("nan"), float("nan"), level)
-    trainings, faces = values.shape
-    estimate = float(values[finite].mean())
-    if trainings > 1:
-        training_means = np.nanmean(np.where(finite, values, np.nan), axis=1, keepdims=True)
-        training_means = np.where(np.isfinite(training_means), training_means, estimate)
-        values = values + (training_means - estimate) * (np.sqrt(trainings / (trainings - 1)) - 1)
+    values = _trainings_by_faces(values)
     rng = np.random.default_rng(seed)
-    drawn_trainings = rng.multinomial(trainings, np.full(trainings, 1 / trainings), size=resamples)  # (R, S) counts
-    drawn_faces = rng.multinomial(faces, np.full(faces, 1 / faces), size=resamples)                    # (R, N) counts
-    sums = ((drawn_trainings @ np.where(finite, values, 0.0)) * drawn_faces).sum(axis=1)
-    counts = ((drawn_trainings @ finite.astype(np.float64)) * drawn_faces).sum(axis=1)
-    means = sums[counts > 0] / counts[counts > 0]
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(estimate, float(low), float(high), level)
+    drawn = _draw_trainings(rng, len(values), resamples)
+    return _two_level(rng, [(values, drawn)], resamples, level, strata)
 
 
 def seeds_and_faces_difference(values, reference, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                               seed: int = 0) -> Interval:
-    """Mean of ``values - reference``, both (S, N) (training k of each method on face i, paired by training
-    index and face; a cell failed in either is left out), with :func:`seeds_and_faces_mean`'s interval."""
-    values, reference = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if values.shape != reference.shape:
-        raise ValueError(f"paired (seeds, faces) tables must have the same shape, got {values.shape} and "
+                               seed: int = 0, strata=None) -> Interval:
+    """Mean of ``values`` (S, N) minus mean of ``reference`` (S', N), two methods' trainings on the same N faces,
+    with :func:`seeds_and_faces_mean`'s interval, the faces drawn once for both. With S = S' the trainings are
+    paired by index (the same seed index drawn for both) and a cell failed in either is left out of both; else
+    each method's trainings are drawn on their own."""
+    values, reference = _trainings_by_faces(values), _trainings_by_faces(reference)
+    if values.shape[1] != reference.shape[1]:
+        raise ValueError(f"paired (seeds, faces) tables must have the same faces, got shapes {values.shape} and "
                          f"{reference.shape}")
-    return seeds_and_faces_mean(values - reference, resamples, level, seed)
+    rng = np.random.default_rng(seed)
+    if values.shape == reference.shape:
+        either = ~(np.isfinite(values) & np.isfinite(reference))
+        values, reference = np.where(either, np.nan, values), np.where(either, np.nan, reference)
+        drawn = _draw_trainings(rng, len(values), resamples)
+        pairs = [(values, drawn), (reference, drawn)]
+    else:
+        pairs = [(values, _draw_trainings(rng, len(values), resamples)),
+                 (reference, _draw_trainings(rng, len(reference), resamples))]
+    return _two_level(rng, pairs, resamples, level, strata)
+
+
+def _trainings_by_faces(values) -> np.ndarray:
+    """``values`` as float64 (S, N), checked."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or 0 in values.shape:
+        raise ValueError(f"values must be (seeds, faces) with at least one of each, got shape {values.shape}")
+    return values
+
+
+def _widened(values: np.ndarray) -> np.ndarray:
+    """(S, N) ``values`` with each training's mean deviation from the grand mean widened by sqrt(S / (S - 1))."""
+    finite = np.isfinite(values)
+    if len(values) > 1 and finite.any():
+        grand = values[finite].mean()
+        counts = finite.sum(axis=1, keepdims=True)
+        means = np.where(finite, values, 0.0).sum(axis=1, keepdims=True) / np.maximum(counts, 1)
+        deviation = np.where(counts > 0, means - grand, 0.0)   # a training without finite faces is left as it is
+        values = values + deviation * (np.sqrt(len(values) / (len(values) - 1)) - 1)
+    return values
+
+
+def _draw_trainings(rng: np.random.Generator, trainings: int, resamples: int) -> np.ndarray:
+    """(R, S) how often each of S trainings is drawn in each resample."""
+    return rng.multinomial(trainings, np.full(trainings, 1 / trainings), size=resamples).astype(np.float64)
+
+
+def _two_level(rng: np.random.Generator, methods: list, resamples: int, level: float, strata) -> Interval:
+    """The first method's (mean of strata) mean minus the second's (if any), each ``(values (S, N), drawn
+    trainings (R, S))``, with the percentile interval over faces drawn within each stratum (the same for all)."""
+    faces = methods[0][0].shape[1]
+    labels = np.zeros(faces) if strata is None else np.asarray(strata)
+    estimates, resampled = np.zeros(len(methods)), np.zeros((len(methods), resamples))
+    groups = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+    groups = [group for group in groups if all(np.isfinite(values[:, group]).any() for values, _ in methods)]
+    if not groups:
+        return Interval(float("nan"), float("nan"), float("nan"), level)
+    for group in groups:
+        drawn_faces = rng.multinomial(len(group), np.full(len(group), 1 / len(group)), size=resamples)  # (R, n)
+        for m, (values, drawn_trainings) in enumerate(methods):
+            cells, finite = values[:, group], np.isfinite(values[:, group])
+            estimates[m] += cells[finite].mean() / len(groups)
+            cells = _widened(cells)
+            sums = ((drawn_trainings @ np.where(finite, cells, 0.0)) * drawn_faces).sum(axis=1)
+            counts = ((drawn_trainings @ finite) * drawn_faces).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                resampled[m] += sums / counts / len(groups)
+    statistic = resampled[0] - (resampled[1] if len(methods) > 1 else 0.0)
+    statistic = statistic[np.isfinite(statistic)]
+    tail = (1 - level) / 2
+    low, high = np.quantile(statistic, [tail, 1 - tail])
+    return Interval(float(estimates[0] - (estimates[1] if len(methods) > 1 else 0.0)), float(low), float(high), level)
 
 
 def training_spread(values) -> tuple[float, float]:
