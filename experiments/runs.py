@@ -290,7 +290,7 @@ LEARNING_SETTINGS = ("seed", "grid", "data.batch_size", "data.augment.", "model.
                      "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
 """Config keys (``.``-ending: every key below) that decide what a run learns. A resumed run cannot take a new
 value: the optimiser, its learning rate and schedule, the data order and the weights come from the checkpoint."""
-RUNTIME_SETTINGS = ("data.augment.on_device", "model.channels_last", "model.compile")
+RUNTIME_SETTINGS = ("data.augment.on_device", "model.channels_last", "model.compile", "model.fused_loss")
 """Keys under :data:`LEARNING_SETTINGS` that only say where or how fast it runs, so a resumed run may change them."""
 
 

@@ -206,7 +206,8 @@ def test_a_learning_setting_changed_on_resume_is_refused_naming_it(trained, tiny
         train.train(config(tiny_synthetic, trained, "trainer.max_epochs=2", override), command="changed")
     assert snapshot(trained) == before
     # How it runs may change: more epochs, other workers, no progress bar (checked, not trained, here).
-    allowed = load_config(trained / "config.yaml", ["trainer.max_epochs=9", "data.num_workers=3", "model.compile=true"])
+    allowed = load_config(trained / "config.yaml", ["trainer.max_epochs=9", "data.num_workers=3", "model.compile=true",
+                                                    "model.fused_loss=true"])
     assert runs.changed_learning_settings(runs.trained_config(trained), allowed) == []
 
 

@@ -168,15 +168,22 @@ def test_setting_optimisers_come_from_configure_optimizers():
 
 
 @pytest.mark.slow
-def test_compile_phase_measures_the_compiled_network(tmp_path):
+def test_fused_and_compile_phases_measure_the_fused_loss_and_the_compiled_network(tmp_path):
     command = [sys.executable, "-c", RUN_WITHOUT.format(names=ABSENT_ON_GPU_MACHINE), "--tiny", "--out", str(tmp_path),
-               "--phases", "device,compile"]
+               "--phases", "device,fused,compile"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["phases"]["compile"]["status"] == "ok" and set(result["phases"]) == {"device", "compile"}
+    assert set(result["phases"]) == {"device", "fused", "compile"}
+    assert all(result["phases"][phase]["status"] == "ok" for phase in ("fused", "compile"))
     rates = {row["name"]: row for row in result["rows"] if row["unit"] == "samples/s"}
-    assert sorted(rates) == ["step bf16, compiled net+loss b2", "step bf16, compiled net+loss b4"]
+    assert sorted(name for name in rates if rates[name]["phase"] == "fused") == [
+        "larger batch bf16, fused loss b16", "step bf16 b4", "step bf16 b8", "step bf16, fused loss b4",
+        "step bf16, fused loss b8", "step fp32 b2", "step fp32, fused loss b2"]
+    assert sorted(name for name in rates if rates[name]["phase"] == "compile") == [
+        "step bf16, compiled net + fused loss b4", "step bf16, compiled net+loss b2", "step bf16, compiled net+loss b4"]
     for row in rates.values():  # a real step: positive rate, a finite BCE of random targets near log(2)
         assert row["value"] > 0 and 0.5 < row["extra"]["loss"] < 1.0
+    (check,) = [row for row in result["rows"] if row["name"].startswith("tail check bf16, fused loss")]
+    assert check["value"] < 1e-6 and check["extra"]["grad_error"] < 1e-5
     assert [s["reason"] for s in result["skipped"]] == ["mode reduce-overhead needs inductor"]  # CUDA graphs: GPU only

@@ -6,8 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_vrn.geometry import VoxelGrid
+from lightning_vrn.heatmaps import gaussian_heatmaps
 from lightning_vrn.metrics.iou import VoxelIoU
 from lightning_vrn.models import MODELS, VRN, OptimSettings, build_model
+from lightning_vrn.models.volume import LOW_RES_LOGITS
 from tests.helpers.training import losses_on_one_batch
 
 GRID = VoxelGrid.centred(16, 16, 16)
@@ -208,3 +210,53 @@ def test_the_compiled_network_predicts_what_the_eager_one_does():
     with torch.no_grad():
         torch.testing.assert_close(compiled.predict_step({"image": image}), eager.predict_step({"image": image}),
                                    atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step outside a Trainer
+@pytest.mark.parametrize("name", ["vrn", "vrn_multitask", "vrn_guided"])
+def test_the_fused_loss_trains_with_the_same_loss_gradients_and_iou(name):
+    """model.fused_loss: the training step from the logits before the upsampling gives the plain step's loss,
+    gradients and train IoU (in float64, where rounding is far below the tolerance; in float32 batch norm's
+    backward amplifies the loss's 1e-7 rounding to ~3e-5 of the largest gradient); validation and prediction
+    still get (and score) the full-size logits."""
+    torch.manual_seed(0)
+    net = {"features": 16, "hourglass_depth": 2}  # every variant's net settings (the multitask net has no stacks)
+    plain = build_model(name, grid=GRID.to_dict(), net=net).double()
+    fused = build_model(name, grid=GRID.to_dict(), net=net, fused_loss=True).double()
+    fused.load_state_dict(plain.state_dict())
+    batch = ball_batch(GRID, n=2)
+    batch["heatmaps"] = gaussian_heatmaps(torch.rand(2, 68, 2) * (GRID.width - 1), GRID.height, GRID.width, 1.0)
+    batch = {key: value.double() if value.is_floating_point() else value for key, value in batch.items()}
+    losses = []
+    for model in (plain, fused):
+        loss = model.train().training_step(batch, 0)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    largest = max(p.grad.abs().max().item() for p in plain.parameters())  # (biases before a batch norm get ~0)
+    for (key, grad), fused_grad in zip(((k, p.grad) for k, p in plain.named_parameters()),
+                                      (p.grad for p in fused.parameters()), strict=True):
+        torch.testing.assert_close(fused_grad, grad, rtol=1e-9, atol=1e-11 * largest, msg=key)
+    assert fused.train_iou.compute() == plain.train_iou.compute()
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        validated = fused.validation_step(batch, 0)
+        assert validated["volume_logits"].shape == (2, *GRID.shape)
+        torch.testing.assert_close(validated["loss"], plain.validation_step(batch, 0)["loss"])
+        torch.testing.assert_close(fused.predict_step(batch), plain.predict_step(batch))
+        assert fused.stage_outputs(batch, "train")[LOW_RES_LOGITS].shape == (2, GRID.depth, 4, 4)
+
+
+def test_the_fused_loss_refuses_a_model_without_the_logits_before_the_upsampling():
+    class WholeVolumeOnly(VRN):
+        def forward(self, batch):
+            return {"volume_logits": self.run_network(self.network_inputs(batch))}
+
+    class OwnNetwork(VRN):
+        def build_network(self):
+            return torch.nn.Conv2d(3, GRID.depth, 1)
+
+    for model, lacking in ((WholeVolumeOnly, "WholeVolumeOnly"), (OwnNetwork, "Conv2d")):
+        model(grid=GRID.to_dict(), net=TINY_NET)  # without the switch: fine
+        with pytest.raises(ValueError, match=rf"model.fused_loss needs .* {lacking}\.forward take no upsample_volume"):
+            model(grid=GRID.to_dict(), net=TINY_NET, fused_loss=True)

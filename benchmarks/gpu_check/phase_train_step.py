@@ -14,33 +14,11 @@ from benchmarks.gpu_check.steps import (
     COMPILED_NET,
     COMPILED_TAIL,
     EAGER_VARIANTS,
-    Variant,
     best_variant,
-    chunked_bce,
+    check_tail,
     count_flops,
     measure_setting,
-    tail_mean_bce,
 )
-
-
-def check_tail(ctx: Context, variant: Variant, batch: int) -> None:
-    """Loss and gradient of ``variant``'s tail against the plain interpolate + BCE, on the same low-res logits."""
-    size = (ctx.grid.height, ctx.grid.width)
-    low = torch.randn(batch, ctx.grid.depth, ctx.grid.height // 4, ctx.grid.width // 4, device=ctx.device) * 4
-    low.requires_grad_(True)
-    target = torch.randint(0, 2, (batch, *ctx.grid.shape), dtype=torch.uint8, device=ctx.device)
-    reference = tail_mean_bce(low, target, size)
-    (grad_ref,) = torch.autograd.grad(reference, low)
-    if variant.tail == "chunked":
-        value = chunked_bce(low, target, size, ctx.sizes.loss_chunks)
-    else:
-        value = ctx.compiled[variant.name](low, target, size)
-    (grad,) = torch.autograd.grad(value, low)
-    loss_error = abs(value.item() - reference.item()) / abs(reference.item())
-    grad_error = float((grad - grad_ref).abs().max() / grad_ref.abs().max())
-    ctx.rec.add("train_step", f"tail check {variant.name}: loss relative error", loss_error, "",
-                f"gradient max error {grad_error:.2e} of max |grad|; fp32, against interpolate + BCE",
-                grad_error=grad_error)
 
 
 def largest_batch_search(ctx: Context, model) -> None:
@@ -89,7 +67,7 @@ def phase_train_step(ctx: Context) -> None:
     for variant in (CHUNKED_TAIL, COMPILED_TAIL):
         if variant.tail == "chunked" or variant.name in ctx.compiled:
             with rec.attempt("train_step", f"tail check {variant.name}"):
-                check_tail(ctx, variant, min(s.batches))
+                check_tail(ctx, variant, min(s.batches), "train_step")
     largest_batch_search(ctx, model)
     largest = max(s.batches)
     if ctx.left("train_step") >= s.compile_min_s:

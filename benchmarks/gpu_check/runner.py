@@ -23,6 +23,7 @@ from benchmarks.gpu_check.context import Context
 from benchmarks.gpu_check.phase_compile import phase_compile
 from benchmarks.gpu_check.phase_data import phase_data
 from benchmarks.gpu_check.phase_device import phase_device
+from benchmarks.gpu_check.phase_fused import phase_fused
 from benchmarks.gpu_check.phase_paper_run import phase_paper_run
 from benchmarks.gpu_check.phase_train_step import phase_train_step
 from benchmarks.gpu_check.report import Recorder, plain
@@ -30,7 +31,7 @@ from benchmarks.gpu_check.sizes import DEFAULT_PHASES, PAPER, PHASES, TINY
 from lightning_vrn.geometry.grid import VoxelGrid
 
 RUNNERS = {"device": phase_device, "train_step": phase_train_step, "data": phase_data, "paper_run": phase_paper_run,
-           "compile": phase_compile}
+           "fused": phase_fused, "compile": phase_compile}
 
 
 def run_phase(ctx: Context, phase: str) -> None:
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="every phase at a tiny size on the CPU (tests)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock seconds for the whole run")
     parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
-                        help=f"comma-separated subset of {','.join(PHASES)} (default: all but compile)")
+                        help=f"comma-separated subset of {','.join(PHASES)} (default: all but fused and compile)")
     parser.add_argument("--run-batch", type=int, default=None, help="batch of the Trainer run (default 4, the paper's)")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("device", "train_step", "data", "paper_run", "compile")
+PHASES = ("device", "train_step", "data", "paper_run", "fused", "compile")
 DEFAULT_PHASES = PHASES[:4]
 
 
@@ -39,8 +39,10 @@ class Sizes:
     run_max_s: float = 240.0
     run_max_steps: int = -1
     run_after_s: float = 25.0        # Trainer set-up, evaluation pass, checkpoint and reload after max_time
-    reserves: tuple = (("device", 10), ("train_step", 170), ("data", 75), ("paper_run", 145), ("compile", 300))
+    reserves: tuple = (("device", 10), ("train_step", 170), ("data", 75), ("paper_run", 145), ("fused", 90),
+                       ("compile", 450))  # fused and compile: --budget-s 590 gives compile ~3 compiles of 150 s
     compile_batches: tuple = (32, 256)  # whole-network compile; CUDA graphs run at batches[0]
+    fused_batches: tuple = (4, 32, 256)  # plain against fused loss (fp32 at the first, bf16 after); fused at 2x the last
     margin_s: float = 10.0
 
 
@@ -50,4 +52,4 @@ TINY = Sizes(grid="50,48,48", net=(("features", 16), ("stacks", 2), ("hourglass_
              autotune=False, compile_backend="aot_eager", loss_chunks=4, matmul_n=256, matmul_reps=2,
              matmul_trials=2, copy_mib=16, test_samples=4, train_samples=(12, 12), loader_workers=(0, 2),
              loader_s=1.0, loader_reserve_s=0.0, run_batch=2, run_max_s=8.0, run_max_steps=6, run_after_s=0.0,
-             compile_batches=(2, 4))
+             compile_batches=(2, 4), fused_batches=(2, 4, 8))

@@ -3,8 +3,9 @@
 
 Every setting is a step of :func:`benchmarks.train_step.step_function`: the model's own forward,
 its optimiser from ``configure_optimizers`` (a variant may override its optim settings, e.g.
-``foreach``), and its own loss (``model.losses``) unless the variant computes the 4x upsample + BCE
-tail another way (:func:`loss_function`).
+``foreach``), and its own loss (``model.losses``, from the logits before the upsampling for the fused
+loss, ``model.fused_loss``) unless the variant computes the 4x upsample + BCE tail another way
+(:func:`loss_function`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.gpu_check.context import Context
 from benchmarks.train_step import step_function, time_step_function
+from lightning_vrn.models.volume import LOW_RES_LOGITS
+from lightning_vrn.nets.upsampled_bce import upsampled_bce_with_logits
 from lightning_vrn.nets.vrn import upsample
 
 
@@ -33,6 +36,7 @@ class Variant:
     optim: tuple = (("foreach", True),)  # overrides of the model's optim settings
     tail: str = "eager"     # eager (the model's loss) | contiguous | chunked | compiled | compiled_net
     mode: str = "default"   # torch.compile mode for tail == "compiled_net"
+    fused: bool = False     # the model's fused loss from the logits before the upsampling (eager or compiled_net)
 
     @property
     def precision(self) -> str:
@@ -40,7 +44,8 @@ class Variant:
 
     @property
     def uint8_target(self) -> bool:
-        """Chunked and compiled tails take the uint8 volume (4x fewer bytes) and cast it inside."""
+        """Chunked and compiled tails take the uint8 volume (4x fewer bytes) and cast it inside; the eager fused
+        loss takes the float32 volume, as the model does in training (the DataModule casts it)."""
         return self.tail in ("chunked", "compiled", "compiled_net")
 
 
@@ -56,14 +61,17 @@ CHUNKED_TAIL = Variant("bf16+CL, chunked checkpointed tail", tail="chunked")
 EAGER_VARIANTS += (CHUNKED_TAIL,)
 COMPILED_TAIL = Variant("bf16+CL, compiled tail", tail="compiled")
 COMPILED_NET = Variant("bf16+CL, compiled net+loss", tail="compiled_net")
+FP32 = EAGER_VARIANTS[0]
+BF16 = EAGER_VARIANTS[1]
+FUSED_FP32 = Variant("fp32, fused loss", bf16=False, channels_last=False, fused=True)
+FUSED_BF16 = Variant("bf16, fused loss", channels_last=False, fused=True)
 
 
 # ----- loss tails ------------------------------------------------------------------------------------
 
 def low_res_logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The model's VRNNet up to its head: ``(B, D, S/4, S/4)`` logits before the bilinear x4 (:func:`upsample`)."""
-    net = model.net
-    return net.head(net.hourglasses(net.stem(model.network_inputs(batch))))
+    """The model's ``(B, D, S/4, S/4)`` logits before the bilinear x4 (:func:`upsample`)."""
+    return model(batch, upsample_volume=False)[LOW_RES_LOGITS]
 
 
 def _bce_sum(low: torch.Tensor, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -92,8 +100,10 @@ def loss_function(ctx: Context, model, variant: Variant) -> Callable[[Mapping[st
     Compiled functions are cached per variant in ``ctx.compiled``.
     """
     size = (ctx.grid.height, ctx.grid.width)
+    if variant.tail == "eager" and variant.fused:
+        return lambda batch: model.losses(model(batch, upsample_volume=False), batch)["loss"]
     if variant.tail == "eager":
-        return None  # step_function's default: model.losses(model(batch), batch)["loss"]
+        return None  # step_function's default: the model's training loss
     if variant.tail == "contiguous":
         def contiguous(batch):
             low = low_res_logits(model, batch).contiguous()
@@ -114,13 +124,37 @@ def loss_function(ctx: Context, model, variant: Variant) -> Callable[[Mapping[st
     if variant.tail == "compiled_net":
         if variant.name not in ctx.compiled:
             def whole(batch):  # the model's own forward and loss; the uint8 target is cast inside the graph
-                return model.losses(model(batch), {**batch, "volume": batch["volume"].float()})["loss"]
+                outputs = model(batch, upsample_volume=not variant.fused)  # the fused loss itself runs eagerly
+                return model.losses(outputs, {**batch, "volume": batch["volume"].float()})["loss"]
 
             options = {} if ctx.sizes.compile_backend != "inductor" else {"mode": variant.mode}
             ctx.compiled[variant.name] = torch.compile(whole, backend=ctx.sizes.compile_backend, dynamic=False,
                                                        **options)
         return ctx.compiled[variant.name]
     raise ValueError(f"unknown tail {variant.tail!r}")
+
+
+def check_tail(ctx: Context, variant: Variant, batch: int, phase: str) -> None:
+    """Loss and gradient of ``variant``'s tail (chunked, compiled or fused) against the plain interpolate + BCE,
+    on the same low-res logits."""
+    size = (ctx.grid.height, ctx.grid.width)
+    low = torch.randn(batch, ctx.grid.depth, ctx.grid.height // 4, ctx.grid.width // 4, device=ctx.device) * 4
+    low.requires_grad_(True)
+    target = torch.randint(0, 2, (batch, *ctx.grid.shape), dtype=torch.uint8, device=ctx.device)
+    reference = tail_mean_bce(low, target, size)
+    (grad_ref,) = torch.autograd.grad(reference, low)
+    if variant.tail == "chunked":
+        value = chunked_bce(low, target, size, ctx.sizes.loss_chunks)
+    elif variant.fused:
+        value = upsampled_bce_with_logits(low, target)
+    else:
+        value = ctx.compiled[variant.name](low, target, size)
+    (grad,) = torch.autograd.grad(value, low)
+    loss_error = abs(value.item() - reference.item()) / abs(reference.item())
+    grad_error = float((grad - grad_ref).abs().max() / grad_ref.abs().max())
+    ctx.rec.add(phase, f"tail check {variant.name}: loss relative error", loss_error, "",
+                f"gradient max error {grad_error:.2e} of max |grad|; fp32, against interpolate + BCE",
+                grad_error=grad_error)
 
 
 # ----- one setting -----------------------------------------------------------------------------------

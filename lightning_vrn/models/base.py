@@ -123,6 +123,11 @@ class VRNModule(pl.LightningModule):
     def update_metrics(self, stage: str, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
         """Update and log the stage's metric objects (``train``, ``val``, ``test``); none by default."""
 
+    def stage_outputs(self, batch: Mapping[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """The outputs that ``stage``'s :meth:`losses` and :meth:`update_metrics` take: ``self(batch)`` unless a
+        model computes its training loss from something cheaper (a volume model's ``fused_loss``)."""
+        return self(batch)
+
     @property
     def heatmap_sigma(self) -> float | None:
         """Sigma (pixels of this crop) of the landmark maps the model consumes or predicts (settings with a
@@ -152,7 +157,7 @@ class VRNModule(pl.LightningModule):
         epoch means synchronised across processes. Returns the loss under ``"loss"`` and, for
         validation and test, the detached outputs (callbacks such as the NME reuse them).
         """
-        outputs = self(batch)
+        outputs = self.stage_outputs(batch, stage)
         losses = self.losses(outputs, batch)
         batch_size = batch["image"].shape[0]
         per_step = stage == "train"

@@ -12,7 +12,7 @@ from lightning_vrn.heatmaps import HeatmapRegressionSettings, heatmap_loss
 from lightning_vrn.landmark_scheme import NUM_LANDMARKS
 from lightning_vrn.models.base import register
 from lightning_vrn.models.landmark_hourglass import LandmarkScoring
-from lightning_vrn.models.volume import VolumeRegressionModule, VolumeSettings
+from lightning_vrn.models.volume import VolumeRegressionModule, VolumeSettings, volume_output
 from lightning_vrn.nets.vrn import MultitaskNet
 
 
@@ -48,11 +48,12 @@ class VRNMultitask(LandmarkScoring, VolumeRegressionModule):
         return MultitaskNet(out_channels=self.grid.depth, num_landmarks=NUM_LANDMARKS, in_channels=self.input_channels,
                             features=net.features, hourglass_depth=net.hourglass_depth)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"volume_logits": (B, D, S, S), "heatmaps": (B, 68, S, S)}``."""
+    def forward(self, batch: Mapping[str, torch.Tensor], upsample_volume: bool = True) -> dict[str, torch.Tensor]:
+        """``{"volume_logits": (B, D, S, S), "heatmaps": (B, 68, S, S)}``; ``upsample_volume=False``: the volume
+        logits before the bilinear x4, ``(B, D, S/4, S/4)``, under another key (:func:`volume_output`)."""
         self.check_batch(batch)
-        volume_logits, heatmaps = self.run_network(self.network_inputs(batch))
-        return {"volume_logits": volume_logits, "heatmaps": heatmaps}
+        volume_logits, heatmaps = self.run_network(self.network_inputs(batch), upsample_volume)
+        return {**volume_output(volume_logits, upsample_volume), "heatmaps": heatmaps}
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``volume_bce``, ``heatmap_mse`` (mean over maps and pixels, foreground-weighted when the settings say

@@ -3,7 +3,7 @@
 A volume variant is a small subclass of :class:`VolumeRegressionModule` that overrides the hooks
 :meth:`~VolumeRegressionModule.build_network`, :meth:`~VolumeRegressionModule.network_inputs`,
 and, when it predicts more than the volume, :meth:`~VolumeRegressionModule.forward` and
-:meth:`~VolumeRegressionModule.losses`.
+:meth:`~VolumeRegressionModule.losses` (passing ``upsample_volume`` on, for ``model.fused_loss``).
 
 Batch contract (from the DataModule): ``"image"`` float32 ``(B, 3, H, W)`` in [0, 1],
 ``"volume"`` float32 ``(B, D, H, W)`` in {0, 1} (in the model's :attr:`target_frame`),
@@ -13,6 +13,7 @@ optional ``"heatmaps"`` ``(B, 68, H, W)``, optional ``"vertices"`` ``(B, V, 3)``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -22,12 +23,23 @@ from torch import nn
 
 from lightning_vrn.metrics.iou import VoxelIoU
 from lightning_vrn.models.base import ModelSettings, VRNModule
+from lightning_vrn.nets.upsampled_bce import upsampled_bce_with_logits
+from lightning_vrn.nets.vrn import upsample
+
+LOW_RES_LOGITS = "low_res_volume_logits"
+"""The outputs' key of the volume logits before the bilinear x4, ``(B, D, H/4, W/4)``
+(:meth:`VolumeRegressionModule.forward` with ``upsample_volume=False``)."""
 
 
 def occupancy(volume_logits: torch.Tensor) -> torch.Tensor:
     """Soft occupancy ``(B, D, H, W)`` float32 in [0, 1] from logits (of any float dtype): the one conversion
     that prediction and scoring use."""
     return torch.sigmoid(volume_logits.float())
+
+
+def volume_output(logits: torch.Tensor, upsampled: bool = True) -> dict[str, torch.Tensor]:
+    """``{"volume_logits": logits}``, or ``{LOW_RES_LOGITS: logits}`` for the logits before the bilinear x4."""
+    return {"volume_logits" if upsampled else LOW_RES_LOGITS: logits}
 
 
 @dataclass
@@ -47,13 +59,19 @@ class VolumeSettings(ModelSettings):
     benchmarks/results_gpu.md): ``channels_last`` runs the network in NHWC memory layout (slower than
     NCHW with bf16 at batches 4-32 there, so off); ``compile`` runs it through ``torch.compile`` (the
     compiled network + loss ran faster at batch 32, but its first step compiles for minutes, which a
-    long run pays once and a short trial should not, so off; experiments/configs/paper.yaml).
+    long run pays once and a short trial should not, so off; experiments/configs/paper.yaml);
+    ``fused_loss`` trains with :func:`~lightning_vrn.nets.upsampled_bce.upsampled_bce_with_logits`, the BCE of
+    the upsampled logits computed from the logits before the bilinear x4 without the full-size logits
+    (the same loss and gradient to float rounding; its memory and time on the CPU are in
+    benchmarks/results_train_step.md, on a GPU not yet measured, so off; docs/configs.md). Validation, test
+    and prediction still upsample.
     """
 
     net: NetSettings = field(default_factory=NetSettings)
     target_frame: Literal["aligned", "frontal"] = "aligned"
     channels_last: bool = False
     compile: bool = False
+    fused_loss: bool = False
 
 
 class VolumeRegressionModule(VRNModule):
@@ -72,6 +90,8 @@ class VolumeRegressionModule(VRNModule):
         # checkpoints keep the plain keys whether or not the network is compiled.
         self._compiled_network = torch.compile(self.net.forward) if self.settings.compile else None
         self.train_iou, self.val_iou, self.test_iou = VoxelIoU(), VoxelIoU(), VoxelIoU()
+        if self.settings.fused_loss:
+            self.check_low_res_logits()
 
     @property
     def target_frame(self) -> str:
@@ -88,20 +108,33 @@ class VolumeRegressionModule(VRNModule):
         """The network's input ``(B, input_channels, H, W)``; VRN: the normalised image."""
         return self.normalised_image(batch)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"volume_logits": (B, D, H, W)}``; variants predicting more add keys."""
+    def forward(self, batch: Mapping[str, torch.Tensor], upsample_volume: bool = True) -> dict[str, torch.Tensor]:
+        """``{"volume_logits": (B, D, H, W)}``; ``upsample_volume=False``: ``{LOW_RES_LOGITS: (B, D, H/4, W/4)}``
+        instead (:data:`LOW_RES_LOGITS`); variants predicting more add keys."""
         self.check_batch(batch)
-        return {"volume_logits": self.run_network(self.network_inputs(batch))}
+        return volume_output(self.run_network(self.network_inputs(batch), upsample_volume), upsample_volume)
 
-    def run_network(self, inputs: torch.Tensor):
-        """``self.net(inputs)``, in channels_last layout and through ``torch.compile`` when the settings ask."""
+    def run_network(self, inputs: torch.Tensor, upsample_volume: bool = True):
+        """``self.net(inputs)``, in channels_last layout and through ``torch.compile`` when the settings ask;
+        ``self.net(inputs, upsample_volume=False)`` for the volume logits before the bilinear x4."""
         if self.settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return (self._compiled_network or self.net)(inputs)
+        network = self._compiled_network or self.net
+        return network(inputs) if upsample_volume else network(inputs, upsample_volume=False)
+
+    def stage_outputs(self, batch: Mapping[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """``self(batch)``; in training with ``fused_loss``, the volume logits before the bilinear x4."""
+        if stage == "train" and self.settings.fused_loss:
+            return self(batch, upsample_volume=False)
+        return self(batch)
 
     def losses(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Named losses; ``"loss"`` is the total that is optimised. VRN: per-voxel BCE (mean over voxels)."""
-        volume_bce = F.binary_cross_entropy_with_logits(outputs["volume_logits"], batch["volume"])
+        """Named losses; ``"loss"`` is the total that is optimised. VRN: per-voxel BCE (mean over voxels), by the
+        fused loss when the outputs hold the logits before the bilinear x4 (:data:`LOW_RES_LOGITS`)."""
+        if LOW_RES_LOGITS in outputs:
+            volume_bce = upsampled_bce_with_logits(outputs[LOW_RES_LOGITS], batch["volume"])
+        else:
+            volume_bce = F.binary_cross_entropy_with_logits(outputs["volume_logits"], batch["volume"])
         return {"loss": volume_bce, "volume_bce": volume_bce}
 
     # ----- volume machinery -----
@@ -109,8 +142,24 @@ class VolumeRegressionModule(VRNModule):
     def update_metrics(self, stage: str, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
         """Voxel IoU of the predicted occupancy, logged as ``{stage}/iou`` (an epoch value)."""
         iou = getattr(self, f"{stage}_iou")
-        iou.update(outputs["volume_logits"], batch["volume"])
+        if LOW_RES_LOGITS in outputs:  # upsampled a sample at a time (the IoU is per sample): one sample's logits
+            for logits, volume in zip(outputs[LOW_RES_LOGITS].detach(), batch["volume"]):
+                iou.update(upsample(logits[None], volume.shape[-2:]), volume[None])
+        else:
+            iou.update(outputs["volume_logits"], batch["volume"])
         self.log(f"{stage}/iou", iou, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+
+    def check_low_res_logits(self) -> None:
+        """Raise a clear ValueError when the model's forward or its network's cannot return the volume logits
+        before the bilinear x4, which ``fused_loss`` trains on: both need an ``upsample_volume`` argument, as
+        :class:`~lightning_vrn.nets.vrn.VRNNet` and :class:`~lightning_vrn.nets.vrn.MultitaskNet` have."""
+        lacking = [name for name, function in ((f"{type(self).__name__}.forward", self.forward),
+                                               (f"{type(self.net).__name__}.forward", self.net.forward))
+                   if "upsample_volume" not in inspect.signature(function).parameters]
+        if lacking:
+            raise ValueError(f"model.fused_loss needs the volume logits before the upsampling, but "
+                             f"{' and '.join(lacking)} take no upsample_volume argument: set model.fused_loss=false, "
+                             f"or pass upsample_volume on as VolumeRegressionModule.forward does")
 
     def check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Raise a clear ValueError when the batch's image or volume does not fit the model's grid."""

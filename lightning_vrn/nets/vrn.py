@@ -78,13 +78,16 @@ class VRNNet(nn.Module):
         self.hourglasses = HourglassStack(stacks, features, hourglass_depth)
         self.head = head(features, out_channels)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, S, S) -> (B, out_channels, S, S)`` logits."""
+    def forward(self, image: torch.Tensor, upsample_volume: bool = True) -> torch.Tensor:
+        """``(B, in_channels, S, S) -> (B, out_channels, S, S)`` logits; ``upsample_volume=False``: the head's
+        ``(B, out_channels, S/4, S/4)``, before the bilinear x4 (for a loss that upsamples them itself,
+        :mod:`lightning_vrn.nets.upsampled_bce`)."""
         if image.ndim != 4 or image.shape[1] != self.stem.conv[0].in_channels:
             raise ValueError(
                 f"VRNNet expects (B, {self.stem.conv[0].in_channels}, S, S) input, got {tuple(image.shape)}"
             )
-        return upsample(self.head(self.hourglasses(self.stem(image))), image.shape[-2:])
+        logits = self.head(self.hourglasses(self.stem(image)))
+        return upsample(logits, image.shape[-2:]) if upsample_volume else logits
 
 
 class MultitaskNet(nn.Module):
@@ -106,10 +109,12 @@ class MultitaskNet(nn.Module):
         self.volume_head = head(features, out_channels)
         self.landmark_head = head(features, num_landmarks)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, in_channels, S, S)`` -> ``(volume logits (B, out_channels, S, S), heatmaps (B, num_landmarks, S, S))``."""
+    def forward(self, image: torch.Tensor, upsample_volume: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, in_channels, S, S)`` -> ``(volume logits (B, out_channels, S, S), heatmaps (B, num_landmarks, S, S))``;
+        ``upsample_volume=False``: the volume logits before the bilinear x4, ``(B, out_channels, S/4, S/4)``."""
         features = self.stem(image)
         shared = features + self.merge(self.shared(features))
         size = image.shape[-2:]
-        return (upsample(self.volume_head(self.volume_branch(shared)), size),
+        volume_logits = self.volume_head(self.volume_branch(shared))
+        return (upsample(volume_logits, size) if upsample_volume else volume_logits,
                 upsample(self.landmark_head(self.landmark_branch(shared)), size))
