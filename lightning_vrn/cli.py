@@ -15,10 +15,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-
 DEBUG_ENV = "LIGHTNING_VRN_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_SIGTERM = 1, 2, 3, 130, 143
+
+
+def _lightnings_sigterm(error: SystemExit) -> bool:
+    """Whether ``error`` is Lightning's SIGTERMException, found without importing Lightning (a command that never
+    imported it, such as the data generators and their worker processes, cannot have raised it)."""
+    exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.SIGTERMException)
 
 
 def exit_code(error: BaseException) -> int:
@@ -46,8 +51,8 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     argv = [argument for argument in argv if argument != "--debug"]
     try:
         return main(argv)
-    except SIGTERMException:  # Lightning's, a SystemExit whose code is 0: a scheduler must see the interruption
-        if debug:
+    except SystemExit as error:  # Lightning's SIGTERMException is one whose code is 0: a scheduler must see it
+        if debug or not _lightnings_sigterm(error):
             raise
         print("error: stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
         return EXIT_SIGTERM
