@@ -1,11 +1,13 @@
 """Evaluate a checkpoint on a test file with the paper's NME, by the same test path training uses.
 
 ``python -m experiments.evaluate --checkpoint CKPT --data TEST.h5 [--real-data REAL.h5] [--out DIR]
-[--train-data TRAIN.h5] [--landmarks-model DETECTOR.ckpt]``
+[--train-data TRAIN.h5] [--landmarks-model DETECTOR.ckpt] [--nme-workers N] [--icp-subsample K]``
 
 The model (and each baseline) runs through ``Trainer.test`` on the DataModule with the
 :class:`~lightning_vrn.callbacks.NMECallback`, exactly as training's test stage does, so the same
-checkpoint and file give the same numbers to the last digit (at the same batch size). Writes into
+checkpoint and file give the same numbers to the last digit (at the same batch size and ``--icp-subsample``;
+``--nme-workers``, the processes that score the samples, changes no number: one pool serves every method and
+file, one per core by default). Writes into
 ``--out`` (default: ``RUN/eval/`` for a checkpoint in ``RUN/checkpoints/``, else ``NAME_eval/`` beside
 the checkpoint file):
 
@@ -39,6 +41,11 @@ under ``"landmarks"``, and there is no volume, error curve or reconstruction to 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the NME workers' forkserver imports this program (~5 s) while this process does
+    from lightning_vrn.metrics.pool import start_forkserver  # (and idles if one worker, this process, scores)
+
+    start_forkserver()
+
 import argparse
 import json
 import sys
@@ -66,8 +73,10 @@ from experiments.evaluation import (
 )
 from experiments.runs import check_writable, run_dir_of
 from lightning_vrn.atomic import write_text
+from lightning_vrn.callbacks import NMESettings
 from lightning_vrn.cli import run_command
 from lightning_vrn.dataset_file import open_dataset
+from lightning_vrn.metrics.pool import NMEPool
 from lightning_vrn.models import LandmarkHourglass, VRNGuided, load_model
 from lightning_vrn.models.guided import DetectedGuidance
 from lightning_vrn.visualise import save_ced
@@ -92,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--nme-workers", type=int, default=None, metavar="N",
+                        help="processes that score the NME (default: one per core this process may use; 1: in this "
+                             "process); the numbers do not depend on it")
+    parser.add_argument("--icp-subsample", type=int, default=NMESettings.icp_subsample, metavar="K",
+                        help=f"ICP fits every K-th ground-truth vertex (default {NMESettings.icp_subsample}: all); "
+                             f"K > 1 is faster but moves per-sample NMEs (docs/evaluation.md, 'Speed')")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that holds more than tensors and plain values (runs its code)")
     parser.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=None,
@@ -102,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be a positive number of samples, got {value}")
+    if args.nme_workers is not None and args.nme_workers < 0:
+        parser.error(f"--nme-workers must be >= 0 (0: one per core this process may use), got {args.nme_workers}")
+    if args.icp_subsample < 1:
+        parser.error(f"--icp-subsample must be >= 1 (1: every ground-truth vertex), got {args.icp_subsample}")
     for flag, path in (("checkpoint", args.checkpoint), ("--landmarks-model", args.landmarks_model)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path} does not exist: train first (python -m experiments.train ...)")
@@ -121,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     mean_volume = None if args.train_data is None else mean_training_volume(args.train_data, grid)
 
     parts, results = {}, {}
-    for folder, data in folders.items():
-        parts[folder], evaluations = score_file(data, folder, model, detector, mean_volume, args)
-        prefix = "eval" if folder == out else f"eval_{REAL}"
-        results.update({(prefix if name == MODEL else f"{prefix}/{slug(name)}"): evaluation
-                        for name, evaluation in evaluations.items()})
+    with NMEPool(args.nme_workers if model.target_frame is not None else 1) as pool:  # landmarks alone: no NME
+        for folder, data in folders.items():
+            parts[folder], evaluations = score_file(data, folder, model, detector, mean_volume, args, pool)
+            prefix = "eval" if folder == out else f"eval_{REAL}"
+            results.update({(prefix if name == MODEL else f"{prefix}/{slug(name)}"): evaluation
+                            for name, evaluation in evaluations.items()})
     metrics = {**parts[out], "checkpoint": str(args.checkpoint), "grid": grid.describe(),
                "landmarks_model": None if args.landmarks_model is None else str(args.landmarks_model)}
     if args.real_data is not None:
@@ -150,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score_file(data: Path, out: Path, model: pl.LightningModule, detector: LandmarkHourglass | None,
-               mean_volume: np.ndarray | None, args) -> tuple[dict, dict[str, Evaluation]]:
+               mean_volume: np.ndarray | None, args, pool: NMEPool) -> tuple[dict, dict[str, Evaluation]]:
     """Every method on test file ``data``, reported under ``out``; returns the file's part of metrics.json (per
     method with volumes its NME summary; ``landmarks``: per method its ``landmark_source`` and landmark NMEs;
     ``data``; ``ground_truth``) and each method's :class:`Evaluation`. ``mean_volume`` (D, H, W): the mean
-    training volume when ``--train-data`` is given. A volume model's file also gets ``ced.png`` and the
-    median-error reconstruction; a landmark detector checkpoint is scored by its landmark NMEs alone."""
+    training volume when ``--train-data`` is given; ``pool``: the NME worker pool every method is scored in. A
+    volume model's file also gets ``ced.png`` and the median-error reconstruction; a landmark detector checkpoint
+    is scored by its landmark NMEs alone."""
     def split_for(heatmap_sigma: float | None):
         """The test split with ``heatmap_sigma`` maps (the model's or the detector's), volumes in the model's frame."""
         return evaluation_data(data, model.grid, args.batch_size, heatmap_sigma, model.target_frame, args.num_workers,
@@ -171,7 +192,7 @@ def score_file(data: Path, out: Path, model: pl.LightningModule, detector: Landm
     for name, module in methods.items():
         print(f"{'NME' if volume else 'landmark NME'} ({name}) on {data}", file=sys.stderr)
         evaluations[name] = evaluation_report(module, datamodule, out / slug(name) if volume else None,
-                                              args.max_samples)
+                                              args.max_samples, NMESettings(icp_subsample=args.icp_subsample), pool)
     sources = landmark_sources(methods, args.landmarks_model)
     landmarks = {name: evaluation.landmarks for name, evaluation in evaluations.items()}
     if detector is not None:

@@ -21,12 +21,13 @@ import torch
 
 from datamodules import FaceVolumeDataModule
 from experiments.config import LoggerSettings, load_config
-from lightning_vrn.callbacks import NMECallback
+from lightning_vrn.callbacks import NMECallback, NMESettings
 from lightning_vrn.dataset_file import open_dataset
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.mesh_io import write_obj
 from lightning_vrn.heatmaps import gaussian_heatmaps
+from lightning_vrn.metrics.pool import NMEPool
 from lightning_vrn.models import LandmarkHourglass, VRNGuided, VRNModule, load_model
 from lightning_vrn.models.guided import DetectedGuidance
 from lightning_vrn.models.landmark_hourglass import LandmarkScoring
@@ -71,14 +72,17 @@ class Evaluation:
 
 
 def evaluation_report(module: pl.LightningModule, datamodule: FaceVolumeDataModule, out_dir: Path | None,
-                      max_samples: int | None = None) -> Evaluation:
+                      max_samples: int | None = None, nme: NMESettings | None = None,
+                      pool: NMEPool | None = None) -> Evaluation:
     """Run ``module`` through ``Trainer.test``: its :class:`Evaluation`.
 
-    With ``out_dir`` the NME callback scores the test steps' volumes and writes ``out_dir/test.csv``
+    With ``out_dir`` the NME callback scores the test steps' volumes (``nme``: its settings, None for the
+    defaults; ``pool``: the worker pool it scores in, None for its own) and writes ``out_dir/test.csv``
     and ``out_dir/test_summary.json``; without it (a landmark detector, which predicts no volume)
     only the module's own landmark NMEs come back, and the summary and table are None.
     """
-    callbacks = [] if out_dir is None else [NMECallback(out_dir=out_dir, max_test_samples=max_samples)]
+    callbacks = [] if out_dir is None else [NMECallback(nme, out_dir=out_dir, max_test_samples=max_samples,
+                                                        pool=pool)]
     limit = 1.0 if max_samples is None else math.ceil(max_samples / datamodule.hparams.batch_size)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, callbacks=callbacks, enable_checkpointing=False,
                          enable_model_summary=False, limit_test_batches=limit)

@@ -32,6 +32,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_vrn.distributed import destroy_process_group_at_exit
 from lightning_vrn.landmark_scheme import outer_interocular
+from lightning_vrn.metrics.pool import NMEPool, default_workers
 from lightning_vrn.metrics.report import write_report
 from lightning_vrn.models.volume import occupancy
 
@@ -40,17 +41,29 @@ from lightning_vrn.models.volume import occupancy
 class NMESettings:
     """When the NME runs: validation every ``every_n_epochs`` epochs (0: never) on the first
     ``max_val_samples`` samples (None: all), and always on test; ``icp_distance_ratio``: the ICP
-    cut-off as a fraction of the interocular distance (None: the metric's default, 0.1)."""
+    cut-off as a fraction of the interocular distance (None: the metric's default, 0.1);
+    ``icp_subsample``: ICP fits every k-th ground-truth vertex (1: all, the metric as published here;
+    50 is faster but moves per-sample NMEs: docs/evaluation.md, "Speed"); ``workers``: processes that
+    score the samples (None or 0: the cores this process may use, see
+    :func:`lightning_vrn.metrics.pool.default_workers`; 1: in the training process), the same numbers
+    with any number."""
 
     every_n_epochs: int = 5
     max_val_samples: Optional[int] = 64
     icp_distance_ratio: Optional[float] = None
+    icp_subsample: int = 1
+    workers: Optional[int] = None
 
     def __post_init__(self):
         if self.every_n_epochs < 0:
             raise ValueError(f"nme.every_n_epochs must be >= 0 (0: no validation NME), got {self.every_n_epochs}")
         if self.max_val_samples is not None and self.max_val_samples < 1:
             raise ValueError(f"nme.max_val_samples must be a positive number or null (all), got {self.max_val_samples}")
+        if self.icp_subsample < 1:
+            raise ValueError(f"nme.icp_subsample must be >= 1 (1: every ground-truth vertex), got {self.icp_subsample}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"nme.workers must be >= 0 or null (0, null: one per core this process may use), "
+                             f"got {self.workers}")
 
 
 @dataclass
@@ -92,11 +105,14 @@ class NMECallback(pl.Callback):
     ``val_epoch{e:04d}.csv`` / ``test.csv`` and their ``_summary.json`` into ``out_dir`` (default:
     the trainer's log directory). :attr:`summaries` and :attr:`tables` keep each stage's last summary and table. The
     iso-surface and ICP run on the CPU (their cost per sample: benchmarks/results_evaluation.md), only
-    on these epochs, never in training steps.
+    on these epochs, never in training steps, in a pool of ``settings.workers`` processes
+    (:class:`~lightning_vrn.metrics.pool.NMEPool`; by default each DDP rank's share of the node's cores) made
+    when the Trainer's run starts and closed when it ends or fails; or in ``pool``, which the caller owns
+    (``experiments.evaluate`` shares one among its methods).
     """
 
     def __init__(self, settings: NMESettings | None = None, out_dir: str | os.PathLike | None = None,
-                 max_test_samples: int | None = None):
+                 max_test_samples: int | None = None, pool: NMEPool | None = None):
         settings = settings or NMESettings()
         if settings.every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {settings.every_n_epochs} (leave the callback out "
@@ -106,7 +122,10 @@ class NMECallback(pl.Callback):
         self.every_n_epochs = settings.every_n_epochs
         self.max_val_samples = settings.max_val_samples
         self.icp_distance_ratio = settings.icp_distance_ratio
+        self.icp_subsample = settings.icp_subsample
+        self.workers = settings.workers
         self.max_test_samples = max_test_samples
+        self._pool, self._own_pool = pool, pool is None
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.summaries: dict[str, dict] = {}
         self.tables: dict[str, dict] = {}
@@ -155,6 +174,27 @@ class NMECallback(pl.Callback):
         if self._metric is not None:
             self._finish(trainer, pl_module, "test", "test")
 
+    # ----- the pool -----
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The pool, made when the run starts: its forkserver imports the program while the first epochs run."""
+        if self._pool is None:  # DDP ranks on one node share its cores (trainer.num_devices ranks per node)
+            self._pool = NMEPool(self.workers or default_workers(trainer.num_devices))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_pool()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._metric is not None:  # its samples still being scored are dropped, not waited for
+            self._metric.reset()
+            self._metric = None
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        if self._own_pool and self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
     # ----- shared -----
 
     @staticmethod
@@ -185,7 +225,7 @@ class NMECallback(pl.Callback):
         self._face_region = face_region
         self._frame = getattr(pl_module, "target_frame", None) or "aligned"
         options = {} if self.icp_distance_ratio is None else {"icp_distance_ratio": self.icp_distance_ratio}
-        self._metric = NME(grid, **options).to(pl_module.device)
+        self._metric = NME(grid, icp_subsample=self.icp_subsample, pool=self._pool, **options).to(pl_module.device)
         self._sample_limit = limit
         self._samples_seen = 0
 

@@ -1,6 +1,8 @@
 """NMECallback in a real CPU Trainer: a stub model whose steps return the ground-truth volume scores at the floor."""
 
 import csv
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -166,7 +168,8 @@ def test_bad_settings_are_rejected():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path):
+@pytest.mark.parametrize("workers", [None, 2])  # None: each rank's share of the cores; 2: a pool in each rank
+def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path, workers):
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -174,7 +177,8 @@ def test_two_process_ddp_reduces_and_rank_zero_writes_every_sample_once(tmp_path
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[NMECallback(out_dir=tmp_path), ProcessGroupExit()],  # as training's Trainer (test_ddp_exit.py)
+        # as training's Trainer (test_ddp_exit.py)
+        callbacks=[NMECallback(NMESettings(workers=workers), out_dir=tmp_path), ProcessGroupExit()],
     )
     metrics = trainer.test(GroundTruthModel(), datamodule=TinyFaces(), verbose=False)[0]
     rows = read_csv(tmp_path / "test.csv")
@@ -215,3 +219,40 @@ def test_a_frontal_target_model_is_scored_against_the_frontalised_ground_truth(t
     assert summaries["frontal"]["nme_mean"] < 0.01  # measured 0.0034
     # ... and the same volume taken as image-aligned is far off.
     assert summaries["aligned"]["nme_mean"] > 10 * summaries["frontal"]["nme_mean"]  # measured 0.24
+
+
+def test_a_pool_of_workers_writes_the_serial_report_and_ends_with_the_run(tmp_path):
+    children_before = set(multiprocessing.active_children())
+    for workers in (1, 2):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[NMECallback(NMESettings(workers=workers), out_dir=tmp_path / str(workers))])
+        trainer.test(GroundTruthModel(), datamodule=TinyFaces(), verbose=False)
+        assert set(multiprocessing.active_children()) <= children_before  # the workers stopped with the run
+    for name in ("test.csv", "test_summary.json"):
+        assert (tmp_path / "2" / name).read_text() == (tmp_path / "1" / name).read_text()
+
+
+class FailingModel(GroundTruthModel):
+    """Its second test step fails, while the first batch's samples are still being scored."""
+
+    def test_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("test step failed")
+        return super().test_step(batch, batch_idx)
+
+
+def shared_memory_blocks() -> set[str]:
+    """Names of the shared-memory blocks of Python's multiprocessing (``psm_*``) on this machine."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+def test_a_failing_run_stops_the_workers_and_frees_their_shared_memory(tmp_path):
+    blocks_before, children_before = shared_memory_blocks(), set(multiprocessing.active_children())
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[NMECallback(NMESettings(workers=2), out_dir=tmp_path)])
+    with pytest.raises(RuntimeError, match="test step failed"):
+        trainer.test(FailingModel(), datamodule=TinyFaces(), verbose=False)
+    assert set(multiprocessing.active_children()) <= children_before
+    assert shared_memory_blocks() <= blocks_before
+    assert not (tmp_path / "test.csv").exists()

@@ -24,11 +24,14 @@ prediction or with other samples) is scored the same way: step 2 needs only the 
 so each sample may have its own number of them (:meth:`NME.update` takes a list).
 
 A prediction with no surface (nothing above 0.5) raises :class:`EmptyPredictionError`;
-:class:`NME` counts such samples as ``failed`` and leaves them out of the means.
+:class:`NME` counts such samples as ``failed`` and leaves them out of the means. :class:`NME` scores its
+samples in an :class:`~lightning_vrn.metrics.pool.NMEPool` of worker processes when given one, with the
+numbers of a serial loop.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -42,6 +45,7 @@ from lightning_vrn.geometry.isosurface import volume_to_mesh
 from lightning_vrn.geometry.normals import vertex_normals
 from lightning_vrn.geometry.pose import crop_rotation
 from lightning_vrn.geometry.voxelise import frontalise
+from lightning_vrn.metrics.pool import NMEPool
 
 ICP_DISTANCE_RATIO = 0.1
 """Default ICP correspondence cut-off as a fraction of the outer interocular distance (~5 px in a paper crop)."""
@@ -80,7 +84,7 @@ class NMEResult:
     ``nme_closest``: mean distance from each ground-truth vertex to the predicted surface / interocular (no ICP);
     ``errors``, ``errors_aligned``: (F,) per-vertex distances in pixels;
     ``transform``: (4, 4) ICP transform taking the ground truth onto the prediction (crop pixels);
-    ``fitness``: fraction of ground-truth vertices with an ICP correspondence within the cut-off.
+    ``fitness``: fraction of the ICP's ground-truth vertices with a correspondence within the cut-off.
     """
 
     nme: float
@@ -100,12 +104,15 @@ def sample_nme(
     icp_max_distance: float | None = None,
     icp_iterations: int = 30,
     level: float = 0.5,
+    icp_subsample: int = 1,
 ) -> NMEResult:
     """NME of one predicted ``(D, H, W)`` soft volume against ``(F, 3)`` ground-truth face-region vertices.
 
     ``gt_vertices`` and ``interocular`` are in crop pixels; ``icp_max_distance`` (px) defaults to
-    ``ICP_DISTANCE_RATIO * interocular``. Raises :class:`EmptyPredictionError` when the volume has
-    no iso-surface at ``level``.
+    ``ICP_DISTANCE_RATIO * interocular``. ``icp_subsample`` k > 1 fits ICP to every k-th ground-truth
+    vertex only (the AFLW2000-3D evaluation scripts use every 50th): faster, but it moves the NME
+    (docs/evaluation.md, "Speed"); the error is still over every vertex. Raises
+    :class:`EmptyPredictionError` when the volume has no iso-surface at ``level``.
     """
     gt = np.asarray(gt_vertices.detach().cpu() if hasattr(gt_vertices, "detach") else gt_vertices, dtype=np.float64)
     if gt.ndim != 2 or gt.shape[1] != 3 or len(gt) < 3:
@@ -118,13 +125,16 @@ def sample_nme(
     max_distance = ICP_DISTANCE_RATIO * interocular if icp_max_distance is None else float(icp_max_distance)
     if max_distance <= 0:
         raise ValueError(f"icp_max_distance must be positive (pixels), got {max_distance}")
+    if icp_subsample < 1:
+        raise ValueError(f"icp_subsample must be >= 1 (1: every ground-truth vertex), got {icp_subsample}")
 
     vertices, triangles = volume_to_mesh(pred_volume, grid, level=level)
     if len(triangles) == 0:
         raise EmptyPredictionError(
             f"predicted volume has no surface: no voxel above {level}, so NME is undefined for this sample"
         )
-    transform, fitness = _icp(gt, vertices, triangles, max_distance, ICP_ROBUST_FRACTION * max_distance, icp_iterations)
+    transform, fitness = _icp(gt[::icp_subsample], vertices, triangles, max_distance, ICP_ROBUST_FRACTION * max_distance,
+                              icp_iterations)
     moved = gt @ transform[:3, :3].T + transform[:3, 3]
     closest, closest_plain = _closest_surface_points(vertices, triangles, moved, gt)
     errors = np.linalg.norm(gt - closest, axis=1)
@@ -184,8 +194,8 @@ def _closest_surface_points(vertices: np.ndarray, triangles: np.ndarray, *querie
         o3d.core.Tensor(np.ascontiguousarray(vertices, dtype=np.float32)),
         o3d.core.Tensor(np.ascontiguousarray(triangles, dtype=np.uint32)),
     )
-    return [scene.compute_closest_points(o3d.core.Tensor(np.ascontiguousarray(q, dtype=np.float32)))["points"]
-            .numpy().astype(np.float64) for q in queries]
+    points = scene.compute_closest_points(o3d.core.Tensor(np.concatenate(queries).astype(np.float32)))["points"]
+    return np.split(points.numpy().astype(np.float64), np.cumsum([len(q) for q in queries[:-1]]))  # one query pass
 
 
 TARGET_FRAMES = ("aligned", "frontal")
@@ -212,10 +222,15 @@ class NME(Metric):
     """NME over samples, exact under DDP; ``compute()`` gives the means, :meth:`per_sample` the table.
 
     ``grid``: the volumes' :class:`VoxelGrid` (or its ``to_dict()``); the ICP cut-off is
-    ``icp_distance_ratio`` times each sample's interocular distance. The states are per-sample
-    values (gathered across processes); a distributed sampler repeats a few samples to even out
-    the processes, and both the means and the table count each dataset index once. Samples whose
-    prediction has no surface are ``failed``: NaN in the table, left out of the means.
+    ``icp_distance_ratio`` times each sample's interocular distance; ``icp_subsample``: see
+    :func:`sample_nme`. The states are per-sample values (gathered across processes); a distributed
+    sampler repeats a few samples to even out the processes, and both the means and the table count
+    each dataset index once. Samples whose prediction has no surface are ``failed``: NaN in the table,
+    left out of the means. ``pool``: an :class:`NMEPool` that scores the samples while the next batches
+    come (None: in this process, during :meth:`update`); its results join the states, in the order
+    the samples came, before anything reads them (``compute``, :meth:`per_sample`, a merge), so the
+    numbers are the serial ones. An error of a sample (other than an empty prediction) is raised there.
+    The caller owns the pool.
     """
 
     is_differentiable = False
@@ -229,12 +244,17 @@ class NME(Metric):
         grid: VoxelGrid | Mapping[str, Any],
         icp_distance_ratio: float = ICP_DISTANCE_RATIO,
         icp_iterations: int = 30,
+        icp_subsample: int = 1,
+        pool: NMEPool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.grid = grid if isinstance(grid, VoxelGrid) else VoxelGrid.from_dict(grid)
         self.icp_distance_ratio = float(icp_distance_ratio)
         self.icp_iterations = int(icp_iterations)
+        self.icp_subsample = int(icp_subsample)
+        self.pool = pool or NMEPool(1)
+        self._pending: list[tuple[list[Future], np.ndarray, np.ndarray, np.ndarray]] = []
         # Per-sample values are float64 1-D tensors (float32 would round the NME). torchmetrics
         # stands in an empty tensor of the metric's dtype for a process that saw no sample, and
         # all gathered tensors must share one dtype: hence set_dtype.
@@ -259,23 +279,42 @@ class NME(Metric):
                 f"{len(interocular)} interocular distances, {len(yaw)} yaws, {len(index)} indices, "
                 f"{len(expression)} expressions"
             )
-        nme, nme_aligned, nme_closest = np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.nan)
-        for b in range(count):
-            try:
-                result = sample_nme(
-                    pred_volumes[b],
-                    gt_vertices[b],
-                    interocular[b],
-                    self.grid,
-                    icp_max_distance=self.icp_distance_ratio * interocular[b],
-                    icp_iterations=self.icp_iterations,
-                )
-            except EmptyPredictionError:
-                continue
-            nme[b], nme_aligned[b], nme_closest[b] = result.nme, result.nme_aligned, result.nme_closest
+        volumes = pred_volumes.detach().cpu().numpy() if torch.is_tensor(pred_volumes) else pred_volumes
+        futures = [
+            self.pool.submit(_sample_values, volumes[b], _as_numpy(gt_vertices[b]), interocular[b], self.grid,
+                             self.icp_distance_ratio * interocular[b], self.icp_iterations, self.icp_subsample)
+            for b in range(count)
+        ]
+        self._pending.append((futures, index, np.degrees(yaw), expression))
+
+    def sync(self, *args, **kwargs) -> None:
+        """The samples still being scored join the states first (``compute`` and :meth:`per_sample` sync)."""
+        self._collect()
+        super().sync(*args, **kwargs)
+
+    def merge_state(self, incoming_state) -> None:
+        """torchmetrics' merge, once both metrics' pending samples are in their states."""
+        self._collect()
+        if isinstance(incoming_state, NME):
+            incoming_state._collect()
+        super().merge_state(incoming_state)
+
+    def reset(self) -> None:
+        """Clear the states; samples still being scored are cancelled or their results dropped."""
+        for futures, *_ in self._pending:
+            for future in futures:
+                future.cancel()
+        self._pending = []
+        super().reset()
+
+    def _collect(self) -> None:
+        """Wait for the pending samples and append their values to the states, batch by batch in update order."""
+        pending, self._pending = self._pending, []
         device = self.device
-        for name, values in zip(self.PER_SAMPLE, (index, np.degrees(yaw), expression, nme, nme_aligned, nme_closest)):
-            getattr(self, name).append(torch.as_tensor(values, dtype=torch.float64, device=device))
+        for futures, index, yaw_deg, expression in pending:
+            values = np.array([_result_or_failed(future) for future in futures]).reshape(len(futures), 3)
+            for name, column in zip(self.PER_SAMPLE, (index, yaw_deg, expression, *values.T)):
+                getattr(self, name).append(torch.as_tensor(column, dtype=torch.float64, device=device))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``nme``, ``nme_aligned`` (means over non-failed samples, NaN if none), ``count``, ``failed``."""
@@ -312,6 +351,22 @@ class NME(Metric):
             "nme_closest": nme_closest,
             "failed": ~np.isfinite(nme),
         }
+
+
+def _sample_values(pred_volume: np.ndarray, gt_vertices: np.ndarray, interocular: float, grid: VoxelGrid,
+                   icp_max_distance: float, icp_iterations: int, icp_subsample: int) -> tuple[float, float, float]:
+    """The job :class:`NME` gives its pool: :func:`sample_nme`'s ``(nme, nme_aligned, nme_closest)``."""
+    result = sample_nme(pred_volume, gt_vertices, interocular, grid, icp_max_distance=icp_max_distance,
+                        icp_iterations=icp_iterations, icp_subsample=icp_subsample)
+    return result.nme, result.nme_aligned, result.nme_closest
+
+
+def _result_or_failed(future: Future) -> tuple[float, float, float]:
+    """A sample's values, NaN for a prediction without a surface; any other error of the sample is raised."""
+    try:
+        return future.result()
+    except EmptyPredictionError:
+        return (np.nan, np.nan, np.nan)
 
 
 def _as_numpy(values) -> np.ndarray:
