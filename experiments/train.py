@@ -63,6 +63,7 @@ from lightning_vrn.callbacks import (
     summary_metrics,
 )
 from lightning_vrn.cli import EXIT_SIGTERM, run_command
+from lightning_vrn.distributed import limit_threads_to_slurm_task
 from lightning_vrn.geometry import VoxelGrid
 from lightning_vrn.metrics.nme import import_open3d
 from lightning_vrn.models import VRNModule, model_class, sigma_at_192
@@ -227,6 +228,7 @@ def _checked_setup(cfg: ExperimentSettings, run_dir: Path, resume_from: Path | N
             import_open3d()
         except ImportError as error:
             raise ConfigError(str(error)) from None
+    limit_threads_to_slurm_task()
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)

@@ -1,4 +1,7 @@
-"""The end of a ``torch.distributed`` process group: destroyed when the process exits, while Python is whole.
+"""A training process's place among others: the end of its ``torch.distributed`` process group
+(:func:`destroy_process_group_at_exit`) and its share of the cores (:func:`limit_threads_to_slurm_task`).
+
+The process group is destroyed when the process exits, while Python is whole.
 
 Lightning destroys the group at exit for NCCL only. A gloo process (DDP on CPU) that exits with its group
 alive can abort with "terminate called without an active exception": during interpreter finalisation a
@@ -11,6 +14,7 @@ This module imports nothing but torch, so a process that needs only this stays l
 from __future__ import annotations
 
 import atexit
+import os
 
 import torch
 
@@ -26,3 +30,13 @@ def destroy_process_group() -> None:
     """Destroy the default ``torch.distributed`` process group, if this process has one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def limit_threads_to_slurm_task() -> int:
+    """Cap torch's intra-op threads at the cores SLURM gave this task (``SLURM_CPUS_PER_TASK``), if fewer; returns
+    the thread count. Torch starts one thread per core of the node, and a task running more threads than its
+    cores slows to a crawl (a training on 2 cores shared with two other processes ran 15 times slower)."""
+    cores = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if cores.isdigit() and 0 < int(cores) < torch.get_num_threads():
+        torch.set_num_threads(int(cores))
+    return torch.get_num_threads()

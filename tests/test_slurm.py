@@ -7,11 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import sweep
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from experiments.slurm import submit
 from lightning_vrn.cli import run_command
+from lightning_vrn.distributed import limit_threads_to_slurm_task
 from tests.helpers.paths import REPO
 
 PAPER = str(CONFIG_DIR / "paper.yaml")
@@ -288,3 +290,18 @@ def test_without_sbatch_the_error_names_the_written_script_and_the_fix(tmp_path,
     sbatch.write_text('#!/bin/sh\necho "Submitted batch job 42"\n')
     assert run_command(submit.main, ["--config", PAPER, f"run_dir={run_dir}"]) == 0
     assert capfd.readouterr().out == "Submitted batch job 42\n"
+
+
+def test_a_slurm_task_trains_on_no_more_threads_than_its_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        assert limit_threads_to_slurm_task() == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")   # more cores than threads: left as it is
+        assert limit_threads_to_slurm_task() == 2
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+        assert limit_threads_to_slurm_task() == 2
+    finally:
+        torch.set_num_threads(before)
