@@ -16,7 +16,9 @@ rule of every producer.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from lightning_vrn.dataset_file import (DatasetError, DatasetWriter, EncodedSample, FaceDatasetFile, SampleEncoder,
                                         open_dataset)
 from lightning_vrn.geometry.grid import VoxelGrid
+from lightning_vrn.metrics.pool import THREAD_VARIABLES
 
 Made = tuple[int, EncodedSample, dict[str, bool]]
 """``(index, encoded sample, flags)``: what a making process sends back."""
@@ -85,12 +88,27 @@ def parallel_map(function, jobs: Sequence, workers: int, initializer, initargs: 
         initializer(*initargs)
         yield from map(function, jobs)
         return
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
+    with _children_on_one_thread():
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
     try:
         yield from pool.imap(function, jobs, chunksize=chunksize)
     finally:
         pool.terminate()
         pool.join()
+
+
+@contextmanager
+def _children_on_one_thread():
+    """Processes started in the block get one OpenMP/MKL/OpenBLAS thread each (unless the caller set a count):
+    otherwise each worker's BLAS threads spin on every core, and 2 workers on 2 cores made 1.24x the samples of
+    one instead of 1.88x (benchmarks/results_data.md)."""
+    unset = [name for name in THREAD_VARIABLES if name not in os.environ]
+    os.environ.update(dict.fromkeys(unset, "1"))
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
 
 
 def check_output(out: Path, files: Sequence[Path] | None = None, restart: bool = False) -> None:
