@@ -209,9 +209,10 @@ class RenderSettings:
             settings = _rich_lighting(settings, rng)
         if skin == "detailed":
             settings = replace(settings, skin_detail=SkinDetail.sample(rng))
-        if camera == "photographic":   # drawn last, so files made before it had motion blur keep their other draws
-            angle = rng.uniform(0.0, np.pi)
-            length = float(rng.choice([0.0, rng.uniform(1.0, 8.0)]))
+        if camera == "photographic":   # its own generator: nothing drawn from rng, so every later draw is unchanged
+            smear = np.random.default_rng([settings.noise_seed, 1])
+            angle = smear.uniform(0.0, np.pi)
+            length = float(smear.choice([0.0, smear.uniform(1.0, 8.0)]))
             settings = replace(settings, motion_blur=length * np.array([np.cos(angle), np.sin(angle)]))
         return settings
 

@@ -434,6 +434,9 @@ class DatasetWriter:
             raise ValueError(f"DatasetWriter for {self.path} is closed")
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} outside 0..{self.num_samples - 1} for {self.path}")
+        if set(encoded.chunks) != set(self._fields):
+            raise ValueError(f"sample {index} for {self.path}: encoded datasets {sorted(encoded.chunks)} but the file "
+                             f"has {sorted(self._fields)}: encode it with this writer's encoder")
         if encoded.mesh is not None:
             self._write_mesh(index, *encoded.mesh)
         for field, (filter_mask, chunk) in encoded.chunks.items():
@@ -480,6 +483,7 @@ class DatasetWriter:
 
     def close(self) -> None:
         """Flush and close without finishing: the partial file stays for a later resume."""
+        self.encoder.close()
         if self._file is not None:
             self.flush()
             self._file.close()
@@ -553,6 +557,12 @@ class SampleEncoder:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_scratch": None}   # each process opens its own scratch file
+
+    def close(self) -> None:
+        """Close this process's scratch file (a later :meth:`encode` opens a new one)."""
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
 
     def encode(self, index: int, sample: Mapping[str, np.ndarray]) -> EncodedSample:
         """Sample ``index`` (as :meth:`DatasetWriter.write` takes it) checked and encoded."""

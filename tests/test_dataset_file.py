@@ -399,3 +399,12 @@ def test_nan_in_vertices_is_reported_on_read(tmp_path, written):
     assert str(ds.path) in str(err.value) and "sample 2" in str(err.value) and "vertices" in str(err.value)
     with pytest.raises(KeyError, match="unknown fields"):
         ds.read(0, ["image"])
+
+
+def test_an_encoded_sample_missing_a_dataset_is_refused(tmp_path, samples):
+    with new_writer(tmp_path / "x.h5") as writer:
+        encoded = writer.encoder.encode(0, samples[0])
+        del encoded.chunks["pose"]
+        with pytest.raises(ValueError, match="encoded datasets"):
+            writer.write_encoded(0, encoded)
+        assert 0 in writer.pending()   # not flagged as written

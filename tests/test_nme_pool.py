@@ -152,3 +152,10 @@ def test_the_icp_subsample_moves_the_nme_within_its_bound():
     assert sample_nme(volume, gt, INTEROCULAR, GRID, icp_max_distance=6.0).nme == full.nme  # 1 is the default
     with pytest.raises(ValueError, match="icp_subsample"):
         sample_nme(volume, gt, INTEROCULAR, GRID, icp_subsample=0)
+
+
+def test_a_closed_pool_refuses_jobs():
+    closed = NMEPool(1)
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.submit(sample_nme, np.zeros((4, 8, 8), dtype=np.float32))

@@ -16,8 +16,9 @@ def table_rows(tables: dict[str, list[dict]], landmarks: dict[str, float], refer
     """One row per method of ``tables`` (method -> its trainings' per-sample tables, one or more):
 
     the summary of the per-face mean over the trainings (:func:`seed_mean_table`; median, |yaw| buckets,
-    failures), two-level intervals of the NME (``nme``) and the rigidly aligned NME (``aligned``), each training's
-    mean NME (``runs``), the balanced landmark NME ``landmarks[method]`` (``landmark_nme_balanced``) with a
+    failures: a face failed in any training is failed there), two-level intervals of the NME (``nme``) and the
+    rigidly aligned NME (``aligned``) over every finite (training, face) cell, with several trainings each
+    one's mean NME (``runs``), the balanced landmark NME ``landmarks[method]`` (``landmark_nme_balanced``) with a
     two-level interval balanced over |yaw| buckets (``landmark``) where ``landmark_tables`` has the trainings'
     per-sample landmark NMEs (``index``, ``yaw_deg``, ``landmark_nme``), and the paired difference from
     ``reference`` over the test faces both were scored on (``difference``, ``paired``: how many), trainings
@@ -28,8 +29,9 @@ def table_rows(tables: dict[str, list[dict]], landmarks: dict[str, float], refer
         mean_table = seed_mean_table(trainings)
         nme, aligned = (_by_face(trainings, mean_table["index"], column) for column in ("nme", "nme_aligned"))
         row = {**summarise(mean_table), "nme": seeds_and_faces_mean(nme, resamples),
-               "aligned": seeds_and_faces_mean(aligned, resamples), "runs": [float(np.nanmean(n)) for n in nme],
-               "landmark_nme_balanced": landmarks.get(name)}
+               "aligned": seeds_and_faces_mean(aligned, resamples), "landmark_nme_balanced": landmarks.get(name)}
+        if len(trainings) > 1:
+            row["runs"] = [float(np.nanmean(n)) for n in nme]
         if name in landmark_tables:
             row["landmark"] = _balanced_landmarks(landmark_tables[name], resamples)
         if name != reference:

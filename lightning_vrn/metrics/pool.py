@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -38,8 +39,9 @@ import numpy as np
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """Thread counts that OpenMP, MKL and OpenBLAS read when they load; a worker sets each to 1."""
 
-SERVER_PRELOAD = ["__main__", "lightning_vrn.metrics.nme", "open3d"]
-"""What the forkserver imports before it forks workers (a module that is not installed is skipped)."""
+SERVER_PRELOAD = ["lightning_vrn.metrics.nme", "open3d"]
+"""What the forkserver imports before it forks workers (a module that is not installed is skipped), after the
+program's own main module, by its name (:func:`start_forkserver`)."""
 
 MAIN_PROCESS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 """Ctrl-C, preemption and SLURM's warning before its time limit (sent to every process of a job step): the main
@@ -67,7 +69,11 @@ def start_forkserver() -> None:
     """Start this process's forkserver, if it has none, with :data:`SERVER_PRELOAD`: it imports them in the
     background, while this process goes on (a program that will score the NME may call this before its own
     imports, so that both import at once)."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(SERVER_PRELOAD)  # for a server started now
+    # Python 3.11's forkserver drops a "__main__" preload (CPython gh-126631), and each worker then imports the
+    # main program again as __mp_main__: preloaded by its module name, its imports are already in every worker.
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    preload = [main] if main and main != "__main__" else []
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload + SERVER_PRELOAD)  # for a server now
     forkserver.ensure_running()
 
 
@@ -83,6 +89,7 @@ class NMEPool:
             raise ValueError(f"NME workers must be >= 0 (0 or None: one per core this process may use), got {workers}")
         self.workers = workers or default_workers()
         self._executor: ProcessPoolExecutor | None = None
+        self._closed = False
         if self.workers > 1:
             start_forkserver()
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
@@ -95,6 +102,8 @@ class NMEPool:
     def submit(self, fn: Callable[..., Any], volume: np.ndarray, *args: Any) -> Future:
         """The future of ``fn(volume, *args)``; ``fn`` a module-level function, ``args`` picklable, ``volume``
         an array of any shape and dtype (the worker reads it from shared memory, read-only)."""
+        if self._closed:
+            raise RuntimeError("this NME pool is closed; make a new NMEPool")
         volume = np.ascontiguousarray(volume)
         if self._executor is None:
             future = Future()
@@ -118,6 +127,7 @@ class NMEPool:
 
     def close(self) -> None:
         """Stop the workers (cancelling jobs not started) and free the shared memory; the pool is unusable after."""
+        self._closed = True
         if self._executor is None:
             return
         self._executor.shutdown(wait=True, cancel_futures=True)

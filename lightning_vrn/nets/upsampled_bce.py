@@ -107,8 +107,10 @@ class _UpsampledBCE(torch.autograd.Function):
         with _without_autocast(logits):
             low = logits.to(_compute_dtype(logits.dtype))
             rows, cols = _matrices(size, low.shape[-2:], low.dtype, low.device)
-            softplus = sum(F.softplus(rows @ chunk @ cols.T).sum() for chunk in _slices(low, size, chunk_voxels))
-            total = softplus - (projection.to(low.dtype) * low).sum()
+            # Both sums in float64: at a small loss they are ~1e3 times their difference.
+            softplus = sum(F.softplus(rows @ chunk @ cols.T).sum(dtype=torch.float64)
+                           for chunk in _slices(low, size, chunk_voxels))
+            total = (softplus - (projection.to(low.dtype) * low).sum(dtype=torch.float64)).to(low.dtype)
         ctx.save_for_backward(logits, projection, rows, cols)
         ctx.size, ctx.chunk_voxels = size, chunk_voxels
         return total
