@@ -8,15 +8,16 @@ alive can abort with "terminate called without an active exception": during inte
 gloo worker thread frees a finished collective whose tensors must drop their Python objects; taking the GIL
 then ends the thread with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor makes C++ call
 ``std::terminate`` (docs/failures.md has the native stack). ``atexit`` handlers run before finalisation.
-This module imports nothing but torch, so a process that needs only this stays light.
+This module imports little beyond torch, so a process that needs only this stays light.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 
 import torch
+
+from lightning_vrn.metrics.pool import slurm_task_cores
 
 
 def destroy_process_group_at_exit() -> None:
@@ -33,10 +34,10 @@ def destroy_process_group() -> None:
 
 
 def limit_threads_to_slurm_task() -> int:
-    """Cap torch's intra-op threads at the cores SLURM gave this task (``SLURM_CPUS_PER_TASK``), if fewer; returns
-    the thread count. Torch starts one thread per core of the node, and a task running more threads than its
-    cores slows to a crawl (a training on 2 cores shared with two other processes ran 15 times slower)."""
-    cores = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if cores.isdigit() and 0 < int(cores) < torch.get_num_threads():
-        torch.set_num_threads(int(cores))
+    """Cap torch's intra-op threads at :func:`slurm_task_cores`, if fewer; returns the thread count. Torch starts
+    one thread per core of the node, and a task running more threads than its cores slows to a crawl (a training
+    on 2 cores shared with two other processes ran 15 times slower)."""
+    cores = slurm_task_cores()
+    if cores is not None and cores < torch.get_num_threads():
+        torch.set_num_threads(cores)
     return torch.get_num_threads()

@@ -172,13 +172,13 @@ class TrainedModels:
 
 
 def score_methods(settings: CompareSettings, models: TrainedModels, test_path: Path, folder: Path,
-                  progress: Progress, where: str = "", untrained: dict[str, Evaluation] | None = None
+                  progress: Progress, where: str = "", first_training: dict[str, Evaluation] | None = None
                   ) -> dict[str, Evaluation]:
     """Every method, guided method with detected landmarks, detector and baseline scored on the test file
     ``test_path``, by label, reported in ``folder`` (:func:`scored`: reused when what it scored is unchanged); a
     guided method with detected landmarks and the 3DMM fit carry their detector's landmark NMEs. ``where`` ends the
     progress lines (``" on real photos"``). The baselines built from a face model (the 3DMM fit, the oracle) use the
-    one the file records. ``untrained``: the evaluations of another training of every model on the same file,
+    one the file records. ``first_training``: the first training's evaluations of every model on the same file,
     whose baselines that no training changes (the mean training volume, the oracle) are taken as they are."""
     trained, detected = trained_methods(settings), detected_methods(settings)
     data_dir, grid = Path(settings.data.dir), VoxelGrid.parse(settings.data.grid)
@@ -218,8 +218,8 @@ def score_methods(settings: CompareSettings, models: TrainedModels, test_path: P
     baseline_inputs = {FIT: inputs(settings.fit_detector, fit_regularisation=settings.fit_regularisation),
                        MEAN_VOLUME: inputs(train_file_sha256=file_sha256(data_dir / "train.h5")), ORACLE: inputs()}
     for method in BASELINES:
-        if untrained is not None and method in (MEAN_VOLUME, ORACLE):
-            evaluations[method.label] = untrained[method.label]
+        if first_training is not None and method in (MEAN_VOLUME, ORACLE):
+            evaluations[method.label] = first_training[method.label]
             progress(f"baseline {method.label}{where}: the same for every training")
             continue
         evaluations[method.label] = scored(folder, method.label, builders[method], data, baseline_inputs[method])
@@ -265,7 +265,7 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
             if key in files:
                 files[key].append(score_methods(settings, models, path, folder, progress,
                                                 where + _of_trainings(training, settings.seeds),
-                                                untrained=files[key][0] if training else None))
+                                                first_training=files[key][0] if training else None))
 
     rows = file_rows(settings, files["eval"])
     title = f"{settings.name}: NME on the synthetic test split ({settings.data.test} faces, grid {settings.data.grid})"

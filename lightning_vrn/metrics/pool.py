@@ -51,6 +51,13 @@ JOBS_PER_WORKER = 2
 """Jobs in flight per worker: one running and one waiting, so no worker idles while this process copies."""
 
 
+def slurm_task_cores() -> int | None:
+    """The cores SLURM gave this task (``SLURM_CPUS_PER_TASK``), or None outside SLURM or when it is not a positive
+    whole number."""
+    cores = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    return int(cores) if cores.isdigit() and int(cores) > 0 else None
+
+
 def default_workers(local_ranks: int = 1) -> int:
     """NME workers for this process: the cores it may use, at least 1.
 
@@ -59,9 +66,9 @@ def default_workers(local_ranks: int = 1) -> int:
     ``local_ranks`` processes of one node (DDP ranks from one launcher) share those cores and each gets its part.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if slurm:
-        return max(1, min(cores, int(slurm)))
+    slurm = slurm_task_cores()
+    if slurm is not None:
+        return max(1, min(cores, slurm))
     return max(1, cores // max(1, local_ranks))
 
 
