@@ -59,7 +59,7 @@ def _by_face(tables: list[dict], faces: np.ndarray, column: str) -> np.ndarray:
 def _balanced_landmarks(tables: list[dict], resamples: int):
     """The trainings' balanced 68-point landmark NME with its two-level interval, faces drawn within |yaw|
     buckets, over the faces every training was scored on."""
-    faces = tables[0]["index"][np.all([np.isin(tables[0]["index"], t["index"]) for t in tables], axis=0)]
+    faces = common_faces(tables)
     yaw = tables[0]["yaw_deg"][shared_positions(faces, tables[0]["index"])[1]]
     bucket = np.full(len(faces), -1)
     for number, (lo, hi) in enumerate(YAW_BUCKETS_DEG):
@@ -76,10 +76,15 @@ def shared_positions(indices: np.ndarray, other_indices: np.ndarray) -> tuple[np
     return mine, np.array([position[int(indices[k])] for k in mine], dtype=np.int64)
 
 
+def common_faces(tables: list[dict]) -> np.ndarray:
+    """Dataset indices (K,) of the test faces every one of ``tables`` holds, in the first table's order."""
+    return tables[0]["index"][np.all([np.isin(tables[0]["index"], t["index"]) for t in tables], axis=0)]
+
+
 def seed_mean_table(tables: list[dict]) -> dict:
     """Per-face mean of several runs' per-sample tables (one variant, e.g. several seeds) over the faces every
     run was scored on, in the first table's order; a face that failed in any run is failed (NaN NMEs)."""
-    order = tables[0]["index"][np.all([np.isin(tables[0]["index"], t["index"]) for t in tables], axis=0)]
+    order = common_faces(tables)
     picked = [{column: values[shared_positions(order, t["index"])[1]] for column, values in t.items()} for t in tables]
     failed = np.any([p["failed"] for p in picked], axis=0)
     mean = {"index": order, "yaw_deg": picked[0]["yaw_deg"], "expression": picked[0]["expression"], "failed": failed}

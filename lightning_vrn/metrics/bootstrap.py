@@ -1,13 +1,12 @@
 """Bootstrap confidence intervals for per-sample errors, and paired differences between two methods.
 
 Every method of a comparison is scored on the same test samples, so the honest question "is B
-better than A?" is about the per-sample differences ``b_i - a_i``: :func:`paired_difference`
-resamples the samples (not the two methods separately), which removes the between-face spread that
-both methods share. An interval that contains 0 means the difference is within noise at that level.
-
-A method trained several times (seeds) varies between trainings as much as the differences a comparison judges, so
-:func:`seeds_and_faces_mean` and :func:`seeds_and_faces_difference` resample both: the trainings, then the faces
-(a two-level bootstrap), and :func:`verdict` words a difference only from such an interval.
+better than A?" is about the per-sample differences ``b_i - a_i``: :func:`seeds_and_faces_difference`
+draws the same faces for both (not the two methods separately), which removes the between-face spread that
+both methods share. A method trained several times (seeds) varies between trainings as much as the differences a
+comparison judges, so it resamples the trainings too, then the faces (a two-level bootstrap; one training: the
+faces alone), and :func:`verdict` words a difference from such an interval: within noise when it contains 0.
+:func:`bootstrap_mean` is the faces-only interval of one list of values.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from lightning_vrn.metrics.report import YAW_BUCKETS_DEG, balanced_mean, in_yaw_bucket, yaw_bucket_means
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
@@ -30,11 +27,6 @@ class Interval:
     low: float
     high: float
     level: float
-
-    @property
-    def excludes_zero(self) -> bool:
-        """True when the whole interval lies on one side of 0 (a difference outside noise)."""
-        return self.low > 0 or self.high < 0
 
     def text(self, digits: int = 3) -> str:
         """``"0.123 [0.110, 0.137]"``."""
@@ -52,38 +44,6 @@ def bootstrap_mean(values, resamples: int = DEFAULT_RESAMPLES, level: float = DE
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(float(values.mean()), float(low), float(high), level)
-
-
-def bootstrap_balanced_mean(values, yaw_deg, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                            seed: int = 0) -> Interval:
-    """The balanced mean of ``values`` (N,) (:func:`~lightning_vrn.metrics.report.balanced_mean` of the |yaw|-bucket
-    means, ``yaw_deg`` (N,) degrees) with a percentile interval from resampling the samples within each bucket."""
-    values, yaw_deg = np.asarray(values, dtype=np.float64), np.asarray(yaw_deg, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    resampled = []  # (resamples,) means of each non-empty bucket
-    for lo, hi in YAW_BUCKETS_DEG:
-        inside = values[in_yaw_bucket(yaw_deg, lo, hi)]
-        if len(inside):
-            resampled.append(inside[rng.integers(0, len(inside), size=(resamples, len(inside)))].mean(axis=1))
-    estimate = balanced_mean(yaw_bucket_means(values, yaw_deg))
-    if not resampled:
-        return Interval(estimate, float("nan"), float("nan"), level)
-    tail = (1 - level) / 2
-    low, high = np.quantile(np.mean(resampled, axis=0), [tail, 1 - tail])
-    return Interval(estimate, float(low), float(high), level)
-
-
-def paired_difference(values, reference, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                      seed: int = 0) -> Interval:
-    """Mean of ``values - reference`` over the samples where both are finite, with a paired bootstrap interval.
-
-    ``values`` and ``reference`` (N,) are two methods' errors on the same N samples, in the same order.
-    """
-    values, reference = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if values.shape != reference.shape:
-        raise ValueError(f"paired samples must have the same shape, got {values.shape} and {reference.shape}")
-    both = np.isfinite(values) & np.isfinite(reference)
-    return bootstrap_mean(values[both] - reference[both], resamples, level, seed)
 
 
 def seeds_and_faces_mean(values, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0,
@@ -179,13 +139,6 @@ def _two_level(rng: np.random.Generator, methods: list, resamples: int, level: f
     tail = (1 - level) / 2
     low, high = np.quantile(statistic, [tail, 1 - tail])
     return Interval(float(estimates[0] - (estimates[1] if len(methods) > 1 else 0.0)), float(low), float(high), level)
-
-
-def training_spread(values) -> tuple[float, float]:
-    """Lowest and highest per-training mean of ``values`` (S, N) over its finite faces: how much one training
-    varies."""
-    means = np.nanmean(np.asarray(values, dtype=np.float64), axis=1)
-    return float(np.nanmin(means)), float(np.nanmax(means))
 
 
 def verdict(difference: Interval) -> str:
