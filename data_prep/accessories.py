@@ -51,14 +51,14 @@ class Accessories:
         return cls(kinds=kinds, seed=int(rng.integers(2**31)))
 
 
-def accessory_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: np.ndarray,
+def accessory_mesh(face: np.ndarray, depth: FrontalDepth, landmark_vertices: np.ndarray,
                    accessories: Accessories, hair_colour: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The accessories in front of a ``(V, 3)`` model-frame face (mm) with ``(T, 3)`` triangles and (68,) landmark
-    vertex ids: vertices (N, 3) mm, triangles (M, 3) counter-clockwise seen from outside, albedo (N, 3).
+    """The accessories in front of a ``(V, 3)`` model-frame face (mm) with its :class:`~data_prep.head.FrontalDepth`
+    ``depth`` and (68,) landmark vertex ids: vertices (N, 3) mm, triangles (M, 3) counter-clockwise seen from
+    outside, albedo (N, 3).
     ``hair_colour`` (3,) colours the locks (the brows' colour, so they match)."""
     frame = FaceFrame.of(face, landmark_vertices)
     landmarks = face[np.asarray(landmark_vertices, dtype=np.int64)]
-    depth = FrontalDepth(face, face_triangles)
     vertices, triangles, albedo, offset = [], [], [], 0
     for index, kind in enumerate(accessories.kinds):
         rng = np.random.default_rng([accessories.seed, index])

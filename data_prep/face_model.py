@@ -41,7 +41,7 @@ def expression_label(expression: np.ndarray) -> int:
 
 
 HEAD_PARTS = ("skin", "mouth", "teeth", "gums", "eye", "lashes")
-"""What each vertex of a :class:`ModelHead` is, for its colour (:func:`data_prep.synthetic.head_part_albedo`)."""
+"""What each vertex of a :class:`ModelHead` is, for its colour (:func:`data_prep.scene.head_part_albedo`)."""
 
 
 @dataclass

@@ -151,9 +151,10 @@ def _outward(unit: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return np.where(inward[:, None], triangles[:, ::-1], triangles)
 
 
-def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: np.ndarray,
+def head_mesh(face: np.ndarray, depth: "FrontalDepth", landmark_vertices: np.ndarray,
               settings: HeadSettings, own_head: bool = False) -> HeadMesh:
-    """The head around a ``(V, 3)`` model-frame face (mm) with ``(T, 3)`` triangles and (68,) landmark vertex ids.
+    """The head around a ``(V, 3)`` model-frame face (mm) with its :class:`FrontalDepth` ``depth`` and (68,)
+    landmark vertex ids.
 
     ``own_head``: the face model renders a head of its own (the ICT model), so only the long hair's curtain, the
     fringe and the shoulders are made (its scalp gets hair from :func:`scalp_hair`)."""
@@ -174,7 +175,6 @@ def head_mesh(face: np.ndarray, face_triangles: np.ndarray, landmark_vertices: n
         curtain_triangles = curtain_triangles[(curtain[curtain_triangles, 2] < centre[2] + 0.35 * radii[2]).all(1)]
         parts.append((curtain, curtain_triangles, np.ones(len(curtain)), "curtain"))
 
-    depth = FrontalDepth(face, face_triangles)
     parts = [(depth.push_behind(part_vertices), *rest) for part_vertices, *rest in parts]
     if settings.fringe > 0:
         parts.append((*_fringe(depth, frame, settings), "fringe"))

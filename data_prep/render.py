@@ -361,8 +361,7 @@ def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices:
         inside = _soft_inside(_polygon_signed_distance(xy, eye[:, :2]), 0.5) * near_in_depth(eye)
         iris = _soft_inside(centre_distance - iris_radius, 0.5)
         pupil = _soft_inside(centre_distance - 0.4 * iris_radius, 0.3)
-        eye_colour = _blend(_blend(np.broadcast_to(SCLERA, albedo.shape), settings.iris_colour, iris), 0.03, pupil)
-        albedo = _blend(albedo, eye_colour, inside)
+        albedo = _blend(albedo, eye_albedo(iris, pupil, settings.iris_colour), inside)
 
     # Brows: thicker towards the nose; polylines are ordered from the outer end to the inner end.
     for ids in (GROUPS["right_brow"], reversed(GROUPS["left_brow"])):
@@ -374,6 +373,12 @@ def _paint_features(vertices: np.ndarray, albedo: np.ndarray, landmark_vertices:
         hair = settings.brow_density * np.clip(1.0 + 0.3 * rng.standard_normal(len(xy)), 0.0, 1.0 / settings.brow_density)
         albedo = _blend(albedo, settings.brow_colour, _soft_inside(distance - half_width, 1.0) * hair * near_in_depth(brow))
     return albedo
+
+
+def eye_albedo(iris: np.ndarray, pupil: np.ndarray, iris_colour: np.ndarray) -> np.ndarray:
+    """(N, 3) albedo of an eye from (N,) iris and pupil weights in [0, 1]: the sclera, blended into
+    ``iris_colour`` (3,) by ``iris``, then into a near-black pupil by ``pupil``."""
+    return _blend(_blend(np.broadcast_to(SCLERA, (len(iris), 3)), iris_colour, iris), 0.03, pupil)
 
 
 def _blend(base: np.ndarray, paint, weight: np.ndarray) -> np.ndarray:

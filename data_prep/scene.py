@@ -14,8 +14,9 @@ import numpy as np
 
 from data_prep.accessories import Accessories, accessory_mesh
 from data_prep.face_model import HEAD_PARTS, FaceModel, ModelHead
-from data_prep.head import HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh, scalp_hair
-from data_prep.render import SCLERA, TEETH, RenderSettings, vertex_albedo
+from data_prep.head import (FrontalDepth, HeadSettings, beard_weight, face_hair, hair_albedo, head_albedo, head_mesh,
+                            scalp_hair)
+from data_prep.render import TEETH, RenderSettings, eye_albedo, vertex_albedo
 
 PHOTO_EDGE_MARGIN = (0.25, 0.75)
 """Range of the distance from the landmark box to a photo edge, in landmark-box sizes: in the 190 aflw2000_val crops
@@ -73,13 +74,14 @@ def scene_mesh(model: FaceModel, mesh_mm: np.ndarray, identity: np.ndarray, expr
         vertices.append(head_vertices)
         triangles.append(model.head.triangles)
         colours.append(head_colours)
+    depth = None if head is None and accessories is None else FrontalDepth(mesh_mm, model.triangles)
     if head is not None:
-        mesh = head_mesh(mesh_mm, model.triangles, model.landmark_vertices, head, own_head=own_head)
+        mesh = head_mesh(mesh_mm, depth, model.landmark_vertices, head, own_head=own_head)
         triangles.append(mesh.triangles + sum(map(len, vertices)))
         vertices.append(mesh.vertices)
         colours.append(head_albedo(mesh, vertex_albedo(mesh.vertices, settings), head))
     if accessories is not None:
-        worn, worn_triangles, worn_colours = accessory_mesh(mesh_mm, model.triangles, model.landmark_vertices,
+        worn, worn_triangles, worn_colours = accessory_mesh(mesh_mm, depth, model.landmark_vertices,
                                                             accessories, settings.brow_colour)
         triangles.append(worn_triangles + sum(map(len, vertices)))
         vertices.append(worn)
@@ -104,8 +106,7 @@ def head_part_albedo(head: ModelHead, skin: np.ndarray, settings: RenderSettings
         centre = head.mean[ball].mean(axis=0)
         direction = head.mean[ball] - centre
         forward = direction[:, 2] / np.maximum(np.linalg.norm(direction, axis=1), 1e-9)   # cos of angle to +z
-        iris = np.clip((forward - 0.86) / 0.02, 0.0, 1.0)[:, None]     # within about 30 degrees of the axis
-        pupil = np.clip((forward - 0.96) / 0.01, 0.0, 1.0)[:, None]    # within about 16 degrees
-        colour = SCLERA + (settings.iris_colour - SCLERA) * iris
-        albedo[ball] = colour + (0.03 - colour) * pupil
+        iris = np.clip((forward - 0.86) / 0.02, 0.0, 1.0)     # within about 30 degrees of the axis
+        pupil = np.clip((forward - 0.96) / 0.01, 0.0, 1.0)    # within about 16 degrees
+        albedo[ball] = eye_albedo(iris, pupil, settings.iris_colour)
     return albedo

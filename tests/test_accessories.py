@@ -5,6 +5,7 @@ import pytest
 
 from data_prep.accessories import ACCESSORY_KINDS, Accessories, accessory_mesh, tube
 from data_prep.face_model import load_face_model
+from data_prep.head import FrontalDepth
 from data_prep.render import motion_blurred
 from data_prep.synthetic import ImageOptions, make_sample, sample_rng
 from lightning_vrn.geometry.grid import VoxelGrid
@@ -27,7 +28,8 @@ def frontal(points: np.ndarray) -> np.ndarray:
 
 def worn(model, kind: str, seed: int):
     """The mean face wearing ``kind``: accessory vertices, triangles, albedo."""
-    return accessory_mesh(model.mean.astype(np.float64), model.triangles, model.landmark_vertices,
+    face = model.mean.astype(np.float64)
+    return accessory_mesh(face, FrontalDepth(face, model.triangles), model.landmark_vertices,
                           Accessories((kind,), seed), np.array([0.1, 0.07, 0.05]))
 
 

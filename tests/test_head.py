@@ -34,7 +34,7 @@ def posed(model, head: HeadSettings, yaw_deg: float):
     """Face and head at ``yaw_deg`` in a SIZE crop: face vertices, all vertices, all triangles, the head's first
     triangle id, the head mesh."""
     face = model.mean.astype(np.float64)
-    mesh = head_mesh(face, model.triangles, model.landmark_vertices, head)
+    mesh = head_mesh(face, FrontalDepth(face, model.triangles), model.landmark_vertices, head)
     pose = np.radians([0.0, yaw_deg, 0.0])
     scale = 0.35 * SIZE / np.ptp(face[:, 0])
     translation = np.array([SIZE / 2, SIZE / 2, 100.0])
