@@ -184,6 +184,6 @@ def test_fused_and_compile_phases_measure_the_fused_loss_and_the_compiled_networ
         "step bf16, compiled net + fused loss b4", "step bf16, compiled net+loss b2", "step bf16, compiled net+loss b4"]
     for row in rates.values():  # a real step: positive rate, a finite BCE of random targets near log(2)
         assert row["value"] > 0 and 0.5 < row["extra"]["loss"] < 1.0
-    (check,) = [row for row in result["rows"] if row["name"].startswith("tail check bf16, fused loss")]
+    (check,) = [row for row in result["rows"] if row["name"].startswith("tail check fp32, fused loss")]
     assert check["value"] < 1e-6 and check["extra"]["grad_error"] < 1e-5
     assert [s["reason"] for s in result["skipped"]] == ["mode reduce-overhead needs inductor"]  # CUDA graphs: GPU only
