@@ -20,7 +20,7 @@ from experiments import compare, evaluate, sweep, train
 from experiments.compare import methods, pipeline
 from experiments.compare.finished_runs import collect_run_dirs, read_run
 from experiments.compare.settings import RealPhotos
-from experiments.compare.stats import seed_mean_table, table_rows
+from experiments.compare.stats import contrast_rows, seed_mean_table, table_rows
 from experiments.config import CONFIG_DIR, ConfigError, load_config
 from experiments.evaluation import slug
 from experiments.runs import RunLock
@@ -74,6 +74,7 @@ batch_size: 5
 bootstrap_resamples: 200
 seeds: 2
 real_photos: {{root: {out / 'photos'}, bfm: {out / 'bfm'}}}
+contrasts: {{VRN minus the fit: [VRN, 3DMM fit to detected landmarks]}}
 """)
     settings = compare.load_compare_settings(config)
     rows = compare.run_compare(settings)
@@ -115,6 +116,17 @@ def test_compare_writes_every_table_and_figure(tiny_comparison):
     for figure in ("ced.png", "nme_vs_yaw.png", "nme_per_expression.png"):
         with Image.open(out / figure) as image:
             assert image.size[0] > 300 and image.size[1] > 200
+
+    # The contrast is the fit's difference from VRN turned round, on both files.
+    with open(out / "contrasts.csv", newline="") as handle:
+        (contrast,) = list(csv.DictReader(handle))
+    fit = rows["3DMM fit to detected landmarks"]
+    assert (contrast["contrast"], contrast["first"], contrast["second"]) == (
+        "VRN minus the fit", "VRN", "3DMM fit to detected landmarks")
+    assert float(contrast["difference"]) == pytest.approx(-fit["difference"].estimate)
+    assert float(contrast["real_difference"]) == pytest.approx(-fit["real"]["difference"].estimate)
+    assert int(contrast["paired"]) == 5 and int(contrast["real_paired"]) == REAL_PHOTOS
+    assert "| VRN minus the fit | VRN minus 3DMM fit to detected landmarks | " in markdown
 
 
 def _checkpoint(out, name):
@@ -458,6 +470,22 @@ def test_paired_differences_use_the_faces_both_methods_were_tested_on():
     rows = table_rows(two, {}, "A", resamples=100)
     assert rows["A"]["runs"] == pytest.approx([0.25, 0.15]) and rows["A"]["nme"].estimate == pytest.approx(0.2)
     assert rows["B"]["difference"].estimate == pytest.approx(0.1) and rows["B"]["paired"] == 4
+    # A contrast is a paired difference between any two rows, either way round, over the faces both hold.
+    contrasts = contrast_rows({**two, "C": [table([3, 1, 5], [0.5, 0.1, 9.0])] * 2},
+                              {"A minus B": ["A", "B"], "C minus B": ["C", "B"]}, resamples=100)
+    assert contrasts["A minus B"]["difference"].estimate == pytest.approx(-0.1)
+    assert contrasts["A minus B"]["paired"] == 4 and contrasts["A minus B"]["first"] == "A"
+    assert contrasts["C minus B"]["paired"] == 2  # faces 3 and 1: B's means 0.4 and 0.2
+    assert contrasts["C minus B"]["difference"].estimate == pytest.approx(((0.5 - 0.4) + (0.1 - 0.2)) / 2)
+    with pytest.raises(ValueError, match="C and A share no test sample"):
+        contrast_rows({**two, "C": [table([7], [0.1])]}, {"C minus A": ["C", "A"]}, resamples=100)
+
+
+@pytest.mark.parametrize("pair", [["VRN"], ["VRN", "VRN"], ["VRN", "VRN-Guided"], "VRN"])
+def test_a_contrast_that_is_not_two_rows_of_the_table_is_refused_naming_the_rows(pair):
+    with pytest.raises(ConfigError, match=r"contrasts\.bad is .*give two different rows of the table.*"
+                                          r"'VRN-Guided \(detected landmarks\)'"):
+        compare.load_compare_settings(CONFIG_DIR / "compare_quickstart.yaml", [f"contrasts={{bad: {pair}}}"])
 
 
 def test_each_method_is_its_trained_variant_and_landmarks_with_todays_label():

@@ -10,9 +10,9 @@ per module:
 - :mod:`~experiments.compare.finished_runs`: finished runs for ``--runs`` and ``--wandb`` (:class:`FinishedRun`,
   :func:`collect_run_dirs`, :func:`read_run`, :func:`common_test_file`) and :func:`compare_runs`, their report;
 - :mod:`~experiments.compare.stats`: :func:`table_rows` (bootstrap intervals, paired differences; the balanced
-  landmark NME's interval),
+  landmark NME's interval), :func:`paired_difference`, :func:`contrast_rows` (a config's ``contrasts``),
   :func:`seed_mean_table`, :func:`shared_positions`;
-- :mod:`~experiments.compare.report`: ``table.md``, ``table.csv``, ``runs.csv`` and the figures;
+- :mod:`~experiments.compare.report`: ``table.md``, ``table.csv``, ``contrasts.csv``, ``runs.csv`` and the figures;
 - :mod:`~experiments.compare.__main__`: :func:`main`, the command line.
 """
 

@@ -15,11 +15,12 @@ Stages (a progress line each; everything resumable, so rerunning the command con
    finished report is reused);
 4. the report in ``OUT``: ``table.md`` and ``table.csv`` in the layout of the paper's Table 1 with
    bootstrap 95% intervals and each method's paired difference from the reference method (VRN), real-photo
-   columns beside them (docs/evaluation.md, "Real photos beside the synthetic test split"),
+   columns beside them (docs/evaluation.md, "Real photos beside the synthetic test split"), the config's
+   ``contrasts`` (paired differences between any two rows) in a second table and ``contrasts.csv``,
    ``ced.png`` (Figure 7), ``nme_vs_yaw.png`` (Figure 10), ``nme_per_expression.png`` (Figure 11).
 
-The settings are :class:`CompareSettings`; ``experiments/configs/compare_quickstart.yaml`` (CPU, under
-an hour on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
+The settings are :class:`CompareSettings`; ``experiments/configs/compare_quickstart.yaml`` (CPU, about
+45 min per seed on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
 
 ``--runs DIR...`` makes the same report from finished runs (:func:`compare_runs`), and ``--wandb
 ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`), both without

@@ -29,7 +29,7 @@ from experiments.compare.methods import (
 )
 from experiments.compare.report import write_figures, write_tables
 from experiments.compare.settings import CompareSettings
-from experiments.compare.stats import seed_mean_table, table_rows
+from experiments.compare.stats import contrast_rows, seed_mean_table, table_rows
 from experiments.config import CONFIG_DIR, load_config
 from experiments.evaluation import (
     Evaluation,
@@ -267,21 +267,24 @@ def run_compare(settings: CompareSettings, wandb: bool | None = None) -> dict:
                                                 where + _of_trainings(training, settings.seeds),
                                                 first_training=files[key][0] if training else None))
 
-    rows = file_rows(settings, files["eval"])
+    rows, contrasts = file_rows(settings, files["eval"]), file_contrasts(settings, files["eval"])
     title = f"{settings.name}: NME on the synthetic test split ({settings.data.test} faces, grid {settings.data.grid})"
     notes = [_trainings_note(settings.seeds)] + ([] if settings.real_photos.root is None else [real_note])
     if real_path is not None:
         for name, row in file_rows(settings, files["eval_real"]).items():
             rows[name]["real"] = row
+        for name, contrast in file_contrasts(settings, files["eval_real"]).items():
+            contrasts[name]["real"] = contrast
         title += f" and on {len(open_dataset(real_path))} real photos"
         notes[-1] = (f"{real_note}. The real columns score every method on them as on the synthetic faces; the 3DMM "
                      f"fit and the oracle use their file's face model. Real landmark NME: the balanced 68-point NME, "
                      f"its interval also resampling the photos within each |yaw| bucket.")
-    write_tables(out, rows, settings.reference, title, notes)
+    write_tables(out, rows, settings.reference, title, notes, contrasts)
     guided = [method.label for method in [*trained, *detected] if method.name in settings.guidance]
     write_figures(out, mean_nme_tables(files["eval"]), [settings.reference, *guided],
                   open_dataset(data_dir / "test.h5").attrs.get("expression_names"), settings.bootstrap_resamples)
-    progress(f"report: {out / 'table.md'}, {out / 'table.csv'}, ced.png, nme_vs_yaw.png, nme_per_expression.png")
+    progress(f"report: {out / 'table.md'}, {out / 'table.csv'}, {'contrasts.csv, ' if contrasts else ''}ced.png, "
+             f"nme_vs_yaw.png, nme_per_expression.png")
     log_wandb_runs(settings, {key: evaluations[0] for key, evaluations in files.items()}, wandb)
     return rows
 
@@ -315,6 +318,13 @@ def file_rows(settings: CompareSettings, trainings: list[dict[str, Evaluation]])
                        if trainings[0][label].landmark_table is not None}
     return table_rows({label: [e[label].table for e in trainings] for label in labels}, landmarks,
                       settings.reference, settings.bootstrap_resamples, landmark_tables)
+
+
+def file_contrasts(settings: CompareSettings, trainings: list[dict[str, Evaluation]]) -> dict:
+    """The config's contrasts on one test file's evaluations, one dict of them per training
+    (:func:`~experiments.compare.stats.contrast_rows`)."""
+    return contrast_rows({label: [e[label].table for e in trainings] for label in trainings[0]
+                          if trainings[0][label].table is not None}, settings.contrasts, settings.bootstrap_resamples)
 
 
 def mean_nme_tables(trainings: list[dict[str, Evaluation]]) -> dict[str, dict]:

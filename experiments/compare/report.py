@@ -1,4 +1,4 @@
-"""The files of a comparison's report: ``table.md`` and ``table.csv`` (:func:`write_tables`), the figures
+"""The files of a comparison's report: ``table.md``, ``table.csv`` and ``contrasts.csv`` (:func:`write_tables`), the figures
 (:func:`write_figures`: ``ced.png``, ``nme_vs_yaw.png``, ``nme_per_expression.png``) and, for finished runs,
 ``runs.csv`` (:func:`write_run_list`)."""
 
@@ -38,13 +38,19 @@ def _runs_text(run_means: list[float]) -> str:
     return f"{len(run_means)}: {_number(min(run_means))}" + ("" if len(run_means) == 1 else f"-{_number(max(run_means))}")
 
 
+def _verdict_text(difference: Interval) -> str:
+    """A paired difference with its interval and the verdict of that interval: ``*better*``, ``*worse*`` or
+    ``*within noise*``."""
+    return f"{difference.text(4)} *{verdict(difference)}*"
+
+
 def _difference_text(row: dict) -> str:
-    """A row's paired difference from the reference with its interval and the verdict of that interval:
-    ``*better*``, ``*worse*`` or ``*within noise*``."""
+    """A row's paired difference from the reference (:func:`_verdict_text`), with how many faces were paired when
+    not all."""
     difference = row.get("difference")
     if difference is None:
         return "reference"
-    return (f"{difference.text(4)} *{verdict(difference)}*"
+    return (_verdict_text(difference)
             + ("" if row["paired"] == row["num_samples"] else f" ({row['paired']} faces paired)"))
 
 
@@ -66,11 +72,14 @@ def _real_cells(real: dict) -> tuple[list[str], dict]:
     return cells, fields
 
 
-def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[str] = ()) -> None:
+def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[str] = (),
+                 contrasts: dict | None = None) -> None:
     """``table.md`` (Table 1's layout, with intervals, under ``title`` and ``notes`` paragraphs) and
     ``table.csv`` (the same numbers, one per column). Rows with ``runs`` (each run's own NME mean: several
     runs of one variant) get a runs column, and ``num_runs``, ``run_nme_min``, ``run_nme_max`` in the CSV; rows
-    with ``real`` (their row on real photos) get :data:`REAL_COLUMNS`, and ``real_*`` in the CSV."""
+    with ``real`` (their row on real photos) get :data:`REAL_COLUMNS`, and ``real_*`` in the CSV. ``contrasts``
+    (:func:`~experiments.compare.stats.contrast_rows`, each with ``real`` when the photos were scored) add a
+    second table to ``table.md`` and ``contrasts.csv``."""
     with_runs = any("runs" in row for row in rows.values())
     with_real = any("real" in row for row in rows.values())
     header = [c.format(reference=reference) for c in COLUMNS + (REAL_COLUMNS if with_real else ())]
@@ -99,11 +108,41 @@ def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[
                          "num_failed": row["num_failed"], "num_samples": row["num_samples"],
                          **({"num_runs": len(row["runs"]), "run_nme_min": min(row["runs"]),
                              "run_nme_max": max(row["runs"])} if with_runs else {}), **real_fields})
+    if contrasts:
+        contrasts_real = all("real" in c for c in contrasts.values())
+        lines += _contrast_lines(contrasts, contrasts_real)
+        _write_csv(out / "contrasts.csv", [
+            {"contrast": name, "first": c["first"], "second": c["second"], **_interval_fields("difference",
+             c["difference"]), "paired": c["paired"], **({} if not contrasts_real else {
+                **_interval_fields("real_difference", c["real"]["difference"]), "real_paired": c["real"]["paired"]})}
+            for name, c in contrasts.items()])
+    else:  # a rerun into the same folder without contrasts leaves no stale file
+        (out / "contrasts.csv").unlink(missing_ok=True)
     write_text(out / "table.md", "\n".join(lines) + "\n")
-    with atomic_path(out / "table.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(csv_rows[0]))
+    _write_csv(out / "table.csv", csv_rows)
+
+
+def _contrast_lines(contrasts: dict, with_real: bool) -> list[str]:
+    """The markdown of the contrasts' table: each one's paired difference, first minus second, with its verdict
+    (on the real photos too with ``with_real``: every contrast has ``real``)."""
+    header = ["contrast", "first minus second", "difference [95% CI]", "faces",
+              *(["real: difference [95% CI]", "real: photos"] if with_real else [])]
+    lines = ["", "Contrasts: paired differences between two rows, first minus second (negative: the first is better), "
+             "from the same two-level bootstrap, with the verdict of their interval.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, c in contrasts.items():
+        cells = [name, f"{c['first']} minus {c['second']}", _verdict_text(c["difference"]), str(c["paired"]),
+                 *([_verdict_text(c["real"]["difference"]), str(c["real"]["paired"])] if with_real else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV with a header, written atomically."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(csv_rows)
+        writer.writerows(rows)
 
 
 def write_figures(out: Path, tables: dict, yaw_methods: list[str], expression_names, resamples: int) -> None:

@@ -48,7 +48,9 @@ class CompareSettings:
     ``fit_regularisation``: the fit's Tikhonov lambda; ``reference``: the method every other is
     compared with; ``real_photos``: real photos every method is scored on too (:class:`RealPhotos`); ``seeds``: how
     many times every detector and method is trained (seeds ``seed``, ``seed + 1``, ...; the table's intervals then
-    cover the spread between trainings as well as between faces). A compare config may extend another
+    cover the spread between trainings as well as between faces); ``contrasts``: name -> ``[first, second]``, two
+    rows of the table (labels such as ``"VRN-Guided (detected landmarks)"``) whose paired difference, first minus
+    second, is reported with its verdict beside the differences from ``reference``. A compare config may extend another
     (``extends: compare_quickstart.yaml``)."""
 
     name: str = "compare"
@@ -66,6 +68,7 @@ class CompareSettings:
     bootstrap_resamples: int = 2000
     real_photos: RealPhotos = field(default_factory=RealPhotos)
     seeds: int = 3
+    contrasts: dict = field(default_factory=dict)
 
     def training_overrides(self, name: str) -> list[str]:
         """The ``key=value`` overrides that train the detector or method ``name``: its variant, then its own."""
@@ -93,6 +96,7 @@ def load_compare_settings(path: str | Path, overrides: list[str] = ()) -> Compar
                           f"that 'methods' does not define ({sorted(settings.methods)})")
     if settings.reference not in settings.methods:
         raise ConfigError(f"{path}: reference {settings.reference!r} is not one of the methods {sorted(settings.methods)}")
+    _check_contrasts(settings, path)
     real = settings.real_photos
     if real.root is not None and Path(real.root).is_dir() and not Path(real.bfm).exists():
         raise ConfigError(f"{path}: real_photos.bfm {real.bfm} does not exist (relative to {Path.cwd()}); the photos "
@@ -128,3 +132,15 @@ def _check_trainings(settings: CompareSettings, path: Path) -> None:
         if name in settings.methods and not issubclass(MODELS[shlex.split(settings.methods[name])[0]], VRNGuided):
             raise ConfigError(f"{path}: guidance names {name!r} ({settings.methods[name]!r}), which takes no landmark "
                               f"maps: guide only a vrn_guided variant")
+
+
+def _check_contrasts(settings: CompareSettings, path: Path) -> None:
+    """Refuse a contrast that is not two different rows of the table."""
+    from experiments.compare.methods import compared_methods  # it imports this module
+
+    labels = [method.label for method in compared_methods(settings)]
+    for name, pair in settings.contrasts.items():
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] == pair[1]
+                or any(label not in labels for label in pair)):
+            raise ConfigError(f"{path}: contrasts.{name} is {pair!r}; give two different rows of the table, "
+                              f"[first, second] (reported: first minus second), from {labels}")

@@ -1,7 +1,7 @@
 """The numbers of a comparison's table: per-method summaries with two-level bootstrap intervals (over trainings,
 then faces) and paired differences (:func:`table_rows`), over the test faces per-sample tables share
-(:func:`shared_positions`), and the per-face mean of several trainings (:func:`seed_mean_table`: the summary
-columns and the figures)."""
+(:func:`shared_positions`), the further paired differences a config's ``contrasts`` name (:func:`contrast_rows`),
+and the per-face mean of several trainings (:func:`seed_mean_table`: the summary columns and the figures)."""
 
 from __future__ import annotations
 
@@ -35,16 +35,28 @@ def table_rows(tables: dict[str, list[dict]], landmarks: dict[str, float], refer
         if name in landmark_tables:
             row["landmark"] = _balanced_landmarks(landmark_tables[name], resamples)
         if name != reference:
-            theirs = seed_mean_table(tables[reference])["index"]
-            mine, _ = shared_positions(mean_table["index"], theirs)
-            if not len(mine):
-                raise ValueError(f"{name} and {reference} share no test sample: there is no paired difference")
-            faces = mean_table["index"][mine]
-            row["difference"] = seeds_and_faces_difference(_by_face(trainings, faces, "nme"),
-                                                           _by_face(tables[reference], faces, "nme"), resamples)
-            row["paired"] = len(mine)
+            row.update(paired_difference(tables, name, reference, resamples))
         rows[name] = row
     return rows
+
+
+def paired_difference(tables: dict[str, list[dict]], first: str, second: str, resamples: int) -> dict:
+    """The NME of method ``first`` minus method ``second`` (``tables``: method -> its trainings' per-sample
+    tables) over the test faces both were scored on: ``difference``, its two-level interval (trainings paired by
+    index when both have as many, the same faces drawn for both), and ``paired``, how many faces."""
+    faces = common_faces([seed_mean_table(tables[first]), seed_mean_table(tables[second])])
+    if not len(faces):
+        raise ValueError(f"{first} and {second} share no test sample: there is no paired difference")
+    return {"difference": seeds_and_faces_difference(_by_face(tables[first], faces, "nme"),
+                                                     _by_face(tables[second], faces, "nme"), resamples),
+            "paired": len(faces)}
+
+
+def contrast_rows(tables: dict[str, list[dict]], contrasts: dict[str, list[str]], resamples: int) -> dict:
+    """Each contrast of ``contrasts`` (name -> ``[first, second]``, two methods of ``tables``) as
+    ``{"first", "second", "difference", "paired"}``: first minus second (:func:`paired_difference`)."""
+    return {name: {"first": first, "second": second, **paired_difference(tables, first, second, resamples)}
+            for name, (first, second) in contrasts.items()}
 
 
 def _by_face(tables: list[dict], faces: np.ndarray, column: str) -> np.ndarray:
