@@ -228,7 +228,6 @@ def _checked_setup(cfg: ExperimentSettings, run_dir: Path, resume_from: Path | N
             import_open3d()
         except ImportError as error:
             raise ConfigError(str(error)) from None
-    limit_threads_to_slurm_task()
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model_from_config(cfg)
     datamodule = build_datamodule(cfg, model)
@@ -237,7 +236,9 @@ def _checked_setup(cfg: ExperimentSettings, run_dir: Path, resume_from: Path | N
     if resume_from and not cfg.trainer.get("fast_dev_run"):
         finished = training_finished(check_resumable(resume_from, model, cfg, trust, run_dir), cfg.trainer)
     check_writable(run_dir / "checkpoints")
-    return model, datamodule, build_trainer(cfg, run_dir), finished
+    trainer = build_trainer(cfg, run_dir)
+    limit_threads_to_slurm_task(trainer.num_devices)  # before any step: the node's ranks may share a task
+    return model, datamodule, trainer, finished
 
 
 def _interruption(stop: SystemExit, trainer: pl.Trainer, run_dir: Path) -> BaseException:

@@ -33,11 +33,13 @@ def destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def limit_threads_to_slurm_task() -> int:
-    """Cap torch's intra-op threads at :func:`slurm_task_cores`, if fewer; returns the thread count. Torch starts
-    one thread per core of the node, and a task running more threads than its cores slows to a crawl (a training
-    on 2 cores shared with two other processes ran 15 times slower)."""
-    cores = slurm_task_cores()
+def limit_threads_to_slurm_task(local_ranks: int = 1) -> int:
+    """Cap torch's intra-op threads at this process's share of its SLURM task's cores (:func:`slurm_task_cores`:
+    the task's cores, or their ``local_ranks``-th part where Lightning starts a node's ranks inside one task), if
+    fewer; returns the thread count. Torch starts one thread per core of the node, and a task running more
+    threads than its cores slows to a crawl (a training on 2 cores shared with two other processes ran 15 times
+    slower)."""
+    cores = slurm_task_cores(local_ranks)
     if cores is not None and cores < torch.get_num_threads():
         torch.set_num_threads(cores)
     return torch.get_num_threads()

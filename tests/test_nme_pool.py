@@ -130,8 +130,16 @@ def test_the_default_is_this_process_share_of_its_cores(monkeypatch):
     monkeypatch.setattr(pool_module.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     assert (default_workers(), default_workers(local_ranks=2), default_workers(local_ranks=16)) == (8, 4, 1)
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # a SLURM task's cores: already one rank's share
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # a SLURM task's cores: under srun already one rank's share
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
     assert (default_workers(), default_workers(local_ranks=2)) == (3, 3)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning starts the ranks in one task: they share it
+    assert (default_workers(), default_workers(local_ranks=2), default_workers(local_ranks=4)) == (3, 1, 1)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert default_workers(local_ranks=2) == 4
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
     with NMEPool(0) as pool:
         assert pool.workers == 3
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")  # never more than the affinity allows

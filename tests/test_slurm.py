@@ -301,6 +301,14 @@ def test_a_slurm_task_trains_on_no_more_threads_than_its_cores(monkeypatch):
         torch.set_num_threads(2)
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")   # more cores than threads: left as it is
         assert limit_threads_to_slurm_task() == 2
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # 4 ranks started by Lightning in one 8-core task
+        torch.set_num_threads(8)
+        assert limit_threads_to_slurm_task(local_ranks=4) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("SLURM_JOB_NAME", "train")  # under srun each rank is a task with its own 8 cores
+        torch.set_num_threads(8)
+        assert limit_threads_to_slurm_task(local_ranks=4) == 8
+        torch.set_num_threads(2)
         monkeypatch.delenv("SLURM_CPUS_PER_TASK")
         assert limit_threads_to_slurm_task() == 2
     finally:

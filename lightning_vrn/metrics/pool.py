@@ -51,22 +51,32 @@ JOBS_PER_WORKER = 2
 """Jobs in flight per worker: one running and one waiting, so no worker idles while this process copies."""
 
 
-def slurm_task_cores() -> int | None:
-    """The cores SLURM gave this task (``SLURM_CPUS_PER_TASK``), or None outside SLURM or when it is not a positive
-    whole number."""
+def slurm_task_cores(local_ranks: int = 1) -> int | None:
+    """This process's share of the cores SLURM gave its task (``SLURM_CPUS_PER_TASK``), at least 1; None outside
+    SLURM or when that is not a positive whole number.
+
+    Under ``srun`` Lightning makes each SLURM task one DDP rank (the suite's job scripts), which has the task's
+    cores to itself. In an interactive allocation (job name ``bash`` or ``interactive``, where Lightning does not
+    use SLURM's tasks) Lightning starts the ``local_ranks`` ranks of the node itself, inside one task, and they
+    share its cores."""
     cores = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    return int(cores) if cores.isdigit() and int(cores) > 0 else None
+    if not (cores.isdigit() and int(cores) > 0):
+        return None
+    from lightning_fabric.plugins.environments import SLURMEnvironment  # only under SLURM: it imports Lightning
+
+    sharing = 1 if SLURMEnvironment.detect() else max(1, local_ranks)
+    return max(1, int(cores) // sharing)
 
 
 def default_workers(local_ranks: int = 1) -> int:
-    """NME workers for this process: the cores it may use, at least 1.
+    """NME workers for this process, one of ``local_ranks`` DDP ranks on its node: the cores it may use, at least 1.
 
-    The cores are its CPU affinity (``os.sched_getaffinity``), at most ``SLURM_CPUS_PER_TASK`` where SLURM sets
-    it; that is one DDP rank's own share (the suite's job scripts start one SLURM task per rank). Elsewhere the
-    ``local_ranks`` processes of one node (DDP ranks from one launcher) share those cores and each gets its part.
+    The cores are its CPU affinity (``os.sched_getaffinity``), at most its share of its SLURM task's
+    (:func:`slurm_task_cores`); outside SLURM the ``local_ranks`` processes (DDP ranks from one launcher) share
+    those cores and each gets its part.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    slurm = slurm_task_cores()
+    slurm = slurm_task_cores(local_ranks)
     if slurm is not None:
         return max(1, min(cores, slurm))
     return max(1, cores // max(1, local_ranks))
