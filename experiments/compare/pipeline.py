@@ -308,7 +308,6 @@ def _trainings_note(trainings: int) -> str:
 def file_rows(settings: CompareSettings, trainings: list[dict[str, Evaluation]]) -> dict:
     """The table's rows of one test file's evaluations, one dict of them per training
     (:func:`~experiments.compare.stats.table_rows`)."""
-    labels = [label for label, evaluation in trainings[0].items() if evaluation.table is not None]
     landmarks = {}
     for label in trainings[0]:
         scores = [e[label].landmarks.get("landmark_nme_balanced") for e in trainings if e[label].landmarks]
@@ -316,22 +315,26 @@ def file_rows(settings: CompareSettings, trainings: list[dict[str, Evaluation]])
             landmarks[label] = float(np.mean(scores))
     landmark_tables = {label: [e[label].landmark_table for e in trainings] for label in trainings[0]
                        if trainings[0][label].landmark_table is not None}
-    return table_rows({label: [e[label].table for e in trainings] for label in labels}, landmarks,
-                      settings.reference, settings.bootstrap_resamples, landmark_tables)
+    return table_rows(tables_by_method(trainings), landmarks, settings.reference, settings.bootstrap_resamples,
+                      landmark_tables)
 
 
 def file_contrasts(settings: CompareSettings, trainings: list[dict[str, Evaluation]]) -> dict:
     """The config's contrasts on one test file's evaluations, one dict of them per training
     (:func:`~experiments.compare.stats.contrast_rows`)."""
-    return contrast_rows({label: [e[label].table for e in trainings] for label in trainings[0]
-                          if trainings[0][label].table is not None}, settings.contrasts, settings.bootstrap_resamples)
+    return contrast_rows(tables_by_method(trainings), settings.contrasts, settings.bootstrap_resamples)
+
+
+def tables_by_method(trainings: list[dict[str, Evaluation]]) -> dict[str, list[dict]]:
+    """Each method with volumes (by label) -> its per-sample NME tables, one per training of ``trainings``."""
+    return {label: [e[label].table for e in trainings] for label, evaluation in trainings[0].items()
+            if evaluation.table is not None}
 
 
 def mean_nme_tables(trainings: list[dict[str, Evaluation]]) -> dict[str, dict]:
     """Each method's per-sample NME table averaged per face over its trainings (:func:`seed_mean_table`), for the
     figures."""
-    return {label: seed_mean_table([e[label].table for e in trainings]) for label, evaluation in trainings[0].items()
-            if evaluation.table is not None}
+    return {label: seed_mean_table(tables) for label, tables in tables_by_method(trainings).items()}
 
 
 def log_wandb_runs(settings: CompareSettings, files: dict[str, dict[str, Evaluation]], wanted: bool | None) -> None:
