@@ -1,6 +1,6 @@
-"""The files of a comparison's report: ``table.md``, ``table.csv`` and ``contrasts.csv`` (:func:`write_tables`), the figures
-(:func:`write_figures`: ``ced.png``, ``nme_vs_yaw.png``, ``nme_per_expression.png``) and, for finished runs,
-``runs.csv`` (:func:`write_run_list`)."""
+"""The files of a comparison's report: ``table.md``, ``table.csv`` and ``contrasts.csv`` (:func:`write_tables`),
+the figures (:func:`write_figures`: ``ced.png``, ``nme_vs_yaw.png``, ``nme_per_expression.png``) and, for
+finished runs, ``runs.csv`` (:func:`write_run_list`)."""
 
 from __future__ import annotations
 
