@@ -111,11 +111,7 @@ def write_tables(out: Path, rows: dict, reference: str, title: str, notes: list[
     if contrasts:
         contrasts_real = all("real" in c for c in contrasts.values())
         lines += _contrast_lines(contrasts, contrasts_real)
-        _write_csv(out / "contrasts.csv", [
-            {"contrast": name, "first": c["first"], "second": c["second"], **_interval_fields("difference",
-             c["difference"]), "paired": c["paired"], **({} if not contrasts_real else {
-                **_interval_fields("real_difference", c["real"]["difference"]), "real_paired": c["real"]["paired"]})}
-            for name, c in contrasts.items()])
+        _write_csv(out / "contrasts.csv", [_contrast_fields(name, c, contrasts_real) for name, c in contrasts.items()])
     else:  # a rerun into the same folder without contrasts leaves no stale file
         (out / "contrasts.csv").unlink(missing_ok=True)
     write_text(out / "table.md", "\n".join(lines) + "\n")
@@ -135,6 +131,17 @@ def _contrast_lines(contrasts: dict, with_real: bool) -> list[str]:
                  *([_verdict_text(c["real"]["difference"]), str(c["real"]["paired"])] if with_real else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _contrast_fields(name: str, contrast: dict, with_real: bool) -> dict:
+    """A contrast's ``contrasts.csv`` row: its rows, paired difference and count (``real_*`` too with
+    ``with_real``)."""
+    fields = {"contrast": name, "first": contrast["first"], "second": contrast["second"],
+              **_interval_fields("difference", contrast["difference"]), "paired": contrast["paired"]}
+    if with_real:
+        fields.update(_interval_fields("real_difference", contrast["real"]["difference"]),
+                      real_paired=contrast["real"]["paired"])
+    return fields
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
