@@ -20,7 +20,7 @@ Stages (a progress line each; everything resumable, so rerunning the command con
    ``ced.png`` (Figure 7), ``nme_vs_yaw.png`` (Figure 10), ``nme_per_expression.png`` (Figure 11).
 
 The settings are :class:`CompareSettings`; ``experiments/configs/compare_quickstart.yaml`` (CPU, about
-35 min per seed on 2 cores) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
+38 min per seed on 2 cores, estimated) and ``compare_paper.yaml`` (the paper's sizes, for a GPU) are the shipped ones.
 
 ``--runs DIR...`` makes the same report from finished runs (:func:`compare_runs`), and ``--wandb
 ENTITY/PROJECT`` from the finished trainings of a W&B project (:mod:`experiments.wandb_project`), both without
